@@ -1,0 +1,1 @@
+"""Backends: ONNX (QDQ) export, onnxruntime, TensorRT, torch runners."""

@@ -1,0 +1,37 @@
+"""Run an exported ONNX model on onnxruntime.
+
+``reference`` mode disables QDQ fusion (``session.disable_quant_qdq``): every Q and DQ runs
+as written, so the outputs must equal the torch fake-quant graph. ``fast`` mode lets
+onnxruntime fuse Q/DQ into int8 kernels.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from passes.diagnostics import UserError
+
+MODES = ("reference", "fast")
+
+
+def make_session(path: str | Path, mode: str = "reference", *, threads: int | None = None) -> ort.InferenceSession:
+    if mode not in MODES:
+        raise UserError(f"unknown onnxruntime mode {mode!r}; choose {' or '.join(MODES)}")
+    so = ort.SessionOptions()
+    if mode == "reference":
+        so.add_session_config_entry("session.disable_quant_qdq", "1")
+    if threads:
+        so.intra_op_num_threads = threads
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    return ort.InferenceSession(str(path), so, providers=providers)
+
+
+def run(session: ort.InferenceSession, inputs: tuple) -> list[np.ndarray]:
+    names = [i.name for i in session.get_inputs()]
+    if len(names) != len(inputs):
+        raise UserError(f"the ONNX model takes {len(names)} inputs ({', '.join(names)}), got {len(inputs)}")
+    feed = {n: (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)) for n, x in zip(names, inputs)}
+    return session.run(None, feed)

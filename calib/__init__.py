@@ -1,0 +1,1 @@
+"""Calibration: the model's own generations, sample selection (DGC), resampling, observers."""

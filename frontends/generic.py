@@ -1,0 +1,187 @@
+"""The generic frontend: any traceable ``nn.Module`` (+ example inputs) or a ``.pt2`` program.
+
+``load_model(spec)`` accepts:
+
+* ``builtin:<name>``: a built-in example model (``frontends/examples.py``);
+* ``path/to/file.py:factory`` or ``package.module:factory``: ``factory()`` returns a
+  ``ModelBundle``, a ``(module, example_inputs)`` pair, or a module with an
+  ``example_inputs`` attribute;
+* ``model.pt2``: a ``torch.export`` program (``torch.export.save``);
+* ``.pt``/``.pth``/``.bin`` checkpoints: read with ``weights_only=True``. A pickled whole
+  module is refused unless ``allow_pickle`` (``--allow-pickle``): unpickling runs code.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import pickle
+import sys
+import traceback
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from passes.diagnostics import UserError
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+@dataclass
+class ModelBundle:
+    """Everything the compiler needs from a frontend."""
+
+    name: str
+    module: torch.nn.Module
+    example_inputs: tuple
+    family: str = "generic"
+    input_names: list[str] | None = None
+    output_names: list[str] | None = None
+    calib_inputs: list[tuple] = field(default_factory=list)
+    graph: fx.GraphModule | None = None  # already traced (a .pt2 program)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.input_names is None:
+            self.input_names = _forward_arg_names(self.module, len(self.example_inputs))
+
+
+def _forward_arg_names(module: torch.nn.Module, n: int) -> list[str]:
+    try:
+        params = [p for p in inspect.signature(module.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        names = [p.name for p in params][:n]
+    except (TypeError, ValueError):
+        names = []
+    return names + [f"input_{i}" for i in range(len(names), n)]
+
+
+def _as_bundle(obj: Any, name: str) -> ModelBundle:
+    if isinstance(obj, ModelBundle):
+        return obj
+    if isinstance(obj, tuple) and len(obj) == 2 and isinstance(obj[0], torch.nn.Module):
+        module, inputs = obj
+    elif isinstance(obj, torch.nn.Module) and hasattr(obj, "example_inputs"):
+        module, inputs = obj, obj.example_inputs
+    else:
+        raise UserError(f"{name} must return a ModelBundle, a (module, example_inputs) pair, "
+                        f"or a module with an example_inputs attribute; got {type(obj).__name__}")
+    inputs = tuple(inputs) if isinstance(inputs, (list, tuple)) else (inputs,)
+    return ModelBundle(name, module.eval(), inputs)
+
+
+def _load_factory(spec: str) -> ModelBundle:
+    target, _, attr = spec.rpartition(":")
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.exists():
+            raise UserError(f"model file not found: {path}")
+        mod_name = f"_arvgq_user_{path.stem}"
+        loader = importlib.util.spec_from_file_location(mod_name, path)
+        module = importlib.util.module_from_spec(loader)
+        sys.modules[mod_name] = module
+        loader.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ModuleNotFoundError as e:
+            raise UserError(f"cannot import {target!r} for model {spec!r}: {e}") from None
+    if not hasattr(module, attr):
+        raise UserError(f"{target} has no attribute {attr!r}")
+    return _as_bundle(getattr(module, attr)(), spec)
+
+
+def load_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> Any:
+    """``torch.load`` with ``weights_only=True`` and errors a user can act on."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise UserError(f"{path} holds pickled Python objects (a whole module?); loading it runs code from the "
+                            f"file. If you trust it, pass --allow-pickle") from None
+        raise UserError(f"cannot read {path}: not a PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        raise UserError(f"cannot read {path}: corrupt or not a PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+
+
+def _load_pt2(path: Path) -> ModelBundle:
+    try:
+        ep = torch.export.load(str(path))
+    except Exception as e:  # torch.export.load raises many types for bad archives
+        raise UserError(f"cannot read {path}: not a torch.export program ({str(e).splitlines()[0]})") from None
+    if ep.example_inputs is None:
+        raise UserError(f"{path} was saved without example inputs; re-export it with torch.export.export(model, args)")
+    args, _ = ep.example_inputs
+    gm = ep.module()
+    names = [s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    return ModelBundle(path.stem, gm, tuple(args), input_names=names, graph=gm)
+
+
+def load_model(spec: str, *, allow_pickle: bool = False) -> ModelBundle:
+    """Resolve a model argument of the command line into a ModelBundle (see module docstring)."""
+    if spec.startswith("builtin:"):
+        from frontends import examples
+
+        return examples.load(spec.split(":", 1)[1])
+    path = Path(spec)
+    if path.suffix == ".pt2":
+        if not path.exists():
+            raise UserError(f"file not found: {path}")
+        return _load_pt2(path)
+    if path.suffix in CHECKPOINT_SUFFIXES:
+        obj = load_checkpoint(path, allow_pickle=allow_pickle)
+        if isinstance(obj, torch.nn.Module):
+            return _as_bundle(obj, str(path))
+        if isinstance(obj, dict):
+            from frontends import families
+
+            return families.bundle_from_state_dict(obj, path)
+        raise UserError(f"{path} holds a {type(obj).__name__}, not a state_dict or module")
+    if ":" in spec:
+        return _load_factory(spec)
+    raise UserError(f"cannot tell what {spec!r} is: give a checkpoint (.pt/.pth/.bin), a .pt2 program, "
+                    f"builtin:<name>, or file.py:factory")
+
+
+def _user_frame(tb) -> str:
+    frames = [f for f in traceback.extract_tb(tb) if "/torch/" not in f.filename and "/frontends/generic.py" not in f.filename]
+    if not frames:
+        return "unknown location"
+    f = frames[-1]
+    return f"{f.filename}:{f.lineno} ({f.line})"
+
+
+def trace(bundle: ModelBundle) -> fx.GraphModule:
+    """Trace the bundle's module to a GraphModule, checked against eager on the example inputs."""
+    if bundle.graph is not None:
+        return bundle.graph
+    module = bundle.module.eval()
+    tracer = fx.Tracer()
+    try:
+        graph = tracer.trace(module)
+    except Exception as e:
+        stack = list(getattr(tracer, "module_stack", {}) or {})
+        where = stack[-1] if stack and stack[-1] else type(module).__name__
+        raise UserError(
+            f"cannot trace module '{where}' at {_user_frame(e.__traceback__)}: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}. Fix: make control flow independent of tensor values "
+            f"(or move it out of forward), or export with torch.export and pass the .pt2") from None
+    gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
+    with torch.no_grad():
+        try:
+            ref, got = module(*bundle.example_inputs), gm(*bundle.example_inputs)
+        except Exception as e:
+            raise UserError(f"the traced graph of {bundle.name} fails on the example inputs: {type(e).__name__}: {e}") from None
+    ref_l = [t for t in torch.utils._pytree.tree_leaves(ref) if isinstance(t, torch.Tensor)]
+    got_l = [t for t in torch.utils._pytree.tree_leaves(got) if isinstance(t, torch.Tensor)]
+    if len(ref_l) != len(got_l) or any(not torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(ref_l, got_l)):
+        raise UserError(f"the traced graph of {bundle.name} differs from eager on the example inputs: "
+                        f"forward() has code that tracing froze (data-dependent branches?)")
+    return gm

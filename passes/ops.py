@@ -1,0 +1,62 @@
+"""Our quantize / dequantize ops and their ONNX translation.
+
+Separate Q and DQ nodes (not a fused fake-quant) so the graph says exactly what the deployed
+model does: Q yields int8, DQ consumes int8. `torch.library` gives them a real CPU kernel, a
+fake kernel for tracing/export, and a stable name (`torch.ops.arvgq.*`) that survives fx and
+torch.export. `ONNX_TRANSLATIONS` maps them to QuantizeLinear/DequantizeLinear for the dynamo
+exporter's `custom_translation_table`.
+
+A scale with one element is per-tensor (`axis` is then ignored, as in ONNX); a 1-d scale is
+per-channel along `axis`. Bit widths below 8 are carried by `qmin/qmax`: the kernel clamps to
+them. ONNX has no b-bit Q, so the translation clamps the input to the grid's float range
+first (Max/Min), then quantizes to int8: identical numbers.
+"""
+from __future__ import annotations
+
+import torch
+from onnxscript import opset19 as op
+
+from passes import qmath
+
+
+@torch.library.custom_op("arvgq::quantize", mutates_args=())
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int, qmin: int, qmax: int) -> torch.Tensor:
+    return qmath.quantize(x, scale, zero_point, axis, qmin, qmax)
+
+
+@quantize.register_fake
+def _quantize_fake(x, scale, zero_point, axis, qmin, qmax):
+    return torch.empty_like(x, dtype=torch.int8)
+
+
+@torch.library.custom_op("arvgq::dequantize", mutates_args=())
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int) -> torch.Tensor:
+    return qmath.dequantize(q, scale, zero_point, axis)
+
+
+@dequantize.register_fake
+def _dequantize_fake(q, scale, zero_point, axis):
+    return torch.empty_like(q, dtype=torch.float32)
+
+
+Q = torch.ops.arvgq.quantize.default
+DQ = torch.ops.arvgq.dequantize.default
+
+
+def _onnx_quantize(x, scale, zero_point, axis: int, qmin: int, qmax: int):
+    if qmin > -128 or qmax < 127:
+        # Float bounds of the b-bit grid, (q - zp) * scale for q in {qmin, qmax}. Per-channel
+        # bounds are [C] and broadcast over the last axis: insert-qdq only emits reduced-bit
+        # per-channel Q on channel-last activations (weights are quantized offline, no Q).
+        zp = op.Cast(zero_point, to=1)
+        lo = op.Mul(op.Sub(op.Constant(value_float=float(qmin)), zp), scale)
+        hi = op.Mul(op.Sub(op.Constant(value_float=float(qmax)), zp), scale)
+        x = op.Min(op.Max(x, lo), hi)
+    return op.QuantizeLinear(x, scale, zero_point, axis=axis)
+
+
+def _onnx_dequantize(q, scale, zero_point, axis: int):
+    return op.DequantizeLinear(q, scale, zero_point, axis=axis)
+
+
+ONNX_TRANSLATIONS = {Q: _onnx_quantize, DQ: _onnx_dequantize}

@@ -1,0 +1,110 @@
+"""Integer quantization arithmetic: ranges, scales, zero points, fake quantization.
+
+One place for the formulas every other module uses (observers, weight quantizers, Q/DQ ops,
+the ONNX lowering). Integers are always stored as int8: a b-bit asymmetric grid is the signed
+range [-2^(b-1), 2^(b-1)-1] with a zero point, which is the reference code's unsigned
+[0, 2^b-1] grid shifted by 2^(b-1). Rounding is half-to-even, as ONNX QuantizeLinear does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_EPS = 1e-8
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    """Signed integer range of a b-bit grid."""
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bit width must be in 2..8, got {bits}")
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+@dataclass
+class QParams:
+    """Quantization parameters of one tensor.
+
+    `scale`/`zero_point` are 0-d for per-tensor, 1-d along `axis` for per-channel, and 1-d
+    indexed by token group (`axis` is then the token axis of the activation) for per-group.
+    """
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    bits: int = 8
+    symmetric: bool = True
+    granularity: str = "tensor"  # tensor | channel | group
+    axis: int = 0
+
+    @property
+    def qmin(self) -> int:
+        return qrange(self.bits)[0]
+
+    @property
+    def qmax(self) -> int:
+        return qrange(self.bits)[1]
+
+    def describe(self) -> dict:
+        s = self.scale.float()
+        return {
+            "granularity": self.granularity,
+            "bits": self.bits,
+            "symmetric": self.symmetric,
+            "axis": self.axis if self.granularity != "tensor" else None,
+            "n_scales": int(s.numel()),
+            "scale_min": float(s.min()),
+            "scale_max": float(s.max()),
+            "zero_point_min": int(self.zero_point.min()),
+            "zero_point_max": int(self.zero_point.max()),
+        }
+
+
+def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and int8 zero point that map [lo, hi] (elementwise tensors) onto the b-bit grid.
+
+    The range is widened to contain 0 so that 0 is exact (padding, masked tokens).
+    """
+    qmin, qmax = qrange(bits)
+    lo = torch.minimum(lo.float(), torch.zeros_like(lo, dtype=torch.float32))
+    hi = torch.maximum(hi.float(), torch.zeros_like(hi, dtype=torch.float32))
+    if symmetric:
+        scale = (torch.maximum(-lo, hi) / qmax).clamp(min=_EPS)
+        zp = torch.zeros_like(scale, dtype=torch.int8)
+    else:
+        scale = ((hi - lo) / (qmax - qmin)).clamp(min=_EPS)
+        zp = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax).to(torch.int8)
+    return scale, zp
+
+
+def _broadcast(t: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
+    if t.numel() == 1:
+        return t.reshape(())
+    shape = [1] * ndim
+    shape[axis] = -1
+    return t.reshape(shape)
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int, qmin: int, qmax: int) -> torch.Tensor:
+    s = _broadcast(scale, x.dim(), axis).to(x.dtype)
+    z = _broadcast(zero_point, x.dim(), axis).to(x.dtype)
+    return torch.clamp(torch.round(x / s) + z, qmin, qmax).to(torch.int8)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int) -> torch.Tensor:
+    s = _broadcast(scale, q.dim(), axis).float()
+    z = _broadcast(zero_point, q.dim(), axis).float()
+    return (q.float() - z) * s
+
+
+def fake_quant(x: torch.Tensor, qp: QParams) -> torch.Tensor:
+    """Quantize then dequantize with per-tensor or per-channel params (per-group is lowered elsewhere)."""
+    return dequantize(quantize(x, qp.scale, qp.zero_point, qp.axis, qp.qmin, qp.qmax), qp.scale, qp.zero_point, qp.axis).to(x.dtype)
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB (inf when equal)."""
+    ref = reference.detach().double()
+    noise = (ref - approx.detach().double()).pow(2).sum()
+    if noise == 0:
+        return float("inf")
+    return float(10 * torch.log10(ref.pow(2).sum().clamp(min=1e-30) / noise))

@@ -1,0 +1,83 @@
+"""Quantization decisions: which grid each activation and weight gets.
+
+These passes only fill ``ctx.qparams`` (``<site>.input``, ``<site>.weight``, ``<site>.a``,
+``<site>.b``); ``insert-qdq`` turns the decisions into graph nodes. Bit widths default to the
+compilation's ``--bits`` (``ctx.options['a_bits']`` / ``['w_bits']``) when a pass option is 0.
+"""
+from __future__ import annotations
+
+import torch
+
+from passes import qmath
+from passes.diagnostics import UserError
+from passes.infra import Pass, PassContext, PassResult, get_attr, register
+from passes.qmath import QParams
+
+
+def _bits(option: int, ctx: PassContext, key: str) -> int:
+    bits = option or int(ctx.option(key, 8))
+    qmath.qrange(bits)  # validates
+    return bits
+
+
+@register
+class ActQuant(Pass):
+    """Static activation quantization from observed ranges (min-max).
+
+    ``granularity=tensor`` is TensorRT-legal as is; ``channel`` is a simulation baseline
+    (TensorRT accepts per-channel scales on weights only). ``matmuls`` also quantizes both
+    operands of attention matmuls per tensor.
+    """
+
+    name = "act-quant"
+    bits: int = 0
+    symmetric: bool = True
+    granularity: str = "tensor"
+    matmuls: bool = False
+
+    def __call__(self, gm, ctx: PassContext) -> PassResult:
+        if self.granularity not in ("tensor", "channel"):
+            raise UserError(f"act-quant: granularity must be tensor or channel, got {self.granularity!r}")
+        bits = _bits(self.bits, ctx, "a_bits")
+        decided = 0
+        for name, site in ctx.sites.items():
+            if site.excluded_by or (site.kind == "matmul" and not self.matmuls):
+                continue
+            for role, obs in ctx.stats.get(name, {}).items():
+                if obs.min is None:
+                    continue
+                if self.granularity == "tensor" or site.kind == "matmul":
+                    lo, hi, gran = obs.min.min(), obs.max.max(), "tensor"
+                else:
+                    lo, hi, gran = obs.min, obs.max, "channel"
+                scale, zp = qmath.qparams_from_range(lo, hi, bits, self.symmetric)
+                ctx.qparams[f"{name}.{role}"] = QParams(scale, zp, bits, self.symmetric, gran, -1 if gran == "channel" else 0)
+                decided += 1
+        if decided == 0:
+            raise UserError("act-quant found no observed activations: run 'observe' before it in the pipeline")
+        return PassResult(gm, False, {"activations": decided, "bits": bits})
+
+
+@register
+class WeightQuant(Pass):
+    """Per-output-channel weight quantization (symmetric: TensorRT's only weight format)."""
+
+    name = "weight-quant"
+    bits: int = 0
+    symmetric: bool = True
+
+    def __call__(self, gm, ctx: PassContext) -> PassResult:
+        bits = _bits(self.bits, ctx, "w_bits")
+        decided = 0
+        for name, site in ctx.sites.items():
+            if site.kind != "linear" or site.excluded_by:
+                continue
+            w = get_attr(gm, f"{name}.weight").detach().float()
+            scale, zp = qmath.qparams_from_range(w.amin(1), w.amax(1), bits, self.symmetric)
+            ctx.qparams[f"{name}.weight"] = QParams(scale, zp, bits, self.symmetric, "channel", 0)
+            decided += 1
+        return PassResult(gm, False, {"weights": decided, "bits": bits})
+
+
+def quantized_weight(w: torch.Tensor, qp: QParams) -> torch.Tensor:
+    return qmath.quantize(w.detach().float(), qp.scale, qp.zero_point, qp.axis, qp.qmin, qp.qmax)

@@ -1,0 +1,168 @@
+"""``python -m tools.compile [MODEL] --target onnx|ort|torch --out DIR``
+
+Load a model, trace one step to an fx graph, run the recipe's pass pipeline (dumping after
+every pass that changed the graph), export ONNX with Q/DQ, check it on onnxruntime against
+the torch fake-quant graph, and write ``report.json`` + ``report.md``. Everything is written
+to a temporary directory that becomes DIR only when the whole job succeeded.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from frontends import load_model, trace
+from frontends.generic import ModelBundle, load_checkpoint
+from passes.diagnostics import UserError
+from passes.dump import DumpInstrument
+from passes.infra import PassContext, PassManager
+from passes.pipeline import BITS, builtin_recipes, load_recipe
+from tools._cli import atomic_output_dir, main_wrapper, progress, say
+from tools.report import fidelity, model_bytes, write_reports
+
+TARGETS = ("onnx", "ort", "torch")
+DEFAULT_MODEL = "builtin:tiny-block"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tools.compile", description=__doc__.split("\n\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help=f"checkpoint (.pt/.pth/.bin), torch.export program (.pt2), builtin:<name>, or file.py:factory "
+                        f"(default: {DEFAULT_MODEL})")
+    p.add_argument("--target", choices=TARGETS, default="onnx", help="what to build (default: onnx)")
+    p.add_argument("--out", default="out", help="output directory (default: out)")
+    p.add_argument("--force", action="store_true", help="replace the output directory if it exists")
+    p.add_argument("--recipe", default="minmax", help=f"built-in recipe ({', '.join(builtin_recipes())}) or a .toml path")
+    p.add_argument("--pipeline", help="pass pipeline text; overrides the recipe's (e.g. 'canonicalize,observe,act-quant,insert-qdq')")
+    p.add_argument("--bits", choices=sorted(BITS), help="weight/activation bit widths; overrides the recipe's")
+    p.add_argument("--calib-data", metavar="FILE", help="a .pt file holding a list of input tuples (loaded with weights_only=True)")
+    p.add_argument("--calib-samples", type=int, metavar="N", help="use at most N calibration batches")
+    p.add_argument("--stop-after", metavar="PASS", help="stop the pipeline after this pass")
+    p.add_argument("--disable-pass", metavar="PASS", action="append", default=[], help="skip this pass (repeatable)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow loading pickled modules (runs code from the file)")
+    p.add_argument("--family", help="model family of a checkpoint, overriding detection from its keys")
+    return p
+
+
+def load_calib_data(path: str, n_inputs: int) -> list[tuple]:
+    data = load_checkpoint(path)
+    if not isinstance(data, (list, tuple)) or not data:
+        raise UserError(f"--calib-data {path}: expected a non-empty list of input tuples, got {type(data).__name__}")
+    batches = []
+    for i, item in enumerate(data):
+        item = (item,) if isinstance(item, torch.Tensor) else item
+        if not isinstance(item, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in item):
+            raise UserError(f"--calib-data {path}: item {i} is not a tuple of tensors")
+        if len(item) != n_inputs:
+            raise UserError(f"--calib-data {path}: item {i} has {len(item)} inputs, the model takes {n_inputs}")
+        batches.append(tuple(item))
+    return batches
+
+
+def _compile(args: argparse.Namespace, out: Path) -> dict:
+    recipe = load_recipe(args.recipe)
+    pipeline = args.pipeline or recipe.pipeline
+    bits = args.bits or recipe.bits
+
+    say(f"[1/5] loading {args.model}")
+    bundle: ModelBundle = load_model(args.model, allow_pickle=args.allow_pickle)
+    calib = load_calib_data(args.calib_data, len(bundle.example_inputs)) if args.calib_data else list(bundle.calib_inputs)
+    calib_source = args.calib_data or ("built-in" if calib else "example inputs")
+    if not calib:
+        calib = [bundle.example_inputs]
+    if args.calib_samples:
+        calib = calib[: args.calib_samples]
+
+    say("[2/5] tracing")
+    gm = trace(bundle)
+    fp_gm = copy.deepcopy(gm)
+
+    say(f"[3/5] passes: {pipeline}")
+    w_bits, a_bits = BITS[bits]
+    ctx = PassContext(options={"w_bits": w_bits, "a_bits": a_bits}, calib_inputs=calib,
+                      probe_inputs=bundle.example_inputs, progress=progress)
+    dumps = DumpInstrument(out / "dumps")
+    pm = PassManager(pipeline, stop_after=args.stop_after, disabled=args.disable_pass, instruments=[dumps])
+    gm = pm.run(gm, ctx)
+
+    report: dict = {
+        "model": args.model,
+        "family": bundle.family,
+        "target": args.target,
+        "recipe": recipe.name,
+        "pipeline": str(pm),
+        "bits": bits,
+        "calibration": {"source": calib_source, "batches": len(calib)},
+        "passes": pm.records,
+        "sites": {name: {"kind": s.kind, "in": s.in_features, "out": s.out_features,
+                         "quantized": sorted(k.rsplit(".", 1)[1] for k in ctx.qparams if k.rsplit(".", 1)[0] == name),
+                         "excluded_by": s.excluded_by}
+                  for name, s in ctx.sites.items()},
+        "qparams": {k: v.describe() for k, v in sorted(ctx.qparams.items())},
+        "notes": ctx.notes,
+        "fidelity": fidelity(fp_gm, gm, calib),
+        "size_bytes": {"fp": model_bytes(fp_gm), "quantized": model_bytes(gm)},
+    }
+
+    if args.target in ("onnx", "ort"):
+        from backends.onnx_export import export_onnx, qdq_census
+        from backends.ort_runner import make_session, run
+
+        say("[4/5] exporting ONNX")
+        onnx_path = export_onnx(gm, bundle.example_inputs, out / "model.onnx",
+                                input_names=bundle.input_names, output_names=bundle.output_names)
+        import onnx
+
+        census = qdq_census(onnx.load(str(onnx_path), load_external_data=False))
+        sess = make_session(onnx_path, "reference")
+        with torch.no_grad():
+            ref = [t for t in torch.utils._pytree.tree_leaves(gm(*bundle.example_inputs)) if isinstance(t, torch.Tensor)]
+        got = run(sess, bundle.example_inputs)
+        diff = max(float((torch.as_tensor(g) - r).abs().max()) for g, r in zip(got, ref, strict=True))
+        report["onnx"] = {
+            "path": "model.onnx",
+            "file_bytes": onnx_path.stat().st_size,
+            "QuantizeLinear": census.get("QuantizeLinear", 0),
+            "DequantizeLinear": census.get("DequantizeLinear", 0),
+            "inputs": [i.name for i in sess.get_inputs()],
+            "outputs": [o.name for o in sess.get_outputs()],
+            "ort_reference_max_abs_diff": diff,
+        }
+    else:
+        say("[4/5] target torch: keeping the fake-quant graph (real INT8 GEMMs need CUDA)")
+        torch.save(gm.state_dict(), out / "quantized_state_dict.pt")
+        (out / "graph.py").write_text(gm.code)
+
+    say("[5/5] writing report")
+    write_reports(out, report)
+    return report
+
+
+@main_wrapper
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = Path(args.out)
+    with atomic_output_dir(out, force=args.force) as tmp:
+        report = _compile(args, tmp)
+    fid = report["fidelity"]
+    lines = [
+        f"compiled {report['model']} -> {out}/ (recipe {report['recipe']}, {report['bits']})",
+        f"  quantized tensors: {len(report['qparams'])}   output SQNR vs FP: {fid['min_sqnr_db']:.1f} dB",
+    ]
+    if "onnx" in report:
+        o = report["onnx"]
+        lines.append(f"  ONNX: {o['QuantizeLinear']} Q / {o['DequantizeLinear']} DQ, onnxruntime vs torch max |diff| "
+                     f"{o['ort_reference_max_abs_diff']:.2e}")
+    s = report["size_bytes"]
+    lines.append(f"  size: {s['fp'] / 1e6:.2f} MB FP -> {s['quantized'] / 1e6:.2f} MB")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

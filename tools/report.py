@@ -1,0 +1,82 @@
+"""Report helpers: fidelity of the quantized graph to FP, sizes, and report.json / report.md."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch.utils._pytree import tree_leaves
+
+from passes.qmath import sqnr_db
+
+
+def _tensors(out) -> list[torch.Tensor]:
+    return [t.detach().float() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def fidelity(fp_gm, q_gm, batches: list[tuple]) -> dict:
+    """Output SQNR (dB) and max abs error of the quantized graph against FP, per output, over batches."""
+    per_output: list[list[float]] = []
+    max_abs = 0.0
+    with torch.no_grad():
+        for inputs in batches:
+            ref, got = _tensors(fp_gm(*inputs)), _tensors(q_gm(*inputs))
+            for i, (a, b) in enumerate(zip(ref, got, strict=True)):
+                if len(per_output) <= i:
+                    per_output.append([])
+                per_output[i].append(sqnr_db(a, b))
+                max_abs = max(max_abs, float((a - b).abs().max()))
+    sqnr = [min(v) for v in per_output]
+    return {"sqnr_db_per_output": sqnr, "min_sqnr_db": min(sqnr) if sqnr else float("inf"),
+            "max_abs_err": max_abs, "batches": len(batches)}
+
+
+def model_bytes(module: torch.nn.Module) -> int:
+    """Bytes of every parameter and buffer the graph holds (int8 weights count 1 byte each)."""
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _md_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(r: dict) -> str:
+    fid, size = r["fidelity"], r["size_bytes"]
+    out = [f"# Quantization report: {r['model']}", "",
+           f"- recipe: `{r['recipe']}` ({r['bits']}), target `{r['target']}`, family `{r['family']}`",
+           f"- pipeline: `{r['pipeline']}`",
+           f"- calibration: {r['calibration']['batches']} batches from {r['calibration']['source']}", "",
+           "## Fidelity to the FP model", "",
+           _md_table(["output", "SQNR (dB, worst batch)"], [[i, f"{v:.1f}"] for i, v in enumerate(fid["sqnr_db_per_output"])]),
+           "", f"Max abs error over {fid['batches']} batches: {fid['max_abs_err']:.3g}", "",
+           "## Size", "", _md_table(["", "bytes"], [["FP", size["fp"]], ["quantized", size["quantized"]],
+                                                     ["ratio", f"{size['fp'] / max(size['quantized'], 1):.2f}x"]])]
+    if "onnx" in r:
+        o = r["onnx"]
+        out += ["", "## ONNX", "",
+                f"`{o['path']}`: {o['file_bytes']} bytes, {o['QuantizeLinear']} QuantizeLinear, "
+                f"{o['DequantizeLinear']} DequantizeLinear; inputs {o['inputs']}, outputs {o['outputs']}.",
+                f"onnxruntime (QDQ fusion disabled) vs torch fake-quant: max |diff| = {o['ort_reference_max_abs_diff']:.2e}"]
+    out += ["", "## Passes", "", _md_table(
+        ["#", "pass", "changed", "seconds", "probe SQNR vs previous (dB)", "dump"],
+        [[p["index"], f"`{p['spec']}`", "skipped" if p.get("skipped") else ("yes" if p.get("modified") else "no"),
+          p.get("seconds", ""), f"{p['probe_sqnr_db']:.1f}" if "probe_sqnr_db" in p else "", p.get("dump", "")]
+         for p in r["passes"]])]
+    out += ["", "## Sites", "", _md_table(
+        ["site", "kind", "quantized", "excluded by"],
+        [[f"`{k}`", v["kind"], ", ".join(v["quantized"]) or "-", v["excluded_by"] or ""] for k, v in r["sites"].items()])]
+    if r["notes"]:
+        out += ["", "## Notes", ""] + [f"- {n}" for n in r["notes"]]
+    return "\n".join(out) + "\n"
+
+
+def write_reports(out: Path, report: dict) -> None:
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / "report.md").write_text(render_markdown(report))
