@@ -18,7 +18,6 @@ import inspect
 import pickle
 import sys
 import traceback
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,12 +102,13 @@ def load_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        if "Unsupported global" in str(e):
             raise UserError(f"{path} holds pickled Python objects (a whole module?); loading it runs code from the "
                             f"file. If you trust it, pass --allow-pickle") from None
-        raise UserError(f"cannot read {path}: not a PyTorch checkpoint ({str(e).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
-        raise UserError(f"cannot read {path}: corrupt or not a PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+        raise UserError(f"cannot read {path}: corrupt or not a PyTorch checkpoint") from e
+    except Exception as e:  # a damaged file fails deep inside the unpickler with any error type
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot read {path}: corrupt or not a PyTorch checkpoint ({first})") from e
 
 
 def _load_pt2(path: Path) -> ModelBundle:

@@ -19,7 +19,7 @@ from frontends import load_model, trace
 from frontends.generic import ModelBundle, load_checkpoint
 from passes.diagnostics import UserError
 from passes.dump import DumpInstrument
-from passes.infra import PassContext, PassManager
+from passes.infra import PassContext, PassManager, parse_pipeline
 from passes.pipeline import BITS, builtin_recipes, load_recipe
 from tools._cli import atomic_output_dir, main_wrapper, progress, say
 from tools.report import fidelity, model_bytes, write_reports
@@ -68,6 +68,7 @@ def _compile(args: argparse.Namespace, out: Path) -> dict:
     recipe = load_recipe(args.recipe)
     pipeline = args.pipeline or recipe.pipeline
     bits = args.bits or recipe.bits
+    parse_pipeline(pipeline)  # a typo fails now, not after loading and tracing
 
     say(f"[1/5] loading {args.model}")
     bundle: ModelBundle = load_model(args.model, allow_pickle=args.allow_pickle)
