@@ -119,7 +119,11 @@ def _compile(args: argparse.Namespace, out: Path) -> dict:
                                 input_names=bundle.input_names, output_names=bundle.output_names)
         import onnx
 
-        census = qdq_census(onnx.load(str(onnx_path), load_external_data=False))
+        from backends.qdq_lint import lint
+
+        model_proto = onnx.load(str(onnx_path), load_external_data=False)
+        census = qdq_census(model_proto)
+        lint_report = lint(model_proto)
         sess = make_session(onnx_path, "reference")
         with torch.no_grad():
             ref = [t for t in torch.utils._pytree.tree_leaves(gm(*bundle.example_inputs)) if isinstance(t, torch.Tensor)]
@@ -133,6 +137,9 @@ def _compile(args: argparse.Namespace, out: Path) -> dict:
             "inputs": [i.name for i in sess.get_inputs()],
             "outputs": [o.name for o in sess.get_outputs()],
             "ort_reference_max_abs_diff": diff,
+            "tensorrt_lint": {"ok": lint_report.ok, "int8_gemms": lint_report.quantized_gemms,
+                              "float_gemms": len(lint_report.float_gemms),
+                              "violations": [str(v) for v in lint_report.violations]},
         }
     else:
         say("[4/5] target torch: keeping the fake-quant graph (real INT8 GEMMs need CUDA)")
@@ -157,8 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if "onnx" in report:
         o = report["onnx"]
+        lint_ = o["tensorrt_lint"]
         lines.append(f"  ONNX: {o['QuantizeLinear']} Q / {o['DequantizeLinear']} DQ, onnxruntime vs torch max |diff| "
                      f"{o['ort_reference_max_abs_diff']:.2e}")
+        lines.append(f"  TensorRT Q/DQ lint: {sum(lint_['int8_gemms'].values())} int8 GEMMs, "
+                     f"{len(lint_['violations'])} violations" + ("" if lint_["ok"] else " (python -m tools.inspect out/model.onnx --lint)"))
     s = report["size_bytes"]
     lines.append(f"  size: {s['fp'] / 1e6:.2f} MB FP -> {s['quantized'] / 1e6:.2f} MB")
     print("\n".join(lines))

@@ -63,7 +63,11 @@ def render_markdown(r: dict) -> str:
         out += ["", "## ONNX", "",
                 f"`{o['path']}`: {o['file_bytes']} bytes, {o['QuantizeLinear']} QuantizeLinear, "
                 f"{o['DequantizeLinear']} DequantizeLinear; inputs {o['inputs']}, outputs {o['outputs']}.",
-                f"onnxruntime (QDQ fusion disabled) vs torch fake-quant: max |diff| = {o['ort_reference_max_abs_diff']:.2e}"]
+                f"onnxruntime (QDQ fusion disabled) vs torch fake-quant: max |diff| = {o['ort_reference_max_abs_diff']:.2e}",
+                "", f"TensorRT Q/DQ lint: {'passes' if o['tensorrt_lint']['ok'] else 'FAILS'}; "
+                f"int8 GEMMs: {', '.join(f'`{k}`' for k in o['tensorrt_lint']['int8_gemms']) or 'none'}; "
+                f"{o['tensorrt_lint']['float_gemms']} float GEMMs"]
+        out += [f"- {v}" for v in o["tensorrt_lint"]["violations"]]
     out += ["", "## Passes", "", _md_table(
         ["#", "pass", "changed", "seconds", "probe SQNR vs previous (dB)", "dump"],
         [[p["index"], f"`{p['spec']}`", "skipped" if p.get("skipped") else ("yes" if p.get("modified") else "no"),
