@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 import inspect
@@ -161,8 +162,9 @@ def _user_frame(tb) -> str:
 def trace(bundle: ModelBundle) -> fx.GraphModule:
     """Trace the bundle's module to a GraphModule, checked against eager on the example inputs."""
     if bundle.graph is not None:
-        return bundle.graph
-    module = bundle.module.eval()
+        return copy.deepcopy(bundle.graph)
+    # Passes rewrite parameters in place: trace a copy so the user's module stays intact.
+    module = copy.deepcopy(bundle.module).eval()
     tracer = fx.Tracer()
     try:
         graph = tracer.trace(module)

@@ -4,6 +4,14 @@ For a linear site ``s`` with decisions ``s.input`` and ``s.weight``::
 
     x -> Q(x, s.input_scale, s.input_zero_point) -> DQ -> F.linear(., DQ(s.weight_int8, ...), bias)
 
+Token-group scales (STWQ) are lowered the way TensorRT can run them (DESIGN.md): a gather
+of the group's scale, a pointwise rescale, a per-tensor Q/DQ with scale 1 and zero point 0,
+the int8 GEMM, and the scale (and the zero point's exact correction) applied to its output::
+
+    s = S[token_groups][:, None]; z = Z[token_groups][:, None]
+    v = DQ(Q(x / s + z, 1, 0))                       # the integer grid, clamped to b bits
+    y = F.linear(v, W) * s - (z * s) * colsum(W) + bias   # == F.linear((v - z) * s, W, bias)
+
 Weights are stored once, as int8 buffers with per-channel scales (the float weight is
 removed), so the exported ONNX carries int8 initializers and a DequantizeLinear. Scales are
 buffers named after the site, so ONNX initializers and reports carry the user's module path.
@@ -30,6 +38,74 @@ def _qdq(g: fx.Graph, value: fx.Node, gm, prefix: str, qp: QParams) -> fx.Node:
     return g.create_node("call_function", ops.DQ, (q, scale, zp, qp.axis), name=f"{base}_dq")
 
 
+def _token_groups(g: fx.Graph) -> fx.Node:
+    for n in g.nodes:
+        if n.op == "placeholder" and "token_groups" in n.name:
+            return n
+    raise PassError("token-group scales need a graph input named token_groups")
+
+
+def _group_qdq(g: fx.Graph, x: fx.Node, gm, site: str, qp: QParams, groups: fx.Node):
+    """x -> v = DQ(Q(x / s + z)) with per-token s, z gathered by group; returns v and (s, z) for the epilogue."""
+    base = f"{site}.input"
+    name = base.replace(".", "_")
+    set_buffer(gm, f"{base}_group_scale", qp.scale.float().clone())
+    set_buffer(gm, f"{base}_group_inv_scale", (1.0 / qp.scale.float()).clone())
+    set_buffer(gm, f"{base}_group_zero_point", qp.zero_point.float().clone())
+    set_buffer(gm, f"{base}_scale", torch.tensor(1.0))
+    set_buffer(gm, f"{base}_zero_point", torch.tensor(0, dtype=torch.int8))
+
+    def gather(table: str, suffix: str) -> fx.Node:
+        picked = g.create_node("call_function", torch.index_select, (g.get_attr(f"{base}_{table}"), 0, groups),
+                               name=f"{name}_{suffix}")
+        return g.call_method("unsqueeze", (picked, -1))  # [T] -> [T, 1]: broadcasts over [..., T, C]
+
+    s, inv, z = gather("group_scale", "s"), gather("group_inv_scale", "inv_s"), gather("group_zero_point", "z")
+    xs = g.call_function(torch.add, (g.call_function(torch.mul, (x, inv)), z))
+    one, zero = g.get_attr(f"{base}_scale"), g.get_attr(f"{base}_zero_point")
+    q = g.create_node("call_function", ops.Q, (xs, one, zero, 0, qp.qmin, qp.qmax), name=f"{name}_q")
+    v = g.create_node("call_function", ops.DQ, (q, one, zero, 0), name=f"{name}_dq")
+    return v, (s, z, qp.symmetric)
+
+
+def _apply_group_epilogue(g: fx.Graph, gm, node: fx.Node, site: str, post) -> None:
+    """Rewrite ``y = linear(v, W, b)`` into ``linear(v, W) * s - (z * s) * colsum(W) + b``."""
+    s, z, symmetric = post
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    node.args = (node.args[0], node.args[1], None)
+    users = [u for u in node.users]
+    with g.inserting_after(node):
+        y = g.call_function(torch.mul, (node, s))
+    last = y
+    if not symmetric:
+        w = node.args[1]
+        weight = _materialize(gm, w)
+        set_buffer(gm, f"{site}.input_group_colsum", weight.sum(1).float())
+        with g.inserting_after(last):
+            zs = g.call_function(torch.mul, (z, s))
+        with g.inserting_after(zs):
+            colsum = g.get_attr(f"{site}.input_group_colsum")
+        with g.inserting_after(colsum):
+            corr = g.call_function(torch.mul, (zs, colsum))
+        with g.inserting_after(corr):
+            last = g.call_function(torch.sub, (last, corr))
+    if bias is not None:
+        with g.inserting_after(last):
+            last = g.call_function(torch.add, (last, bias))
+    for u in users:
+        u.replace_input_with(node, last)
+
+
+def _materialize(gm, w: fx.Node) -> torch.Tensor:
+    """The float weight a linear multiplies by (dequantized if it is int8)."""
+    if w.op == "get_attr":
+        return get_attr(gm, w.target).detach().float()
+    if w.op == "call_function" and w.target is ops.DQ:
+        q, s, z, axis = w.args
+        return ops.dequantize(get_attr(gm, q.target), get_attr(gm, s.target), get_attr(gm, z.target), axis)
+    raise PassError(f"cannot evaluate the weight {w.name} of a token-group linear")
+
+
 @register
 class InsertQDQ(Pass):
     name = "insert-qdq"
@@ -37,6 +113,7 @@ class InsertQDQ(Pass):
     def __call__(self, gm, ctx: PassContext) -> PassResult:
         g = gm.graph
         counts = {"activations": 0, "weights": 0}
+        post = None
         for node in list(g.nodes):
             site = node.meta.get("site")
             if site is None or node.op != "call_function":
@@ -49,8 +126,12 @@ class InsertQDQ(Pass):
                     if qp is None:
                         continue
                     if qp.granularity == "group":
-                        raise PassError(f"{site}.{role}: per-group scales need the stwq lowering, which this pipeline lacks")
-                    args[i] = _qdq(g, args[i], gm, f"{site}.{role}", qp)
+                        if not is_linear(node):
+                            raise PassError(f"{site}.{role}: token-group scales are only lowered for linears")
+                        groups = _token_groups(g)
+                        args[0], post = _group_qdq(g, args[0], gm, site, qp, groups)
+                    else:
+                        args[i] = _qdq(g, args[i], gm, f"{site}.{role}", qp)
                     counts["activations"] += 1
                 wqp = ctx.qparams.get(f"{site}.weight")
                 if is_linear(node) and wqp is not None:
@@ -68,5 +149,8 @@ class InsertQDQ(Pass):
                         g.erase_node(w_node)
                         delete_attr(gm, w_node.target)
             node.args = tuple(args)
+            if post is not None:
+                _apply_group_epilogue(g, gm, node, site, post)
+                post = None
         gm.recompile()
         return PassResult(gm, any(counts.values()), counts)

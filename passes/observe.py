@@ -6,6 +6,8 @@ insert-qdq the quantized ones (calibration with quantization upstream, as RepQ-V
 """
 from __future__ import annotations
 
+import fnmatch
+
 import torch
 import torch.fx as fx
 
@@ -15,11 +17,37 @@ from passes.diagnostics import UserError
 from passes.infra import Pass, PassContext, PassResult, register
 
 
+def token_groups_input(gm: fx.GraphModule, ctx: PassContext) -> fx.Node | None:
+    """The graph input carrying each token's STWQ group id, if the model has one."""
+    name = ctx.option("token_groups_input")
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" and (n.name == name or (name is None and "token_groups" in n.name)):
+            return n
+    if name is not None:
+        raise UserError(f"the graph has no input named {name!r} for token groups")
+    return None
+
+
+def site_group_map(ctx: PassContext, site: str) -> list[int] | None:
+    """How a site merges the model's token groups (e.g. VAR's proj/fc2: token 0 vs the rest).
+
+    ``ctx.options['group_maps']`` maps module-path globs to a list giving, for each model
+    group id, the site's group id; sites matching no glob keep the model's groups.
+    """
+    for pattern, mapping in (ctx.option("group_maps") or {}).items():
+        if fnmatch.fnmatchcase(site, pattern):
+            return list(mapping)
+    return None
+
+
 class _Observing(fx.Interpreter):
-    def __init__(self, gm, observers: dict[str, TensorObserver], step: int):
+    def __init__(self, gm, ctx: PassContext, observers: dict[str, TensorObserver], step: int, groups_node):
         super().__init__(gm)
+        self.ctx = ctx
         self.observers = observers
         self.step = step
+        self.groups_node = groups_node
+        self.groups: torch.Tensor | None = None
 
     def run_node(self, n):
         site = n.meta.get("site")
@@ -31,8 +59,18 @@ class _Observing(fx.Interpreter):
                 obs = self.observers.get(key)
                 if obs is None:
                     obs = self.observers[key] = TensorObserver(key)
-                obs.update(value, step=self.step)
-        return super().run_node(n)
+                obs.update(value, self._groups_for(site, value), step=self.step)
+        result = super().run_node(n)
+        if n is self.groups_node:
+            self.groups = result.long()
+        return result
+
+    def _groups_for(self, site: str, value: torch.Tensor) -> torch.Tensor | None:
+        # Only tensors with a token axis (``[..., T, C]``) are grouped; a condition vector is not.
+        if self.groups is None or value.dim() < 3 or value.shape[-2] != self.groups.numel():
+            return None
+        mapping = site_group_map(self.ctx, site)
+        return self.groups if mapping is None else torch.tensor(mapping, dtype=torch.long)[self.groups]
 
 
 @register
@@ -46,9 +84,10 @@ class Observe(Pass):
         if not ctx.calib_inputs:
             raise UserError("no calibration inputs: pass --calib-data FILE (a .pt list of input tuples)")
         observers: dict[str, TensorObserver] = {}
+        groups_node = token_groups_input(gm, ctx)
         with torch.no_grad():
             for step, inputs in enumerate(ctx.progress(ctx.calib_inputs, desc="calibrating", unit="batch")):
-                _Observing(gm, observers, step).run(*inputs)
+                _Observing(gm, ctx, observers, step, groups_node).run(*inputs)
         for key, obs in observers.items():
             site, role = key.rsplit(".", 1)
             ctx.stats.setdefault(site, {})[role] = obs

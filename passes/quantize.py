@@ -14,7 +14,7 @@ from passes.infra import Pass, PassContext, PassResult, get_attr, register
 from passes.qmath import QParams
 
 
-def _bits(option: int, ctx: PassContext, key: str) -> int:
+def resolve_bits(option: int, ctx: PassContext, key: str) -> int:
     bits = option or int(ctx.option(key, 8))
     qmath.qrange(bits)  # validates
     return bits
@@ -38,7 +38,7 @@ class ActQuant(Pass):
     def __call__(self, gm, ctx: PassContext) -> PassResult:
         if self.granularity not in ("tensor", "channel"):
             raise UserError(f"act-quant: granularity must be tensor or channel, got {self.granularity!r}")
-        bits = _bits(self.bits, ctx, "a_bits")
+        bits = resolve_bits(self.bits, ctx, "a_bits")
         decided = 0
         for name, site in ctx.sites.items():
             if site.excluded_by or (site.kind == "matmul" and not self.matmuls):
@@ -67,7 +67,7 @@ class WeightQuant(Pass):
     symmetric: bool = True
 
     def __call__(self, gm, ctx: PassContext) -> PassResult:
-        bits = _bits(self.bits, ctx, "w_bits")
+        bits = resolve_bits(self.bits, ctx, "w_bits")
         decided = 0
         for name, site in ctx.sites.items():
             if site.kind != "linear" or site.excluded_by:

@@ -54,3 +54,34 @@ def untraceable():
 
 def not_a_model():
     return 42
+
+
+class GroupedBlock(nn.Module):
+    """A block whose step input carries token groups, like the family step graphs.
+
+    Token 0 is a "sink" with activations ~30x larger than the others, the case STWQ is for.
+    """
+
+    def __init__(self, dim=32):
+        super().__init__()
+        self.embed = nn.Linear(dim, dim)  # sees the raw tokens, sink included
+        self.block = Block(dim, 2)
+
+    def forward(self, x, token_groups):
+        return self.block(self.embed(x))
+
+
+def grouped_inputs(seed, batch=2, tokens=9, dim=32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, tokens, dim, generator=g)
+    x[:, 0] *= 30.0
+    groups = torch.tensor([0] + [1] * 4 + [2] * (tokens - 5))
+    return x, groups
+
+
+def grouped_block():
+    torch.manual_seed(0)
+    from frontends.generic import ModelBundle
+
+    m = GroupedBlock().eval()
+    return ModelBundle("grouped-block", m, grouped_inputs(0), calib_inputs=[grouped_inputs(s) for s in range(1, 5)])

@@ -77,3 +77,15 @@ def test_pt2_program(tmp_path):
     gm = trace(b2)
     got = gm(*b.example_inputs)
     assert all(torch.allclose(a, c) for a, c in zip(b.module(*b.example_inputs), got))
+
+
+def test_passes_do_not_touch_the_users_module():
+    from passes import PassContext, PassManager
+
+    b = load_model(f"{MODELS}:block")
+    before = {k: v.clone() for k, v in b.module.state_dict().items()}
+    PassManager("canonicalize,observe,act-quant,weight-quant,insert-qdq").run(
+        trace(b), PassContext(calib_inputs=[b.example_inputs]))
+    after = b.module.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
