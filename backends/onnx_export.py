@@ -15,13 +15,19 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import onnx
 import torch
 import torch.fx as fx
 
 from passes import ops
 from passes.diagnostics import UserError
 
-OPSET = 19  # FP16 scales and saturate flags on Q/DQ need 19 (reference/tensorrt.md §1.7)
+OPSET = 19
+EXTERNAL_DATA_BYTES = 1_800_000_000  # stay clear of protobuf's 2 GB limit
+
+
+def _bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))  # FP16 scales and saturate flags on Q/DQ need 19 (reference/tensorrt.md §1.7)
 
 
 def export_onnx(
@@ -47,7 +53,15 @@ def export_onnx(
                 gm.eval(), tuple(example_inputs), dynamo=True, opset_version=OPSET,
                 custom_translation_table=ops.ONNX_TRANSLATIONS, input_names=input_names,
                 output_names=output_names, dynamic_shapes=dynamic_shapes, verbose=False, report=False)
-        program.save(tmp)
+        if _bytes(gm) < EXTERNAL_DATA_BYTES:
+            proto = program.model_proto
+            fold_weight_transposes(proto)
+            onnx.save(proto, tmp)
+        else:  # above protobuf's 2 GB: weights go to PATH.data beside the model (transposes stay)
+            program.save(tmp, external_data=True)
+            data = Path(tmp + ".data") if Path(tmp + ".data").exists() else None
+            if data is not None:
+                os.replace(data, str(path) + ".data")
         os.replace(tmp, path)
     except UserError:
         raise
@@ -65,3 +79,51 @@ def qdq_census(model) -> dict[str, int]:
     for node in model.graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return counts
+
+
+def fold_weight_transposes(model) -> int:
+    """``DQ(W_int8[N,K], axis=0) -> Transpose -> MatMul`` becomes ``DQ(W_int8^T[K,N], axis=1) -> MatMul``.
+
+    The exporter writes torch's ``linear`` as a Transpose of the weight. TensorRT folds it, but
+    onnxruntime's QDQ fusion needs the DequantizeLinear to feed the MatMul directly, so the
+    int8 initializer is stored transposed once, here. Returns the number of weights folded.
+    """
+    from onnx import numpy_helper
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    folded = 0
+    for t in list(g.node):
+        if t.op_type != "Transpose":
+            continue
+        dq = next((n for n in g.node if t.input[0] in n.output and n.op_type == "DequantizeLinear"), None)
+        if dq is None or dq.input[0] not in inits or len(consumers.get(dq.output[0], [])) != 1:
+            continue
+        perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), None)
+        w = numpy_helper.to_array(inits[dq.input[0]])
+        if w.ndim != 2 or perm not in (None, [1, 0]):
+            continue
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        scale = numpy_helper.to_array(inits[dq.input[1]]) if dq.input[1] in inits else None
+        if scale is not None and scale.size > 1 and axis not in (0, -2):
+            continue
+        inits[dq.input[0]].CopyFrom(numpy_helper.from_array(w.T.copy(), dq.input[0]))
+        for a in dq.attribute:
+            if a.name == "axis":
+                a.i = 1
+        if scale is not None and scale.size > 1 and not any(a.name == "axis" for a in dq.attribute):
+            dq.attribute.append(onnx.helper.make_attribute("axis", 1))
+        for n in consumers.get(t.output[0], []):
+            for k, name in enumerate(n.input):
+                if name == t.output[0]:
+                    n.input[k] = dq.output[0]
+        g.node.remove(t)
+        stale = [v for v in g.value_info if v.name in (dq.output[0], t.output[0])]
+        for v in stale:  # their recorded shapes were the untransposed ones
+            g.value_info.remove(v)
+        folded += 1
+    return folded

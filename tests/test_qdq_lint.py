@@ -61,3 +61,22 @@ def test_forbidden_ops_runtime_scales_and_half_quantized_gemm():
     assert ("gemm-fusion", "mm") in got
     assert rep.float_gemms == ["mm"]
     onnx.checker.check_model(m)
+
+
+def test_weight_dq_feeds_matmul_directly(tmp_path):
+    """The export stores int8 weights transposed so no Transpose sits between DQ and MatMul."""
+    out = tmp_path / "o"
+    assert compile_main([f"{MODELS}:block", "--out", str(out)]) == 0
+    m = onnx.load(str(out / "model.onnx"))
+    inits = {i.name: i for i in m.graph.initializer}
+    producer = {o: n for n in m.graph.node for o in n.output}
+    weight_dqs = [n for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("weight_int8")]
+    assert len(weight_dqs) == 4
+    for dq in weight_dqs:
+        users = [n for n in m.graph.node if dq.output[0] in n.input]
+        assert [u.op_type for u in users] == ["MatMul"], dq.name
+        w = numpy_helper.to_array(inits[dq.input[0]])
+        k = next(u for u in users).input[0]
+        assert {a.name: a.i for a in dq.attribute}["axis"] == 1  # output channels are now the columns
+        assert w.shape[1] == numpy_helper.to_array(inits[dq.input[1]]).size
+        assert k in producer

@@ -64,13 +64,25 @@ def load_calib_data(path: str, n_inputs: int) -> list[tuple]:
     return batches
 
 
+def quantize(bundle: ModelBundle, pipeline: str, bits: str, calib: list[tuple], *, stop_after=None,
+             disabled=(), instruments=()) -> tuple:
+    """Trace the bundle and run the pipeline: returns (fp graph, quantized graph, context, manager)."""
+    gm = trace(bundle)
+    fp_gm = copy.deepcopy(gm)
+    w_bits, a_bits = BITS[bits]
+    options = {"w_bits": w_bits, "a_bits": a_bits, "group_maps": bundle.extra.get("group_maps", {})}
+    ctx = PassContext(options=options, calib_inputs=calib, probe_inputs=bundle.example_inputs, progress=progress)
+    pm = PassManager(pipeline, stop_after=stop_after, disabled=disabled, instruments=instruments)
+    return fp_gm, pm.run(gm, ctx), ctx, pm
+
+
 def _compile(args: argparse.Namespace, out: Path) -> dict:
     recipe = load_recipe(args.recipe)
     pipeline = args.pipeline or recipe.pipeline
     bits = args.bits or recipe.bits
     parse_pipeline(pipeline)  # a typo fails now, not after loading and tracing
 
-    say(f"[1/5] loading {args.model}")
+    say(f"[1/4] loading {args.model}")
     bundle: ModelBundle = load_model(args.model, allow_pickle=args.allow_pickle)
     calib = load_calib_data(args.calib_data, len(bundle.example_inputs)) if args.calib_data else list(bundle.calib_inputs)
     calib_source = args.calib_data or ("built-in" if calib else "example inputs")
@@ -79,17 +91,9 @@ def _compile(args: argparse.Namespace, out: Path) -> dict:
     if args.calib_samples:
         calib = calib[: args.calib_samples]
 
-    say("[2/5] tracing")
-    gm = trace(bundle)
-    fp_gm = copy.deepcopy(gm)
-
-    say(f"[3/5] passes: {pipeline}")
-    w_bits, a_bits = BITS[bits]
-    ctx = PassContext(options={"w_bits": w_bits, "a_bits": a_bits}, calib_inputs=calib,
-                      probe_inputs=bundle.example_inputs, progress=progress)
-    dumps = DumpInstrument(out / "dumps")
-    pm = PassManager(pipeline, stop_after=args.stop_after, disabled=args.disable_pass, instruments=[dumps])
-    gm = pm.run(gm, ctx)
+    say(f"[2/4] tracing, then passes: {pipeline}")
+    fp_gm, gm, ctx, pm = quantize(bundle, pipeline, bits, calib, stop_after=args.stop_after,
+                                  disabled=args.disable_pass, instruments=[DumpInstrument(out / "dumps")])
 
     report: dict = {
         "model": args.model,
@@ -114,7 +118,7 @@ def _compile(args: argparse.Namespace, out: Path) -> dict:
         from backends.onnx_export import export_onnx, qdq_census
         from backends.ort_runner import make_session, run
 
-        say("[4/5] exporting ONNX")
+        say("[3/4] exporting ONNX")
         onnx_path = export_onnx(gm, bundle.example_inputs, out / "model.onnx",
                                 input_names=bundle.input_names, output_names=bundle.output_names)
         import onnx
@@ -142,11 +146,11 @@ def _compile(args: argparse.Namespace, out: Path) -> dict:
                               "violations": [str(v) for v in lint_report.violations]},
         }
     else:
-        say("[4/5] target torch: keeping the fake-quant graph (real INT8 GEMMs need CUDA)")
+        say("[3/4] target torch: keeping the fake-quant graph (real INT8 GEMMs need CUDA)")
         torch.save(gm.state_dict(), out / "quantized_state_dict.pt")
         (out / "graph.py").write_text(gm.code)
 
-    say("[5/5] writing report")
+    say("[4/4] writing report")
     write_reports(out, report)
     return report
 

@@ -1,0 +1,109 @@
+"""Run a quantized step graph with real INT8 GEMMs in PyTorch (``--target torch``).
+
+TensorRT cannot be installed here, so the GPU evidence of INT8 speed comes from PyTorch's own
+int8 GEMM, ``torch._int_mm`` (int8 x int8 -> int32, cuBLASLt on CUDA). ``lower_to_int8``
+rewrites every ``linear(DQ(Q(x)), DQ(W_int8))`` of a graph made by ``insert-qdq`` into
+``int8_linear(Q(x), W_int8, ...)``: the weight stays int8 (stored once, ``[N, K]`` row-major,
+which is the column-major ``[K, N]`` operand cuBLASLt wants), the activation is quantized by
+plain torch ops that ``torch.compile`` fuses into the producer, and scales, the zero-point
+correction and the bias are applied to the int32 accumulator in one pointwise epilogue.
+Token-group (STWQ) sites need nothing special: their lowering already quantizes at scale 1
+and applies the per-token scale after the GEMM.
+
+Linears with at most ``min_rows`` rows (AdaLN/condition linears, one-token decode steps)
+dequantize and run in floating point: cuBLASLt's int8 path needs more than 16 rows and would
+be slower there anyway. Off CUDA everything runs that way (fake quantization).
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from passes import ops
+from passes.infra import get_attr, set_buffer
+
+MIN_ROWS = 16
+INT_MM_ON_CPU = False  # tests set this: torch._int_mm also runs (slowly) on CPU
+
+
+def quantize_inline(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Per-tensor Q in plain torch ops, so torch.compile can fuse it (our custom op is opaque to it)."""
+    return torch.clamp(torch.round(x.float() / scale) + zero_point.float(), qmin, qmax).to(torch.int8)
+
+
+def dequantize_inline(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int) -> torch.Tensor:
+    if scale.numel() > 1:
+        shape = [1] * q.dim()
+        shape[axis] = -1
+        scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+    return (q.float() - zero_point.float()) * scale
+
+
+def int8_linear(q: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor, x_scale: torch.Tensor,
+                x_zero_point: torch.Tensor, w_colsum: torch.Tensor, bias: torch.Tensor | None,
+                out_dtype: torch.dtype, min_rows: int) -> torch.Tensor:
+    """``linear((q - zx) * sx, w_int8 * sw, bias)`` with an int8 GEMM when it pays off.
+
+    ``(q - zx) @ W^T = q @ W^T - zx * colsum(W)``: the zero point costs one rank-1 correction.
+    """
+    k = q.shape[-1]
+    q2 = q.reshape(-1, k)
+    if (q2.is_cuda or INT_MM_ON_CPU) and q2.shape[0] > min_rows:
+        acc = torch._int_mm(q2, w_int8.t()).float()
+        y = (acc - x_zero_point.float() * w_colsum) * (x_scale * w_scale)
+    else:
+        x = (q2.float() - x_zero_point.float()) * x_scale
+        y = F.linear(x, w_int8.float() * w_scale[:, None])
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype).reshape(*q.shape[:-1], -1)
+
+
+def _per_tensor_q(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is ops.Q and node.args[1].op == "get_attr"
+
+
+def lower_to_int8(gm: fx.GraphModule, *, dtype: torch.dtype = torch.float16, min_rows: int = MIN_ROWS) -> tuple[fx.GraphModule, dict]:
+    """Rewrite a fake-quant graph into one with int8 GEMMs; returns the graph and counts."""
+    g = gm.graph
+    counts = {"int8_linears": 0, "float_linears": 0}
+    for node in list(g.nodes):
+        if not (node.op == "call_function" and node.target is F.linear):
+            continue
+        x, w = node.args[0], node.args[1]
+        bias = node.args[2] if len(node.args) > 2 else None
+        if not (x.op == "call_function" and x.target is ops.DQ and _per_tensor_q(x.args[0])
+                and w.op == "call_function" and w.target is ops.DQ and w.args[0].op == "get_attr"
+                and int(get_attr(gm, x.args[1].target).numel()) == 1):
+            counts["float_linears"] += 1
+            continue
+        q = x.args[0]
+        w_int8 = get_attr(gm, w.args[0].target)
+        site = node.meta.get("site", node.name)
+        set_buffer(gm, f"{site}.weight_colsum", w_int8.float().sum(1))
+        with g.inserting_before(node):
+            colsum = g.get_attr(f"{site}.weight_colsum")
+            new = g.call_function(int8_linear, (q, w.args[0], w.args[1], x.args[1], x.args[2], colsum, bias, dtype, min_rows))
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        g.erase_node(node)
+        counts["int8_linears"] += 1
+    for node in list(g.nodes):  # the remaining custom ops become plain torch for the compiler
+        if node.op == "call_function" and node.target is ops.Q:
+            x, s, z, _axis, qmin, qmax = node.args
+            node.target, node.args = quantize_inline, (x, s, z, qmin, qmax)
+        elif node.op == "call_function" and node.target is ops.DQ:
+            node.target = dequantize_inline
+    g.eliminate_dead_code()
+    gm.recompile()
+    return gm, counts
+
+
+def to_device(gm: fx.GraphModule, device: str | torch.device, dtype: torch.dtype = torch.float16) -> fx.GraphModule:
+    """Move to ``device``; floating weights go to ``dtype`` while scales stay float32 (they are tiny)."""
+    gm = gm.to(device)
+    for name, t in list(gm.named_buffers()) + list(gm.named_parameters()):
+        if t.is_floating_point() and not any(k in name for k in ("scale", "zero_point", "colsum")):
+            t.data = t.data.to(dtype)
+    return gm
