@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from passes.diagnostics import UserError
 
+from frontends.sampling import image_generators
 from frontends.families import Family, register_family
 from frontends.generic import ModelBundle
 from frontends.maskgit_vq import count_indexed, load_strict, load_tokenizer
@@ -277,15 +278,6 @@ def cfg_scale(step: int, seq_len: int, guidance_scale: float, guidance_scale_pow
     power = torch.full((1,), float(guidance_scale_pow))
     ramp = (1 - torch.cos((step / seq_len) ** power * math.pi)) / 2
     return (guidance_scale - 1) * ramp + 1
-
-
-def image_generators(seed: int, n: int) -> list[torch.Generator]:
-    """One generator per image, seeded from (seed, image index), so an image does not depend on
-    the batch it was generated in. torch's CPU generator keeps only the low 32 bits of a seed,
-    so the index is spread by the golden-ratio constant: image 0 gets ``seed`` itself (the
-    official scripts' ``torch.manual_seed(seed)``), a seed's images never collide, and seeds
-    less than 1000 apart collide only beyond 2.6 million images."""
-    return [torch.Generator().manual_seed((seed + i * 0x9E3779B1) % 2**32) for i in range(n)]
 
 
 def sample(logits: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:

@@ -39,13 +39,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from frontends.sampling import image_generators
 from frontends.families import Family, register_family
 from frontends.generic import ModelBundle
 from frontends.var_vqvae import VQVAE, MultiScaleQuantizer, VQVAEConfig, load_vqvae, strict_load
 from passes.diagnostics import UserError
 
 MAX_SCALE_MUL = math.log(100)  # clamp of the learnt attention temperature, as the official model
-SEED_STRIDE = 2 ** 32  # image i of a run with seed s samples from Generator(s + i * SEED_STRIDE)
 
 
 @dataclass(frozen=True)
@@ -314,16 +314,19 @@ def sample_tokens(model: VAR, labels, *, quantizer: MultiScaleQuantizer | None =
     CFG runs the batch twice (conditional, then class ``num_classes``) and mixes the logits of
     scale si as ``(1 + t) * cond - t * uncond`` with ``t = cfg * si / (SN - 1)``. ``step`` is any
     callable with ``VARStep.forward``'s signature (eager by default, a GraphModule, a quantized
-    graph, an onnxruntime wrapper). Image i draws from its own generator seeded with
-    ``seed + i * SEED_STRIDE``, so its tokens do not depend on the batch it is in, and a batch
-    of one draws the same stream as the official sampler with ``g_seed=seed``.
+    graph, an onnxruntime wrapper). Image i draws from its own generator
+    (``frontends.sampling.image_generators``) on the model's device, so its tokens do not
+    depend on the batch it is in, and a batch of one draws the same stream as the official
+    sampler with ``g_seed=seed``.
     ``quantizer``: the VQVAE's (``vae.quantize``); None uses ``standin_quantizer``.
     """
     labels = _labels(labels, model.config.num_classes)
     B, SN, last_pn = labels.numel(), model.num_scales, model.config.patch_nums[-1]
     step = step if step is not None else VARStep(model).eval()
     quantizer = quantizer if quantizer is not None else standin_quantizer(model.config)
-    generators = [torch.Generator().manual_seed(seed + i * SEED_STRIDE) for i in range(B)]
+    device = model.pos_1LC.device
+    labels = labels.to(device)
+    generators = image_generators(seed, B, device)
     cond_BD = model.class_emb(torch.cat((labels, torch.full_like(labels, model.config.num_classes))))
     x_BTC = model.sos(cond_BD)
     k_cache, v_cache = model.new_kv_cache(2 * B)

@@ -207,3 +207,14 @@ def test_bad_labels_are_user_errors(tiny):
     var, vae = tiny
     with pytest.raises(UserError, match="out of range"):
         sample_tokens(var, [TINY.num_classes], quantizer=vae.quantize)
+
+
+def test_images_of_one_batch_draw_different_streams():
+    """Regression: seeds spread by 2**32 collapse to one stream (torch keeps the low 32 bits)."""
+    from frontends.var import CONFIGS, VAR, sample_tokens
+
+    torch.manual_seed(0)
+    var = VAR(CONFIGS["tiny"]).eval()
+    tokens = sample_tokens(var, [3, 3, 3], seed=7, top_k=0, top_p=1.0)
+    last = tokens[-1]
+    assert not torch.equal(last[0], last[1]) and not torch.equal(last[1], last[2])
