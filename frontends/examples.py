@@ -58,7 +58,9 @@ def tiny_block(dim: int = 64, tokens: int = 16, batch: int = 2, seed: int = 0, o
             norm.weight[idx] = outliers  # a few channels with large activations
     example = (torch.randn(batch, tokens, dim, generator=g),)
     calib = [(torch.randn(batch, tokens, dim, generator=g),) for _ in range(8)]
-    return ModelBundle("tiny-block", block.eval(), example, calib_inputs=calib, output_names=["y"])
+    dims = ({0: torch.export.Dim("batch", min=1, max=4096), 1: torch.export.Dim("tokens", min=1, max=4096)},)
+    return ModelBundle("tiny-block", block.eval(), example, calib_inputs=calib, output_names=["y"],
+                       extra={"dynamic_shapes": dims})
 
 
 BUILTINS = {"tiny-block": tiny_block}

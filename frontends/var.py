@@ -256,7 +256,15 @@ class VARStep(nn.Module):
 
 # Lower-case, suffix-free names: fx keeps them as the placeholder names and ONNX as the input names.
 STEP_INPUT_NAMES = ["x", "cond", "positions", "attn_bias", "k_cache", "v_cache", "token_groups"]
-STEP_OUTPUT_NAMES = ["logits", "k_cache", "v_cache"]
+STEP_OUTPUT_NAMES = ["logits", "k_cache_out", "v_cache_out"]  # ONNX forbids an output named like an input
+
+
+def dynamic_shapes(cfg: VARConfig) -> tuple:
+    """torch.export dims of the step inputs: batch and token count vary, so one exported graph
+    serves every scale and batch size."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    tokens = torch.export.Dim("tokens", min=1, max=cfg.seq_len)
+    return ({0: batch, 1: tokens}, {0: batch}, {0: tokens}, {0: tokens}, {1: batch}, {1: batch}, {0: tokens})
 
 
 # ----------------------------------------------------------------------------- driver
@@ -455,7 +463,8 @@ def build(state_dict: dict, path: str | Path | None = None, config: str | None =
         input_names=list(STEP_INPUT_NAMES),
         output_names=list(STEP_OUTPUT_NAMES),
         calib_inputs=[],
-        extra={"model": var, "vae": vae, "generate": generate_tokens, "group_maps": group_maps(var.num_scales)},
+        extra={"model": var, "vae": vae, "generate": generate_tokens, "group_maps": group_maps(var.num_scales),
+               "dynamic_shapes": dynamic_shapes(cfg)},
     )
 
 

@@ -36,46 +36,73 @@ from tools.report import model_bytes
 BACKENDS = ("torch-fp32", "torch-fp16", "torch-fp16-compiled", "torch-int8", "ort-fp32", "ort-int8", "ort-int8-ref")
 
 
-def _rebatch(inputs: tuple, batch: int) -> tuple:
-    """Repeat the example batch (dim 0 of every tensor with a batch axis) to ``batch``."""
-    def rep(t):
-        if not isinstance(t, torch.Tensor) or t.dim() == 0:
-            return t
-        b = t.shape[0]
-        return t.repeat(batch // b + 1, *[1] * (t.dim() - 1))[:batch] if b > 1 else t
-    return tuple(tree_map(rep, list(inputs)))
+def _block(dim: int, tokens: int, heads: int):
+    def build(batch: int) -> ModelBundle:
+        from frontends import examples
+
+        b = examples.tiny_block(dim=dim, tokens=tokens, batch=batch)
+        b.module.attn.heads = heads
+        b.extra["inputs_for_batch"] = lambda n: (torch.randn(n, tokens, dim, generator=torch.Generator().manual_seed(n)),)
+        return b
+    return build
+
+
+def _var_step_inputs(var, si: int, rows: int, seed: int) -> tuple:
+    """Step inputs of scale ``si`` for ``rows`` sequences (CFG: 2 x images), random but well scaled.
+
+    Speed does not depend on the values; the KV cache is filled with unit-norm keys like VAR's
+    L2-normalised attention.
+    """
+    g = torch.Generator().manual_seed(seed)
+    c = var.config
+    begin, end = var.begin_ends[si]
+    x = torch.randn(rows, end - begin, c.width, generator=g)
+    cond = var.class_emb(torch.randint(0, c.num_classes + 1, (rows,), generator=g)).detach()
+    k, v = var.new_kv_cache(rows)
+    k.normal_(generator=g)
+    v.normal_(generator=g)
+    k = torch.nn.functional.normalize(k, dim=-1)
+    return var.step_inputs(si, x, cond, k, v)
+
+
+def _var(config: str):
+    """VAR at ``config`` with random weights: the last-scale step (256 tokens at d16), calibrated on every scale."""
+    def build(batch: int) -> ModelBundle:
+        from frontends import var as V
+
+        torch.manual_seed(0)
+        model = V.VAR(V.CONFIGS[config]).eval()
+        last = model.num_scales - 1
+        calib = [_var_step_inputs(model, si, 2, seed=100 + si) for si in range(model.num_scales)]
+        return ModelBundle(f"var-{config}", V.VARStep(model).eval(), _var_step_inputs(model, last, 2 * batch, 0),
+                           family="var", input_names=list(V.STEP_INPUT_NAMES), output_names=list(V.STEP_OUTPUT_NAMES),
+                           calib_inputs=calib, extra={"model": model, "group_maps": V.group_maps(model.num_scales),
+                                                      "dynamic_shapes": V.dynamic_shapes(model.config),
+                                                      "inputs_for_batch": lambda b: _var_step_inputs(model, last, 2 * b, 0)})
+    return build
 
 
 def workloads() -> dict[str, Callable[[int], ModelBundle]]:
-    from frontends import examples
-
-    def block(dim, tokens, heads):
-        def build(batch):
-            b = examples.tiny_block(dim=dim, tokens=tokens, batch=batch)
-            b.module.attn.heads = heads
-            return b
-        return build
-
-    named = {
-        "tiny-block": block(64, 16, 4),
+    return {
+        "tiny-block": _block(64, 16, 4),
         # one transformer block at VAR-d16 width (1024, 16 heads) on the last scale (256 tokens)
-        "block-d16": block(1024, 256, 16),
+        "block-d16": _block(1024, 256, 16),
+        "var-tiny": _var("tiny"),
+        "var-d16": _var("d16"),
     }
-    try:
-        from frontends import bench_workloads
-    except ImportError:
-        return named
-    named.update(bench_workloads.WORKLOADS)
-    return named
 
 
 @dataclass
 class Runner:
+    """One backend ready to run: ``fn(convert(inputs))`` runs the step on its device and dtype."""
+
     name: str
     fn: Callable[[tuple], object]
-    inputs: tuple
+    convert: Callable[[tuple], tuple]
     size_bytes: int
     device: str
+    dtype: torch.dtype
+    inputs: tuple = ()
     times: list[float] = field(default_factory=list)
     peak_bytes: int | None = None
     note: str = ""
@@ -86,41 +113,73 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _prepare(name: str, fp_gm, q_gm, inputs: tuple, workdir: Path, bundle: ModelBundle) -> Runner:
+def _converter(device: str, dtype: torch.dtype) -> Callable[[tuple], tuple]:
+    def convert(inputs: tuple) -> tuple:
+        return tuple(tree_map(lambda t: (t.to(dtype) if t.is_floating_point() else t).to(device)
+                              if isinstance(t, torch.Tensor) else t, list(inputs)))
+    return convert
+
+
+def _compile(module):
+    import torch._dynamo
+
+    # VAR's 10 scales are 10 shapes: let dynamo keep them all instead of falling back to eager
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, 64)
+    return torch.compile(module)
+
+
+def _prepare(name: str, fp_gm, q_gm, workdir: Path, bundle: ModelBundle) -> Runner:
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
     if name == "torch-fp32":
         m = copy.deepcopy(fp_gm).to(dev).float()
-        ins = tuple(tree_map(lambda t: t.to(dev) if isinstance(t, torch.Tensor) else t, list(inputs)))
-        return Runner(name, lambda x: m(*x), ins, model_bytes(m), dev)
+        return Runner(name, lambda x: m(*x), _converter(dev, torch.float32), model_bytes(m), dev, torch.float32)
     if name in ("torch-fp16", "torch-fp16-compiled"):
         if not cuda:
             raise UserError(f"backend {name} needs CUDA")
         m = copy.deepcopy(fp_gm).to(dev).half()
-        ins = tuple(tree_map(lambda t: (t.half() if t.is_floating_point() else t).to(dev) if isinstance(t, torch.Tensor) else t, list(inputs)))
-        f = torch.compile(m) if name.endswith("compiled") else m
-        return Runner(name, lambda x: f(*x), ins, model_bytes(m), dev)
+        f = _compile(m) if name.endswith("compiled") else m
+        return Runner(name, lambda x: f(*x), _converter(dev, torch.float16), model_bytes(m), dev, torch.float16)
     if name == "torch-int8":
         from backends import torch_int8
 
-        low, counts = torch_int8.lower_to_int8(copy.deepcopy(q_gm), dtype=torch.float16 if cuda else torch.float32)
-        low = torch_int8.to_device(low, dev, torch.float16 if cuda else torch.float32)
-        ins = tuple(tree_map(lambda t: ((t.half() if cuda else t) if t.is_floating_point() else t).to(dev)
-                             if isinstance(t, torch.Tensor) else t, list(inputs)))
-        f = torch.compile(low) if cuda else low
+        dtype = torch.float16 if cuda else torch.float32
+        low, counts = torch_int8.lower_to_int8(copy.deepcopy(q_gm), dtype=dtype)
+        low = torch_int8.to_device(low, dev, dtype)
+        f = _compile(low) if cuda else low
         note = f"{counts['int8_linears']} int8 linears" + ("" if cuda else " (CPU: dequantized float fallback)")
-        return Runner(name, lambda x: f(*x), ins, model_bytes(low), dev, note=note)
+        return Runner(name, lambda x: f(*x), _converter(dev, dtype), model_bytes(low), dev, dtype, note=note)
     if name.startswith("ort-"):
         from backends.onnx_export import export_onnx
         from backends.ort_runner import make_session, run
 
         gm = fp_gm if name == "ort-fp32" else q_gm
         path = export_onnx(copy.deepcopy(gm), bundle.example_inputs, workdir / f"{name}.onnx",
-                           input_names=bundle.input_names, output_names=bundle.output_names)
+                           input_names=bundle.input_names, output_names=bundle.output_names,
+                           dynamic_shapes=bundle.extra.get("dynamic_shapes"))
         sess = make_session(path, "reference" if name.endswith("-ref") else "fast")
-        np_in = tuple(t.numpy() if isinstance(t, torch.Tensor) else t for t in inputs)
-        return Runner(name, lambda x: run(sess, x), np_in, path.stat().st_size, "cpu")
+        return Runner(name, lambda x: tuple(torch.from_numpy(o) for o in run(sess, x)),
+                      _converter("cpu", torch.float32), path.stat().st_size, "cpu", torch.float32)
     raise UserError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+
+
+def generation(runner: Runner, bundle: ModelBundle, images: int) -> Callable[[tuple], object]:
+    """A full generation (every step, sampling included) driven through the runner's step."""
+    from frontends import var as V
+
+    if bundle.family != "var":
+        raise UserError("--steps all is implemented for VAR workloads")
+    model = copy.deepcopy(bundle.extra["model"]).to(runner.device, runner.dtype)
+    labels = torch.arange(images) % model.config.num_classes
+
+    run_step, convert = runner.fn, runner.convert  # bound now: the caller replaces runner.fn by this generation
+
+    def step(*inputs):
+        return run_step(convert(inputs))
+
+    return lambda _: V.sample_tokens(model, labels, step=step, seed=0)
 
 
 def measure(runners: list[Runner], *, warmup: int, repeats: int) -> None:
@@ -128,6 +187,8 @@ def measure(runners: list[Runner], *, warmup: int, repeats: int) -> None:
         for _ in range(warmup):
             r.fn(r.inputs)
         _sync(r.device)
+        if r.device == "cuda":
+            torch.cuda.empty_cache()
     for _ in range(repeats):  # interleaved: drift in machine load hits every backend alike
         for r in runners:
             _sync(r.device)
@@ -165,8 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="tiny-block", help="a named workload (see --list)")
     p.add_argument("--list", action="store_true", help="list the named workloads")
     p.add_argument("--backends", default="ort-fp32,ort-int8,torch-fp32", help=f"comma-separated, from {', '.join(BACKENDS)}")
-    p.add_argument("--batch", type=int, default=2, help="batch (CFG doubles it inside family workloads)")
+    p.add_argument("--batch", default="2", help="images per batch, or a comma-separated list measured in turn "
+                                                 "(CFG doubles the rows of family workloads)")
+    p.add_argument("--steps", choices=("last", "all"), default="last",
+                   help="last: one step at the last scale; all: a whole generation, sampling included")
     p.add_argument("--recipe", default="minmax", help="recipe used for the int8 backends")
+    p.add_argument("--pipeline", help="pass pipeline for the int8 backends (overrides the recipe's)")
     p.add_argument("--bits", choices=sorted(BITS), default="W8A8")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
@@ -193,27 +258,48 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     from tools.compile import quantize
 
+    try:
+        batches = [int(b) for b in str(args.batch).split(",")]
+    except ValueError:
+        raise UserError(f"--batch must be integers separated by commas, got {args.batch!r}") from None
     recipe = load_recipe(args.recipe)
-    say(f"building {args.model} at batch {args.batch}")
-    bundle = named[args.model](args.batch)
+    say(f"building {args.model}")
+    bundle = named[args.model](batches[0])
     calib = bundle.calib_inputs or [bundle.example_inputs]
     t0 = time.perf_counter()
-    fp_gm, q_gm, _, _ = quantize(bundle, recipe.pipeline, args.bits, calib)
-    say(f"quantized with {recipe.name} ({args.bits}) in {time.perf_counter() - t0:.1f} s")
-    inputs = bundle.example_inputs
-    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
-        runners = [_prepare(b, fp_gm, q_gm, inputs, Path(tmp), bundle) for b in backends]
-        measure(runners, warmup=args.warmup, repeats=args.repeats)
-    table, speedup = render(runners)
+    fp_gm, q_gm, _, _ = quantize(bundle, args.pipeline or recipe.pipeline, args.bits, calib)
+    say(f"quantized with {args.pipeline or recipe.name} ({args.bits}) in {time.perf_counter() - t0:.1f} s")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    print(f"workload {args.model}, batch {args.batch}, {args.repeats} interleaved repeats after {args.warmup} warm-up; {device}")
-    print(table)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        prepared = [_prepare(b, fp_gm, q_gm, Path(tmp), bundle) for b in backends]
+        step_fns = [(r.fn, r.convert) for r in prepared]
+        for batch in batches:
+            inputs = bundle.extra["inputs_for_batch"](batch) if "inputs_for_batch" in bundle.extra else bundle.example_inputs
+            runners = []
+            for r, (fn, convert) in zip(prepared, step_fns):
+                r = Runner(r.name, fn, convert, r.size_bytes, r.device, r.dtype, note=r.note)
+                if args.steps == "all":
+                    r.fn, r.inputs = generation(r, bundle, batch), ()
+                else:
+                    r.inputs = r.convert(inputs)
+                runners.append(r)
+            say(f"timing {', '.join(backends)} at batch {batch}")
+            measure(runners, warmup=args.warmup, repeats=args.repeats)
+            table, speedup = render(runners)
+            what = "one last-scale step" if args.steps == "last" else "full generation"
+            print(f"workload {args.model} ({what}), batch {batch}, {args.repeats} interleaved repeats after "
+                  f"{args.warmup} warm-up; {device}")
+            print(table)
+            print(f"speedup_vs_fp32={speedup:.3f}" if speedup else "speedup_vs_fp32=n/a", flush=True)
+            results.append({"batch": batch, "speedup_vs_fp32": speedup, "backends": {
+                r.name: {"times_s": r.times, "peak_bytes": r.peak_bytes, "size_bytes": r.size_bytes, "note": r.note}
+                for r in runners}})
+            del runners
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "workload": args.model, "batch": args.batch, "device": device,
-            "backends": {r.name: {"times_s": r.times, "peak_bytes": r.peak_bytes, "size_bytes": r.size_bytes,
-                                  "note": r.note} for r in runners}, "speedup_vs_fp32": speedup}, indent=1))
-    print(f"speedup_vs_fp32={speedup:.3f}" if speedup else "speedup_vs_fp32=n/a")
+        Path(args.json).write_text(json.dumps({"workload": args.model, "steps": args.steps, "device": device,
+                                               "pipeline": args.pipeline or recipe.pipeline, "bits": args.bits,
+                                               "results": results}, indent=1))
     return 0
 
 

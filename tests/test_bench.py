@@ -1,0 +1,33 @@
+"""tools.bench: runs every backend, prints the table and the machine-readable last line (timings are not asserted)."""
+import json
+
+from tools.bench import main
+
+
+def test_bench_table_and_last_line(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert main(["--model", "tiny-block", "--backends", "ort-fp32,ort-int8,torch-fp32", "--batch", "2,3",
+                 "--repeats", "2", "--warmup", "1", "--json", str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    key, value = lines[-1].split("=")
+    assert key == "speedup_vs_fp32" and float(value) > 0
+    assert sum(ln.startswith("speedup_vs_fp32=") for ln in lines) == 2  # one per batch size
+    data = json.loads(out.read_text())
+    assert [r["batch"] for r in data["results"]] == [2, 3]
+    for r in data["results"]:
+        assert set(r["backends"]) == {"ort-fp32", "ort-int8", "torch-fp32"}
+        assert all(len(b["times_s"]) == 2 for b in r["backends"].values())
+    sizes = data["results"][0]["backends"]
+    assert sizes["ort-int8"]["size_bytes"] < sizes["ort-fp32"]["size_bytes"] / 2
+
+
+def test_bench_generation_on_var(capsys):
+    assert main(["--model", "var-tiny", "--steps", "all", "--backends", "torch-fp32,torch-int8",
+                 "--repeats", "1", "--warmup", "1"]) == 0
+    assert "full generation" in capsys.readouterr().out
+
+
+def test_bench_rejects_unknown_names(capsys):
+    assert main(["--model", "nope"]) == 2
+    assert main(["--backends", "tensorrt-int4"]) == 2
+    assert main(["--batch", "two"]) == 2

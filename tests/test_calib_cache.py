@@ -1,0 +1,151 @@
+"""Calibration cache and resume (calib/cache.py)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from calib.cache import CalibCache, calib_key, state_dict_hash
+from calib.observers import TensorObserver
+from passes.diagnostics import UserError
+
+GROUPS = torch.tensor([0, 1, 1, 2, 2, 2])
+SAMPLER = {"cfg": 1.5, "top_k": 900, "top_p": 0.96}
+N_CHUNKS = 6
+
+
+class Killed(Exception):
+    """Stands for the process being killed in the middle of a capture."""
+
+
+def _model() -> dict:
+    g = torch.Generator().manual_seed(0)
+    return {"blocks.0.attn.qkv.weight": torch.randn(24, 8, generator=g), "blocks.0.attn.qkv.bias": torch.zeros(24)}
+
+
+def _capture(i: int) -> dict:
+    """What the FP generation would give for batch i: a step's inputs and token groups."""
+    g = torch.Generator().manual_seed(100 + i)
+    return {"x": torch.randn(2, 6, 8, generator=g) * (1 + i), "groups": GROUPS, "step": i}
+
+
+def _cache(root, seed=42, sampler=SAMPLER, n_samples=12, model=None) -> CalibCache:
+    return CalibCache(root, calib_key(model or _model(), sampler, seed, n_samples), N_CHUNKS)
+
+
+def _capture_all(cache: CalibCache, kill_at: int | None = None) -> list[int]:
+    """The capture loop of the frontends; raises Killed on reaching chunk ``kill_at``."""
+    captured = []
+    for i in range(cache.n_chunks):
+        if cache.has(i):
+            continue
+        if i == kill_at:
+            raise Killed
+        cache.save(i, _capture(i))
+        captured.append(i)
+    return captured
+
+
+def _statistics(cache: CalibCache) -> dict:
+    obs = TensorObserver("blocks.0.attn.qkv.input")
+    for i in range(cache.n_chunks):
+        chunk = cache.load(i)
+        obs.update(chunk["x"], chunk["groups"], step=chunk["step"])
+    return obs.state_dict()
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        if isinstance(value, dict):
+            _assert_same_state(value, b[key])
+        elif isinstance(value, torch.Tensor):
+            assert torch.equal(value, b[key]), key
+        else:
+            assert value == b[key], key
+
+
+def test_resume_after_kill_gives_identical_statistics(tmp_path):
+    cache = _cache(tmp_path / "resumed")
+    with pytest.raises(Killed):
+        _capture_all(cache, kill_at=3)
+    (cache.path / "chunk_00003.pt.tmp.4242").write_bytes(b"half a chunk")  # killed while writing 3
+    resumed = _cache(tmp_path / "resumed")
+    assert resumed.path == cache.path and resumed.first_missing() == 3 and not resumed.complete
+    assert _capture_all(resumed) == [3, 4, 5]
+    assert resumed.complete and _capture_all(resumed) == []
+
+    straight = _cache(tmp_path / "straight")
+    assert _capture_all(straight) == list(range(N_CHUNKS))
+    _assert_same_state(_statistics(resumed), _statistics(straight))
+
+
+def test_observer_state_in_chunks_resumes_identically(tmp_path):
+    """Chunks that carry the running observer state: resume from the last one written."""
+    def run(cache, kill_at=None):
+        start = cache.first_missing()
+        if start:
+            obs = TensorObserver.from_state(cache.load(start - 1)["observers"]["qkv"])
+        else:
+            obs = TensorObserver("qkv")
+        for i in range(start, cache.n_chunks):
+            if i == kill_at:
+                raise Killed
+            chunk = _capture(i)
+            obs.update(chunk["x"], chunk["groups"], step=i)
+            cache.save(i, {"inputs": chunk, "observers": {"qkv": obs.state_dict()}})
+        return obs.state_dict()
+
+    with pytest.raises(Killed):
+        run(_cache(tmp_path / "a"), kill_at=2)
+    _assert_same_state(run(_cache(tmp_path / "a")), run(_cache(tmp_path / "b")))
+
+
+def test_key_changes_with_seed_settings_samples_and_weights(tmp_path):
+    base = _cache(tmp_path).key_hash
+    assert _cache(tmp_path).key_hash == base
+    changed = _model()
+    changed["blocks.0.attn.qkv.bias"][3] = 1e-6
+    others = [
+        _cache(tmp_path, seed=43),
+        _cache(tmp_path, sampler={**SAMPLER, "top_p": 0.95}),
+        _cache(tmp_path, n_samples=16),
+        _cache(tmp_path, model=changed),
+        CalibCache(tmp_path, calib_key(_model(), SAMPLER, 42, 12), N_CHUNKS + 1),
+    ]
+    assert len({c.key_hash for c in others} | {base}) == len(others) + 1
+    key = json.loads((tmp_path / base / "key.json").read_text())
+    assert key["seed"] == 42 and key["sampler"] == SAMPLER and key["n_chunks"] == N_CHUNKS
+
+
+def test_state_dict_hash_sees_content_names_and_dtypes():
+    sd = _model()
+    h = state_dict_hash(sd)
+    assert state_dict_hash({k: v.clone() for k, v in reversed(sd.items())}) == h
+    assert state_dict_hash({k: v.to(torch.bfloat16) for k, v in sd.items()}) != h
+    assert state_dict_hash({"renamed." + k: v for k, v in sd.items()}) != h
+    w = sd["blocks.0.attn.qkv.weight"]
+    assert state_dict_hash({**sd, "blocks.0.attn.qkv.weight": w.T.contiguous().T}) == h  # layout is not content
+    assert state_dict_hash({**sd, "blocks.0.attn.qkv.weight": w.reshape(8, 24)}) != h
+    assert state_dict_hash({**sd, "scalar": torch.tensor(1.0), "_extra_state": {"v": 1}}) != h
+
+
+def test_chunks_must_load_with_weights_only(tmp_path):
+    cache = _cache(tmp_path)
+    with pytest.raises(TypeError, match=r"chunk 0\['obs'\] is a TensorObserver"):
+        cache.save(0, {"obs": TensorObserver("x")})
+    assert not cache.has(0)
+    cache.save(0, {"obs": TensorObserver("x").state_dict(), "shape": (2, 3), "none": None})
+    assert cache.load(0)["shape"] == (2, 3)
+
+
+def test_damaged_or_missing_chunks_are_user_errors(tmp_path):
+    cache = _cache(tmp_path)
+    with pytest.raises(UserError, match="no chunk 1"):
+        cache.load(1)
+    cache.chunk_path(1).write_bytes(b"not a torch file")
+    with pytest.raises(UserError, match="delete it and re-run"):
+        cache.load(1)
+    with pytest.raises(IndexError):
+        cache.has(N_CHUNKS)
