@@ -119,8 +119,8 @@ def _compile(args: argparse.Namespace, out: Path) -> dict:
         from backends.ort_runner import make_session, run
 
         say("[3/4] exporting ONNX")
-        onnx_path = export_onnx(gm, bundle.example_inputs, out / "model.onnx",
-                                input_names=bundle.input_names, output_names=bundle.output_names)
+        onnx_path = export_onnx(gm, bundle.example_inputs, out / "model.onnx", input_names=bundle.input_names,
+                                output_names=bundle.output_names, dynamic_shapes=bundle.extra.get("dynamic_shapes"))
         import onnx
 
         from backends.qdq_lint import lint
