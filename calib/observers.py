@@ -353,6 +353,8 @@ class TensorObserver:
         for g, tokens in slices.items():
             self.group_min[g] = torch.minimum(self.group_min[g], token_min[tokens].amin(0))
             self.group_max[g] = torch.maximum(self.group_max[g], token_max[tokens].amax(0))
+        if not self.histograms:
+            return
         seen = sizes > 0
         self.group_hist.cover(torch.where(seen, self.group_min.amin(1), math.inf),
                               torch.where(seen, self.group_max.amax(1), -math.inf))

@@ -109,6 +109,7 @@ def test_stwq_needs_token_groups():
 def test_observe_without_histograms_is_enough_for_minmax_but_not_mse():
     _, _, ctx = _run("canonicalize,observe{histograms=false},stwq,insert-qdq")
     assert ctx.qparams["embed.input"].granularity == "group"
-    assert float(ctx.stats["embed"]["input"].hist.counts.sum()) == 0  # nothing was binned
+    obs = ctx.stats["embed"]["input"]
+    assert float(obs.hist.counts.sum()) == 0 and float(obs.group_hist.counts.sum()) == 0  # nothing was binned
     with pytest.raises(UserError, match="needs histograms"):
         _run("canonicalize,observe{histograms=false},stwq{method=mse},insert-qdq")
