@@ -2,7 +2,8 @@
 
 Runs every backend on the same inputs in one process, interleaved round by round after a
 warm-up, and prints median / min / max latency, the ratio against the first floating-point
-backend, peak memory and model size. Timings on shared machines are noisy: compare ratios
+backend, the memory one call needs beyond the resident weights and inputs ("run MB", CUDA
+only) and the model size. Timings on shared machines are noisy: compare ratios
 from one run, never absolute numbers across runs. The last line is machine-readable:
 ``speedup_vs_fp32=<first int8 backend / first fp backend>``.
 
@@ -42,27 +43,31 @@ def _block(dim: int, tokens: int, heads: int):
 
         b = examples.tiny_block(dim=dim, tokens=tokens, batch=batch)
         b.module.attn.heads = heads
-        b.extra["inputs_for_batch"] = lambda n: (torch.randn(n, tokens, dim, generator=torch.Generator().manual_seed(n)),)
+        b.extra["inputs_for_batch"] = lambda n, device="cpu", dtype=torch.float32: (
+            torch.randn(n, tokens, dim, generator=torch.Generator().manual_seed(n)).to(device, dtype),)
         return b
     return build
 
 
-def _var_step_inputs(var, si: int, rows: int, seed: int) -> tuple:
+def _var_step_inputs(var, si: int, rows: int, seed: int, device="cpu", dtype=torch.float32) -> tuple:
     """Step inputs of scale ``si`` for ``rows`` sequences (CFG: 2 x images), random but well scaled.
 
     Speed does not depend on the values; the KV cache is filled with unit-norm keys like VAR's
-    L2-normalised attention.
+    L2-normalised attention. Built on ``device`` in ``dtype``: at d16 and batch 100 the caches
+    are 14 GB each in float32.
     """
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
     c = var.config
     begin, end = var.begin_ends[si]
-    x = torch.randn(rows, end - begin, c.width, generator=g)
-    cond = var.class_emb(torch.randint(0, c.num_classes + 1, (rows,), generator=g)).detach()
-    k, v = var.new_kv_cache(rows)
-    k.normal_(generator=g)
-    v.normal_(generator=g)
-    k = torch.nn.functional.normalize(k, dim=-1)
-    return var.step_inputs(si, x, cond, k, v)
+    f = {"device": device, "dtype": dtype}
+    x = torch.randn(rows, end - begin, c.width, generator=g, **f)
+    labels = torch.randint(0, c.num_classes + 1, (rows,), generator=torch.Generator().manual_seed(seed))
+    cond = var.class_emb(labels).detach().to(**f)
+    shape = (c.depth, rows, c.heads, c.seq_len, c.head_dim)
+    k = torch.nn.functional.normalize(torch.randn(shape, generator=g, **f), dim=-1)
+    v = torch.randn(shape, generator=g, **f)
+    _, _, positions, attn_bias, _, _, token_groups = var.step_inputs(si, x, cond, k, v)
+    return x, cond, positions.to(device), attn_bias.to(**f), k, v, token_groups.to(device)
 
 
 def _var(config: str):
@@ -78,7 +83,7 @@ def _var(config: str):
                            family="var", input_names=list(V.STEP_INPUT_NAMES), output_names=list(V.STEP_OUTPUT_NAMES),
                            calib_inputs=calib, extra={"model": model, "group_maps": V.group_maps(model.num_scales),
                                                       "dynamic_shapes": V.dynamic_shapes(model.config),
-                                                      "inputs_for_batch": lambda b: _var_step_inputs(model, last, 2 * b, 0)})
+                                                      "inputs_for_batch": lambda b, **f: _var_step_inputs(model, last, 2 * b, 0, **f)})
     return build
 
 
@@ -197,11 +202,13 @@ def measure(runners: list[Runner], *, warmup: int, repeats: int) -> None:
             _sync(r.device)
             r.times.append(time.perf_counter() - t0)
     for r in runners:
-        if r.device == "cuda":
+        if r.device == "cuda":  # memory one call needs beyond what is resident (weights, inputs)
+            torch.cuda.empty_cache()
+            resident = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
             r.fn(r.inputs)
             _sync("cuda")
-            r.peak_bytes = torch.cuda.max_memory_allocated()
+            r.peak_bytes = torch.cuda.max_memory_allocated() - resident
 
 
 def render(runners: list[Runner]) -> tuple[str, float | None]:
@@ -209,7 +216,7 @@ def render(runners: list[Runner]) -> tuple[str, float | None]:
     q = next((r for r in runners if "int8" in r.name), None)
     base = statistics.median(fp.times) if fp else None
     lines = [f"{'backend':22s} {'median ms':>10s} {'min ms':>8s} {'max ms':>8s} {'vs ' + (fp.name if fp else '-'):>24s} "
-             f"{'peak MB':>8s} {'size MB':>8s}  note"]
+             f"{'run MB':>8s} {'size MB':>8s}  note"]
     for r in runners:
         med = statistics.median(r.times)
         ratio = f"{base / med:.2f}x" if base else "-"
@@ -275,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         prepared = [_prepare(b, fp_gm, q_gm, Path(tmp), bundle) for b in backends]
         step_fns = [(r.fn, r.convert) for r in prepared]
         for batch in batches:
-            inputs = bundle.extra["inputs_for_batch"](batch) if "inputs_for_batch" in bundle.extra else bundle.example_inputs
+            first = prepared[0]  # inputs are made once, on the first backend's device and dtype, and shared
+            inputs = (bundle.extra["inputs_for_batch"](batch, device=first.device, dtype=first.dtype)
+                      if "inputs_for_batch" in bundle.extra else bundle.example_inputs)
             runners = []
             for r, (fn, convert) in zip(prepared, step_fns):
                 r = Runner(r.name, fn, convert, r.size_bytes, r.device, r.dtype, note=r.note)
