@@ -61,14 +61,16 @@ class _Observing(fx.Interpreter):
                 obs = self.observers.get(key)
                 if obs is None:
                     obs = self.observers[key] = TensorObserver(key, histograms=self.histograms)
-                obs.update(value, self._groups_for(site, value), step=self.step)
+                groups = self._groups_for(site, value) if role == "input" else None  # matmul operands: per tensor
+                obs.update(value, groups, step=self.step)
         result = super().run_node(n)
         if n is self.groups_node:
             self.groups = result.long()
         return result
 
     def _groups_for(self, site: str, value: torch.Tensor) -> torch.Tensor | None:
-        # Only tensors with a token axis (``[..., T, C]``) are grouped; a condition vector is not.
+        # Only linear inputs with a token axis (``[..., T, C]``) are grouped; a condition vector is
+        # not, nor an attention operand whose axis -2 may equal T by coincidence (k^T at T = head_dim).
         if self.groups is None or value.dim() < 3 or value.shape[-2] != self.groups.numel():
             return None
         mapping = site_group_map(self.ctx, site)

@@ -26,7 +26,8 @@ class ActQuant(Pass):
 
     ``granularity=tensor`` is TensorRT-legal as is; ``channel`` is a simulation baseline
     (TensorRT accepts per-channel scales on weights only). ``matmuls`` also quantizes both
-    operands of attention matmuls per tensor.
+    operands of attention matmuls per tensor. It fills in only what no earlier pass decided,
+    so ``stwq,act-quant{matmuls=true}`` keeps the token-wise linears and adds the matmuls.
     """
 
     name = "act-quant"
@@ -44,7 +45,7 @@ class ActQuant(Pass):
             if site.excluded_by or (site.kind == "matmul" and not self.matmuls):
                 continue
             for role, obs in ctx.stats.get(name, {}).items():
-                if obs.min is None:
+                if obs.min is None or f"{name}.{role}" in ctx.qparams:  # decided by an earlier pass (stwq)
                     continue
                 if self.granularity == "tensor" or site.kind == "matmul":
                     lo, hi, gran = obs.min.min(), obs.max.max(), "tensor"
@@ -53,7 +54,7 @@ class ActQuant(Pass):
                 scale, zp = qmath.qparams_from_range(lo, hi, bits, self.symmetric)
                 ctx.qparams[f"{name}.{role}"] = QParams(scale, zp, bits, self.symmetric, gran, -1 if gran == "channel" else 0)
                 decided += 1
-        if decided == 0:
+        if decided == 0 and not any(k.endswith((".input", ".a", ".b")) for k in ctx.qparams):
             raise UserError("act-quant found no observed activations: run 'observe' before it in the pipeline")
         return PassResult(gm, False, {"activations": decided, "bits": bits})
 

@@ -113,3 +113,20 @@ def test_observe_without_histograms_is_enough_for_minmax_but_not_mse():
     assert float(obs.hist.counts.sum()) == 0 and float(obs.group_hist.counts.sum()) == 0  # nothing was binned
     with pytest.raises(UserError, match="needs histograms"):
         _run("canonicalize,observe{histograms=false},stwq{method=mse},insert-qdq")
+
+
+def test_attention_operands_are_never_grouped():
+    """Regression: k^T is [..., head_dim, L]; at the scale where T == head_dim it looked grouped."""
+    from frontends import var as V
+    from frontends.generic import ModelBundle
+    from tools.bench import _var_step_inputs
+
+    torch.manual_seed(0)
+    cfg = V.VARConfig(depth=1, width=32, heads=2, vocab_size=16, cvae=4, num_classes=4, patch_nums=(1, 2, 3, 4))
+    assert cfg.head_dim == 16 == cfg.patch_nums[-1] ** 2  # the last scale's T equals head_dim
+    model = V.VAR(cfg).eval()
+    calib = [_var_step_inputs(model, s, 2, seed=s) for s in range(model.num_scales)]
+    b = ModelBundle("var", V.VARStep(model).eval(), calib[-1], calib_inputs=calib)
+    _, _, ctx = _run("canonicalize,observe{histograms=false},stwq,act-quant{matmuls=true},insert-qdq", bundle=b)
+    assert not ctx.stats["blocks.0.attn.matmul1"]["b"].grouped
+    assert ctx.stats["blocks.0.attn.mat_qkv"]["input"].grouped
