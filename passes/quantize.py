@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from calib.observers import TensorObserver
 from passes import qmath
 from passes.diagnostics import UserError
 from passes.infra import Pass, PassContext, PassResult, get_attr, register
@@ -45,6 +46,8 @@ class ActQuant(Pass):
             if site.excluded_by or (site.kind == "matmul" and not self.matmuls):
                 continue
             for role, obs in ctx.stats.get(name, {}).items():
+                if not isinstance(obs, TensorObserver):  # fold records: smooth_scale, sym_shift, gps_scale
+                    continue
                 if obs.min is None or f"{name}.{role}" in ctx.qparams:  # decided by an earlier pass (stwq)
                     continue
                 if self.granularity == "tensor" or site.kind == "matmul":

@@ -682,7 +682,7 @@ class FoldedObserver(TensorObserver):
 
     @classmethod
     def of(cls, obs: TensorObserver, scale: torch.Tensor | None, shift: torch.Tensor | None, by: str) -> FoldedObserver:
-        new = cls(obs.name, obs.bins)
+        new = cls(obs.name, obs.bins, histograms=False)
         new.folded_by = ", ".join(filter(None, (getattr(obs, "folded_by", ""), by)))
         new.count, new.batches, new.grouped, new.group_count = obs.count, obs.batches, obs.grouped, obs.group_count
         new.min, new.max = (_scale_shift(t, scale, shift).float() for t in (obs.min, obs.max))

@@ -53,3 +53,58 @@ def test_to_device_keeps_scales_float32():
     assert bufs["fc1.input_scale"].dtype == torch.float32
     assert bufs["fc1.weight_int8"].dtype == torch.int8
     assert dict(low.named_parameters())["fc1.bias"].dtype == torch.bfloat16
+
+
+def test_group_epilogue_keeps_the_activation_dtype():
+    """Regression: float32 per-token scales promoted the rest of the graph (attention) to float32."""
+    b, gm = _quantized(f"{MODELS}:grouped_block", "canonicalize,observe,stwq,weight-quant,insert-qdq")
+    low, _ = torch_int8.lower_to_int8(gm, dtype=torch.bfloat16)
+    low = torch_int8.to_device(low, "cpu", torch.bfloat16)
+    seen = {}
+
+    class Spy(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.op == "call_function" and n.target is torch.matmul:
+                seen[n.name] = out.dtype
+            return out
+
+    x, groups = b.example_inputs
+    with torch.no_grad():
+        y = Spy(low).run(x.to(torch.bfloat16), groups)
+    assert seen and set(seen.values()) == {torch.bfloat16}
+    assert y.dtype == torch.bfloat16
+
+
+def test_to_device_converts_model_parameters_named_like_scales():
+    """Regression: VAR's attn.scale_mul_1H11 stayed float32 and promoted attention to float32."""
+    from frontends import var as V
+    from frontends.generic import ModelBundle
+    from tools.bench import _var_step_inputs
+
+    torch.manual_seed(0)
+    model = V.VAR(V.CONFIGS["tiny"]).eval()
+    inputs = _var_step_inputs(model, model.num_scales - 1, 2, 0)
+    b = ModelBundle("var", V.VARStep(model).eval(), inputs, calib_inputs=[inputs])
+    gm = trace(b)
+    ctx = PassContext(options={"a_bits": 8, "w_bits": 8}, calib_inputs=[inputs])
+    gm = PassManager("canonicalize,observe{histograms=false},stwq,weight-quant,insert-qdq").run(gm, ctx)
+    low, _ = torch_int8.lower_to_int8(gm, dtype=torch.bfloat16)
+    low = torch_int8.to_device(low, "cpu", torch.bfloat16)
+    tensors = dict(low.named_parameters()) | dict(low.named_buffers())
+    assert tensors["blocks.0.attn.scale_mul_1H11"].dtype == torch.bfloat16
+    assert tensors["blocks.0.attn.mat_qkv.input_group_scale"].dtype == torch.float32
+    assert tensors["blocks.0.attn.mat_qkv.weight_scale"].dtype == torch.float32
+    seen = set()
+
+    class Spy(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.op == "call_function" and n.target is torch.matmul:
+                seen.add(out.dtype)
+            return out
+
+    conv = tuple(t.to(torch.bfloat16) if t.is_floating_point() else t for t in inputs)
+    with torch.no_grad():
+        logits = Spy(low).run(*conv)[0]
+    assert seen == {torch.bfloat16} and logits.dtype == torch.bfloat16

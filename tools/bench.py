@@ -34,7 +34,8 @@ from passes.pipeline import BITS, load_recipe
 from tools._cli import main_wrapper, say
 from tools.report import model_bytes
 
-BACKENDS = ("torch-fp32", "torch-fp16", "torch-fp16-compiled", "torch-int8", "ort-fp32", "ort-int8", "ort-int8-ref")
+BACKENDS = ("torch-fp32", "torch-fp16", "torch-fp16-compiled", "torch-fp16-autotune", "torch-int8", "torch-int8-autotune",
+            "ort-fp32", "ort-int8", "ort-int8-ref")
 
 
 def _block(dim: int, tokens: int, heads: int):
@@ -79,7 +80,8 @@ def _var(config: str):
         model = V.VAR(V.CONFIGS[config]).eval()
         last = model.num_scales - 1
         calib = [_var_step_inputs(model, si, 2, seed=100 + si) for si in range(model.num_scales)]
-        return ModelBundle(f"var-{config}", V.VARStep(model).eval(), _var_step_inputs(model, last, 2 * batch, 0),
+        # example (= the pass manager's probe) at one image: timed inputs come from inputs_for_batch
+        return ModelBundle(f"var-{config}", V.VARStep(model).eval(), _var_step_inputs(model, last, 2, 0),
                            family="var", input_names=list(V.STEP_INPUT_NAMES), output_names=list(V.STEP_OUTPUT_NAMES),
                            calib_inputs=calib, extra={"model": model, "group_maps": V.group_maps(model.num_scales),
                                                       "dynamic_shapes": V.dynamic_shapes(model.config),
@@ -125,14 +127,14 @@ def _converter(device: str, dtype: torch.dtype) -> Callable[[tuple], tuple]:
     return convert
 
 
-def _compile(module):
+def _compile(module, mode: str | None = None):
     import torch._dynamo
 
     # VAR's 10 scales are 10 shapes: let dynamo keep them all instead of falling back to eager
     for knob in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, knob):
             setattr(torch._dynamo.config, knob, 64)
-    return torch.compile(module)
+    return torch.compile(module, mode=mode)
 
 
 def _prepare(name: str, fp_gm, q_gm, workdir: Path, bundle: ModelBundle) -> Runner:
@@ -141,19 +143,21 @@ def _prepare(name: str, fp_gm, q_gm, workdir: Path, bundle: ModelBundle) -> Runn
     if name == "torch-fp32":
         m = copy.deepcopy(fp_gm).to(dev).float()
         return Runner(name, lambda x: m(*x), _converter(dev, torch.float32), model_bytes(m), dev, torch.float32)
-    if name in ("torch-fp16", "torch-fp16-compiled"):
+    # -autotune: inductor's max-autotune picks among cuBLAS, CUTLASS and Triton GEMMs per shape
+    mode = "max-autotune-no-cudagraphs" if name.endswith("-autotune") else None
+    if name in ("torch-fp16", "torch-fp16-compiled", "torch-fp16-autotune"):
         if not cuda:
             raise UserError(f"backend {name} needs CUDA")
         m = copy.deepcopy(fp_gm).to(dev).half()
-        f = _compile(m) if name.endswith("compiled") else m
+        f = m if name == "torch-fp16" else _compile(m, mode)
         return Runner(name, lambda x: f(*x), _converter(dev, torch.float16), model_bytes(m), dev, torch.float16)
-    if name == "torch-int8":
+    if name in ("torch-int8", "torch-int8-autotune"):
         from backends import torch_int8
 
         dtype = torch.float16 if cuda else torch.float32
         low, counts = torch_int8.lower_to_int8(copy.deepcopy(q_gm), dtype=dtype)
         low = torch_int8.to_device(low, dev, dtype)
-        f = _compile(low) if cuda else low
+        f = _compile(low, mode) if cuda else low
         note = f"{counts['int8_linears']} int8 linears" + ("" if cuda else " (CPU: dequantized float fallback)")
         return Runner(name, lambda x: f(*x), _converter(dev, dtype), model_bytes(low), dev, dtype, note=note)
     if name.startswith("ort-"):
@@ -211,6 +215,19 @@ def measure(runners: list[Runner], *, warmup: int, repeats: int) -> None:
             r.peak_bytes = torch.cuda.max_memory_allocated() - resident
 
 
+def profile_table(r: Runner, rows: int = 15) -> str:
+    """Top kernels / ops of three calls by self device time (CPU time on CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if r.device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(3):
+            r.fn(r.inputs)
+        _sync(r.device)
+    key = "self_cuda_time_total" if r.device == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70)
+
+
 def render(runners: list[Runner]) -> tuple[str, float | None]:
     fp = next((r for r in runners if "int8" not in r.name), None)
     q = next((r for r in runners if "int8" in r.name), None)
@@ -244,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, help="torch / onnxruntime CPU threads")
     p.add_argument("--json", metavar="FILE", help="also write the measurements as JSON")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, print each backend's top kernels by device time (where the time goes)")
     return p
 
 
@@ -296,6 +315,10 @@ def main(argv: list[str] | None = None) -> int:
             say(f"timing {', '.join(backends)} at batch {batch}")
             measure(runners, warmup=args.warmup, repeats=args.repeats)
             table, speedup = render(runners)
+            if args.profile:
+                for r in runners:
+                    print(f"--- profile of {r.name} (3 calls)")
+                    print(profile_table(r))
             what = "one last-scale step" if args.steps == "last" else "full generation"
             print(f"workload {args.model} ({what}), batch {batch}, {args.repeats} interleaved repeats after "
                   f"{args.warmup} warm-up; {device}")
