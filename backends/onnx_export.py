@@ -49,6 +49,7 @@ def export_onnx(
     try:
         with contextlib.redirect_stdout(log), warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore", FutureWarning)
+            warnings.filterwarnings("ignore", message=".*axis name.*will not be used")  # shared Dim names: expected
             program = torch.onnx.export(
                 gm.eval(), tuple(example_inputs), dynamo=True, opset_version=OPSET,
                 custom_translation_table=ops.ONNX_TRANSLATIONS, input_names=input_names,

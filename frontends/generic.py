@@ -125,8 +125,15 @@ def _load_pt2(path: Path) -> ModelBundle:
     return ModelBundle(path.stem, gm, tuple(args), input_names=names, graph=gm)
 
 
-def load_model(spec: str, *, allow_pickle: bool = False) -> ModelBundle:
-    """Resolve a model argument of the command line into a ModelBundle (see module docstring)."""
+def load_model(spec: str, *, allow_pickle: bool = False, family: str | None = None,
+               tokenizer: str | None = None) -> ModelBundle:
+    """Resolve a model argument of the command line into a ModelBundle (see module docstring).
+
+    ``family`` overrides detection from a checkpoint's keys; ``tokenizer`` is the family's
+    tokenizer checkpoint (VAR's VQVAE, LlamaGen's VQ-16, RAR's MaskGIT-VQ).
+    """
+    if (family or tokenizer) and Path(spec).suffix not in CHECKPOINT_SUFFIXES:
+        raise UserError("--family and --tokenizer apply to model checkpoints (.pt/.pth/.bin/.ckpt)")
     if spec.startswith("builtin:"):
         from frontends import examples
 
@@ -143,7 +150,7 @@ def load_model(spec: str, *, allow_pickle: bool = False) -> ModelBundle:
         if isinstance(obj, dict):
             from frontends import families
 
-            return families.bundle_from_state_dict(obj, path)
+            return families.bundle_from_state_dict(obj, path, family, **({"tokenizer": tokenizer} if tokenizer else {}))
         raise UserError(f"{path} holds a {type(obj).__name__}, not a state_dict or module")
     if ":" in spec:
         return _load_factory(spec)

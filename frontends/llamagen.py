@@ -190,7 +190,7 @@ class Transformer(nn.Module):
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         self.cls_embedding = LabelEmbedder(cfg.num_classes, cfg.dim)
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer))
@@ -203,7 +203,7 @@ class Transformer(nn.Module):
 
     def token_order(self) -> torch.Tensor:
         """Raster index of the j-th generated image token (LlamaGen: raster order)."""
-        return torch.arange(self.cfg.num_tokens, device="cpu")
+        return torch.arange(self.config.num_tokens, device="cpu")
 
     def arrange_rope(self, rope: torch.Tensor) -> torch.Tensor:
         """RoPE rows of every sequence position from the rows of the image tokens."""
@@ -223,7 +223,7 @@ class Transformer(nn.Module):
 
     def schedule(self) -> list[torch.Tensor]:
         """Positions fed at each generation step: the class token, then one token at a time."""
-        return list(torch.arange(self.cfg.num_tokens).split(1))
+        return list(torch.arange(self.config.num_tokens).split(1))
 
     def embedding_tables(self) -> list[nn.Embedding]:
         """Embedding tables in id-space order (module docstring)."""
@@ -236,7 +236,7 @@ class Transformer(nn.Module):
         return self.freqs_cis.shape[0]
 
     def class_ids(self, labels: torch.Tensor) -> torch.Tensor:
-        return (labels + self.cfg.vocab_size).view(-1, 1)
+        return (labels + self.config.vocab_size).view(-1, 1)
 
     def to_raster(self, tokens: torch.Tensor) -> torch.Tensor:
         """Generated tokens ``[B, N]`` (model order) -> raster order, as the tokenizer wants."""
@@ -249,7 +249,7 @@ class Transformer(nn.Module):
 
     def empty_cache(self, batch: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         length = self.seq_len if length is None else length
-        shape = (self.cfg.n_layer, batch, self.cfg.n_head, length, self.cfg.head_dim)
+        shape = (self.config.n_layer, batch, self.config.n_head, length, self.config.head_dim)
         dtype = self.output.weight.dtype
         return torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
 
@@ -330,9 +330,9 @@ def generate(model: Transformer, labels, *, cfg_scale: float, top_k: int = 0, to
     step = model if step is None else step
     labels = torch.as_tensor(labels, dtype=torch.long).view(-1)
     batch, guided = labels.shape[0], cfg_scale > 1.0
-    cond = torch.cat([labels, torch.full_like(labels, model.cfg.num_classes)]) if guided else labels
+    cond = torch.cat([labels, torch.full_like(labels, model.config.num_classes)]) if guided else labels
     generators = [image_generator(seed, i) for i in range(batch)]
-    tokens = torch.zeros(cond.shape[0], model.cfg.num_tokens, dtype=torch.long)
+    tokens = torch.zeros(cond.shape[0], model.config.num_tokens, dtype=torch.long)
     k_cache, v_cache = model.empty_cache(cond.shape[0])
     mask = model.attention_mask()
     for pos in model.schedule():
@@ -419,8 +419,8 @@ def load_tokenizer(path: str | Path, vocab_size: int) -> vq16.VQModel:
         raise UserError(f"{path} is not a LlamaGen VQ tokenizer (no encoder.conv_in / quantize.embedding of a known width)")
     vq = vq16.VQModel(vq16.vq_config(name, weights))
     strict_load(vq, weights, str(path))
-    if vq.cfg.codebook_size != vocab_size:
-        raise UserError(f"tokenizer {path} has {vq.cfg.codebook_size} codes but the model predicts {vocab_size} tokens")
+    if vq.config.codebook_size != vocab_size:
+        raise UserError(f"tokenizer {path} has {vq.config.codebook_size} codes but the model predicts {vocab_size} tokens")
     return vq.float().eval()
 
 
@@ -431,8 +431,8 @@ def example_step(model: Transformer, seed: int = 0) -> tuple:
     the cache holds the prefix the model itself wrote.
     """
     g = torch.Generator().manual_seed(seed)
-    labels = torch.tensor([int(torch.randint(model.cfg.num_classes, (1,), generator=g)), model.cfg.num_classes])
-    ids = model.sequence_ids(torch.randint(model.cfg.vocab_size, (2, model.cfg.num_tokens), generator=g), labels)
+    labels = torch.tensor([int(torch.randint(model.config.num_classes, (1,), generator=g)), model.config.num_classes])
+    ids = model.sequence_ids(torch.randint(model.config.vocab_size, (2, model.config.num_tokens), generator=g), labels)
     steps = model.schedule()
     pos = next(p for p in steps[1:] if len(p) == max(len(s) for s in steps))
     prefix = torch.arange(int(pos[0]))

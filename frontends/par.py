@@ -78,32 +78,32 @@ class PARTransformer(Transformer):
         self.spe_tok_embeddings = SpecialTokenEmbedding(cfg.spe_token_num, cfg.dim)
 
     def token_order(self) -> torch.Tensor:
-        s = round(self.cfg.ar_token_num ** 0.5)
-        g = self.cfg.grid
+        s = round(self.config.ar_token_num ** 0.5)
+        g = self.config.grid
         # raster index = (r1·g/s + a)·g + r2·g/s + b, visited in the order (a, b, r1, r2)
         return torch.arange(g * g, device="cpu").view(s, g // s, s, g // s).permute(1, 3, 0, 2).flatten()
 
     def arrange_rope(self, rope: torch.Tensor) -> torch.Tensor:
-        n = self.cfg.ar_token_num
+        n = self.config.ar_token_num
         zeros = rope.new_zeros(1, *rope.shape[1:])
         return torch.cat([zeros, rope[:n], zeros.expand(n - 1, *rope.shape[1:]), rope[n:]])
 
     def sequence_ids(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        n, first_special = self.cfg.ar_token_num, self.cfg.vocab_size + self.cfg.num_classes + 1
+        n, first_special = self.config.ar_token_num, self.config.vocab_size + self.config.num_classes + 1
         special = torch.arange(first_special, first_special + n - 1).expand(tokens.shape[0], -1)
         return torch.cat([self.class_ids(labels), tokens[:, :n], special, tokens[:, n:]], 1)
 
     def attention_allowed(self) -> torch.Tensor:
-        n, pos = self.cfg.ar_token_num, torch.arange(self.seq_len)
+        n, pos = self.config.ar_token_num, torch.arange(self.seq_len)
         group = torch.where(pos >= n, (pos - n) // n, -1 - pos)  # a unique negative id per lone position
         return super().attention_allowed() | (group[:, None] == group[None, :])
 
     def token_groups(self, input_pos: torch.Tensor) -> torch.Tensor:
-        n = self.cfg.ar_token_num
+        n = self.config.ar_token_num
         return torch.where(input_pos < 2 * n, input_pos.clamp(max=n), n + 1)
 
     def schedule(self) -> list[torch.Tensor]:
-        n, pos = self.cfg.ar_token_num, torch.arange(self.cfg.num_tokens)
+        n, pos = self.config.ar_token_num, torch.arange(self.config.num_tokens)
         return list(pos[:n].split(1)) + list(pos[n:].split(n))
 
     def embedding_tables(self) -> list[nn.Embedding]:

@@ -463,7 +463,7 @@ def build(state_dict: dict, path: str | Path | None = None, config: str | None =
         input_names=list(STEP_INPUT_NAMES),
         output_names=list(STEP_OUTPUT_NAMES),
         calib_inputs=[],
-        extra={"model": var, "vae": vae, "generate": generate_tokens, "group_maps": group_maps(var.num_scales),
+        extra={"model": var, "tokenizer": vae, "generate": generate_tokens, "group_maps": group_maps(var.num_scales),
                "dynamic_shapes": dynamic_shapes(cfg)},
     )
 

@@ -206,7 +206,7 @@ class VectorQuantizer(nn.Module):
 class VQModel(nn.Module):
     def __init__(self, cfg: VQConfig):
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         self.quantize = VectorQuantizer(cfg)

@@ -14,7 +14,7 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
-from passes.infra import Pass, PassContext, PassResult, Site, get_attr, register
+from passes.infra import Pass, PassContext, PassResult, Site, get_attr, register, set_buffer
 
 LINEAR_TARGETS = {F.linear, torch._C._nn.linear, torch.ops.aten.linear.default}
 MATMUL_TARGETS = {torch.matmul, operator.matmul, torch.bmm, torch.ops.aten.matmul.default, torch.ops.aten.bmm.default}
@@ -29,6 +29,51 @@ def _module_path(node) -> str:
     if not stack:
         return ""
     return list(stack.values())[-1][0]
+
+
+def _constant_inputs(node) -> bool:
+    """True when ``node`` is computed from parameters and buffers only."""
+    if node.op == "get_attr":
+        return True
+    if node.op not in ("call_function", "call_method"):
+        return False
+    deps: list = []
+    torch.fx.node.map_arg((node.args, node.kwargs), deps.append)
+    return all(_constant_inputs(d) for d in deps)
+
+
+def _materialize_constant_bias(gm, node) -> int:
+    """Store a bias computed from parameters (VAR: ``cat(q_bias, zero_k_bias, v_bias)``) as ``<site>.bias``.
+
+    Folding passes add to a linear's bias; a computed one has nowhere to go. The reference
+    merges VAR's q/v biases into ``mat_qkv.bias`` at load time; this does it on the graph.
+    """
+    bias = node.args[2] if len(node.args) > 2 else None
+    w = node.args[1]
+    if not (isinstance(bias, torch.fx.Node) and bias.op != "get_attr" and _constant_inputs(bias)
+            and isinstance(w, torch.fx.Node) and w.op == "get_attr" and w.target.endswith(".weight")):
+        return 0
+    value = _evaluate(gm, bias)
+    target = set_buffer(gm, w.target[: -len("weight")] + "bias", value.detach().clone())
+    with gm.graph.inserting_before(node):
+        node.args = (node.args[0], w, gm.graph.get_attr(target))
+    return 1
+
+
+def _evaluate(gm, node) -> torch.Tensor:
+    env = {}
+
+    def load(n):
+        if n.op == "get_attr":
+            return get_attr(gm, n.target)
+        if n not in env:
+            args, kwargs = torch.fx.node.map_arg((n.args, n.kwargs), load)
+            fn = getattr(args[0], n.target) if n.op == "call_method" else n.target
+            env[n] = fn(*args[1:], **kwargs) if n.op == "call_method" else fn(*args, **kwargs)
+        return env[n]
+
+    with torch.no_grad():
+        return load(node)
 
 
 @register
@@ -67,6 +112,7 @@ class Canonicalize(Pass):
                     ctx.sites[site] = Site(site, "matmul", node.name)
                 continue
             if is_linear(node):
+                lifted += _materialize_constant_bias(gm, node)
                 w = node.args[1]
                 if not (isinstance(w, torch.fx.Node) and w.op == "get_attr" and w.target.endswith("weight")):
                     ctx.notes.append(f"linear {node.name}: weight is not a parameter ({w}); not a quantization site")

@@ -4,7 +4,8 @@ For a linear site ``s`` with decisions ``s.input`` and ``s.weight``::
 
     x -> Q(x, s.input_scale, s.input_zero_point) -> DQ -> F.linear(., DQ(s.weight_int8, ...), bias)
 
-Token-group scales (STWQ) are lowered the way TensorRT can run them (DESIGN.md): a gather
+Token-group scales (STWQ), and asymmetric per-tensor linear inputs (with scalar s, z and no
+gather), are lowered the way TensorRT can run them (DESIGN.md): a gather
 of the group's scale, a pointwise rescale, a per-tensor Q/DQ with scale 1 and zero point 0,
 the int8 GEMM, and the scale (and the zero point's exact correction) applied to its output::
 
@@ -45,8 +46,12 @@ def _token_groups(g: fx.Graph) -> fx.Node:
     raise PassError("token-group scales need a graph input named token_groups")
 
 
-def _group_qdq(g: fx.Graph, x: fx.Node, gm, site: str, qp: QParams, groups: fx.Node):
-    """x -> v = DQ(Q(x / s + z)) with per-token s, z gathered by group; returns v and (s, z) for the epilogue."""
+def _offset_qdq(g: fx.Graph, x: fx.Node, gm, site: str, qp: QParams, groups: fx.Node | None):
+    """x -> v = DQ(Q(x / s + z)) at scale 1, zero point 0; returns v and (s, z) for the epilogue.
+
+    With ``groups`` s and z are gathered per token from the group tables; without, they are
+    the per-tensor scalars (an asymmetric grid that TensorRT could not take as a zero point).
+    """
     base = f"{site}.input"
     name = base.replace(".", "_")
     set_buffer(gm, f"{base}_group_scale", qp.scale.float().clone())
@@ -56,6 +61,8 @@ def _group_qdq(g: fx.Graph, x: fx.Node, gm, site: str, qp: QParams, groups: fx.N
     set_buffer(gm, f"{base}_zero_point", torch.tensor(0, dtype=torch.int8))
 
     def gather(table: str, suffix: str) -> fx.Node:
+        if groups is None:
+            return g.get_attr(f"{base}_{table}")  # 0-d: broadcasts everywhere
         picked = g.create_node("call_function", torch.index_select, (g.get_attr(f"{base}_{table}"), 0, groups),
                                name=f"{name}_{suffix}")
         return g.call_method("unsqueeze", (picked, -1))  # [T] -> [T, 1]: broadcasts over [..., T, C]
@@ -125,11 +132,12 @@ class InsertQDQ(Pass):
                     qp = ctx.qparams.get(f"{site}.{role}")
                     if qp is None:
                         continue
-                    if qp.granularity == "group":
+                    offset = is_linear(node) and qp.granularity == "tensor" and not qp.symmetric
+                    if qp.granularity == "group" or offset:
                         if not is_linear(node):
                             raise PassError(f"{site}.{role}: token-group scales are only lowered for linears")
-                        groups = _token_groups(g)
-                        args[0], post = _group_qdq(g, args[0], gm, site, qp, groups)
+                        groups = _token_groups(g) if qp.granularity == "group" else None
+                        args[0], post = _offset_qdq(g, args[0], gm, site, qp, groups)
                     else:
                         args[i] = _qdq(g, args[i], gm, f"{site}.{role}", qp)
                     counts["activations"] += 1

@@ -41,10 +41,10 @@ def stepwise_logits(model, step, tokens, labels):
 
 def check_stepwise_equals_teacher_forcing(model):
     g = torch.Generator().manual_seed(1)
-    tokens = torch.randint(model.cfg.vocab_size, (3, model.cfg.num_tokens), generator=g)
-    labels = torch.tensor([2, 5, model.cfg.num_classes])
+    tokens = torch.randint(model.config.vocab_size, (3, model.config.num_tokens), generator=g)
+    labels = torch.tensor([2, 5, model.config.num_classes])
     with torch.no_grad():
-        full = model.teacher_forcing(tokens, labels)[:, : model.cfg.num_tokens]
+        full = model.teacher_forcing(tokens, labels)[:, : model.config.num_tokens]
     gm = fx.symbolic_trace(model)
     for step in (model, gm):
         assert (stepwise_logits(model, step, tokens, labels) - full).abs().max() <= 1e-5
@@ -55,7 +55,7 @@ def check_traced_equals_eager(model, bundle_inputs):
     """Prefill (class token, empty cache) and the bundle's decode step, traced vs eager."""
     k, v = model.empty_cache(2)
     pos = torch.tensor([0])
-    prefill = (model.class_ids(torch.tensor([1, model.cfg.num_classes])), pos, model.attention_mask()[pos], k, v,
+    prefill = (model.class_ids(torch.tensor([1, model.config.num_classes])), pos, model.attention_mask()[pos], k, v,
                model.token_groups(pos))
     gm = fx.symbolic_trace(model)
     with torch.no_grad():
@@ -136,7 +136,7 @@ def test_real_gpt_b_layout_loads_strictly_and_is_detected():
     bundle = build(checkpoint, path=None, config="GPT-B")
     model = bundle.extra["model"]
     assert sum(p.numel() for p in model.parameters()) == 110_888_448  # 110.89 M, as the official class
-    assert (model.cfg.n_head, model.cfg.grid, model.seq_len) == (12, 16, 257)
+    assert (model.config.n_head, model.config.grid, model.seq_len) == (12, 16, 257)
     assert bundle.example_inputs[3].shape == (12, 2, 12, 257, 64)
 
 

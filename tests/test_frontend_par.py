@@ -30,7 +30,7 @@ def test_schedule_groups_and_mask_follow_the_official_layout(tiny):
     allowed = tiny.attention_allowed()
     assert allowed.shape == (20, 20) and allowed[4, 7] and allowed[9, 11] and not allowed[3, 4] and not allowed[7, 8]
     ids = tiny.sequence_ids(torch.arange(16)[None], torch.tensor([3]))[0]
-    v, c = tiny.cfg.vocab_size, tiny.cfg.num_classes
+    v, c = tiny.config.vocab_size, tiny.config.num_classes
     assert ids.tolist() == [v + 3, 0, 1, 2, 3, v + c + 1, v + c + 2, v + c + 3] + list(range(4, 16))
 
 

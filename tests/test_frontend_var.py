@@ -163,7 +163,7 @@ def test_tokenizer_file_loads_strictly(tiny, tmp_path):
     path = tmp_path / "vae.pth"
     torch.save(vae.state_dict(), path)
     bundle = build(dict(var.state_dict()), path="v.pth", config="tiny", tokenizer=path)
-    assert torch.equal(bundle.extra["vae"].quantize.embedding.weight, vae.quantize.embedding.weight)
+    assert torch.equal(bundle.extra["tokenizer"].quantize.embedding.weight, vae.quantize.embedding.weight)
 
 
 # ----------------------------------------------------------------------------- driver and VQVAE

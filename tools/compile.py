@@ -37,15 +37,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", choices=TARGETS, default="onnx", help="what to build (default: onnx)")
     p.add_argument("--out", default="out", help="output directory (default: out)")
     p.add_argument("--force", action="store_true", help="replace the output directory if it exists")
-    p.add_argument("--recipe", default="minmax", help=f"built-in recipe ({', '.join(builtin_recipes())}) or a .toml path")
+    p.add_argument("--recipe", help=f"built-in recipe ({', '.join(builtin_recipes())}) or a .toml path "
+                                    f"(default: ptq4arvg for family models, minmax otherwise)")
     p.add_argument("--pipeline", help="pass pipeline text; overrides the recipe's (e.g. 'canonicalize,observe,act-quant,insert-qdq')")
     p.add_argument("--bits", choices=sorted(BITS), help="weight/activation bit widths; overrides the recipe's")
     p.add_argument("--calib-data", metavar="FILE", help="a .pt file holding a list of input tuples (loaded with weights_only=True)")
-    p.add_argument("--calib-samples", type=int, metavar="N", help="use at most N calibration batches")
+    p.add_argument("--calib-samples", type=int, metavar="N",
+                   help="family models: generate N images to calibrate on (default 8); others: use at most N batches")
     p.add_argument("--stop-after", metavar="PASS", help="stop the pipeline after this pass")
     p.add_argument("--disable-pass", metavar="PASS", action="append", default=[], help="skip this pass (repeatable)")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickled modules (runs code from the file)")
-    p.add_argument("--family", help="model family of a checkpoint, overriding detection from its keys")
+    p.add_argument("--family", help="model family of a checkpoint (var, llamagen, rar, par), overriding detection")
+    p.add_argument("--tokenizer", metavar="CKPT", help="the family's tokenizer checkpoint (e.g. vae_ch160v4096z32.pth)")
+    p.add_argument("--calib-cache", metavar="DIR", default=".arvgq-cache",
+                   help="where self-generated calibration steps are cached (an interrupted run resumes)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration generations")
     return p
 
 
@@ -76,20 +82,37 @@ def quantize(bundle: ModelBundle, pipeline: str, bits: str, calib: list[tuple], 
     return fp_gm, pm.run(gm, ctx), ctx, pm
 
 
+def calibration_inputs(bundle: ModelBundle, args: argparse.Namespace) -> tuple:
+    """--calib-data, else the bundle's own, else the model's own generations (families), else its example."""
+    if args.calib_data:
+        calib = load_calib_data(args.calib_data, len(bundle.example_inputs))
+        return calib[: args.calib_samples] if args.calib_samples else calib, args.calib_data
+    if bundle.calib_inputs:
+        calib = list(bundle.calib_inputs)
+        return calib[: args.calib_samples] if args.calib_samples else calib, "built-in"
+    if "generate" in bundle.extra:
+        from calib.capture import capture
+
+        n = args.calib_samples or 8
+        classes = [(i * 37) % bundle.extra["model"].config.num_classes for i in range(n)]  # spread over classes
+        steps = capture(bundle, classes=classes, seed=args.seed, cache_dir=args.calib_cache, progress=progress)
+        return steps, f"{n} self-generated images (classes {classes[:8]}{'...' if n > 8 else ''}, seed {args.seed}, CFG)"
+    return [bundle.example_inputs], "example inputs"
+
+
 def _compile(args: argparse.Namespace, out: Path) -> dict:
-    recipe = load_recipe(args.recipe)
-    pipeline = args.pipeline or recipe.pipeline
-    bits = args.bits or recipe.bits
-    parse_pipeline(pipeline)  # a typo fails now, not after loading and tracing
+    if args.recipe:
+        load_recipe(args.recipe)  # a typo fails now, not after loading
+    if args.pipeline:
+        parse_pipeline(args.pipeline)
 
     say(f"[1/4] loading {args.model}")
-    bundle: ModelBundle = load_model(args.model, allow_pickle=args.allow_pickle)
-    calib = load_calib_data(args.calib_data, len(bundle.example_inputs)) if args.calib_data else list(bundle.calib_inputs)
-    calib_source = args.calib_data or ("built-in" if calib else "example inputs")
-    if not calib:
-        calib = [bundle.example_inputs]
-    if args.calib_samples:
-        calib = calib[: args.calib_samples]
+    bundle: ModelBundle = load_model(args.model, allow_pickle=args.allow_pickle, family=args.family,
+                                     tokenizer=args.tokenizer)
+    recipe = load_recipe(args.recipe or ("minmax" if bundle.family == "generic" else "ptq4arvg"))
+    pipeline = args.pipeline or recipe.pipeline
+    bits = args.bits or recipe.bits
+    calib, calib_source = calibration_inputs(bundle, args)
 
     say(f"[2/4] tracing, then passes: {pipeline}")
     fp_gm, gm, ctx, pm = quantize(bundle, pipeline, bits, calib, stop_after=args.stop_after,
