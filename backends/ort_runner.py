@@ -35,3 +35,13 @@ def run(session: ort.InferenceSession, inputs: tuple) -> list[np.ndarray]:
         raise UserError(f"the ONNX model takes {len(names)} inputs ({', '.join(names)}), got {len(inputs)}")
     feed = {n: (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)) for n, x in zip(names, inputs)}
     return session.run(None, feed)
+
+
+class OrtStep:
+    """An onnxruntime session with a step module's call signature, for the generation drivers."""
+
+    def __init__(self, path: str | Path, mode: str = "reference"):
+        self.session = make_session(path, mode)
+
+    def __call__(self, *inputs):
+        return tuple(torch.from_numpy(o) for o in run(self.session, inputs))
