@@ -95,6 +95,35 @@ def _load_factory(spec: str) -> ModelBundle:
     return _as_bundle(getattr(module, attr)(), spec)
 
 
+def _listed(keys, limit: int = 10) -> str:
+    keys = list(keys)
+    return ", ".join(keys[:limit]) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def state_dict_problems(module: torch.nn.Module, state_dict: dict) -> list[str]:
+    """Missing, unexpected and mis-shaped keys of ``state_dict`` against ``module`` (works on meta modules)."""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    given = {k: tuple(v.shape) for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in state_dict if k not in expected or k not in given]
+    wrong = [f"{k} {given[k]} (expected {s})" for k, s in expected.items() if k in given and given[k] != s]
+    named = (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong))
+    return [f"{label}: {_listed(keys)}" for label, keys in named if keys]
+
+
+def strict_load(module: torch.nn.Module, state_dict: dict, what: str) -> torch.nn.Module:
+    """``load_state_dict(strict=True, assign=True)`` with one UserError line listing every mismatch.
+
+    ``assign`` lets a family build its model on the meta device and adopt the checkpoint's
+    tensors, so a billion-parameter model is neither initialised nor copied.
+    """
+    problems = state_dict_problems(module, state_dict)
+    if problems:
+        raise UserError(f"{what} does not load strictly into {type(module).__name__}: {'; '.join(problems)}")
+    module.load_state_dict(state_dict, strict=True, assign=True)
+    return module
+
+
 def load_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> Any:
     """``torch.load`` with ``weights_only=True`` and errors a user can act on."""
     path = Path(path)

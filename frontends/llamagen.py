@@ -44,7 +44,7 @@ from torch import nn
 
 from frontends import vq16
 from frontends.families import Family, register_family
-from frontends.generic import ModelBundle, load_checkpoint
+from frontends.generic import ModelBundle, load_checkpoint, strict_load
 from passes.diagnostics import UserError
 
 CLS_TOKEN_NUM = 1  # class-conditional models condition on one token
@@ -356,28 +356,6 @@ def unwrap_state_dict(obj: dict) -> dict:
             obj = obj[key]
             break
     return {k: v for k, v in obj.items() if k != "freqs_cis" and ".kv_cache." not in k}
-
-
-def _brief(keys: list[str]) -> str:
-    return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
-
-
-def strict_load(module: nn.Module, state_dict: dict, what: str) -> None:
-    """Load ``state_dict`` exactly (same keys, same shapes), adopting its tensors (no copy).
-
-    ``what`` names the checkpoint in the one-line UserError listing missing / unexpected keys.
-    """
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    if missing or unexpected:
-        raise UserError(f"{what} does not match the model: missing keys: {_brief(missing) or 'none'}; "
-                        f"unexpected keys: {_brief(unexpected) or 'none'}")
-    wrong = [f"{k} {tuple(state_dict[k].shape)} (expected {tuple(v.shape)})"
-             for k, v in expected.items() if state_dict[k].shape != v.shape]
-    if wrong:
-        raise UserError(f"{what} does not match the model: wrong shapes: {_brief(wrong)}")
-    module.load_state_dict(state_dict, strict=True, assign=True)
 
 
 def base_config(state_dict: dict) -> str | None:

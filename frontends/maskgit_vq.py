@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from passes.diagnostics import UserError
 
-from frontends.generic import load_checkpoint
+from frontends.generic import load_checkpoint, strict_load
 
 
 @dataclass(frozen=True)
@@ -201,29 +201,9 @@ def infer_vq_config(state_dict: dict) -> VQConfig:
     return VQConfig(mult, out_ch, n_res, book.shape[1], book.shape[0], in_ch)
 
 
-def _names(keys) -> str:
-    keys = sorted(keys)
-    more = f" (+{len(keys) - 10} more)" if len(keys) > 10 else ""
-    return ", ".join(keys[:10]) + more
-
-
 def load_strict(module: nn.Module, state_dict: dict, what: str) -> nn.Module:
-    """Load a checkpoint into a module built on the meta device, by assignment, float32.
-
-    Assignment avoids allocating and initialising the weights twice (RAR-XXL is 1.5 B
-    parameters). Any missing, unexpected or misshaped key is a UserError that names it.
-    """
-    expected = module.state_dict()
-    missing = expected.keys() - state_dict.keys()
-    unexpected = state_dict.keys() - expected.keys()
-    shapes = [f"{k} {list(state_dict[k].shape)} (expected {list(v.shape)})"
-              for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
-    problems = [f"{label}: {_names(keys)}" for label, keys in
-                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", shapes)) if keys]
-    if problems:
-        raise UserError(f"{what} does not load strictly: {'; '.join(problems)}")
-    module.load_state_dict(state_dict, strict=True, assign=True)
-    return module.float().eval().requires_grad_(False)
+    """``strict_load`` (meta-built module adopts the tensors), then float32, eval, frozen."""
+    return strict_load(module, state_dict, what).float().eval().requires_grad_(False)
 
 
 def build_tokenizer(state_dict: dict, what: str = "tokenizer") -> MaskGITVQ:

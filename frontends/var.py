@@ -41,8 +41,8 @@ from torch import nn
 
 from frontends.sampling import image_generators
 from frontends.families import Family, register_family
-from frontends.generic import ModelBundle
-from frontends.var_vqvae import VQVAE, MultiScaleQuantizer, VQVAEConfig, load_vqvae, strict_load
+from frontends.generic import ModelBundle, strict_load
+from frontends.var_vqvae import VQVAE, MultiScaleQuantizer, VQVAEConfig, load_vqvae
 from passes.diagnostics import UserError
 
 MAX_SCALE_MUL = math.log(100)  # clamp of the learnt attention temperature, as the official model

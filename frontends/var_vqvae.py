@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from frontends.generic import load_checkpoint
+from frontends.generic import load_checkpoint, state_dict_problems, strict_load
 from passes.diagnostics import UserError
+
 
 
 @dataclass(frozen=True)
@@ -58,34 +59,6 @@ VQVAE_CONFIGS = {
 
 
 # ----------------------------------------------------------------------------- state_dict checks
-
-def _listed(keys: list[str], limit: int = 6) -> str:
-    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
-def state_dict_problems(model: nn.Module, state_dict: dict) -> list[str]:
-    """Missing, unexpected and mis-shaped keys of ``state_dict`` against ``model`` (works on meta models)."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    given = {k: tuple(v.shape) for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
-    missing = [k for k in expected if k not in given]
-    unexpected = [k for k in state_dict if k not in expected or k not in given]
-    wrong = [f"{k} {list(given[k])} (expected {list(s)})" for k, s in expected.items() if k in given and given[k] != s]
-    named = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", wrong))
-    return [f"{what}: {_listed(keys)}" for what, keys in named if keys]
-
-
-def strict_load(model: nn.Module, state_dict: dict, source: str) -> None:
-    """``load_state_dict(strict=True, assign=True)`` with one readable UserError listing every mismatch.
-
-    ``assign`` lets callers build the model on the meta device and adopt the checkpoint's tensors,
-    so a 300 M-parameter model is neither initialised nor copied.
-    """
-    problems = state_dict_problems(model, state_dict)
-    if problems:
-        raise UserError(f"{source} does not fit {type(model).__name__}: {'; '.join(problems)}")
-    model.load_state_dict(state_dict, strict=True, assign=True)
-
 
 # ----------------------------------------------------------------------------- encoder / decoder
 

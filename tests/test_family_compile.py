@@ -39,13 +39,6 @@ def _rar(tmp):
 FAMILIES = {"var": _var, "llamagen": _llamagen, "par": lambda t: _llamagen(t, par=True), "rar": _rar}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("recipe", ["ptq4arvg", "minmax"])

@@ -41,15 +41,6 @@ MODELS = {
 FOLDS = [("smooth", "smooth_scale", "weight"), ("sym-shift", "sym_shift", "bias"), ("gps", "gps_scale", "weight")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These graphs are tiny: one intra-op thread is as fast, and far faster when the two
-    cores are shared with other jobs (thread hand-offs then wait for a busy core)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def compile_graph(bundle, pipeline: str, **options):
     """(FP graph, folded graph, ctx, manager); the manager checks preserves_numerics on the probe."""

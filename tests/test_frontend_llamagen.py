@@ -93,15 +93,6 @@ def gpt_b_shapes():
     return shapes
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds synchronisation, which costs 100x when
-    other processes load the two cores (measured: 16 steps 0.08 s on 1 thread, 7 s on 2)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def tiny():

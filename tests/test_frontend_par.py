@@ -6,7 +6,6 @@ from test_frontend_llamagen import (
     check_stepwise_equals_teacher_forcing,
     check_traced_equals_eager,
     gpt_b_shapes,
-    one_thread,  # noqa: F401  (autouse fixture: applies to this module too)
     random_model,
     save_checkpoint,
 )

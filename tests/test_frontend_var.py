@@ -31,14 +31,6 @@ def _randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module.eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: on a shared 2-core machine, thread hand-offs cost 10-50x the maths."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def tiny():
