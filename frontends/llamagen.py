@@ -454,7 +454,8 @@ def build_family(model_cls: type[Transformer], configs: dict, state_dict: dict, 
     name = Path(path).stem if path is not None else f"{model_cls.family}-{config}"
     return ModelBundle(name, module=model, example_inputs=example_step(model), family=model_cls.family,
                        input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES), calib_inputs=[],
-                       extra={"model": model, "tokenizer": vq, "generate": generate_tokens, "group_maps": {}})
+                       extra={"model": model, "tokenizer": vq, "generate": generate_tokens, "group_maps": {},
+                              "default_exclude": []})  # no per-image linears are sites (passes/exclude.py)
 
 
 build = partial(build_family, Transformer, CONFIGS)

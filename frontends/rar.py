@@ -413,7 +413,8 @@ def build(state_dict: dict, path=None, config: str | None = None, tokenizer=None
         input_names=list(STEP_INPUT_NAMES),
         output_names=list(STEP_OUTPUT_NAMES),
         calib_inputs=[],
-        extra={"model": model, "tokenizer": vq, "generate": generate_fn, "group_maps": {}, "sampling": sampling},
+        extra={"model": model, "tokenizer": vq, "generate": generate_fn, "group_maps": {}, "sampling": sampling,
+               "default_exclude": ["blocks.*.adaLN_modulation.1", "adaln_before_head.adaLN_modulation.1"]},  # passes/exclude.py
     )
 
 

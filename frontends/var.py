@@ -464,7 +464,8 @@ def build(state_dict: dict, path: str | Path | None = None, config: str | None =
         output_names=list(STEP_OUTPUT_NAMES),
         calib_inputs=[],
         extra={"model": var, "tokenizer": vae, "generate": generate_tokens, "group_maps": group_maps(var.num_scales),
-               "dynamic_shapes": dynamic_shapes(cfg)},
+               "dynamic_shapes": dynamic_shapes(cfg),
+               "default_exclude": ["blocks.*.ada_lin.1", "head_nm.ada_lin.1"]},  # M = batch rows: passes/exclude.py
     )
 
 

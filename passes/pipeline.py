@@ -10,7 +10,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from passes import canonicalize, gps, insert_qdq, observe, quantize, regions, smooth, stwq, sym_shift  # noqa: F401  (registration)
+from passes import canonicalize, exclude, gps, insert_qdq, observe, quantize, regions, smooth, stwq, sym_shift  # noqa: F401  (registration)
 from passes.diagnostics import UserError
 from passes.infra import parse_pipeline
 

@@ -1,4 +1,4 @@
-"""``python -m tools.compile [MODEL] --target onnx|ort|torch --out DIR``
+"""``python -m tools.compile [MODEL] --target onnx|ort|torch|trt --out DIR``
 
 Load a model, trace one step to an fx graph, run the recipe's pass pipeline (dumping after
 every pass that changed the graph), export ONNX with Q/DQ, check it on onnxruntime against
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from pathlib import Path
 
@@ -19,12 +18,13 @@ from frontends import load_model, trace
 from frontends.generic import ModelBundle, load_checkpoint
 from passes.diagnostics import UserError
 from passes.dump import DumpInstrument
+from passes.exclude import describe_matches, match_patterns, with_exclude_pass
 from passes.infra import PassContext, PassManager, parse_pipeline
 from passes.pipeline import BITS, builtin_recipes, load_recipe
 from tools._cli import atomic_output_dir, main_wrapper, progress, say
 from tools.report import fidelity, model_bytes, write_reports
 
-TARGETS = ("onnx", "ort", "torch")
+TARGETS = ("onnx", "ort", "torch", "trt")
 DEFAULT_MODEL = "builtin:tiny-block"
 
 
@@ -52,7 +52,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-cache", metavar="DIR", default=".arvgq-cache",
                    help="where self-generated calibration steps are cached (an interrupted run resumes)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration generations")
+    p.add_argument("--exclude", metavar="PATTERN", action="append", default=[],
+                   help="keep these sites in full precision (repeatable): a module-path glob such as "
+                        "'blocks.*.ada_lin.1' or 'head', or an op type 'op:linear' / 'op:matmul'; "
+                        "a pattern that matches no site is an error")
+    p.add_argument("--exclude-file", metavar="FILE", action="append", default=[],
+                   help="file of --exclude patterns, one per line ('#' starts a comment)")
+    p.add_argument("--no-default-exclude", action="store_true",
+                   help="do not apply the model family's default exclusions (e.g. VAR's AdaLN linears)")
     return p
+
+
+def read_exclude_file(path: str) -> list[str]:
+    """Patterns of an --exclude-file: one per line, blank lines and '#' comments ignored."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise UserError(f"--exclude-file {path}: {e.strerror or e}") from None
+    return [line.split("#", 1)[0].strip() for line in text.splitlines() if line.split("#", 1)[0].strip()]
+
+
+def resolve_exclusions(bundle: ModelBundle, pipeline: str, user: list[str], defaults: list[str]) -> dict[str, list[str]]:
+    """Match the exclusion patterns on the canonicalized trace, before any calibration, and say what each matched.
+
+    User patterns (command line, file, recipe) must match a site; a family default that matches
+    nothing (a variant without that layer) is skipped with a message. Returns {pattern: sites}.
+    """
+    if not user and not defaults:
+        return {}
+    if "canonicalize" not in [p.name for p in parse_pipeline(pipeline)]:
+        if user:
+            raise UserError(f"exclusions need the 'canonicalize' pass, which names the sites; the pipeline is {pipeline!r}")
+        return {}
+    from passes.canonicalize import Canonicalize
+
+    ctx = PassContext()
+    Canonicalize()(trace(bundle), ctx)  # the same sites the pipeline's canonicalize will name
+    matches = match_patterns(user, ctx.sites)
+    say("exclusions (kept in full precision):")
+    for line in describe_matches(matches):
+        say(f"  {line}")
+    for pattern, sites in match_patterns([d for d in defaults if d not in matches], ctx.sites, strict=False).items():
+        if sites:
+            matches[pattern] = sites
+            say(f"  {describe_matches({pattern: sites})[0]} (family default; --no-default-exclude to quantize)")
+        else:
+            say(f"  family default {pattern!r} matches no site of this model; skipped")
+    return matches
 
 
 def load_calib_data(path: str, n_inputs: int) -> list[tuple]:
@@ -71,12 +117,19 @@ def load_calib_data(path: str, n_inputs: int) -> list[tuple]:
 
 
 def quantize(bundle: ModelBundle, pipeline: str, bits: str, calib: list[tuple], *, stop_after=None,
-             disabled=(), instruments=()) -> tuple:
-    """Trace the bundle and run the pipeline: returns (fp graph, quantized graph, context, manager)."""
+             disabled=(), instruments=(), exclude=()) -> tuple:
+    """Trace the bundle and run the pipeline: returns (fp graph, quantized graph, context, manager).
+
+    ``exclude`` patterns keep sites in full precision; an ``exclude`` pass is inserted right
+    after ``canonicalize`` when the pipeline has none.
+    """
+    if exclude:
+        pipeline = with_exclude_pass(pipeline)
     gm = trace(bundle)
     fp_gm = copy.deepcopy(gm)
     w_bits, a_bits = BITS[bits]
-    options = {"w_bits": w_bits, "a_bits": a_bits, "group_maps": bundle.extra.get("group_maps", {})}
+    options = {"w_bits": w_bits, "a_bits": a_bits, "group_maps": bundle.extra.get("group_maps", {}),
+               "exclude": list(exclude)}
     ctx = PassContext(options=options, calib_inputs=calib, probe_inputs=bundle.example_inputs, progress=progress)
     pm = PassManager(pipeline, stop_after=stop_after, disabled=disabled, instruments=instruments)
     return fp_gm, pm.run(gm, ctx), ctx, pm
@@ -100,11 +153,34 @@ def calibration_inputs(bundle: ModelBundle, args: argparse.Namespace) -> tuple:
     return [bundle.example_inputs], "example inputs"
 
 
+def build_trt(bundle: ModelBundle, onnx_path: Path, out: Path, input_names: list[str], reason: str | None) -> dict:
+    """--target trt: build model.engine (+ sidecar, inspector summary), or record why none was built."""
+    if reason is not None:
+        return {"built": False, "reason": reason}
+    from backends.tensorrt.builder import build_engine, profiles_from_bundle
+    from backends.tensorrt.inspect import inspect_engine
+
+    say("[3/4] building the TensorRT engine")
+    profiles = profiles_from_bundle(input_names, bundle.example_inputs, bundle.extra.get("dynamic_shapes"))
+    meta = build_engine(onnx_path, out / "model.engine", profiles=profiles, timing_cache=out / "timing.cache",
+                        progress=lambda phase, done, total: say(f"  TensorRT: {phase}") if done == 0 else None)
+    return {"built": True, "engine": "model.engine", "sidecar": meta,
+            "inspector": inspect_engine(out / "model.engine", onnx_path)}
+
+
 def _compile(args: argparse.Namespace, out: Path) -> dict:
     if args.recipe:
         load_recipe(args.recipe)  # a typo fails now, not after loading
     if args.pipeline:
         parse_pipeline(args.pipeline)
+    trt_reason = None
+    if args.target == "trt":  # checked before loading and calibrating, so the user knows at once
+        from backends.tensorrt import availability
+
+        trt_reason = availability()
+        if trt_reason:
+            say(f"no TensorRT engine can be built here ({trt_reason}); the ONNX model will still be written")
+    user_exclude = [*args.exclude, *(p for f in args.exclude_file for p in read_exclude_file(f))]
 
     say(f"[1/4] loading {args.model}")
     bundle: ModelBundle = load_model(args.model, allow_pickle=args.allow_pickle, family=args.family,
@@ -112,11 +188,14 @@ def _compile(args: argparse.Namespace, out: Path) -> dict:
     recipe = load_recipe(args.recipe or ("minmax" if bundle.family == "generic" else "ptq4arvg"))
     pipeline = args.pipeline or recipe.pipeline
     bits = args.bits or recipe.bits
+    defaults = [] if args.no_default_exclude else list(bundle.extra.get("default_exclude", []))
+    exclusions = resolve_exclusions(bundle, pipeline, [*user_exclude, *recipe.exclude], defaults)
     calib, calib_source = calibration_inputs(bundle, args)
 
-    say(f"[2/4] tracing, then passes: {pipeline}")
+    say(f"[2/4] tracing, then passes: {with_exclude_pass(pipeline) if exclusions else pipeline}")
     fp_gm, gm, ctx, pm = quantize(bundle, pipeline, bits, calib, stop_after=args.stop_after,
-                                  disabled=args.disable_pass, instruments=[DumpInstrument(out / "dumps")])
+                                  disabled=args.disable_pass, instruments=[DumpInstrument(out / "dumps")],
+                                  exclude=list(exclusions))
 
     report: dict = {
         "model": args.model,
@@ -132,12 +211,13 @@ def _compile(args: argparse.Namespace, out: Path) -> dict:
                          "excluded_by": s.excluded_by}
                   for name, s in ctx.sites.items()},
         "qparams": {k: v.describe() for k, v in sorted(ctx.qparams.items())},
+        "exclude": exclusions,
         "notes": ctx.notes,
         "fidelity": fidelity(fp_gm, gm, calib),
         "size_bytes": {"fp": model_bytes(fp_gm), "quantized": model_bytes(gm)},
     }
 
-    if args.target in ("onnx", "ort"):
+    if args.target in ("onnx", "ort", "trt"):
         from backends.onnx_export import export_onnx, qdq_census
         from backends.ort_runner import make_session, run
 
@@ -168,6 +248,8 @@ def _compile(args: argparse.Namespace, out: Path) -> dict:
                               "float_gemms": len(lint_report.float_gemms),
                               "violations": [str(v) for v in lint_report.violations]},
         }
+        if args.target == "trt":
+            report["tensorrt"] = build_trt(bundle, onnx_path, out, report["onnx"]["inputs"], trt_reason)
     else:
         say("[3/4] target torch: keeping the fake-quant graph (real INT8 GEMMs need CUDA)")
         torch.save(gm.state_dict(), out / "quantized_state_dict.pt")
@@ -196,9 +278,18 @@ def main(argv: list[str] | None = None) -> int:
                      f"{o['ort_reference_max_abs_diff']:.2e}")
         lines.append(f"  TensorRT Q/DQ lint: {sum(lint_['int8_gemms'].values())} int8 GEMMs, "
                      f"{len(lint_['violations'])} violations" + ("" if lint_["ok"] else " (python -m tools.inspect out/model.onnx --lint)"))
+    excluded = [n for n, site in report["sites"].items() if site["excluded_by"]]
+    if excluded:
+        lines.append(f"  kept in full precision: {len(excluded)} sites ({', '.join(excluded[:4])}{', ...' if len(excluded) > 4 else ''})")
     s = report["size_bytes"]
     lines.append(f"  size: {s['fp'] / 1e6:.2f} MB FP -> {s['quantized'] / 1e6:.2f} MB")
+    if report.get("tensorrt", {}).get("built"):
+        lines.append(f"  TensorRT: {out}/model.engine ({report['tensorrt']['sidecar']['tensorrt_version']}, "
+                     f"{report['tensorrt']['sidecar']['gpu']['name']})")
     print("\n".join(lines))
+    if report.get("tensorrt", {}).get("built") is False:  # after the rename: the ONNX stays for another machine
+        raise UserError(f"no TensorRT engine built: {report['tensorrt']['reason']}; "
+                        f"the ONNX model was kept at {out}/model.onnx")
     return 0
 
 
