@@ -64,23 +64,55 @@ class ActQuant(Pass):
 
 @register
 class WeightQuant(Pass):
-    """Per-output-channel weight quantization (symmetric: TensorRT's only weight format)."""
+    """Per-output-channel weight quantization.
+
+    ``symmetric=true`` is TensorRT's only weight format; ``symmetric=false`` is the reference
+    code's (method.md §2.1), for accuracy studies (the QDQ lint flags its zero points).
+    ``method=mse`` is the reference's range search, per output channel: among the percentiles
+    ``PERCENTILES`` of the row (and 1-p for the minimum) it keeps the range whose
+    quantize/dequantize MSE is lowest; weights are in memory, so this is exact.
+    """
 
     name = "weight-quant"
     bits: int = 0
     symmetric: bool = True
+    method: str = "minmax"  # minmax | mse
 
     def __call__(self, gm, ctx: PassContext) -> PassResult:
+        if self.method not in ("minmax", "mse"):
+            raise UserError(f"weight-quant: method must be minmax or mse, got {self.method!r}")
         bits = resolve_bits(self.bits, ctx, "w_bits")
         decided = 0
         for name, site in ctx.sites.items():
             if site.kind != "linear" or site.excluded_by:
                 continue
             w = get_attr(gm, f"{name}.weight").detach().float()
-            scale, zp = qmath.qparams_from_range(w.amin(1), w.amax(1), bits, self.symmetric)
+            lo, hi = mse_row_ranges(w, bits, self.symmetric) if self.method == "mse" else (w.amin(1), w.amax(1))
+            scale, zp = qmath.qparams_from_range(lo, hi, bits, self.symmetric)
             ctx.qparams[f"{name}.weight"] = QParams(scale, zp, bits, self.symmetric, "channel", 0)
             decided += 1
-        return PassResult(gm, False, {"weights": decided, "bits": bits})
+        return PassResult(gm, False, {"weights": decided, "bits": bits, "method": self.method})
+
+
+PERCENTILES = (0.999, 0.9999, 0.99999)  # the reference's candidates (method.md §2.1)
+
+
+def mse_row_ranges(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``w``, the percentile range with the lowest quantize/dequantize MSE (first on ties)."""
+    qmin, qmax = qmath.qrange(bits)
+    best_err = best_lo = best_hi = None
+    for p in PERCENTILES:
+        lo, hi = torch.quantile(w, 1 - p, dim=1), torch.quantile(w, p, dim=1)
+        scale, zp = qmath.qparams_from_range(lo, hi, bits, symmetric)
+        back = qmath.dequantize(qmath.quantize(w, scale, zp, 0, qmin, qmax), scale, zp, 0)
+        err = (back - w).pow(2).mean(1)
+        if best_err is None:
+            best_err, best_lo, best_hi = err, lo, hi
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
+    return best_lo, best_hi
 
 
 def quantized_weight(w: torch.Tensor, qp: QParams) -> torch.Tensor:
