@@ -14,6 +14,7 @@ any other pass has its SQNR against the previous graph recorded.
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import re
 import time
@@ -69,14 +70,15 @@ class PassContext:
         return self.options.get(name, default)
 
 
-class Pass:
+class Pass(abc.ABC):
     """Base of every pass. Subclasses are dataclasses whose fields are the pass options."""
 
     name: ClassVar[str] = ""
     preserves_numerics: ClassVar[bool] = False
 
+    @abc.abstractmethod
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        raise NotImplementedError(f"{type(self).__name__} must implement __call__")
+        """Transform ``gm`` (usually in place), reading and writing ``ctx``."""
 
     def spec(self) -> str:
         """This pass as pipeline text: ``name`` or ``name{opt=value,...}`` (non-default options)."""

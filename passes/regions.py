@@ -33,6 +33,7 @@ observed statistics of the folded tensors exact where they can be (``FoldedObser
 """
 from __future__ import annotations
 
+import abc
 import builtins
 import copy
 import operator
@@ -162,7 +163,7 @@ def _scale_shift(value: torch.Tensor, scale: torch.Tensor | None, shift: torch.T
 
 # -- sources ------------------------------------------------------------------------------------
 
-class Source:
+class Source(abc.ABC):
     """An op whose output ``y`` can become ``(y - p) / s`` by editing its parameters.
 
     ``output`` is the fx node carrying ``y``; ``tensors`` the targets ``fold`` edits (checked
@@ -174,15 +175,17 @@ class Source:
     def __init__(self, name: str, output: fx.Node, channels: int):
         self.name, self.output, self.channels = name, output, channels
 
+    @abc.abstractmethod
     def tensors(self) -> list[str]:
-        raise NotImplementedError
+        """The parameter/buffer targets ``fold`` edits."""
 
     def shift_blocker(self) -> str | None:
         """Why a shift ``p`` cannot be folded here, or None when it can."""
         return None
 
+    @abc.abstractmethod
     def fold(self, gm: fx.GraphModule, scale: torch.Tensor | None, shift: torch.Tensor | None) -> None:
-        raise NotImplementedError
+        """Edit the source's parameters so its output becomes ``(y - shift) / scale``."""
 
     def __repr__(self) -> str:
         return f"{self.kind}({self.name})"
@@ -741,10 +744,10 @@ class FoldingPass(Pass):
         """Work shared by all regions (validation, a calibration run); passed to ``plan``."""
         return None
 
+    @abc.abstractmethod
     def plan(self, gm: fx.GraphModule, ctx: PassContext, region: Region,
              shared: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(scale, shift)`` for one region, float64 ``[C]`` or None; both None skips it."""
-        raise NotImplementedError
 
     def input_stats(self, ctx: PassContext, region: Region) -> TensorObserver:
         site = region.sink_sites[0]
