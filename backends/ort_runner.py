@@ -17,6 +17,20 @@ from passes.diagnostics import UserError
 MODES = ("reference", "fast")
 
 
+def cpu_has_vnni() -> bool:
+    """Whether the CPU has VNNI int8 dot products (AVX512-VNNI or AVX-VNNI).
+
+    Without it onnxruntime's fused u8s8 kernels can saturate when weights use the full int8
+    range (DESIGN.md); reports say which kind of CPU a fast-mode number came from.
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:  # not Linux: unknown, say no
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
 def make_session(path: str | Path, mode: str = "reference", *, threads: int | None = None) -> ort.InferenceSession:
     if mode not in MODES:
         raise UserError(f"unknown onnxruntime mode {mode!r}; choose {' or '.join(MODES)}")

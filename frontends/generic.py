@@ -50,6 +50,38 @@ class ModelBundle:
             self.input_names = _forward_arg_names(self.module, len(self.example_inputs))
 
 
+# Which axes of the family step inputs vary (see each family's step module): batch leads the
+# token and condition inputs and is axis 1 of the [depth, B, heads, L, head_dim] caches;
+# the step's token count leads positions, masks and token groups.
+_BATCH_TOKENS = {"x", "tokens", "input_ids"}
+_BATCH = {"cond", "condition"}
+_TOKENS = {"positions", "input_pos", "token_groups", "attn_bias", "attn_mask"}
+
+
+def step_dynamic_shapes(input_names: list[str], max_tokens: int, *, tokens: bool = True) -> tuple:
+    """torch.export dims of a family step: batch always, the token count if ``tokens``.
+
+    One exported graph then serves every batch size and (with ``tokens``) every step. torch.export
+    specialises a dimension whose example size is 1, so ``tokens`` needs an example with at
+    least 2 tokens (a family whose steps all have one token passes ``tokens=False``).
+    """
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    tok = torch.export.Dim("tokens", min=1, max=max_tokens) if tokens else None
+    spec = []
+    for name in input_names:
+        if "cache" in name:
+            spec.append({1: batch})
+        elif name in _BATCH_TOKENS:
+            spec.append({0: batch, 1: tok} if tok else {0: batch})
+        elif name in _BATCH:
+            spec.append({0: batch})
+        elif name in _TOKENS:
+            spec.append({0: tok} if tok else None)
+        else:
+            raise ValueError(f"no dynamic-axis rule for step input {name!r}")
+    return tuple(spec)
+
+
 def _forward_arg_names(module: torch.nn.Module, n: int) -> list[str]:
     try:
         params = [p for p in inspect.signature(module.forward).parameters.values()

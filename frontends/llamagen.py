@@ -44,7 +44,7 @@ from torch import nn
 
 from frontends import vq16
 from frontends.families import Family, register_family
-from frontends.generic import ModelBundle, load_checkpoint, strict_load
+from frontends.generic import ModelBundle, load_checkpoint, step_dynamic_shapes, strict_load
 from passes.diagnostics import UserError
 
 CLS_TOKEN_NUM = 1  # class-conditional models condition on one token
@@ -452,10 +452,14 @@ def build_family(model_cls: type[Transformer], configs: dict, state_dict: dict, 
                         seed=seed, step=step)
 
     name = Path(path).stem if path is not None else f"{model_cls.family}-{config}"
-    return ModelBundle(name, module=model, example_inputs=example_step(model), family=model_cls.family,
+    example = example_step(model)
+    # LlamaGen steps all have one token (static); PAR's have 1 or n, and its example has n.
+    dims = step_dynamic_shapes(INPUT_NAMES, model.seq_len, tokens=example[0].shape[1] > 1)
+    return ModelBundle(name, module=model, example_inputs=example, family=model_cls.family,
                        input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES), calib_inputs=[],
                        extra={"model": model, "tokenizer": vq, "generate": generate_tokens, "group_maps": {},
-                              "default_exclude": []})  # no per-image linears are sites (passes/exclude.py)
+                              "default_exclude": [],  # no per-image linears are sites (passes/exclude.py)
+                              "dynamic_shapes": dims})
 
 
 build = partial(build_family, Transformer, CONFIGS)

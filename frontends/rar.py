@@ -29,7 +29,7 @@ from passes.diagnostics import UserError
 
 from frontends.sampling import image_generators
 from frontends.families import Family, register_family
-from frontends.generic import ModelBundle
+from frontends.generic import ModelBundle, step_dynamic_shapes
 from frontends.maskgit_vq import count_indexed, load_strict, load_tokenizer
 
 
@@ -414,7 +414,10 @@ def build(state_dict: dict, path=None, config: str | None = None, tokenizer=None
         output_names=list(STEP_OUTPUT_NAMES),
         calib_inputs=[],
         extra={"model": model, "tokenizer": vq, "generate": generate_fn, "group_maps": {}, "sampling": sampling,
-               "default_exclude": ["blocks.*.adaLN_modulation.1", "adaln_before_head.adaLN_modulation.1"]},  # passes/exclude.py
+               "default_exclude": ["blocks.*.adaLN_modulation.1", "adaln_before_head.adaLN_modulation.1"],  # passes/exclude.py
+               # export from the prefill (2 tokens): torch.export would freeze the decode's 1-token axis
+               "export_inputs": example_inputs(step, label=0, filled=1),
+               "dynamic_shapes": step_dynamic_shapes(STEP_INPUT_NAMES, arch.cache_len)},
     )
 
 

@@ -41,7 +41,7 @@ from torch import nn
 
 from frontends.sampling import image_generators
 from frontends.families import Family, register_family
-from frontends.generic import ModelBundle, strict_load
+from frontends.generic import ModelBundle, step_dynamic_shapes, strict_load
 from frontends.var_vqvae import VQVAE, MultiScaleQuantizer, VQVAEConfig, load_vqvae
 from passes.diagnostics import UserError
 
@@ -262,9 +262,7 @@ STEP_OUTPUT_NAMES = ["logits", "k_cache_out", "v_cache_out"]  # ONNX forbids an 
 def dynamic_shapes(cfg: VARConfig) -> tuple:
     """torch.export dims of the step inputs: batch and token count vary, so one exported graph
     serves every scale and batch size."""
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    tokens = torch.export.Dim("tokens", min=1, max=cfg.seq_len)
-    return ({0: batch, 1: tokens}, {0: batch}, {0: tokens}, {0: tokens}, {1: batch}, {1: batch}, {0: tokens})
+    return step_dynamic_shapes(STEP_INPUT_NAMES, cfg.seq_len)
 
 
 # ----------------------------------------------------------------------------- driver

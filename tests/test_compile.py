@@ -40,6 +40,12 @@ def test_onnx_matches_torch_fake_quant(compiled):
     assert {"attn.qkv.input_scale", "fc1.weight_int8", "fc2.weight_scale"} <= names  # module paths survive
 
 
+def test_fast_mode_within_int8_error(compiled):
+    r = json.loads((compiled / "report.json").read_text())["onnx"]["ort_fast"]
+    assert isinstance(r["cpu_vnni"], bool)
+    assert 0 <= r["max_rel_diff_vs_reference"] < 0.05  # fused kernels: rounding-level differences only
+
+
 def test_report_fidelity_is_real(compiled):
     r = json.loads((compiled / "report.json").read_text())
     # 8-bit quantization of a random block: noticeably noisy but far from garbage

@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-cache", metavar="DIR", default=".arvgq-cache",
                    help="where self-generated calibration steps are cached (an interrupted run resumes)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration generations")
+    p.add_argument("--dgc", choices=("none", "reference", "ranked"), default="none",
+                   help="Distribution-Guided Calibration on self-generated data: keep N of the 2N CFG sequences, "
+                        "'reference' as PTQ4ARVG (sets the cond:uncond ratio only), 'ranked' the farthest from "
+                        "their set (Ledoit-Wolf); default none: all of them")
     p.add_argument("--exclude", metavar="PATTERN", action="append", default=[],
                    help="keep these sites in full precision (repeatable): a module-path glob such as "
                         "'blocks.*.ada_lin.1' or 'head', or an op type 'op:linear' / 'op:matmul'; "
@@ -136,21 +140,68 @@ def quantize(bundle: ModelBundle, pipeline: str, bits: str, calib: list[tuple], 
 
 
 def calibration_inputs(bundle: ModelBundle, args: argparse.Namespace) -> tuple:
-    """--calib-data, else the bundle's own, else the model's own generations (families), else its example."""
+    """--calib-data, else the bundle's own, else the model's own generations (families), else its example.
+
+    Returns (inputs, source, extra report fields); --dgc selects among self-generated sequences.
+    """
+    dgc = getattr(args, "dgc", "none")
     if args.calib_data:
         calib = load_calib_data(args.calib_data, len(bundle.example_inputs))
-        return calib[: args.calib_samples] if args.calib_samples else calib, args.calib_data
+        if dgc != "none":
+            say(f"--dgc {dgc} applies to self-generated calibration only; --calib-data is used as is")
+        return calib[: args.calib_samples] if args.calib_samples else calib, args.calib_data, {}
     if bundle.calib_inputs:
         calib = list(bundle.calib_inputs)
-        return calib[: args.calib_samples] if args.calib_samples else calib, "built-in"
+        return calib[: args.calib_samples] if args.calib_samples else calib, "built-in", {}
     if "generate" in bundle.extra:
         from calib.capture import capture
 
         n = args.calib_samples or 8
         classes = [(i * 37) % bundle.extra["model"].config.num_classes for i in range(n)]  # spread over classes
         steps = capture(bundle, classes=classes, seed=args.seed, cache_dir=args.calib_cache, progress=progress)
-        return steps, f"{n} self-generated images (classes {classes[:8]}{'...' if n > 8 else ''}, seed {args.seed}, CFG)"
-    return [bundle.example_inputs], "example inputs"
+        source = f"{n} self-generated images (classes {classes[:8]}{'...' if n > 8 else ''}, seed {args.seed}, CFG)"
+        if dgc == "none":
+            return steps, source, {}
+        from calib.capture import select_dgc
+
+        steps, selection = select_dgc(bundle, steps, dgc)
+        summary = selection.summary()
+        say(f"DGC ({dgc}): kept {summary['kept_cond']} conditional + {summary['kept_uncond']} unconditional "
+            f"of {2 * n} sequences; {summary['reason']}")
+        return steps, f"{source}, DGC {dgc}", {"dgc": summary, "rows": steps.rows}
+    if dgc != "none":
+        say(f"--dgc {dgc} applies to self-generated calibration only; this model has none")
+    return [bundle.example_inputs], "example inputs", {}
+
+
+def observer_memory_bound(bundle: ModelBundle) -> tuple[int, int]:
+    """(bytes, observed tensors): an upper bound of the observers' state, whatever the sample count.
+
+    Shapes come from one run of the canonicalized trace on the example inputs; every linear
+    input is counted with all the model's token groups (group maps only merge them).
+    """
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    from calib.observers import TensorObserver
+    from passes.canonicalize import Canonicalize, is_linear
+
+    ctx = PassContext()
+    gm = Canonicalize()(trace(bundle), ctx).gm
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*bundle.example_inputs)
+    names = bundle.input_names or []
+    groups = (int(bundle.example_inputs[names.index("token_groups")].max()) + 1) if "token_groups" in names else 0
+    total = count = 0
+    for n in gm.graph.nodes:
+        if n.meta.get("site") is None or n.op != "call_function":
+            continue
+        operands = n.args[:1] if is_linear(n) else n.args[:2]
+        for a in operands:
+            meta = getattr(a, "meta", {}).get("tensor_meta")
+            if meta is not None:
+                total += TensorObserver.memory_bound(meta.shape[-1], groups if is_linear(n) else 0)
+                count += 1
+    return total, count
 
 
 def build_trt(bundle: ModelBundle, onnx_path: Path, out: Path, input_names: list[str], reason: str | None) -> dict:
@@ -190,7 +241,13 @@ def _compile(args: argparse.Namespace, out: Path) -> dict:
     bits = args.bits or recipe.bits
     defaults = [] if args.no_default_exclude else list(bundle.extra.get("default_exclude", []))
     exclusions = resolve_exclusions(bundle, pipeline, [*user_exclude, *recipe.exclude], defaults)
-    calib, calib_source = calibration_inputs(bundle, args)
+    calib, calib_source, calib_extra = calibration_inputs(bundle, args)
+    if "observe" in [p.name for p in parse_pipeline(pipeline)]:
+        try:
+            bound, n_obs = observer_memory_bound(bundle)
+            say(f"observers: at most {bound / 1e6:.1f} MB ({n_obs} tensors, {len(calib)} calibration batches)")
+        except (RuntimeError, ValueError, IndexError, TypeError, UserError) as e:  # an estimate: never fatal
+            say(f"observers: memory bound not estimated ({type(e).__name__}: {e})")
 
     say(f"[2/4] tracing, then passes: {with_exclude_pass(pipeline) if exclusions else pipeline}")
     fp_gm, gm, ctx, pm = quantize(bundle, pipeline, bits, calib, stop_after=args.stop_after,
@@ -204,7 +261,7 @@ def _compile(args: argparse.Namespace, out: Path) -> dict:
         "recipe": recipe.name,
         "pipeline": str(pm),
         "bits": bits,
-        "calibration": {"source": calib_source, "batches": len(calib)},
+        "calibration": {"source": calib_source, "batches": len(calib), **calib_extra},
         "passes": pm.records,
         "sites": {name: {"kind": s.kind, "in": s.in_features, "out": s.out_features,
                          "quantized": sorted(k.rsplit(".", 1)[1] for k in ctx.qparams if k.rsplit(".", 1)[0] == name),
@@ -219,10 +276,11 @@ def _compile(args: argparse.Namespace, out: Path) -> dict:
 
     if args.target in ("onnx", "ort", "trt"):
         from backends.onnx_export import export_onnx, qdq_census
-        from backends.ort_runner import make_session, run
+        from backends.ort_runner import cpu_has_vnni, make_session, run
 
         say("[3/4] exporting ONNX")
-        onnx_path = export_onnx(gm, bundle.example_inputs, out / "model.onnx", input_names=bundle.input_names,
+        onnx_path = export_onnx(gm, bundle.extra.get("export_inputs", bundle.example_inputs), out / "model.onnx",
+                                input_names=bundle.input_names,
                                 output_names=bundle.output_names, dynamic_shapes=bundle.extra.get("dynamic_shapes"))
         import onnx
 
@@ -236,6 +294,9 @@ def _compile(args: argparse.Namespace, out: Path) -> dict:
             ref = [t for t in torch.utils._pytree.tree_leaves(gm(*bundle.example_inputs)) if isinstance(t, torch.Tensor)]
         got = run(sess, bundle.example_inputs)
         diff = max(float((torch.as_tensor(g) - r).abs().max()) for g, r in zip(got, ref, strict=True))
+        fast = run(make_session(onnx_path, "fast"), bundle.example_inputs)
+        fast_diff = max(float((torch.as_tensor(f) - torch.as_tensor(g)).abs().max() / max(float(abs(r).max()), 1e-12))
+                        for f, g, r in zip(fast, got, ref, strict=True))
         report["onnx"] = {
             "path": "model.onnx",
             "file_bytes": onnx_path.stat().st_size,
@@ -244,6 +305,8 @@ def _compile(args: argparse.Namespace, out: Path) -> dict:
             "inputs": [i.name for i in sess.get_inputs()],
             "outputs": [o.name for o in sess.get_outputs()],
             "ort_reference_max_abs_diff": diff,
+            # fused int8 kernels: error relative to each output's largest magnitude, and the CPU kind
+            "ort_fast": {"max_rel_diff_vs_reference": fast_diff, "cpu_vnni": cpu_has_vnni()},
             "tensorrt_lint": {"ok": lint_report.ok, "int8_gemms": lint_report.quantized_gemms,
                               "float_gemms": len(lint_report.float_gemms),
                               "violations": [str(v) for v in lint_report.violations]},
