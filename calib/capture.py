@@ -56,7 +56,7 @@ def capture(bundle, *, classes: list[int], seed: int, cache_dir: str | Path, bat
         if not cache.has(i):
             recorded: list[tuple] = []
 
-            def recording_step(*inputs):
+            def recording_step(*inputs, recorded=recorded):
                 recorded.append(tuple(t.detach().clone() if isinstance(t, torch.Tensor) else t for t in inputs))
                 return step(*inputs)
 
@@ -65,3 +65,140 @@ def capture(bundle, *, classes: list[int], seed: int, cache_dir: str | Path, bat
             cache.save(i, {"steps": recorded})
         counts.append(len(cache.load(i)["steps"]))
     return CachedSteps(cache, counts)
+
+
+# -- DGC selection over captured steps (method.md §5.2) --
+
+CACHE_INPUTS = ("k_cache", "v_cache")  # [depth, B, ...]: batch at dim 1 in every family
+UNBATCHED_INPUTS = ("positions", "input_pos", "attn_bias", "attn_mask", "token_groups")  # no batch axis
+BLOCK_LISTS = ("blocks", "layers")  # VAR/RAR ``blocks``, LlamaGen/PAR ``layers``
+
+
+def batch_dims(input_names: list[str]) -> list[int | None]:
+    """The batch axis of each step input (None: the input has none)."""
+    return [1 if n in CACHE_INPUTS else None if n in UNBATCHED_INPUTS else 0 for n in input_names]
+
+
+def slice_rows(inputs: tuple, dims: list[int | None], rows: torch.Tensor) -> tuple:
+    """The step inputs restricted to the batch rows ``rows`` (every batched tensor, along its batch axis)."""
+    return tuple(t.index_select(d, rows) if d is not None and isinstance(t, torch.Tensor) else t
+                 for t, d in zip(inputs, dims, strict=True))
+
+
+def last_block(module: torch.nn.Module) -> torch.nn.Module:
+    for attr in BLOCK_LISTS:
+        blocks = getattr(module, attr, None)
+        if isinstance(blocks, torch.nn.ModuleList) and len(blocks):
+            return blocks[-1]
+    raise UserError(f"DGC: the step module {type(module).__name__} has no block list ({', '.join(BLOCK_LISTS)})")
+
+
+def last_block_token0(module: torch.nn.Module, inputs: tuple) -> torch.Tensor:
+    """``[rows, D]``: the last transformer block's output at token position 0 for one step's inputs."""
+    seen: list[torch.Tensor] = []
+
+    def hook(_mod, _args, output):
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        seen.append(out[:, 0, :].detach().float().clone())
+
+    handle = last_block(module).register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            module(*inputs)
+    finally:
+        handle.remove()
+    if len(seen) != 1:
+        raise UserError(f"DGC: the last block ran {len(seen)} times in one step; expected once")
+    return seen[0]
+
+
+def _chunks(steps) -> list[tuple[int, int]]:
+    """(first step index, step count) of each generation batch; a plain list is one batch."""
+    counts = steps.counts if isinstance(steps, CachedSteps) else [len(steps)]
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    return [(s, c) for s, c in zip(starts, counts) if c]
+
+
+def dgc_features(bundle, steps) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """(cond features [N, D], uncond features [N, D], B of each generation batch).
+
+    The feature of a generated image is the last block's output at token 0 (method.md §5.2),
+    taken on the FIRST recorded step of its generation batch, whose rows are [0:B] cond and
+    [B:2B] uncond (every family's CFG driver). Differences from the reference, which hooks a
+    teacher-forced forward over the whole finished sequence: for RAR/LlamaGen/PAR token 0
+    attends only to itself, so step 0 gives the same feature; for VAR the reference runs
+    without a mask (token 0 sees all 680 tokens) whereas here it sees only the first scale, so
+    the uncond features are all equal (class-independent) as they are for the other families.
+    """
+    module = bundle.module.eval()
+    dims = batch_dims(bundle.input_names)
+    cond, uncond, sizes = [], [], []
+    for start, _ in _chunks(steps):
+        inputs = steps[start]
+        rows = inputs[dims.index(0)].shape[0]
+        if rows % 2:
+            raise UserError(f"DGC: a CFG step has an even batch (cond + uncond), got {rows} rows")
+        feats = last_block_token0(module, inputs)
+        b = rows // 2
+        cond.append(feats[:b])
+        uncond.append(feats[b:])
+        sizes.append(b)
+    return torch.cat(cond), torch.cat(uncond), sizes
+
+
+class SelectedSteps(Sequence):
+    """Captured steps restricted to the kept CFG rows of each generation batch, sliced lazily.
+
+    Only the underlying `CachedSteps`' current chunk is in memory, plus one sliced step; the
+    generation batches that keep no row are skipped.
+    """
+
+    def __init__(self, steps, dims: list[int | None], rows_per_chunk: list[torch.Tensor]):
+        self.steps, self.dims = steps, dims
+        self.index: list[tuple[int, torch.Tensor]] = []  # (step index, kept rows)
+        for (start, count), rows in zip(_chunks(steps), rows_per_chunk, strict=True):
+            if len(rows):
+                self.index.extend((start + j, rows) for j in range(count))
+
+    @property
+    def rows(self) -> int:
+        """Batch rows over all steps: what the observers see."""
+        return sum(len(r) for _, r in self.index)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> tuple:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        j, rows = self.index[i]
+        return slice_rows(self.steps[j], self.dims, rows)
+
+
+def select_dgc(bundle, steps, method: str, n_keep: int | None = None):
+    """DGC over captured CFG steps: ``(SelectedSteps, DGCSelection)``.
+
+    ``method`` is ``reference`` (`dgc_reference`: sets the cond:uncond ratio, keeps the first
+    sequences) or ``ranked`` (`dgc_ranked`: Ledoit-Wolf distances, keeps the farthest).
+    ``n_keep`` defaults to N (half of the 2N sequences, as in the reference).
+
+    Memory: features are computed one generation batch at a time (one chunk of steps loaded,
+    one step run with a hook), so the extra memory is O(chunk + N·D); selected steps are
+    sliced on access.
+    """
+    from calib.dgc import dgc_ranked, dgc_reference
+
+    feats_cond, feats_uncond, sizes = dgc_features(bundle, steps)
+    if method == "reference":
+        selection = dgc_reference(feats_cond, feats_uncond, n_keep)
+    elif method == "ranked":
+        selection = dgc_ranked(feats_cond, feats_uncond, n_keep)
+    else:
+        raise UserError(f"unknown DGC method {method!r} (none, reference, ranked)")
+    rows, offset = [], 0
+    for b in sizes:
+        keep_c = selection.cond[(selection.cond >= offset) & (selection.cond < offset + b)] - offset
+        keep_u = selection.uncond[(selection.uncond >= offset) & (selection.uncond < offset + b)] - offset
+        rows.append(torch.cat([keep_c, keep_u + b]).long())
+        offset += b
+    return SelectedSteps(steps, batch_dims(bundle.input_names), rows), selection

@@ -29,7 +29,7 @@ from passes.diagnostics import UserError
 
 from frontends.sampling import image_generators
 from frontends.families import Family, register_family
-from frontends.generic import ModelBundle, step_dynamic_shapes
+from frontends.generic import ModelBundle, step_dynamic_shapes, widen_batch
 from frontends.maskgit_vq import count_indexed, load_strict, load_tokenizer
 
 
@@ -415,8 +415,9 @@ def build(state_dict: dict, path=None, config: str | None = None, tokenizer=None
         calib_inputs=[],
         extra={"model": model, "tokenizer": vq, "generate": generate_fn, "group_maps": {}, "sampling": sampling,
                "default_exclude": ["blocks.*.adaLN_modulation.1", "adaln_before_head.adaLN_modulation.1"],  # passes/exclude.py
-               # export from the prefill (2 tokens): torch.export would freeze the decode's 1-token axis
-               "export_inputs": example_inputs(step, label=0, filled=1),
+               # export from the prefill (2 tokens): torch.export would freeze the decode's 1-token
+               # axis; at batch 3, so the batch dim is not tied to the token dim (also 2)
+               "export_inputs": widen_batch(example_inputs(step, label=0, filled=1), STEP_INPUT_NAMES, 3),
                "dynamic_shapes": step_dynamic_shapes(STEP_INPUT_NAMES, arch.cache_len)},
     )
 

@@ -80,4 +80,5 @@ def test_every_family_generates_through_onnxruntime(tmp_path):
         fp, qt = (torch.as_tensor(torch.load(d / "tokens.pt")) for d in (fp_dir, q_dir))
         assert fp.shape == qt.shape, name
         agreement = float((fp == qt).float().mean())
-        assert agreement > 0.2, (name, agreement)  # same seeds: W8A8 keeps many tokens of a random tiny model
+        # same seeds: W8A8 kept 73-83 % of the tokens of these random tiny models when measured
+        assert agreement > 0.6, (name, agreement)
