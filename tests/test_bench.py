@@ -31,3 +31,17 @@ def test_bench_rejects_unknown_names(capsys):
     assert main(["--model", "nope"]) == 2
     assert main(["--backends", "tensorrt-int4"]) == 2
     assert main(["--batch", "two"]) == 2
+
+
+def test_bench_llamagen_decode(capsys):
+    assert main(["--model", "gpt-tiny-decode", "--backends", "torch-fp32,ort-fp32,ort-int8", "--batch", "1,2",
+                 "--repeats", "2", "--warmup", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    speedups = [ln for ln in lines if ln.startswith("speedup_vs_fp32=")]
+    assert len(speedups) == 2 and all(float(ln.split("=")[1]) > 0 for ln in speedups)
+    assert sum(ln.startswith("workload gpt-tiny-decode") for ln in lines) == 2
+
+
+def test_steps_all_is_var_only(capsys):
+    assert main(["--model", "gpt-tiny-decode", "--steps", "all", "--backends", "torch-fp32", "--repeats", "1"]) == 2
+    assert "VAR" in capsys.readouterr().err

@@ -72,20 +72,69 @@ def _var_step_inputs(var, si: int, rows: int, seed: int, device="cpu", dtype=tor
 
 
 def _var(config: str):
-    """VAR at ``config`` with random weights: the last-scale step (256 tokens at d16), calibrated on every scale."""
-    def build(batch: int) -> ModelBundle:
+    """VAR at ``config`` with random weights: the last-scale step (256 tokens at d16), calibrated on every scale
+    of ``samples`` images (batch 1: one image and its CFG twin)."""
+    def build(batch: int, samples: int = 1) -> ModelBundle:
         from frontends import var as V
 
         torch.manual_seed(0)
         model = V.VAR(V.CONFIGS[config]).eval()
         last = model.num_scales - 1
-        calib = [_var_step_inputs(model, si, 2, seed=100 + si) for si in range(model.num_scales)]
+        calib = [_var_step_inputs(model, si, 2, seed=100 * (i + 1) + si) for i in range(samples)
+                 for si in range(model.num_scales)]
         # example (= the pass manager's probe) at one image: timed inputs come from inputs_for_batch
         return ModelBundle(f"var-{config}", V.VARStep(model).eval(), _var_step_inputs(model, last, 2, 0),
                            family="var", input_names=list(V.STEP_INPUT_NAMES), output_names=list(V.STEP_OUTPUT_NAMES),
                            calib_inputs=calib, extra={"model": model, "group_maps": V.group_maps(model.num_scales),
                                                       "dynamic_shapes": V.dynamic_shapes(model.config),
                                                       "inputs_for_batch": lambda b, **f: _var_step_inputs(model, last, 2 * b, 0, **f)})
+    return build
+
+
+def _gpt_step_inputs(model, pos: int, rows: int, seed: int, device="cpu", dtype=torch.float32) -> tuple:
+    """LlamaGen decode-step inputs at sequence position ``pos`` for ``rows`` sequences (CFG: 2 x images).
+
+    One token per sequence (position 0 feeds the class token, the CFG half the null class); the
+    KV cache holds random keys / values before ``pos`` and zeros after, built on ``device`` in ``dtype``.
+    """
+    g = torch.Generator(device=device).manual_seed(seed)
+    c = model.config
+    f = {"device": device, "dtype": dtype}
+    cpu = torch.Generator().manual_seed(seed)
+    if pos == 0:
+        labels = torch.randint(0, c.num_classes, (rows,), generator=cpu)
+        labels[rows // 2:] = c.num_classes  # the unconditional half of CFG
+        tokens = model.class_ids(labels)
+    else:
+        tokens = torch.randint(0, c.vocab_size, (rows, 1), generator=cpu)
+    input_pos = torch.tensor([pos])
+    shape = (c.n_layer, rows, c.n_head, model.seq_len, c.head_dim)
+    k, v = torch.randn(shape, generator=g, **f), torch.randn(shape, generator=g, **f)
+    k[..., pos:, :] = 0
+    v[..., pos:, :] = 0
+    mask = model.attention_mask()[input_pos]
+    return (tokens.to(device), input_pos.to(device), mask.to(**f), k, v, model.token_groups(input_pos).to(device))
+
+
+def _gpt_decode(config: str):
+    """LlamaGen at ``config`` with random weights: one decode step (one token per sequence) half-way through
+    the image (position 128 of 256 at GPT-B) with a filled KV cache; calibrated on a few steps (class token,
+    a quarter, half-way, last) of ``samples`` images at batch 1."""
+    def build(batch: int, samples: int = 1) -> ModelBundle:
+        from frontends import llamagen as L
+
+        torch.manual_seed(0)
+        model = L.Transformer(L.CONFIGS[config]).eval().requires_grad_(False)
+        n = model.config.num_tokens
+        pos = n // 2
+        calib = [_gpt_step_inputs(model, p, 2, seed=100 * (i + 1) + p) for i in range(samples)
+                 for p in (0, n // 4, pos, n)]
+        rows = torch.export.Dim("batch", min=1, max=4096)  # CFG rows; the token count of a decode step is 1
+        dims = ({0: rows}, None, None, {1: rows}, {1: rows}, None)
+        return ModelBundle(f"gpt-{config}-decode", model, _gpt_step_inputs(model, pos, 2, 0), family="llamagen",
+                           input_names=list(L.INPUT_NAMES), output_names=list(L.OUTPUT_NAMES), calib_inputs=calib,
+                           extra={"model": model, "group_maps": {}, "dynamic_shapes": dims,
+                                  "inputs_for_batch": lambda b, **f: _gpt_step_inputs(model, pos, 2 * b, 0, **f)})
     return build
 
 
@@ -96,6 +145,9 @@ def workloads() -> dict[str, Callable[[int], ModelBundle]]:
         "block-d16": _block(1024, 256, 16),
         "var-tiny": _var("tiny"),
         "var-d16": _var("d16"),
+        # LlamaGen decode step: one token per sequence at position 128 of 256, KV cache filled
+        "gpt-tiny-decode": _gpt_decode("tiny"),
+        "gpt-b-decode": _gpt_decode("GPT-B"),
     }
 
 
@@ -165,7 +217,7 @@ def _prepare(name: str, fp_gm, q_gm, workdir: Path, bundle: ModelBundle) -> Runn
         from backends.ort_runner import make_session, run
 
         gm = fp_gm if name == "ort-fp32" else q_gm
-        path = export_onnx(copy.deepcopy(gm), bundle.example_inputs, workdir / f"{name}.onnx",
+        path = export_onnx(copy.deepcopy(gm), bundle.extra.get("export_inputs", bundle.example_inputs), workdir / f"{name}.onnx",
                            input_names=bundle.input_names, output_names=bundle.output_names,
                            dynamic_shapes=bundle.extra.get("dynamic_shapes"))
         sess = make_session(path, "reference" if name.endswith("-ref") else "fast")
@@ -319,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
                 for r in runners:
                     print(f"--- profile of {r.name} (3 calls)")
                     print(profile_table(r))
-            what = "one last-scale step" if args.steps == "last" else "full generation"
+            what = ("full generation" if args.steps == "all" else
+                    "one decode step" if bundle.family == "llamagen" else "one last-scale step")
             print(f"workload {args.model} ({what}), batch {batch}, {args.repeats} interleaved repeats after "
                   f"{args.warmup} warm-up; {device}")
             print(table)
