@@ -36,7 +36,8 @@ def test_bad_classes(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_every_family_generates_pngs(tmp_path):
+def _other_families(tmp_path) -> dict:
+    """LlamaGen, PAR and RAR tiny checkpoints with their tokenizers: name -> (compile args, tokenizer file)."""
     from frontends.maskgit_vq import VQ_CONFIGS as MASKGIT_CONFIGS
     from frontends.maskgit_vq import MaskGITVQ
     from frontends.vq16 import VQ_CONFIGS, VQModel
@@ -45,9 +46,12 @@ def test_every_family_generates_pngs(tmp_path):
     torch.manual_seed(0)
     torch.save(VQModel(VQ_CONFIGS["tiny"]).state_dict(), tmp_path / "vq.pt")
     torch.save(MaskGITVQ(MASKGIT_CONFIGS["tiny"]).state_dict(), tmp_path / "maskgit.bin")
-    cases = {"llamagen": (_llamagen(tmp_path), "vq.pt"), "par": (_llamagen(tmp_path, par=True), "vq.pt"),
-             "rar": (_rar(tmp_path), "maskgit.bin")}
-    for name, (args, tok) in cases.items():
+    return {"llamagen": (_llamagen(tmp_path), "vq.pt"), "par": (_llamagen(tmp_path, par=True), "vq.pt"),
+            "rar": (_rar(tmp_path), "maskgit.bin")}
+
+
+def test_every_family_generates_pngs(tmp_path):
+    for name, (args, tok) in _other_families(tmp_path).items():
         out = tmp_path / name
         assert main([args[0], "--tokenizer", str(tmp_path / tok), "--out", str(out)]) == 0, name
         images = np.load(out / "samples.npz")["arr_0"]
@@ -59,17 +63,7 @@ def test_every_family_generates_pngs(tmp_path):
 def test_every_family_generates_through_onnxruntime(tmp_path):
     """One exported graph (dynamic batch, and token axis where steps differ) serves the whole
     generation: prefill and decode (RAR), single and grouped steps (PAR), every step (LlamaGen)."""
-    from frontends.maskgit_vq import VQ_CONFIGS as MASKGIT_CONFIGS
-    from frontends.maskgit_vq import MaskGITVQ
-    from frontends.vq16 import VQ_CONFIGS, VQModel
-    from tests.test_family_compile import _llamagen, _rar
-
-    torch.manual_seed(0)
-    torch.save(VQModel(VQ_CONFIGS["tiny"]).state_dict(), tmp_path / "vq.pt")
-    torch.save(MaskGITVQ(MASKGIT_CONFIGS["tiny"]).state_dict(), tmp_path / "maskgit.bin")
-    cases = {"llamagen": (_llamagen(tmp_path), "vq.pt"), "par": (_llamagen(tmp_path, par=True), "vq.pt"),
-             "rar": (_rar(tmp_path), "maskgit.bin")}
-    for name, (args, tok) in cases.items():
+    for name, (args, tok) in _other_families(tmp_path).items():
         q = tmp_path / f"{name}_q"
         assert compile_main([args[0], "--recipe", "minmax", "--calib-samples", "2", "--out", str(q),
                              "--calib-cache", str(tmp_path / "cache")]) == 0, name
