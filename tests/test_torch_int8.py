@@ -6,7 +6,7 @@ import torch
 
 from backends import torch_int8
 from frontends import load_model, trace
-from passes import PassContext, PassManager
+from passes import PassContext, PassManager, ops
 
 MODELS = "tests/models_generic.py"
 
@@ -108,3 +108,35 @@ def test_to_device_converts_model_parameters_named_like_scales():
     with torch.no_grad():
         logits = Spy(low).run(*conv)[0]
     assert seen == {torch.bfloat16} and logits.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("workload", ["var-tiny", "gpt-tiny-decode"])
+def test_fuse_attention_equals_explicit_attention(workload):
+    from tools.bench import workloads
+    from tools.compile import quantize
+
+    b = workloads()[workload](2)
+    calib = b.calib_inputs or [b.example_inputs]
+    fp, q, _, _ = quantize(b, "canonicalize,observe{histograms=false},act-quant,weight-quant,insert-qdq", "W8A8", calib)
+    layers = len(b.module.blocks if hasattr(b.module, "blocks") else b.module.layers)
+    for gm in (fp, q):
+        fused, n = torch_int8.fuse_attention(copy.deepcopy(gm))
+        assert n == layers  # one SDPA per block, every softmax gone
+        assert sum(node.target is torch.nn.functional.scaled_dot_product_attention for node in fused.graph.nodes) == n
+        assert not any("softmax" in str(node.target) for node in fused.graph.nodes)
+        with torch.no_grad():
+            for a, c in zip(gm(*b.example_inputs), fused(*b.example_inputs)):
+                torch.testing.assert_close(c, a, atol=1e-5, rtol=1e-5)
+
+
+def test_fuse_attention_keeps_quantized_attention_matmuls():
+    from tools.bench import workloads
+    from tools.compile import quantize
+
+    b = workloads()["var-tiny"](2)
+    # act-quant on every site, attention matmuls included: their inputs are dequantized
+    _, q, _, _ = quantize(b, "canonicalize,observe{histograms=false},act-quant{matmuls=true},weight-quant,insert-qdq",
+                          "W8A8", b.calib_inputs)
+    quantized_matmuls = sum(n.target is torch.matmul and n.args[0].target is ops.DQ for n in q.graph.nodes)
+    _, n = torch_int8.fuse_attention(copy.deepcopy(q))
+    assert quantized_matmuls > 0 and n == 0

@@ -9,7 +9,9 @@ from one run, never absolute numbers across runs. The last line is machine-reada
 
 Backends: torch-fp32, torch-fp16, torch-fp16-compiled, torch-int8 (real int8 GEMMs via
 torch._int_mm + torch.compile, CUDA), ort-fp32, ort-int8 (onnxruntime with fused QDQ),
-ort-int8-ref (QDQ fusion disabled).
+ort-int8-ref (QDQ fusion disabled). Every torch backend runs floating-point attention as one
+``scaled_dot_product_attention`` call (``backends.torch_int8.fuse_attention``), as the official
+models do; the traced step spells it out as matmuls only so that passes can see them.
 """
 from __future__ import annotations
 
@@ -192,22 +194,22 @@ def _compile(module, mode: str | None = None):
 def _prepare(name: str, fp_gm, q_gm, workdir: Path, bundle: ModelBundle) -> Runner:
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
+    from backends import torch_int8
+
     if name == "torch-fp32":
-        m = copy.deepcopy(fp_gm).to(dev).float()
+        m = torch_int8.fuse_attention(copy.deepcopy(fp_gm))[0].to(dev).float()
         return Runner(name, lambda x: m(*x), _converter(dev, torch.float32), model_bytes(m), dev, torch.float32)
     # -autotune: inductor's max-autotune picks among cuBLAS, CUTLASS and Triton GEMMs per shape
     mode = "max-autotune-no-cudagraphs" if name.endswith("-autotune") else None
     if name in ("torch-fp16", "torch-fp16-compiled", "torch-fp16-autotune"):
         if not cuda:
             raise UserError(f"backend {name} needs CUDA")
-        m = copy.deepcopy(fp_gm).to(dev).half()
+        m = torch_int8.fuse_attention(copy.deepcopy(fp_gm))[0].to(dev).half()
         f = m if name == "torch-fp16" else _compile(m, mode)
         return Runner(name, lambda x: f(*x), _converter(dev, torch.float16), model_bytes(m), dev, torch.float16)
     if name in ("torch-int8", "torch-int8-autotune"):
-        from backends import torch_int8
-
         dtype = torch.float16 if cuda else torch.float32
-        low, counts = torch_int8.lower_to_int8(copy.deepcopy(q_gm), dtype=dtype)
+        low, counts = torch_int8.lower_to_int8(torch_int8.fuse_attention(copy.deepcopy(q_gm))[0], dtype=dtype)
         low = torch_int8.to_device(low, dev, dtype)
         f = _compile(low, mode) if cuda else low
         note = f"{counts['int8_linears']} int8 linears" + ("" if cuda else " (CPU: dequantized float fallback)")
