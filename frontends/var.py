@@ -329,8 +329,9 @@ def sample_tokens(model: VAR, labels, *, quantizer: MultiScaleQuantizer | None =
     labels = _labels(labels, model.config.num_classes)
     B, SN, last_pn = labels.numel(), model.num_scales, model.config.patch_nums[-1]
     step = step if step is not None else VARStep(model).eval()
-    quantizer = quantizer if quantizer is not None else standin_quantizer(model.config)
     device = model.pos_1LC.device
+    # the stand-in follows the model to its device and dtype (a GPU benchmark drives fp16 steps)
+    quantizer = quantizer if quantizer is not None else standin_quantizer(model.config).to(device, model.pos_1LC.dtype)
     labels = labels.to(device)
     generators = image_generators(seed, B, device)
     cond_BD = model.class_emb(torch.cat((labels, torch.full_like(labels, model.config.num_classes))))
