@@ -197,3 +197,12 @@ def test_bad_use_is_a_user_error():
         _compile("canonicalize,observe,insert-qdq,shift-sum{mode=static}")
     with pytest.raises(UserError, match="no attention matmul matches"):
         _compile(BASE + ",shift-sum{sites=nothing}")
+
+
+def test_shiftsum_recipe_ends_with_static_shift_sum():
+    from passes.pipeline import load_recipe
+
+    recipe = load_recipe("shiftsum")
+    passes = PassManager(recipe.pipeline).pipeline
+    assert passes[-1].spec() == "shift-sum{mode=static}" and passes[-2].name == "insert-qdq"
+    assert any(p.spec() == "act-quant{matmuls=true}" for p in passes)
