@@ -10,7 +10,19 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from passes import canonicalize, exclude, gps, insert_qdq, observe, quantize, regions, smooth, stwq, sym_shift  # noqa: F401  (registration)
+from passes import (  # noqa: F401  (registration)
+    canonicalize,
+    exclude,
+    gps,
+    insert_qdq,
+    observe,
+    quantize,
+    regions,
+    shift_sum,
+    smooth,
+    stwq,
+    sym_shift,
+)
 from passes.diagnostics import UserError
 from passes.infra import parse_pipeline
 
