@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Distribution-Guided Calibration on self-generated data: keep N of the 2N CFG sequences, "
                         "'reference' as PTQ4ARVG (sets the cond:uncond ratio only), 'ranked' the farthest from "
                         "their set (Ledoit-Wolf); default none: all of them")
+    p.add_argument("--resample", action="store_true",
+                   help="resample the self-generated token maps per scale so code counts match the model's "
+                        "predicted frequencies (Shift-and-Sum, VAR), then replay them teacher-forced; composes with --dgc")
     p.add_argument("--exclude", metavar="PATTERN", action="append", default=[],
                    help="keep these sites in full precision (repeatable): a module-path glob such as "
                         "'blocks.*.ada_lin.1' or 'head', or an op type 'op:linear' / 'op:matmul'; "
@@ -145,6 +148,9 @@ def calibration_inputs(bundle: ModelBundle, args: argparse.Namespace) -> tuple:
     Returns (inputs, source, extra report fields); --dgc selects among self-generated sequences.
     """
     dgc = getattr(args, "dgc", "none")
+    resample = getattr(args, "resample", False)
+    if resample and (args.calib_data or bundle.calib_inputs or "generate" not in bundle.extra):
+        raise UserError("--resample applies to self-generated calibration of a family model (it redraws sampled tokens)")
     if args.calib_data:
         calib = load_calib_data(args.calib_data, len(bundle.example_inputs))
         if dgc != "none":
@@ -158,17 +164,30 @@ def calibration_inputs(bundle: ModelBundle, args: argparse.Namespace) -> tuple:
 
         n = args.calib_samples or 8
         classes = [(i * 37) % bundle.extra["model"].config.num_classes for i in range(n)]  # spread over classes
-        steps = capture(bundle, classes=classes, seed=args.seed, cache_dir=args.calib_cache, progress=progress)
+        steps = capture(bundle, classes=classes, seed=args.seed, cache_dir=args.calib_cache, progress=progress,
+                        resample=resample)
         source = f"{n} self-generated images (classes {classes[:8]}{'...' if n > 8 else ''}, seed {args.seed}, CFG)"
+        extra: dict = {"classes": classes}
+        if resample:
+            scales = steps.resample_summary
+            moved, tokens = sum(s["reassigned"] for s in scales), sum(s["tokens"] for s in scales)
+            say(f"resampling: {moved} of {tokens} tokens redrawn so every scale's code counts equal their targets")
+            extra["resample"] = {"reassigned": moved, "tokens": tokens, "per_scale": scales}
+            source += ", codebook-resampled"
         if dgc == "none":
-            return steps, source, {}
+            return steps, source, extra
         from calib.capture import select_dgc
 
         steps, selection = select_dgc(bundle, steps, dgc)
         summary = selection.summary()
+        # which generations the observers see: sample i is classes[i]; its uncond twin is the null class
+        summary["kept_cond_samples"] = [{"sample": int(i), "class": classes[int(i)], "distance": float(selection.rho_cond[i])}
+                                        for i in selection.cond]
+        summary["kept_uncond_samples"] = [{"sample": int(i), "class": classes[int(i)],
+                                           "distance": float(selection.rho_uncond[i])} for i in selection.uncond]
         say(f"DGC ({dgc}): kept {summary['kept_cond']} conditional + {summary['kept_uncond']} unconditional "
             f"of {2 * n} sequences; {summary['reason']}")
-        return steps, f"{source}, DGC {dgc}", {"dgc": summary, "rows": steps.rows}
+        return steps, f"{source}, DGC {dgc}", {**extra, "dgc": summary, "rows": steps.rows}
     if dgc != "none":
         say(f"--dgc {dgc} applies to self-generated calibration only; this model has none")
     return [bundle.example_inputs], "example inputs", {}
