@@ -46,21 +46,23 @@ def plot_channel_ranges(history: StatsHistory, path: Path) -> bool:
     plt = _pyplot()
     fig, axes = plt.subplots(len(panels), 1, figsize=(10, 2.6 * len(panels) + 0.8), squeeze=False)
     for ax, (site, d) in zip(axes[:, 0], panels):
-        before, after = d["before"].numpy(), d["after"].numpy()
-        ratio_b, ratio_a = (float(v.max() / max(float(torch.as_tensor(v).median()), 1e-12)) for v in (before, after))
-        ax.plot(before, color="tab:red", lw=1.0, label=f"before folding (first '{_pass_name(d['before_label'])}'): "
-                                                      f"max/median {ratio_b:.1f}x")
-        ax.plot(after, color="tab:blue", lw=1.0, label=f"after folding (last '{_pass_name(d['after_label'])}'): "
-                                                     f"max/median {ratio_a:.1f}x")
+        # Divided by each curve's median: a fold also rescales every channel (into the weights), and
+        # only the spread between channels matters for one shared grid.
+        before, after = (v / v.median().clamp(min=1e-12) for v in (d["before"], d["after"]))
+        ax.plot(before.numpy(), color="tab:red", lw=1.0,
+                label=f"before folding (first '{_pass_name(d['before_label'])}'): max/median {float(before.max()):.1f}x")
+        ax.plot(after.numpy(), color="tab:blue", lw=1.0,
+                label=f"after folding (last '{_pass_name(d['after_label'])}'): max/median {float(after.max()):.1f}x")
+        ax.axhline(1.0, color="gray", lw=0.6, ls=":")
         ax.set_yscale("log")
         ax.set_xlim(0, len(before) - 1)
         ax.set_title(f"{site}  input", fontsize=10, loc="left")
-        ax.set_ylabel("max |x| per channel")
+        ax.set_ylabel("max |x| / median")
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=8, loc="upper right")
     axes[-1, 0].set_xlabel("input channel")
-    fig.suptitle("Per-channel activation range before vs after the folding passes (log scale; flatter is easier to quantize)",
-                 fontsize=11)
+    fig.suptitle("Per-channel input range ÷ its median channel, before vs after the folding passes\n"
+                 "(log scale; flatter is easier to quantize with one scale; sites with the worst outliers first)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -85,12 +87,14 @@ def plot_group_ranges(history: StatsHistory, path: Path) -> bool:
                    norm=LogNorm(vmin=float(finite.min()), vmax=float(finite.max())))
     ax.set_yticks(range(len(sites)), sites, fontsize=8)
     ax.set_xticks(range(groups), [str(g) for g in range(groups)])
-    ax.set_xlabel("token group (VAR: scale index; a site with fewer groups merges them, e.g. class token vs rest)")
+    ax.set_xlabel("token group (VAR: scale index; 2-group sites: class token | rest)")
     if len(sites) * groups <= 600:
         for i in range(len(sites)):
             for j in range(groups):
                 if math.isfinite(float(grid[i, j])):
-                    ax.text(j, i, f"{float(grid[i, j]):.2g}", ha="center", va="center", fontsize=6, color="white")
+                    bright = im.norm(float(grid[i, j])) > 0.6  # viridis turns yellow: dark text there
+                    ax.text(j, i, f"{float(grid[i, j]):.2g}", ha="center", va="center", fontsize=6,
+                            color="black" if bright else "white")
     fig.colorbar(im, ax=ax, label="max |x| over channels (log)")
     ax.set_title("Input range per token group (last calibration; blank: the site has fewer groups)", fontsize=10)
     fig.tight_layout()
@@ -115,7 +119,8 @@ def plot_site_sqnr(site_sqnr: dict[str, float], kinds: dict[str, str], path: Pat
     for i, v in enumerate(values):
         ax.text(v, i, f" {v:.1f}", va="center", fontsize=7)
     ax.set_xlim(0, max(values) * 1.12)
-    ax.set_xlabel("model output SQNR vs FP with only this site quantized (dB; higher is better; red: worst)")
+    ax.set_xlabel("SQNR vs FP of the step's outputs (worst output) with only this site quantized\n"
+                  "(dB; higher is better; red: worst site)")
     ax.set_title("Per-site sensitivity (blue: linear, orange: attention matmul)", fontsize=10)
     ax.grid(True, axis="x", alpha=0.3)
     fig.tight_layout()
