@@ -86,3 +86,18 @@ def test_plot_data_equals_observer_statistics():
     torch.testing.assert_close(data["before"], direct, rtol=1e-4, atol=1e-5)
     assert float(data["before"].max() / data["before"].median()) > 3 * float(data["after"].max() / data["after"].median())
     assert group_absmax(history) == {}  # tiny-block has no token groups
+
+
+def test_compile_report_has_counts_plots_and_site_sqnr(tmp_path):
+    out = tmp_path / "out"
+    assert compile_tool.main(["--recipe", "smoothquant", "--target", "torch", "--out", str(out), "--exclude", "fc2"]) == 0
+    r = json.loads((out / "report.json").read_text())
+    assert r["quantized_counts"] == {"linear": {"W8A8": 3, "fp": 1}, "matmul": {"fp": 2}}  # recipe keeps attention FP
+    assert set(r["site_sqnr_db"]) == {"attn.qkv", "attn.proj", "fc1"}
+    assert min(r["site_sqnr_db"].values()) > r["fidelity"]["min_sqnr_db"] - 1  # one site alone hurts less than all
+    assert r["plots"] == {"Per-channel activation ranges before/after folding": "channel_ranges.png",
+                          "Per-site SQNR": "site_sqnr.png"}  # no token groups in tiny-block: no group plot
+    md = (out / "report.md").read_text()
+    for name in r["plots"].values():
+        assert (out / name).stat().st_size > 10_000 and f"]({name})" in md
+    assert "`fc2`" in md.split("## Exclusions")[1].split("##")[0]
