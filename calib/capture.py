@@ -22,6 +22,7 @@ class CachedSteps(Sequence):
 
     def __init__(self, cache: CalibCache, counts: list[int]):
         self.cache, self.counts = cache, counts
+        self.resample_summary: list[dict] | None = None  # per scale, when the token maps were resampled
         self._loaded: tuple[int, list] | None = None
 
     def __len__(self) -> int:
@@ -40,8 +41,15 @@ class CachedSteps(Sequence):
 
 
 def capture(bundle, *, classes: list[int], seed: int, cache_dir: str | Path, batch: int = 4,
-            progress: Callable = lambda it, **kw: it) -> CachedSteps:
-    """Generate one image per class in ``classes`` (batches of ``batch``) and record every step's inputs."""
+            progress: Callable = lambda it, **kw: it, resample: bool = False) -> CachedSteps:
+    """Generate one image per class in ``classes`` (batches of ``batch``) and record every step's inputs.
+
+    ``resample``: the token maps are first resampled to the model's codebook frequencies
+    (``calib.resample.resample_generations``, method.md §12.3), then the driver is replayed
+    teacher-forced on them, so every recorded input (the next scale's embedded f_hat and the
+    KV cache) follows from the resampled tokens. The maps and their summaries are cached with
+    the steps (``resample_summary``).
+    """
     generate = bundle.extra.get("generate")
     if generate is None:
         raise UserError(f"{bundle.name}: this model has no generation driver; pass --calib-data FILE")
@@ -50,6 +58,10 @@ def capture(bundle, *, classes: list[int], seed: int, cache_dir: str | Path, bat
     sampler = {k: v for k, v in (bundle.extra.get("sampling") or {}).items()}
     key = calib_key(bundle.module.state_dict(), {"family": bundle.family, "classes": classes, "batch": batch, **sampler},
                     seed, len(classes))
+    fixed = None
+    if resample:
+        fixed = _resampled_maps(bundle, classes, seed, batch, cache_dir, key, progress)
+        key = {**key, "resampled": True}
     cache = CalibCache(cache_dir, key, len(batches))
     counts = []
     for i, labels in enumerate(progress(batches, desc="capturing calibration steps", unit="batch")):
@@ -60,11 +72,26 @@ def capture(bundle, *, classes: list[int], seed: int, cache_dir: str | Path, bat
                 recorded.append(tuple(t.detach().clone() if isinstance(t, torch.Tensor) else t for t in inputs))
                 return step(*inputs)
 
+            forcing = {} if fixed is None else {"fixed_tokens": [m[i * batch:i * batch + len(labels)] for m in fixed[0]]}
             with torch.no_grad():
-                generate(torch.tensor(labels), seed + i, step=recording_step)
+                generate(torch.tensor(labels), seed + i, step=recording_step, **forcing)
             cache.save(i, {"steps": recorded})
         counts.append(len(cache.load(i)["steps"]))
-    return CachedSteps(cache, counts)
+    steps = CachedSteps(cache, counts)
+    steps.resample_summary = None if fixed is None else fixed[1]
+    return steps
+
+
+def _resampled_maps(bundle, classes, seed, batch, cache_dir, key, progress) -> tuple[list[torch.Tensor], list[dict]]:
+    """The resampled token maps and per-scale summaries, cached as one chunk (a resumed run skips the sampling)."""
+    from calib.resample import resample_generations
+
+    cache = CalibCache(cache_dir, {**key, "stage": "resampled token maps"}, 1)
+    if not cache.has(0):
+        maps, summaries = resample_generations(bundle, classes, seed, batch=batch, progress=progress)
+        cache.save(0, {"maps": maps, "summaries": summaries})
+    saved = cache.load(0)
+    return saved["maps"], saved["summaries"]
 
 
 # -- DGC selection over captured steps (method.md §5.2) --

@@ -101,3 +101,45 @@ def resample_codes(prob: torch.Tensor, codes: torch.Tensor,
                 under.remove(new)
     summary["l1_after"] = int((torch.bincount(out.flatten(), minlength=vocab) - target).abs().sum())
     return out, summary
+
+
+# -- resampling self-generated calibration (tools.compile --resample) --
+
+RESAMPLED_FAMILIES = ("var",)  # next-scale token maps: pn² tokens per scale and sample (method.md §12.5)
+
+
+def resample_generations(bundle, classes: list[int], seed: int, *, batch: int = 4,
+                         progress=lambda it, **kw: it) -> tuple[list[torch.Tensor], list[dict]]:
+    """Resampled token maps of the FP model's generations of ``classes``: (per scale ``[N, pn²]``, summaries).
+
+    Runs the family driver once per generation batch as ``calib.capture.capture`` does (same
+    batches, same seeds, so the same samples), records every scale's sampling distribution,
+    then resamples each scale over all N samples (`resample_codes`) with one generator per
+    sample kept across scales. The probabilities of later scales are those of the original
+    samples, as in the reference. Memory: N·L·V floats of probabilities (L tokens per image).
+    The caller replays the driver teacher-forced on the returned maps (``fixed_tokens``).
+    """
+    if bundle.family not in RESAMPLED_FAMILIES:
+        raise UserError(f"--resample: codebook resampling is built for next-scale token maps "
+                        f"({', '.join(RESAMPLED_FAMILIES)}), not for the {bundle.family} family")
+    generate = bundle.extra.get("generate")
+    if generate is None:
+        raise UserError(f"{bundle.name}: this model has no generation driver to resample")
+    probs: dict[int, list[torch.Tensor]] = {}
+    codes: dict[int, list[torch.Tensor]] = {}
+    batches = [classes[i:i + batch] for i in range(0, len(classes), batch)]
+    for i, labels in enumerate(progress(batches, desc="sampling for resampling", unit="batch")):
+        with torch.no_grad():
+            tokens = generate(torch.tensor(labels), seed + i,
+                              on_probs=lambda si, p: probs.setdefault(si, []).append(p.detach().float().cpu()))
+        for si, t in enumerate(tokens):
+            codes.setdefault(si, []).append(t.cpu())
+    generators = sample_generators(classes, seed)
+    maps, summaries = [], []
+    for si in progress(sorted(codes), desc="resampling scales", unit="scale"):
+        new, summary = resample_codes(torch.cat(probs[si]), torch.cat(codes[si]), generators)
+        if summary["l1_after"] != 0:  # the construction guarantees it; a miss is a bug, not bad input
+            raise RuntimeError(f"resampling missed its targets at scale {si}: L1 {summary['l1_after']}")
+        maps.append(new)
+        summaries.append({"scale": si, **summary})
+    return maps, summaries

@@ -307,14 +307,19 @@ def _filter_top_k_top_p(logits_BTV: torch.Tensor, top_k: int, top_p: float) -> t
     return logits_BTV
 
 
-def _sample(logits_BTV: torch.Tensor, top_k: int, top_p: float, generators: list[torch.Generator]) -> torch.Tensor:
-    probs = _filter_top_k_top_p(logits_BTV, top_k, top_p).softmax(dim=-1)
-    return torch.stack([torch.multinomial(p, 1, replacement=True, generator=g)[:, 0] for p, g in zip(probs, generators)])
+def _probs(logits_BTV: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    return _filter_top_k_top_p(logits_BTV, top_k, top_p).softmax(dim=-1)
+
+
+def _sample(probs_BTV: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    return torch.stack([torch.multinomial(p, 1, replacement=True, generator=g)[:, 0] for p, g in zip(probs_BTV, generators)])
 
 
 @torch.no_grad()
 def sample_tokens(model: VAR, labels, *, quantizer: MultiScaleQuantizer | None = None, cfg: float = 1.5,
-                  top_k: int = 900, top_p: float = 0.96, seed: int = 0, step: Callable | None = None) -> list[torch.Tensor]:
+                  top_k: int = 900, top_p: float = 0.96, seed: int = 0, step: Callable | None = None,
+                  fixed_tokens: list[torch.Tensor] | None = None,
+                  on_probs: Callable[[int, torch.Tensor], None] | None = None) -> list[torch.Tensor]:
     """Sample token pyramids for ``labels`` (negative = unconditional), the official ``autoregressive_infer_cfg`` loop.
 
     CFG runs the batch twice (conditional, then class ``num_classes``) and mixes the logits of
@@ -325,6 +330,10 @@ def sample_tokens(model: VAR, labels, *, quantizer: MultiScaleQuantizer | None =
     depend on the batch it is in, and a batch of one draws the same stream as the official
     sampler with ``g_seed=seed``.
     ``quantizer``: the VQVAE's (``vae.quantize``); None uses ``standin_quantizer``.
+    ``fixed_tokens``: teacher forcing, the official ``fixed_idx_Bl``: scale si takes
+    ``fixed_tokens[si] [B, pn²]`` instead of sampling (calibration resampling, method.md §12.3).
+    ``on_probs(si, probs [B, pn², V])``: sees each scale's sampling distribution (CFG-mixed,
+    top-k/top-p filtered, softmaxed).
     """
     labels = _labels(labels, model.config.num_classes)
     B, SN, last_pn = labels.numel(), model.num_scales, model.config.patch_nums[-1]
@@ -343,7 +352,10 @@ def sample_tokens(model: VAR, labels, *, quantizer: MultiScaleQuantizer | None =
         logits, k_cache, v_cache = step(*model.step_inputs(si, x_BTC, cond_BD, k_cache, v_cache))
         logits = torch.as_tensor(logits)  # an onnxruntime wrapper may return numpy
         t = cfg * si / max(SN - 1, 1)
-        idx_Bl = _sample((1 + t) * logits[:B] - t * logits[B:], top_k, top_p, generators)
+        probs = _probs((1 + t) * logits[:B] - t * logits[B:], top_k, top_p)
+        if on_probs is not None:
+            on_probs(si, probs)
+        idx_Bl = _sample(probs, generators) if fixed_tokens is None else fixed_tokens[si].to(device)
         tokens.append(idx_Bl)
         f_hat, next_map = quantizer.get_next_autoregressive_input(si, f_hat, quantizer.token_map(idx_Bl))
         if next_map is not None:
@@ -451,8 +463,8 @@ def build(state_dict: dict, path: str | Path | None = None, config: str | None =
     vae = load_vqvae(tokenizer, cfg.patch_nums, cfg.vocab_size, cfg.cvae) if tokenizer else None
     quantizer = None if vae is None else vae.quantize
 
-    def generate_tokens(labels, seed: int = 0, step: Callable | None = None) -> list[torch.Tensor]:
-        return sample_tokens(var, labels, quantizer=quantizer, seed=seed, step=step)
+    def generate_tokens(labels, seed: int = 0, step: Callable | None = None, **forcing) -> list[torch.Tensor]:
+        return sample_tokens(var, labels, quantizer=quantizer, seed=seed, step=step, **forcing)
 
     return ModelBundle(
         name=Path(path).stem if path else f"var-{config or 'custom'}",

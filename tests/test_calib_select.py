@@ -64,7 +64,9 @@ def test_reference_reproduces_direct_call(var_runs):
     (f,) = feats
     expected = dgc_reference(f[:4], f[4:]).summary()
     got = reports["reference"]["calibration"]["dgc"]
-    assert got.keys() == expected.keys()
+    assert got.keys() == expected.keys() | {"kept_cond_samples", "kept_uncond_samples"}
+    assert [s["sample"] for s in got["kept_cond_samples"]] == list(range(got["kept_cond"]))  # the reference keeps the first
+    assert [s["class"] for s in got["kept_cond_samples"]] == classes[:got["kept_cond"]]
     for key in ("method", "kept_cond", "kept_uncond", "pct", "reason"):
         assert got[key] == expected[key], key
     for key in ("rho_cond", "rho_uncond"):

@@ -16,13 +16,15 @@ import torch
 
 from frontends import load_model, trace
 from frontends.generic import ModelBundle, load_checkpoint
+from passes.analysis import PreQDQSnapshot, StatsHistory, site_sqnr
 from passes.diagnostics import UserError
 from passes.dump import DumpInstrument
 from passes.exclude import describe_matches, match_patterns, with_exclude_pass
 from passes.infra import PassContext, PassManager, parse_pipeline
 from passes.pipeline import BITS, builtin_recipes, load_recipe
 from tools._cli import atomic_output_dir, main_wrapper, progress, say
-from tools.report import fidelity, model_bytes, write_reports
+from tools.plots import write_plots
+from tools.report import fidelity, median_ms, model_bytes, quantized_counts, write_reports
 
 TARGETS = ("onnx", "ort", "torch", "trt")
 DEFAULT_MODEL = "builtin:tiny-block"
@@ -31,12 +33,22 @@ DEFAULT_MODEL = "builtin:tiny-block"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tools.compile", description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
-                   help=f"checkpoint (.pt/.pth/.bin), torch.export program (.pt2), builtin:<name>, or file.py:factory "
-                        f"(default: {DEFAULT_MODEL})")
+    add_model_arguments(p)
     p.add_argument("--target", choices=TARGETS, default="onnx", help="what to build (default: onnx)")
     p.add_argument("--out", default="out", help="output directory (default: out)")
     p.add_argument("--force", action="store_true", help="replace the output directory if it exists")
+    p.add_argument("--stop-after", metavar="PASS", help="stop the pipeline after this pass")
+    p.add_argument("--disable-pass", metavar="PASS", action="append", default=[], help="skip this pass (repeatable)")
+    p.add_argument("--no-site-sqnr", action="store_true",
+                   help="skip the per-site SQNR of the report (one insert-qdq and one forward per site)")
+    return p
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model, recipe, calibration and exclusion options (shared with tools.sensitivity)."""
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help=f"checkpoint (.pt/.pth/.bin), torch.export program (.pt2), builtin:<name>, or file.py:factory "
+                        f"(default: {DEFAULT_MODEL})")
     p.add_argument("--recipe", help=f"built-in recipe ({', '.join(builtin_recipes())}) or a .toml path "
                                     f"(default: ptq4arvg for family models, minmax otherwise)")
     p.add_argument("--pipeline", help="pass pipeline text; overrides the recipe's (e.g. 'canonicalize,observe,act-quant,insert-qdq')")
@@ -44,8 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-data", metavar="FILE", help="a .pt file holding a list of input tuples (loaded with weights_only=True)")
     p.add_argument("--calib-samples", type=int, metavar="N",
                    help="family models: generate N images to calibrate on (default 8); others: use at most N batches")
-    p.add_argument("--stop-after", metavar="PASS", help="stop the pipeline after this pass")
-    p.add_argument("--disable-pass", metavar="PASS", action="append", default=[], help="skip this pass (repeatable)")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickled modules (runs code from the file)")
     p.add_argument("--family", help="model family of a checkpoint (var, llamagen, rar, par), overriding detection")
     p.add_argument("--tokenizer", metavar="CKPT", help="the family's tokenizer checkpoint (e.g. vae_ch160v4096z32.pth)")
@@ -56,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Distribution-Guided Calibration on self-generated data: keep N of the 2N CFG sequences, "
                         "'reference' as PTQ4ARVG (sets the cond:uncond ratio only), 'ranked' the farthest from "
                         "their set (Ledoit-Wolf); default none: all of them")
+    p.add_argument("--resample", action="store_true",
+                   help="resample the self-generated token maps per scale so code counts match the model's "
+                        "predicted frequencies (Shift-and-Sum, VAR), then replay them teacher-forced; composes with --dgc")
     p.add_argument("--exclude", metavar="PATTERN", action="append", default=[],
                    help="keep these sites in full precision (repeatable): a module-path glob such as "
                         "'blocks.*.ada_lin.1' or 'head', or an op type 'op:linear' / 'op:matmul'; "
@@ -64,7 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="file of --exclude patterns, one per line ('#' starts a comment)")
     p.add_argument("--no-default-exclude", action="store_true",
                    help="do not apply the model family's default exclusions (e.g. VAR's AdaLN linears)")
-    return p
 
 
 def read_exclude_file(path: str) -> list[str]:
@@ -145,6 +157,9 @@ def calibration_inputs(bundle: ModelBundle, args: argparse.Namespace) -> tuple:
     Returns (inputs, source, extra report fields); --dgc selects among self-generated sequences.
     """
     dgc = getattr(args, "dgc", "none")
+    resample = getattr(args, "resample", False)
+    if resample and (args.calib_data or bundle.calib_inputs or "generate" not in bundle.extra):
+        raise UserError("--resample applies to self-generated calibration of a family model (it redraws sampled tokens)")
     if args.calib_data:
         calib = load_calib_data(args.calib_data, len(bundle.example_inputs))
         if dgc != "none":
@@ -158,17 +173,30 @@ def calibration_inputs(bundle: ModelBundle, args: argparse.Namespace) -> tuple:
 
         n = args.calib_samples or 8
         classes = [(i * 37) % bundle.extra["model"].config.num_classes for i in range(n)]  # spread over classes
-        steps = capture(bundle, classes=classes, seed=args.seed, cache_dir=args.calib_cache, progress=progress)
+        steps = capture(bundle, classes=classes, seed=args.seed, cache_dir=args.calib_cache, progress=progress,
+                        resample=resample)
         source = f"{n} self-generated images (classes {classes[:8]}{'...' if n > 8 else ''}, seed {args.seed}, CFG)"
+        extra: dict = {"classes": classes}
+        if resample:
+            scales = steps.resample_summary
+            moved, tokens = sum(s["reassigned"] for s in scales), sum(s["tokens"] for s in scales)
+            say(f"resampling: {moved} of {tokens} tokens redrawn so every scale's code counts equal their targets")
+            extra["resample"] = {"reassigned": moved, "tokens": tokens, "per_scale": scales}
+            source += ", codebook-resampled"
         if dgc == "none":
-            return steps, source, {}
+            return steps, source, extra
         from calib.capture import select_dgc
 
         steps, selection = select_dgc(bundle, steps, dgc)
         summary = selection.summary()
+        # which generations the observers see: sample i is classes[i]; its uncond twin is the null class
+        summary["kept_cond_samples"] = [{"sample": int(i), "class": classes[int(i)], "distance": float(selection.rho_cond[i])}
+                                        for i in selection.cond]
+        summary["kept_uncond_samples"] = [{"sample": int(i), "class": classes[int(i)],
+                                           "distance": float(selection.rho_uncond[i])} for i in selection.uncond]
         say(f"DGC ({dgc}): kept {summary['kept_cond']} conditional + {summary['kept_uncond']} unconditional "
             f"of {2 * n} sequences; {summary['reason']}")
-        return steps, f"{source}, DGC {dgc}", {"dgc": summary, "rows": steps.rows}
+        return steps, f"{source}, DGC {dgc}", {**extra, "dgc": summary, "rows": steps.rows}
     if dgc != "none":
         say(f"--dgc {dgc} applies to self-generated calibration only; this model has none")
     return [bundle.example_inputs], "example inputs", {}
@@ -219,21 +247,12 @@ def build_trt(bundle: ModelBundle, onnx_path: Path, out: Path, input_names: list
             "inspector": inspect_engine(out / "model.engine", onnx_path)}
 
 
-def _compile(args: argparse.Namespace, out: Path) -> dict:
-    if args.recipe:
-        load_recipe(args.recipe)  # a typo fails now, not after loading
-    if args.pipeline:
-        parse_pipeline(args.pipeline)
-    trt_reason = None
-    if args.target == "trt":  # checked before loading and calibrating, so the user knows at once
-        from backends.tensorrt import availability
+def prepare(args: argparse.Namespace) -> tuple:
+    """Load the model and resolve recipe, bits, exclusions and calibration from ``add_model_arguments``' options.
 
-        trt_reason = availability()
-        if trt_reason:
-            say(f"no TensorRT engine can be built here ({trt_reason}); the ONNX model will still be written")
+    Returns (bundle, recipe, pipeline, bits, {pattern: sites}, (calib, source, extra report fields)).
+    """
     user_exclude = [*args.exclude, *(p for f in args.exclude_file for p in read_exclude_file(f))]
-
-    say(f"[1/4] loading {args.model}")
     bundle: ModelBundle = load_model(args.model, allow_pickle=args.allow_pickle, family=args.family,
                                      tokenizer=args.tokenizer)
     recipe = load_recipe(args.recipe or ("minmax" if bundle.family == "generic" else "ptq4arvg"))
@@ -241,7 +260,28 @@ def _compile(args: argparse.Namespace, out: Path) -> dict:
     bits = args.bits or recipe.bits
     defaults = [] if args.no_default_exclude else list(bundle.extra.get("default_exclude", []))
     exclusions = resolve_exclusions(bundle, pipeline, [*user_exclude, *recipe.exclude], defaults)
-    calib, calib_source, calib_extra = calibration_inputs(bundle, args)
+    return bundle, recipe, pipeline, bits, exclusions, calibration_inputs(bundle, args)
+
+
+def check_recipe_options(args: argparse.Namespace) -> None:
+    """A recipe or pipeline typo fails before loading the model."""
+    if args.recipe:
+        load_recipe(args.recipe)
+    if args.pipeline:
+        parse_pipeline(args.pipeline)
+
+
+def _compile(args: argparse.Namespace, out: Path) -> dict:
+    check_recipe_options(args)
+    trt_reason = None
+    if args.target == "trt":  # checked before loading and calibrating, so the user knows at once
+        from backends.tensorrt import availability
+
+        trt_reason = availability()
+        if trt_reason:
+            say(f"no TensorRT engine can be built here ({trt_reason}); the ONNX model will still be written")
+    say(f"[1/4] loading {args.model}")
+    bundle, recipe, pipeline, bits, exclusions, (calib, calib_source, calib_extra) = prepare(args)
     if "observe" in [p.name for p in parse_pipeline(pipeline)]:
         try:
             bound, n_obs = observer_memory_bound(bundle)
@@ -250,9 +290,14 @@ def _compile(args: argparse.Namespace, out: Path) -> dict:
             say(f"observers: memory bound not estimated ({type(e).__name__}: {e})")
 
     say(f"[2/4] tracing, then passes: {with_exclude_pass(pipeline) if exclusions else pipeline}")
+    history, pre_qdq = StatsHistory(), PreQDQSnapshot()
     fp_gm, gm, ctx, pm = quantize(bundle, pipeline, bits, calib, stop_after=args.stop_after,
-                                  disabled=args.disable_pass, instruments=[DumpInstrument(out / "dumps")],
+                                  disabled=args.disable_pass,
+                                  instruments=[DumpInstrument(out / "dumps"), history, pre_qdq],
                                   exclude=list(exclusions))
+    per_site = {}
+    if pre_qdq.gm is not None and not args.no_site_sqnr:
+        per_site = site_sqnr(fp_gm, pre_qdq.gm, ctx, [bundle.example_inputs], all_but_one=False, progress=progress)
 
     report: dict = {
         "model": args.model,
@@ -269,6 +314,8 @@ def _compile(args: argparse.Namespace, out: Path) -> dict:
                   for name, s in ctx.sites.items()},
         "qparams": {k: v.describe() for k, v in sorted(ctx.qparams.items())},
         "exclude": exclusions,
+        "quantized_counts": quantized_counts(ctx),
+        "site_sqnr_db": {k: v["only"] for k, v in per_site.items()},
         "notes": ctx.notes,
         "fidelity": fidelity(fp_gm, gm, calib),
         "size_bytes": {"fp": model_bytes(fp_gm), "quantized": model_bytes(gm)},
@@ -318,7 +365,15 @@ def _compile(args: argparse.Namespace, out: Path) -> dict:
         torch.save(gm.state_dict(), out / "quantized_state_dict.pt")
         (out / "graph.py").write_text(gm.code)
 
-    say("[4/4] writing report")
+    with torch.no_grad():  # a sanity figure for the report; tools.bench measures speed properly
+        report["speed"] = {"FP torch graph": median_ms(lambda: fp_gm(*bundle.example_inputs))}
+    if "onnx" in report:
+        from backends.ort_runner import make_session, run
+
+        fast_session = make_session(out / "model.onnx", "fast")
+        report["speed"]["onnxruntime fast mode (int8)"] = median_ms(lambda: run(fast_session, bundle.example_inputs))
+    say("[4/4] writing report and plots")
+    report["plots"] = write_plots(out, history, report["site_sqnr_db"], {n: s.kind for n, s in ctx.sites.items()})
     write_reports(out, report)
     return report
 

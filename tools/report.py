@@ -31,6 +31,35 @@ def fidelity(fp_gm, q_gm, batches: list[tuple]) -> dict:
             "max_abs_err": max_abs, "batches": len(batches)}
 
 
+def quantized_counts(ctx) -> dict[str, dict[str, int]]:
+    """``{op kind: {precision: sites}}``: e.g. ``{"linear": {"W8A8": 4, "fp": 1}}`` (W: weight bits, A: input bits)."""
+    counts: dict[str, dict[str, int]] = {}
+    for name, site in ctx.sites.items():
+        roles = {k.rsplit(".", 1)[1]: qp.bits for k, qp in ctx.qparams.items() if k.rsplit(".", 1)[0] == name}
+        if not roles:
+            precision = "fp"
+        elif site.kind == "linear":
+            precision = (f"W{roles['weight']}" if "weight" in roles else "Wfp") + (f"A{roles['input']}" if "input" in roles else "Afp")
+        else:  # matmul: both operands are activations
+            precision = "x".join(f"A{roles[r]}" if r in roles else "Afp" for r in ("a", "b"))
+        kind = counts.setdefault(site.kind, {})
+        kind[precision] = kind.get(precision, 0) + 1
+    return counts
+
+
+def median_ms(fn, repeats: int = 5) -> float:
+    """Median wall time of ``fn()`` in ms after one warm-up call (a sanity figure, not a benchmark)."""
+    import time
+
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
 def model_bytes(module: torch.nn.Module) -> int:
     """Bytes of every parameter and buffer the graph holds (int8 weights count 1 byte each)."""
     seen, total = set(), 0
@@ -47,37 +76,76 @@ def _md_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def _calibration_md(cal: dict) -> list[str]:
+    out = ["## Calibration", "", f"{cal['batches']} batches (steps) from {cal['source']}."]
+    if "resample" in cal:
+        rs = cal["resample"]
+        out += ["", (f"Codebook resampling redrew {rs['reassigned']} of {rs['tokens']} tokens; every scale's code "
+                    "counts now equal their targets floor(p̂·N) + largest remainders:"), "",
+                _md_table(["scale", "tokens", "over-sampled codes", "under-sampled codes", "tokens redrawn",
+                           "L1 to target before", "after"],
+                          [[s["scale"], s["tokens"], s["over_codes"], s["under_codes"], s["reassigned"],
+                            s["l1_before"], s["l1_after"]] for s in rs["per_scale"]])]
+    if "dgc" in cal:
+        d = cal["dgc"]
+        out += ["", (f"DGC (`{d['method']}`) kept {d['kept_cond']} conditional and {d['kept_uncond']} unconditional "
+                    f"sequences ({cal.get('rows', '?')} batch rows over all steps): {d['reason']}."), ""]
+        rows = [["cond", k["sample"], k["class"], f"{k['distance']:.4g}"] for k in d.get("kept_cond_samples", [])]
+        rows += [["uncond", k["sample"], k["class"], f"{k['distance']:.4g}"] for k in d.get("kept_uncond_samples", [])]
+        if rows:
+            out.append(_md_table(["set", "sample", "class", "distance to its set"], rows))
+    return out + [""]
+
+
 def render_markdown(r: dict) -> str:
     fid, size = r["fidelity"], r["size_bytes"]
     out = [f"# Quantization report: {r['model']}", "",
            f"- recipe: `{r['recipe']}` ({r['bits']}), target `{r['target']}`, family `{r['family']}`",
-           f"- pipeline: `{r['pipeline']}`",
-           f"- calibration: {r['calibration']['batches']} batches from {r['calibration']['source']}", "",
-           "## Fidelity to the FP model", "",
+           f"- pipeline: `{r['pipeline']}`", ""]
+    counts = r.get("quantized_counts", {})
+    if counts:
+        out += ["## What was quantized", "", _md_table(
+            ["op", "precision", "sites"], [[k, p, n] for k, by in counts.items() for p, n in sorted(by.items())]), ""]
+    if r.get("exclude"):
+        out += ["## Exclusions (kept in full precision)", "", _md_table(
+            ["pattern", "matched sites"], [[f"`{p}`", ", ".join(f"`{s}`" for s in sites)] for p, sites in r["exclude"].items()]), ""]
+    out += _calibration_md(r["calibration"])
+    out += ["## Fidelity to the FP model", "",
            _md_table(["output", "SQNR (dB, worst batch)"], [[i, f"{v:.1f}"] for i, v in enumerate(fid["sqnr_db_per_output"])]),
            "", f"Max abs error over {fid['batches']} batches: {fid['max_abs_err']:.3g}", "",
            "## Size", "", _md_table(["", "bytes"], [["FP", size["fp"]], ["quantized", size["quantized"]],
                                                      ["ratio", f"{size['fp'] / max(size['quantized'], 1):.2f}x"]])]
+    if "speed" in r:
+        sp = r["speed"]
+        out += ["", "## Speed (one step on the example inputs, this machine; `python -m tools.bench` for real numbers)", "",
+                _md_table(["", "ms (median of 5)"], [[k, f"{v:.2f}"] for k, v in sp.items()])]
+    plots = r.get("plots", {})
+    if plots:
+        out += ["", "## Plots", ""]
+        for title, path in plots.items():
+            out += [f"### {title}", "", f"![{title}]({path})", ""]
     if "onnx" in r:
         o = r["onnx"]
         out += ["", "## ONNX", "",
-                f"`{o['path']}`: {o['file_bytes']} bytes, {o['QuantizeLinear']} QuantizeLinear, "
-                f"{o['DequantizeLinear']} DequantizeLinear; inputs {o['inputs']}, outputs {o['outputs']}.",
+                (f"`{o['path']}`: {o['file_bytes']} bytes, {o['QuantizeLinear']} QuantizeLinear, "
+                f"{o['DequantizeLinear']} DequantizeLinear; inputs {o['inputs']}, outputs {o['outputs']}."),
                 f"onnxruntime (QDQ fusion disabled) vs torch fake-quant: max |diff| = {o['ort_reference_max_abs_diff']:.2e}",
-                f"onnxruntime fast mode (fused int8) vs reference: max relative diff "
-                f"{o['ort_fast']['max_rel_diff_vs_reference']:.2e} (CPU VNNI: {'yes' if o['ort_fast']['cpu_vnni'] else 'no'})",
-                "", f"TensorRT Q/DQ lint: {'passes' if o['tensorrt_lint']['ok'] else 'FAILS'}; "
+                (f"onnxruntime fast mode (fused int8) vs reference: max relative diff "
+                f"{o['ort_fast']['max_rel_diff_vs_reference']:.2e} (CPU VNNI: {'yes' if o['ort_fast']['cpu_vnni'] else 'no'})"),
+                "", (f"TensorRT Q/DQ lint: {'passes' if o['tensorrt_lint']['ok'] else 'FAILS'}; "
                 f"int8 GEMMs: {', '.join(f'`{k}`' for k in o['tensorrt_lint']['int8_gemms']) or 'none'}; "
-                f"{o['tensorrt_lint']['float_gemms']} float GEMMs"]
+                f"{o['tensorrt_lint']['float_gemms']} float GEMMs")]
         out += [f"- {v}" for v in o["tensorrt_lint"]["violations"]]
     out += ["", "## Passes", "", _md_table(
         ["#", "pass", "changed", "seconds", "probe SQNR vs previous (dB)", "dump"],
         [[p["index"], f"`{p['spec']}`", "skipped" if p.get("skipped") else ("yes" if p.get("modified") else "no"),
           p.get("seconds", ""), f"{p['probe_sqnr_db']:.1f}" if "probe_sqnr_db" in p else "", p.get("dump", "")]
          for p in r["passes"]])]
-    out += ["", "## Sites", "", _md_table(
-        ["site", "kind", "quantized", "excluded by"],
-        [[f"`{k}`", v["kind"], ", ".join(v["quantized"]) or "-", v["excluded_by"] or ""] for k, v in r["sites"].items()])]
+    site_sqnr = r.get("site_sqnr_db", {})
+    out += ["", "## Sites", "", "SQNR: the model's output against FP with only this site quantized (example inputs).", "",
+            _md_table(["site", "kind", "quantized", "excluded by", "SQNR alone (dB)"],
+                      [[f"`{k}`", v["kind"], ", ".join(v["quantized"]) or "-", v["excluded_by"] or "",
+                        f"{site_sqnr[k]:.1f}" if k in site_sqnr else ""] for k, v in r["sites"].items()])]
     if r["notes"]:
         out += ["", "## Notes", ""] + [f"- {n}" for n in r["notes"]]
     return "\n".join(out) + "\n"
