@@ -71,17 +71,23 @@ class WeightQuant(Pass):
     ``method=mse`` is the reference's range search, per output channel: among the percentiles
     ``PERCENTILES`` of the row (and 1-p for the minimum) it keeps the range whose
     quantize/dequantize MSE is lowest; weights are in memory, so this is exact.
+    ``reduce_range=true`` (or ``ctx.options['w_reduce_range']``, set by ``tools.compile --target
+    ort`` on a CPU without VNNI) caps weights at 7 bits, [-64, 63] stored in int8: onnxruntime's
+    u8 x s8 kernels on x86 without VNNI saturate int16 pair sums with full-range weights.
     """
 
     name = "weight-quant"
     bits: int = 0
     symmetric: bool = True
     method: str = "minmax"  # minmax | mse
+    reduce_range: bool = False
 
     def __call__(self, gm, ctx: PassContext) -> PassResult:
         if self.method not in ("minmax", "mse"):
             raise UserError(f"weight-quant: method must be minmax or mse, got {self.method!r}")
         bits = resolve_bits(self.bits, ctx, "w_bits")
+        if self.reduce_range or ctx.option("w_reduce_range", False):
+            bits = min(bits, 7)
         decided = 0
         for name, site in ctx.sites.items():
             if site.kind != "linear" or site.excluded_by:

@@ -45,3 +45,17 @@ def test_bench_llamagen_decode(capsys):
 def test_steps_all_is_var_only(capsys):
     assert main(["--model", "gpt-tiny-decode", "--steps", "all", "--backends", "torch-fp32", "--repeats", "1"]) == 2
     assert "VAR" in capsys.readouterr().err
+
+
+def test_bench_onnxruntime_int8_backends_and_profile(capsys):
+    """Our int8 variant, the Q/DQ export with onnxruntime's fusion, and onnxruntime's own quantizers in one
+    table; --profile says where an onnxruntime backend's time goes, by the op types it ran."""
+    backends = "ort-fp32,ort-int8,ort-int8-qdq,ort-quant-static,ort-quant-dynamic,torch-fp32"
+    assert main(["--model", "tiny-block", "--backends", backends, "--repeats", "2", "--warmup", "1", "--profile"]) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("backend "):].splitlines()
+    assert "vs ort-fp32" in table[0] and "vs torch-fp32" in table[0]
+    assert [ln.split()[0] for ln in table[1:7]] == backends.split(",")
+    int8_profile = out[out.index("--- profile of ort-int8 "):out.index("--- profile of ort-int8-qdq")]
+    assert "MatMulIntegerToFloat" in int8_profile and "DequantizeLinear" not in int8_profile  # every linear int8
+    assert "DynamicQuantizeMatMul" in out[out.index("--- profile of ort-quant-dynamic"):]

@@ -8,10 +8,16 @@ from one run, never absolute numbers across runs. The last line is machine-reada
 ``speedup_vs_fp32=<first int8 backend / first fp backend>``.
 
 Backends: torch-fp32, torch-fp16, torch-fp16-compiled, torch-int8 (real int8 GEMMs via
-torch._int_mm + torch.compile, CUDA), ort-fp32, ort-int8 (onnxruntime with fused QDQ),
-ort-int8-ref (QDQ fusion disabled). Every torch backend runs floating-point attention as one
-``scaled_dot_product_attention`` call (``backends.torch_int8.fuse_attention``), as the official
-models do; the traced step spells it out as matmuls only so that passes can see them.
+torch._int_mm + torch.compile, CUDA), ort-fp32, ort-int8 (our graph lowered for onnxruntime:
+u8 activations, MatMulIntegerToFloat; backends.ort_int8), ort-int8-qdq (the TensorRT-shaped
+Q/DQ export with onnxruntime's own QDQ fusion), ort-int8-ref (QDQ fusion disabled), and
+onnxruntime's own quantizers as peers, from the FP32 export: ort-quant-static (QDQ, u8
+activations, per-channel weights, calibrated on the workload's calibration inputs) and
+ort-quant-dynamic (per-tensor dynamic activations). On a CPU without VNNI the int8 weights are
+quantized to 7 bits (reduce-range), so that onnxruntime's u8 x s8 kernels cannot saturate.
+Every torch backend runs floating-point attention as one ``scaled_dot_product_attention``
+call (``backends.torch_int8.fuse_attention``), as the official models do; the traced step
+spells it out as matmuls only so that passes can see them.
 """
 from __future__ import annotations
 
@@ -23,9 +29,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch.utils._pytree import tree_map
@@ -37,7 +43,11 @@ from tools._cli import main_wrapper, say
 from tools.report import model_bytes
 
 BACKENDS = ("torch-fp32", "torch-fp16", "torch-fp16-compiled", "torch-fp16-autotune", "torch-int8", "torch-int8-autotune",
-            "ort-fp32", "ort-int8", "ort-int8-ref")
+            "ort-fp32", "ort-int8", "ort-int8-qdq", "ort-int8-ref", "ort-quant-static", "ort-quant-dynamic")
+
+
+def is_quantized(backend: str) -> bool:
+    return "int8" in backend or "quant" in backend
 
 
 def _block(dim: int, tokens: int, heads: int):
@@ -167,6 +177,7 @@ class Runner:
     times: list[float] = field(default_factory=list)
     peak_bytes: int | None = None
     note: str = ""
+    onnx: tuple[Path, str] | None = None  # onnxruntime backends: (model file, session mode), for --profile
 
 
 def _sync(device: str) -> None:
@@ -215,17 +226,83 @@ def _prepare(name: str, fp_gm, q_gm, workdir: Path, bundle: ModelBundle) -> Runn
         note = f"{counts['int8_linears']} int8 linears" + ("" if cuda else " (CPU: dequantized float fallback)")
         return Runner(name, lambda x: f(*x), _converter(dev, dtype), model_bytes(low), dev, dtype, note=note)
     if name.startswith("ort-"):
-        from backends.onnx_export import export_onnx
-        from backends.ort_runner import make_session, run
+        from backends.ort_runner import cpu_has_vnni, make_session, run
 
-        gm = fp_gm if name == "ort-fp32" else q_gm
-        path = export_onnx(copy.deepcopy(gm), bundle.extra.get("export_inputs", bundle.example_inputs), workdir / f"{name}.onnx",
-                           input_names=bundle.input_names, output_names=bundle.output_names,
-                           dynamic_shapes=bundle.extra.get("dynamic_shapes"))
-        sess = make_session(path, "reference" if name.endswith("-ref") else "fast")
+        path = _ort_model(name, fp_gm, q_gm, workdir, bundle)
+        mode = "reference" if name.endswith("-ref") else "fast"
+        sess = make_session(path, mode, spin=False)  # spinning workers would steal the next backend's cores
+        note = {"ort-int8": f"u8s8 MatMulIntegerToFloat{'' if cpu_has_vnni() else ', 7-bit weights (no VNNI)'}",
+                "ort-int8-qdq": "Q/DQ export, onnxruntime QDQ fusion", "ort-int8-ref": "Q/DQ, fusion disabled",
+                "ort-quant-static": "onnxruntime quantize_static", "ort-quant-dynamic": "onnxruntime quantize_dynamic",
+                }.get(name, "")
         return Runner(name, lambda x: tuple(torch.from_numpy(o) for o in run(sess, x)),
-                      _converter("cpu", torch.float32), path.stat().st_size, "cpu", torch.float32)
+                      _converter("cpu", torch.float32), _file_bytes(path), "cpu", torch.float32, note=note,
+                      onnx=(path, mode))
     raise UserError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+
+
+def _file_bytes(path: Path) -> int:
+    data = Path(str(path) + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def _ort_model(name: str, fp_gm, q_gm, workdir: Path, bundle: ModelBundle) -> Path:
+    """The ONNX file backend ``name`` runs, exported once per graph into ``workdir``."""
+    from backends.onnx_export import export_onnx
+    from backends.ort_runner import cpu_has_vnni
+
+    def export(gm, stem: str) -> Path:
+        path = workdir / f"{stem}.onnx"
+        if not path.exists():
+            say(f"exporting {stem}.onnx")
+            export_onnx(copy.deepcopy(gm), bundle.extra.get("export_inputs", bundle.example_inputs), path,
+                        input_names=bundle.input_names, output_names=bundle.output_names,
+                        dynamic_shapes=bundle.extra.get("dynamic_shapes"))
+        return path
+
+    if name == "ort-fp32":
+        return export(fp_gm, "fp32")
+    if name in ("ort-int8-qdq", "ort-int8-ref"):
+        return export(q_gm, "qdq")
+    if name == "ort-int8":
+        from backends.ort_int8 import write_ort_int8
+
+        path = workdir / "ort_int8.onnx"
+        counts = write_ort_int8(export(q_gm, "qdq"), path)
+        say(f"ort-int8: {counts['int8_gemms']} u8s8 + {counts['u8u8_gemms']} u8u8 int8 GEMMs, "
+            f"{counts['float_matmuls']} MatMuls in float")
+        return path
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    src, path = export(fp_gm, "fp32"), workdir / f"{name}.onnx"
+    if name == "ort-quant-dynamic":
+        say("onnxruntime quantize_dynamic")
+        quantize_dynamic(src, path, weight_type=QuantType.QInt8, reduce_range=not cpu_has_vnni())
+        return path
+    if name != "ort-quant-static":
+        raise UserError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+    names = bundle.input_names or [f"input_{i}" for i in range(len(bundle.example_inputs))]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(bundle.calib_inputs or [bundle.example_inputs])
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {n: t.numpy() for n, t in zip(names, batch)}
+
+    say("onnxruntime quantize_static (MatMul sites, min-max calibration)")
+    # MatMuls only, like our linears: calibrating every tensor of a d16 model takes many GB
+    quantize_static(src, path, Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
+                    per_channel=True, reduce_range=not cpu_has_vnni(), activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)
+    return path
 
 
 def generation(runner: Runner, bundle: ModelBundle, images: int) -> Callable[[tuple], object]:
@@ -270,7 +347,18 @@ def measure(runners: list[Runner], *, warmup: int, repeats: int) -> None:
 
 
 def profile_table(r: Runner, rows: int = 15) -> str:
-    """Top kernels / ops of three calls by self device time (CPU time on CPU)."""
+    """Where the time of one call goes: top kernels / ops of three calls by self device time (CPU time on
+    CPU); onnxruntime backends by op type, from onnxruntime's own node-level profile."""
+    if r.onnx is not None:
+        from backends.ort_runner import profile_by_op
+
+        with tempfile.TemporaryDirectory() as tmp:
+            ops = profile_by_op(*r.onnx, r.inputs, calls=3, workdir=tmp)
+        total = sum(ms for _, ms, _ in ops) or 1.0
+        lines = [f"{'op type (as run)':28s} {'ms/call':>9s} {'share':>6s} {'nodes':>6s}"]
+        lines += [f"{op:28s} {ms:9.2f} {100 * ms / total:5.1f}% {n:6d}" for op, ms, n in ops[:rows]]
+        lines.append(f"{'all nodes':28s} {total:9.2f}")
+        return "\n".join(lines)
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if r.device == "cuda" else [])
@@ -283,18 +371,19 @@ def profile_table(r: Runner, rows: int = 15) -> str:
 
 
 def render(runners: list[Runner]) -> tuple[str, float | None]:
-    fp = next((r for r in runners if "int8" not in r.name), None)
-    q = next((r for r in runners if "int8" in r.name), None)
-    base = statistics.median(fp.times) if fp else None
-    lines = [f"{'backend':22s} {'median ms':>10s} {'min ms':>8s} {'max ms':>8s} {'vs ' + (fp.name if fp else '-'):>24s} "
-             f"{'run MB':>8s} {'size MB':>8s}  note"]
+    """The table, with a ratio column against every floating-point backend; and first int8 / first FP."""
+    fps = [r for r in runners if not is_quantized(r.name)]
+    q = next((r for r in runners if is_quantized(r.name)), None)
+    bases = [(f.name, statistics.median(f.times)) for f in fps]
+    lines = [f"{'backend':20s} {'median ms':>10s} {'min ms':>8s} {'max ms':>8s} "
+             + "".join(f"{'vs ' + n:>17s}" for n, _ in bases) + f" {'run MB':>7s} {'size MB':>8s}  note"]
     for r in runners:
         med = statistics.median(r.times)
-        ratio = f"{base / med:.2f}x" if base else "-"
         peak = f"{r.peak_bytes / 2**20:.0f}" if r.peak_bytes else "n/a"
-        lines.append(f"{r.name:22s} {med * 1e3:10.2f} {min(r.times) * 1e3:8.2f} {max(r.times) * 1e3:8.2f} {ratio:>24s} "
-                     f"{peak:>8s} {r.size_bytes / 2**20:8.2f}  {r.note}")
-    speedup = base / statistics.median(q.times) if (fp and q) else None
+        lines.append(f"{r.name:20s} {med * 1e3:10.2f} {min(r.times) * 1e3:8.2f} {max(r.times) * 1e3:8.2f} "
+                     + "".join(f"{f'{b / med:.2f}x':>17s}" for _, b in bases)
+                     + f" {peak:>7s} {r.size_bytes / 2**20:8.2f}  {r.note}")
+    speedup = bases[0][1] / statistics.median(q.times) if (bases and q) else None
     return "\n".join(lines), speedup
 
 
@@ -347,8 +436,13 @@ def main(argv: list[str] | None = None) -> int:
     bundle = named[args.model](batches[0])
     calib = bundle.calib_inputs or [bundle.example_inputs]
     t0 = time.perf_counter()
-    fp_gm, q_gm, _, _ = quantize(bundle, args.pipeline or recipe.pipeline, args.bits, calib)
-    say(f"quantized with {args.pipeline or recipe.name} ({args.bits}) in {time.perf_counter() - t0:.1f} s")
+    from backends.ort_runner import cpu_has_vnni
+
+    # onnxruntime's u8 x s8 kernels saturate with full-range weights on x86 without VNNI
+    reduce_range = any(b.startswith("ort-int8") for b in backends) and not cpu_has_vnni()
+    fp_gm, q_gm, _, _ = quantize(bundle, args.pipeline or recipe.pipeline, args.bits, calib, reduce_range=reduce_range)
+    say(f"quantized with {args.pipeline or recipe.name} ({args.bits}{', 7-bit weights' if reduce_range else ''}) "
+        f"in {time.perf_counter() - t0:.1f} s")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     results = []
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
@@ -360,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
                       if "inputs_for_batch" in bundle.extra else bundle.example_inputs)
             runners = []
             for r, (fn, convert) in zip(prepared, step_fns):
-                r = Runner(r.name, fn, convert, r.size_bytes, r.device, r.dtype, note=r.note)
+                r = Runner(r.name, fn, convert, r.size_bytes, r.device, r.dtype, note=r.note, onnx=r.onnx)
                 if args.steps == "all":
                     r.fn, r.inputs = generation(r, bundle, batch), ()
                 else:

@@ -133,11 +133,11 @@ def load_calib_data(path: str, n_inputs: int) -> list[tuple]:
 
 
 def quantize(bundle: ModelBundle, pipeline: str, bits: str, calib: list[tuple], *, stop_after=None,
-             disabled=(), instruments=(), exclude=()) -> tuple:
+             disabled=(), instruments=(), exclude=(), reduce_range: bool = False) -> tuple:
     """Trace the bundle and run the pipeline: returns (fp graph, quantized graph, context, manager).
 
     ``exclude`` patterns keep sites in full precision; an ``exclude`` pass is inserted right
-    after ``canonicalize`` when the pipeline has none.
+    after ``canonicalize`` when the pipeline has none. ``reduce_range``: 7-bit weights (weight-quant).
     """
     if exclude:
         pipeline = with_exclude_pass(pipeline)
@@ -145,7 +145,7 @@ def quantize(bundle: ModelBundle, pipeline: str, bits: str, calib: list[tuple], 
     fp_gm = copy.deepcopy(gm)
     w_bits, a_bits = BITS[bits]
     options = {"w_bits": w_bits, "a_bits": a_bits, "group_maps": bundle.extra.get("group_maps", {}),
-               "exclude": list(exclude)}
+               "exclude": list(exclude), "w_reduce_range": reduce_range}
     ctx = PassContext(options=options, calib_inputs=calib, probe_inputs=bundle.example_inputs, progress=progress)
     pm = PassManager(pipeline, stop_after=stop_after, disabled=disabled, instruments=instruments)
     return fp_gm, pm.run(gm, ctx), ctx, pm
@@ -289,12 +289,18 @@ def _compile(args: argparse.Namespace, out: Path) -> dict:
         except (RuntimeError, ValueError, IndexError, TypeError, UserError) as e:  # an estimate: never fatal
             say(f"observers: memory bound not estimated ({type(e).__name__}: {e})")
 
+    from backends.ort_runner import cpu_has_vnni
+
+    # onnxruntime's u8 x s8 kernels saturate with full-range weights on x86 without VNNI
+    reduce_range = args.target == "ort" and not cpu_has_vnni()
+    if reduce_range:
+        say("this CPU has no VNNI: weights use 7 bits ([-64, 63]) so onnxruntime's int8 kernels cannot saturate")
     say(f"[2/4] tracing, then passes: {with_exclude_pass(pipeline) if exclusions else pipeline}")
     history, pre_qdq = StatsHistory(), PreQDQSnapshot()
     fp_gm, gm, ctx, pm = quantize(bundle, pipeline, bits, calib, stop_after=args.stop_after,
                                   disabled=args.disable_pass,
                                   instruments=[DumpInstrument(out / "dumps"), history, pre_qdq],
-                                  exclude=list(exclusions))
+                                  exclude=list(exclusions), reduce_range=reduce_range)
     per_site = {}
     if pre_qdq.gm is not None and not args.no_site_sqnr:
         per_site = site_sqnr(fp_gm, pre_qdq.gm, ctx, [bundle.example_inputs], all_but_one=False, progress=progress)
@@ -323,7 +329,7 @@ def _compile(args: argparse.Namespace, out: Path) -> dict:
 
     if args.target in ("onnx", "ort", "trt"):
         from backends.onnx_export import export_onnx, qdq_census
-        from backends.ort_runner import cpu_has_vnni, make_session, run
+        from backends.ort_runner import make_session, run
 
         say("[3/4] exporting ONNX")
         onnx_path = export_onnx(gm, bundle.extra.get("export_inputs", bundle.example_inputs), out / "model.onnx",
@@ -341,9 +347,19 @@ def _compile(args: argparse.Namespace, out: Path) -> dict:
             ref = [t for t in torch.utils._pytree.tree_leaves(gm(*bundle.example_inputs)) if isinstance(t, torch.Tensor)]
         got = run(sess, bundle.example_inputs)
         diff = max(float((torch.as_tensor(g) - r).abs().max()) for g, r in zip(got, ref, strict=True))
-        fast = run(make_session(onnx_path, "fast"), bundle.example_inputs)
-        fast_diff = max(float((torch.as_tensor(f) - torch.as_tensor(g)).abs().max() / max(float(abs(r).max()), 1e-12))
-                        for f, g, r in zip(fast, got, ref, strict=True))
+
+        def rel_diff(outputs) -> float:  # error relative to each output's largest magnitude
+            return max(float((torch.as_tensor(f) - torch.as_tensor(g)).abs().max() / max(float(abs(r).max()), 1e-12))
+                       for f, g, r in zip(outputs, got, ref, strict=True))
+
+        fast_diff = rel_diff(run(make_session(onnx_path, "fast"), bundle.example_inputs))
+        ort_fast = {"max_rel_diff_vs_reference": fast_diff, "cpu_vnni": cpu_has_vnni(), "reduce_range": reduce_range}
+        if args.target == "ort":  # the onnxruntime int8 variant: u8 activations, MatMulIntegerToFloat
+            from backends.ort_int8 import write_ort_int8
+
+            gemms = write_ort_int8(onnx_path, out / "model.ort.onnx")
+            ort_fast["int8_model"] = {"path": "model.ort.onnx", **gemms, "max_rel_diff_vs_reference":
+                                      rel_diff(run(make_session(out / "model.ort.onnx", "fast"), bundle.example_inputs))}
         report["onnx"] = {
             "path": "model.onnx",
             "file_bytes": onnx_path.stat().st_size,
@@ -353,7 +369,7 @@ def _compile(args: argparse.Namespace, out: Path) -> dict:
             "outputs": [o.name for o in sess.get_outputs()],
             "ort_reference_max_abs_diff": diff,
             # fused int8 kernels: error relative to each output's largest magnitude, and the CPU kind
-            "ort_fast": {"max_rel_diff_vs_reference": fast_diff, "cpu_vnni": cpu_has_vnni()},
+            "ort_fast": ort_fast,
             "tensorrt_lint": {"ok": lint_report.ok, "int8_gemms": lint_report.quantized_gemms,
                               "float_gemms": len(lint_report.float_gemms),
                               "violations": [str(v) for v in lint_report.violations]},
