@@ -81,7 +81,7 @@ def test_float_matmuls_are_left_alone(tmp_path):
 
 def test_weight_quant_reduce_range_stores_7_bit_weights(tmp_path):
     out = tmp_path / "o"
-    assert main(["--pipeline", "canonicalize,observe,act-quant,weight-quant{reduce_range=true},insert-qdq",
+    assert main(["builtin:tiny-block", "--pipeline", "canonicalize,observe,act-quant,weight-quant{reduce_range=true},insert-qdq",
                  "--out", str(out)]) == 0
     r = json.loads((out / "report.json").read_text())
     weights = {k: v for k, v in r["qparams"].items() if k.endswith(".weight")}

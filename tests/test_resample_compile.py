@@ -97,5 +97,5 @@ def test_compile_resample_with_dgc_reports_counts(var_bundle):
 def test_resample_refuses_other_families_and_given_data(tmp_path):
     import tools.compile as compile_tool
 
-    rc = compile_tool.main(["--resample", "--out", str(tmp_path / "o")])  # builtin:tiny-block: calibration data given
+    rc = compile_tool.main(["builtin:tiny-block", "--resample", "--out", str(tmp_path / "o")])  # builtin:tiny-block: calibration data given
     assert rc == 2 and not (tmp_path / "o").exists()

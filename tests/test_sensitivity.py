@@ -21,7 +21,7 @@ from tools.sensitivity import main
 
 def test_outlier_fed_sites_rank_worst_and_excluding_them_raises_sqnr(tmp_path, capsys):
     listing = tmp_path / "exclude.txt"
-    assert main(["--recipe", "minmax", "--out", str(listing), "--top", "2"]) == 0
+    assert main(["builtin:tiny-block", "--recipe", "minmax", "--out", str(listing), "--top", "2"]) == 0
     table = capsys.readouterr().out.splitlines()
     ranked = [line.split()[1] for line in table[1:]]
     assert set(ranked[:2]) == {"attn.qkv", "fc1"}  # the LayerNorm outputs with the 20x channels feed these two
@@ -31,7 +31,7 @@ def test_outlier_fed_sites_rank_worst_and_excluding_them_raises_sqnr(tmp_path, c
     sqnr = {}
     for name, extra in (("all", []), ("excluded", ["--exclude-file", str(listing)])):
         out = tmp_path / name
-        assert compile_tool.main(["--recipe", "minmax", "--target", "torch", "--out", str(out), "--no-site-sqnr", *extra]) == 0
+        assert compile_tool.main(["builtin:tiny-block", "--recipe", "minmax", "--target", "torch", "--out", str(out), "--no-site-sqnr", *extra]) == 0
         sqnr[name] = json.loads((out / "report.json").read_text())["fidelity"]["min_sqnr_db"]
     assert sqnr["excluded"] > sqnr["all"] + 6, sqnr  # measured: 16.2 -> 35.7 dB on the calibration batches
 
@@ -90,7 +90,7 @@ def test_plot_data_equals_observer_statistics():
 
 def test_compile_report_has_counts_plots_and_site_sqnr(tmp_path):
     out = tmp_path / "out"
-    assert compile_tool.main(["--recipe", "smoothquant", "--target", "torch", "--out", str(out), "--exclude", "fc2"]) == 0
+    assert compile_tool.main(["builtin:tiny-block", "--recipe", "smoothquant", "--target", "torch", "--out", str(out), "--exclude", "fc2"]) == 0
     r = json.loads((out / "report.json").read_text())
     assert r["quantized_counts"] == {"linear": {"W8A8": 3, "fp": 1}, "matmul": {"fp": 2}}  # recipe keeps attention FP
     assert set(r["site_sqnr_db"]) == {"attn.qkv", "attn.proj", "fc1"}

@@ -202,7 +202,7 @@ def _compile(module, mode: str | None = None):
     return torch.compile(module, mode=mode)
 
 
-def _prepare(name: str, fp_gm, q_gm, workdir: Path, bundle: ModelBundle) -> Runner:
+def prepare_backend(name: str, fp_gm, q_gm, workdir: Path, bundle: ModelBundle) -> Runner:
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
     from backends import torch_int8
@@ -446,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     results = []
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
-        prepared = [_prepare(b, fp_gm, q_gm, Path(tmp), bundle) for b in backends]
+        prepared = [prepare_backend(b, fp_gm, q_gm, Path(tmp), bundle) for b in backends]
         step_fns = [(r.fn, r.convert) for r in prepared]
         for batch in batches:
             first = prepared[0]  # inputs are made once, on the first backend's device and dtype, and shared

@@ -27,18 +27,31 @@ from tools.plots import write_plots
 from tools.report import fidelity, median_ms, model_bytes, quantized_counts, write_reports
 
 TARGETS = ("onnx", "ort", "torch", "trt")
-DEFAULT_MODEL = "builtin:tiny-block"
+DEFAULT_MODEL = "builtin:mnist-var"
+# The shipped MNIST VAR is the newcomer's first run: with no other choice made, compile it for
+# onnxruntime and score images from FP, the artefact and the baselines in the same run.
+SHOWCASE = {"target": "ort", "evaluate": 100,
+            "compare": "ptq4arvg:W8A8,smoothquant:W8A8,minmax:W8A8,ptq4arvg:W6A6,smoothquant:W6A6,minmax:W6A6"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tools.compile", description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
-    p.add_argument("--target", choices=TARGETS, default="onnx", help="what to build (default: onnx)")
+    p.add_argument("--target", choices=TARGETS,
+                   help=f"what to build (default: onnx; {SHOWCASE['target']} for the default model)")
     p.add_argument("--out", default="out", help="output directory (default: out)")
     p.add_argument("--force", action="store_true", help="replace the output directory if it exists")
     p.add_argument("--stop-after", metavar="PASS", help="stop the pipeline after this pass")
     p.add_argument("--disable-pass", metavar="PASS", action="append", default=[], help="skip this pass (repeatable)")
+    p.add_argument("--evaluate", type=int, metavar="N",
+                   help="family models: generate N images (classes in turn, one seed each) with FP and the compiled "
+                        f"model and report fidelity, MNIST-FID and class accuracy (default: 0; {SHOWCASE['evaluate']} "
+                        "for the default model)")
+    p.add_argument("--compare", metavar="RECIPE:BITS,...",
+                   help="with --evaluate: also score these recipes as torch fake-quant models from the same "
+                        "calibration set (default for the default model: "
+                        f"{SHOWCASE['compare']})")
     p.add_argument("--no-site-sqnr", action="store_true",
                    help="skip the per-site SQNR of the report (one insert-qdq and one forward per site)")
     return p
@@ -247,19 +260,26 @@ def build_trt(bundle: ModelBundle, onnx_path: Path, out: Path, input_names: list
             "inspector": inspect_engine(out / "model.engine", onnx_path)}
 
 
+def user_exclusions(args: argparse.Namespace) -> list[str]:
+    return [*args.exclude, *(p for f in args.exclude_file for p in read_exclude_file(f))]
+
+
+def default_exclusions(args: argparse.Namespace, bundle: ModelBundle) -> list[str]:
+    return [] if args.no_default_exclude else list(bundle.extra.get("default_exclude", []))
+
+
 def prepare(args: argparse.Namespace) -> tuple:
     """Load the model and resolve recipe, bits, exclusions and calibration from ``add_model_arguments``' options.
 
     Returns (bundle, recipe, pipeline, bits, {pattern: sites}, (calib, source, extra report fields)).
     """
-    user_exclude = [*args.exclude, *(p for f in args.exclude_file for p in read_exclude_file(f))]
+    user_exclude = user_exclusions(args)
     bundle: ModelBundle = load_model(args.model, allow_pickle=args.allow_pickle, family=args.family,
                                      tokenizer=args.tokenizer)
     recipe = load_recipe(args.recipe or ("minmax" if bundle.family == "generic" else "ptq4arvg"))
     pipeline = args.pipeline or recipe.pipeline
     bits = args.bits or recipe.bits
-    defaults = [] if args.no_default_exclude else list(bundle.extra.get("default_exclude", []))
-    exclusions = resolve_exclusions(bundle, pipeline, [*user_exclude, *recipe.exclude], defaults)
+    exclusions = resolve_exclusions(bundle, pipeline, [*user_exclude, *recipe.exclude], default_exclusions(args, bundle))
     return bundle, recipe, pipeline, bits, exclusions, calibration_inputs(bundle, args)
 
 
@@ -269,6 +289,46 @@ def check_recipe_options(args: argparse.Namespace) -> None:
         load_recipe(args.recipe)
     if args.pipeline:
         parse_pipeline(args.pipeline)
+
+
+def image_quality(args, bundle: ModelBundle, fp_gm, gm, calib, recipe, bits: str, reduce_range: bool, out: Path) -> dict:
+    """FP, the compiled model on its target and the ``--compare`` recipes draw the same images;
+    returns the report's ``quality`` section and writes one grid per model under ``out/images``."""
+    from tools import quality
+
+    if bundle.family == "generic" or "generate" not in bundle.extra:
+        raise UserError("--evaluate needs a family model that generates images (VAR, LlamaGen, RAR, PAR)")
+    rows = [quality.Row("FP", None, None, "torch fp32", None)]
+    if args.target == "ort":
+        from backends.ort_runner import OrtStep
+
+        weights = " (7-bit weights: no VNNI)" if reduce_range else ""
+        rows.append(quality.Row(f"{recipe.name} {bits}, compiled", recipe.name, bits, f"onnxruntime int8{weights}",
+                                OrtStep(out / "model.ort.onnx", "fast")))
+    elif args.target in ("onnx", "trt"):
+        from backends.ort_runner import OrtStep
+
+        rows.append(quality.Row(f"{recipe.name} {bits}, compiled", recipe.name, bits, "onnxruntime (Q/DQ reference)",
+                                OrtStep(out / "model.onnx", "reference")))
+    else:
+        rows.append(quality.Row(f"{recipe.name} {bits}, compiled", recipe.name, bits, "torch fake-quant", gm))
+    for name, cmp_bits in quality.parse_compare(args.compare or ""):
+        cmp_recipe = load_recipe(name)
+        exclusions = resolve_exclusions(bundle, cmp_recipe.pipeline, [*user_exclusions(args), *cmp_recipe.exclude],
+                                        default_exclusions(args, bundle))
+        say(f"quantizing {name} {cmp_bits} for the comparison")
+        _, cmp_gm, _, _ = quantize(bundle, cmp_recipe.pipeline, cmp_bits, calib, exclude=list(exclusions))
+        rows.append(quality.Row(f"{name} {cmp_bits}", name, cmp_bits, "torch fake-quant", cmp_gm))
+    table, samples = quality.evaluate_rows(bundle, rows, args.evaluate, args.seed, progress)
+    section = {"images": args.evaluate, "seed": args.seed, "rows": table,
+               "grids": quality.write_grids(out, samples, columns=bundle.extra["model"].config.num_classes)}
+    if args.target == "ort":
+        import tempfile
+
+        say("timing onnxruntime int8 against FP32 (interleaved)")
+        with tempfile.TemporaryDirectory() as tmp:
+            section["speed"] = quality.ort_speed(bundle, fp_gm, out / "model.ort.onnx", Path(tmp))
+    return section
 
 
 def _compile(args: argparse.Namespace, out: Path) -> dict:
@@ -388,6 +448,8 @@ def _compile(args: argparse.Namespace, out: Path) -> dict:
 
         fast_session = make_session(out / "model.onnx", "fast")
         report["speed"]["onnxruntime fast mode (int8)"] = median_ms(lambda: run(fast_session, bundle.example_inputs))
+    if args.evaluate:
+        report["quality"] = image_quality(args, bundle, fp_gm, gm, calib, recipe, bits, reduce_range, out)
     say("[4/4] writing report and plots")
     report["plots"] = write_plots(out, history, report["site_sqnr_db"], {n: s.kind for n, s in ctx.sites.items()})
     write_reports(out, report)
@@ -397,6 +459,18 @@ def _compile(args: argparse.Namespace, out: Path) -> dict:
 @main_wrapper
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    showcase = args.model == DEFAULT_MODEL
+    args.target = args.target or (SHOWCASE["target"] if showcase else "onnx")
+    if args.evaluate is None:
+        args.evaluate = SHOWCASE["evaluate"] if showcase else 0
+    if args.compare is None and showcase:
+        args.compare = SHOWCASE["compare"]
+    if args.compare and not args.evaluate:
+        raise UserError("--compare needs --evaluate N (the images to score)")
+    if args.compare:
+        from tools.quality import parse_compare
+
+        parse_compare(args.compare)  # a typo fails before any work
     out = Path(args.out)
     with atomic_output_dir(out, force=args.force) as tmp:
         report = _compile(args, tmp)

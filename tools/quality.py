@@ -1,0 +1,126 @@
+"""Image quality of a compiled generator, measured in the compile run (``--evaluate N``).
+
+Every generator draws the same N images: classes ``0, 1, ..., C-1`` in turn, one seed per image
+(``frontends.sampling.image_generators``), so image i of a quantized model pairs with image i of
+the FP model. Fidelity to FP (token agreement, PSNR and SSIM of the decoded images) compares the
+pairs; for MNIST-size images the shipped classifier adds MNIST-FID against the held-out digits and
+the class accuracy of the generated digits (``calib.evaluation``).
+
+Rows: the FP model, the compiled artefact on its target (the onnxruntime int8 model for
+``--target ort``), and ``--compare RECIPE:BITS,...``: other recipes quantized from the same
+calibration set and run as torch fake-quant steps, so one run ranks them.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from passes.diagnostics import UserError
+from passes.pipeline import BITS, load_recipe
+
+
+@dataclass
+class Row:
+    name: str           # what the table calls it: "FP", "ptq4arvg W8A8 (onnxruntime int8)"
+    recipe: str | None
+    bits: str | None
+    backend: str        # "torch fp32", "onnxruntime int8", "torch fake-quant"
+    step: object        # the step callable the family driver runs (None: the eager FP model)
+
+
+def parse_compare(text: str) -> list[tuple[str, str]]:
+    """``"minmax:W8A8,ptq4arvg:W6A6"`` -> ``[("minmax", "W8A8"), ("ptq4arvg", "W6A6")]``, checked."""
+    pairs = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        recipe, sep, bits = item.partition(":")
+        if not sep or bits not in BITS:
+            raise UserError(f"--compare wants RECIPE:BITS items with BITS one of {', '.join(sorted(BITS))}, got {item!r}")
+        load_recipe(recipe)  # an unknown recipe fails now, before any work
+        pairs.append((recipe, bits))
+    return pairs
+
+
+def fixed_labels(num_classes: int, n: int) -> torch.Tensor:
+    """Classes in turn, so a grid of ``num_classes`` columns shows one class per column."""
+    if n < 2:
+        raise UserError(f"--evaluate needs at least 2 images, got {n}")
+    return torch.arange(n) % num_classes
+
+
+def draw(bundle, step, labels: torch.Tensor, seed: int, name: str):
+    """Generate and decode ``labels`` with ``step``; returns ``calib.evaluation.Samples``."""
+    from calib.evaluation import Samples
+
+    from tools.generate import to_uint8
+
+    with torch.no_grad():
+        tokens = bundle.extra["generate"](labels, seed, step=step)
+        images = to_uint8(bundle.extra["tokenizer"].decode(tokens))
+    return Samples(Path(name), images, labels.numpy(), tokens)
+
+
+def score(fp, sample) -> dict:
+    """Fidelity of ``sample`` to ``fp``; MNIST-FID and class accuracy for MNIST-size images."""
+    from calib.evaluation import evaluate, fidelity
+
+    if not fp.is_mnist_size:
+        return fidelity(fp, sample)
+    r = evaluate(fp, sample, features="mnist", mnist=True, paired=sample is not fp)
+    keep = ("mnist_fid", "class_accuracy", "token_agreement", "psnr_db", "ssim")
+    return {k: r[k] for k in keep if k in r}
+
+
+def evaluate_rows(bundle, rows: list[Row], n: int, seed: int, progress) -> tuple[list[dict], dict]:
+    """Score every row against the first (FP); returns the table rows and the samples by name."""
+    labels = fixed_labels(bundle.extra["model"].config.num_classes, n)
+    samples, table = {}, []
+    for row in progress(rows, desc="generating and scoring", unit="model"):
+        t0 = time.perf_counter()
+        samples[row.name] = draw(bundle, row.step, labels, seed, row.name)
+        seconds = time.perf_counter() - t0
+        fp = samples[rows[0].name]
+        metrics = score(fp, samples[row.name])
+        if row is rows[0]:  # fidelity of FP to itself is trivially perfect: leave it blank
+            metrics = {k: v for k, v in metrics.items() if k not in ("token_agreement", "psnr_db", "ssim")}
+        table.append({"name": row.name, "recipe": row.recipe, "bits": row.bits, "backend": row.backend,
+                      "generation_s": seconds, **metrics})
+    return table, samples
+
+
+def write_grids(out: Path, samples: dict, columns: int) -> dict[str, str]:
+    """One PNG grid per row under ``out/images/``; returns {row name: relative path}."""
+    from PIL import Image
+
+    from tools.generate import grid
+
+    (out / "images").mkdir(exist_ok=True)
+    paths = {}
+    for i, (name, s) in enumerate(samples.items()):
+        rel = f"images/{i:02d}_{''.join(c if c.isalnum() else '_' for c in name).strip('_').lower()}.png"
+        img = grid(s.images, cols=columns)
+        Image.fromarray(img if img.shape[-1] == 3 else np.repeat(img, 3, axis=-1)).save(out / rel)
+        paths[name] = rel
+    return paths
+
+
+def ort_speed(bundle, fp_gm, int8_path: Path, workdir: Path, *, warmup: int = 3, repeats: int = 30) -> dict:
+    """onnxruntime int8 (the compiled model) against onnxruntime FP32 on the example step, timed
+    interleaved in one process by ``tools.bench``'s loop; a ratio, not an absolute claim."""
+    import statistics
+
+    from backends.ort_runner import make_session, run
+    from tools.bench import Runner, measure, prepare_backend
+
+    fp = prepare_backend("ort-fp32", fp_gm, None, workdir, bundle)
+    sess = make_session(int8_path, "fast", spin=False)
+    q = Runner("ort-int8", lambda x: run(sess, x), fp.convert, int8_path.stat().st_size, "cpu", torch.float32)
+    for r in (fp, q):
+        r.inputs = r.convert(bundle.example_inputs)
+    measure([fp, q], warmup=warmup, repeats=repeats)
+    fp_ms, q_ms = statistics.median(fp.times) * 1e3, statistics.median(q.times) * 1e3
+    return {"ort_fp32_ms": fp_ms, "ort_int8_ms": q_ms, "int8_speedup": fp_ms / q_ms, "repeats": repeats,
+            "onnx_bytes": {"fp32": fp.size_bytes, "int8": q.size_bytes}}
