@@ -7,9 +7,9 @@ the metrics of ``calib.metrics`` with a chosen feature network and returns a fla
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch

@@ -41,6 +41,18 @@ def test_fid_of_a_set_with_itself_is_zero_even_rank_deficient():
     shift[:4] = [1, 2, 3, 4]
     assert M.fid_from_features(x, x + shift) == pytest.approx(30.0, rel=1e-9)  # mean shift only
     assert M.fid_from_features(x, 2 * x) > 1.0
+    # the covariance route on the same rank-deficient statistics
+    assert M.frechet_distance(*M.gaussian_stats(x), *M.gaussian_stats(x)) < 1e-8
+
+
+def test_sample_space_fid_equals_covariance_fid():
+    rng = np.random.default_rng(4)
+    a, b = rng.standard_normal((12, 30)), rng.standard_normal((9, 30)) * 1.5 + 0.3
+    direct = M.frechet_distance(*M.gaussian_stats(a), *M.gaussian_stats(b))  # 30x30 route
+    assert M.fid_from_features(a, b) == pytest.approx(direct, rel=1e-9)        # 12x9 route
+    big_a, big_b = rng.standard_normal((40, 5)), rng.standard_normal((50, 5)) + 1  # N > D: covariance route
+    assert M.fid_from_features(big_a, big_b) == pytest.approx(
+        M.frechet_distance(*M.gaussian_stats(big_a), *M.gaussian_stats(big_b)))
 
 
 def test_inception_score_extremes():

@@ -31,8 +31,9 @@ ROWS = [  # key, label, format
 
 
 def table(results: dict) -> str:
-    lines = [f"features: {results['features']}  REF {results['count_ref']} images, "
-             f"SAMPLE {results['count_sample']} images", "", "| metric | value |", "|---|---|"]
+    head = (f"features: {results['features']}  REF {results['count_ref']} images, "
+            f"SAMPLE {results['count_sample']} images")
+    lines = [head, "", "| metric | value |", "|---|---|"]
     for key, label, fmt in ROWS:
         if key not in results:
             continue
