@@ -60,7 +60,7 @@ def main() -> None:
                 out = net.net(F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False))
                 print(f"input {size}px -> output {tuple(out.shape)}")
             except RuntimeError as e:
-                print(f"input {size}px -> error: {str(e).splitlines()[0][:100]}")
+                print(f"input {size}px -> error: {[ln for ln in str(e).splitlines() if ln.strip()][-1][:160]}")
         # input range: the first BN's moving statistics versus the first conv's outputs on real images
         conv = net.net.net.layers.conv
         for name, scale in (("x/128-1", lambda t: t), ("[0,255]", lambda t: (t + 1) * 128)):
