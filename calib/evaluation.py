@@ -1,0 +1,182 @@
+"""Evaluate generated images against a reference set, and against the FP generation they came from.
+
+``load_samples`` reads the evaluator layout that ``tools.generate`` writes (``arr_0``: uint8
+``[N, H, W, 3]``, ``arr_1``: labels, ``tokens.pt`` beside it) and checks it. ``evaluate`` computes
+the metrics of ``calib.metrics`` with a chosen feature network and returns a flat dict.
+"""
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from calib import metrics
+from passes.diagnostics import UserError
+
+MNIST_SIZES = {(28, 28), (32, 32)}
+PR_K = 3
+
+
+@dataclass
+class Samples:
+    path: Path
+    images: np.ndarray                 # uint8 [N, H, W, C]
+    labels: np.ndarray | None = None   # int [N]
+    tokens: object = None              # tensor or list of tensors (VAR's scales)
+    logits: np.ndarray | None = None   # [N, ..., V]
+
+    @property
+    def is_mnist_size(self) -> bool:
+        return tuple(self.images.shape[1:3]) in MNIST_SIZES
+
+
+def load_samples(path: str | Path) -> Samples:
+    """Images (``arr_0`` or ``images``), labels (``arr_1`` or ``labels``), ``tokens`` and ``logits``
+    when stored; tokens also from a ``tokens.pt`` beside the file (what ``tools.generate`` writes)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"sample file not found: {path}")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path} is not an .npz file: {e}") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise UserError(f"{path} is a single .npy array, expected an .npz with arr_0 (images) and arr_1 (labels)")
+    with data:
+        keys = set(data.files)
+        key = next((k for k in ("arr_0", "images") if k in keys), None)
+        if key is None:
+            raise UserError(f"{path} has no image array 'arr_0' (keys: {', '.join(sorted(keys)) or 'none'})")
+        images = data[key]
+        if images.ndim == 3:
+            images = images[..., None]
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+            hint = " (looks like NCHW: transpose to NHWC)" if images.ndim == 4 and images.shape[1] in (1, 3) else ""
+            raise UserError(f"{path}: {key} must be uint8 [N, H, W, 3] (NHWC), got {images.dtype} "
+                            f"{list(images.shape)}{hint}")
+        labels = next((data[k] for k in ("arr_1", "labels") if k in keys), None)
+        if labels is not None and (labels.ndim != 1 or len(labels) != len(images)
+                                   or not np.issubdtype(labels.dtype, np.integer)):
+            raise UserError(f"{path}: labels must be integers [N={len(images)}], got {labels.dtype} {list(labels.shape)}")
+        tokens = data["tokens"] if "tokens" in keys else None
+        logits = data["logits"] if "logits" in keys else None
+    if tokens is None and (path.parent / "tokens.pt").is_file():
+        tokens = torch.load(path.parent / "tokens.pt", map_location="cpu", weights_only=True)
+    return Samples(path, images, labels, tokens, logits)
+
+
+def _batched(fn: Callable, images: np.ndarray, batch: int, progress, desc: str):
+    feats, probs = [], []
+    starts = range(0, len(images), batch)
+    for i in (progress(starts, desc=desc, unit="batch") if progress else starts):
+        f, p = fn(images[i:i + batch])
+        feats.append(f)
+        probs.append(p)
+    return np.concatenate(feats), (np.concatenate(probs) if probs[0] is not None else None)
+
+
+def mnist_extractor(model=None) -> Callable:
+    """``images -> (128-d features, class probabilities)`` with the shipped MNIST classifier."""
+    from frontends.mnist_classifier import images_to_input, load_classifier, predict
+
+    model = model if model is not None else load_classifier()
+
+    def fn(images):
+        f, p = predict(model, images_to_input(images))
+        return f.double().numpy(), p.double().numpy()
+
+    return fn
+
+
+def inception_extractor(path=None) -> Callable:
+    from frontends.inception import InceptionFeatures
+
+    net = InceptionFeatures(path)
+    return lambda images: net(images, want_probs=True)
+
+
+def check_paired(ref: Samples, sample: Samples) -> None:
+    """Fidelity compares image i with image i: same count, size and requested classes."""
+    if len(ref.images) != len(sample.images):
+        raise UserError(f"fidelity needs the same images: {ref.path} has {len(ref.images)}, "
+                        f"{sample.path} has {len(sample.images)}")
+    if ref.images.shape != sample.images.shape:
+        raise UserError(f"fidelity needs the same image size: {list(ref.images.shape)} vs {list(sample.images.shape)}")
+    if ref.labels is not None and sample.labels is not None and not np.array_equal(ref.labels, sample.labels):
+        n = int((ref.labels != sample.labels).sum())
+        raise UserError(f"fidelity needs the same classes in the same order: labels differ at {n} of "
+                        f"{len(ref.labels)} positions")
+
+
+def fidelity(ref: Samples, sample: Samples) -> dict:
+    check_paired(ref, sample)
+    out = {"psnr_db": float(np.mean(metrics.psnr(ref.images, sample.images))),
+           "ssim": float(np.mean(metrics.ssim(ref.images, sample.images)))}
+    if ref.tokens is not None and sample.tokens is not None:
+        try:
+            out["token_agreement"] = metrics.token_agreement(ref.tokens, sample.tokens)
+        except ValueError as e:
+            raise UserError(f"tokens of {ref.path} and {sample.path} do not pair up: {e}") from None
+    if ref.logits is not None and sample.logits is not None:
+        try:
+            out["logit_kl"] = metrics.logit_kl(ref.logits, sample.logits)
+        except ValueError as e:
+            raise UserError(f"logits of {ref.path} and {sample.path} do not pair up: {e}") from None
+    return out
+
+
+def evaluate(ref: Samples, sample: Samples, *, features: str = "auto", inception: str | Path | None = None,
+             mnist: bool | None = None, paired: bool | None = None, batch: int = 250, progress=None) -> dict:
+    """FID, IS, precision/recall of ``sample`` against ``ref`` in the chosen feature space; MNIST-FID
+    and class accuracy (``mnist``: default when the images are 28 or 32 px square); fidelity of
+    ``sample`` to ``ref`` (``paired``: default when both carry the same labels and image shape).
+
+    IS needs class probabilities: the MNIST classifier has them, Inception only in scripts with a
+    logits head (NVIDIA's); otherwise ``is`` is None.
+    """
+    for s in (ref, sample):
+        if len(s.images) < 2:
+            raise UserError(f"{s.path} holds {len(s.images)} image(s); FID needs at least 2")
+    if features == "auto":
+        features = "mnist" if ref.is_mnist_size and sample.is_mnist_size else "inception"
+    if features not in ("mnist", "inception"):
+        raise UserError(f"unknown feature network {features!r} (mnist or inception)")
+    mnist = sample.is_mnist_size if mnist is None else mnist
+    if paired is None:
+        paired = (ref.labels is not None and sample.labels is not None and ref.images.shape == sample.images.shape
+                  and np.array_equal(ref.labels, sample.labels))
+
+    classifier = mnist_extractor() if (features == "mnist" or mnist) else None
+    extract = classifier if features == "mnist" else inception_extractor(inception)
+    f_ref, p_ref = _batched(extract, ref.images, batch, progress, f"{features} features (ref)")
+    f_smp, p_smp = _batched(extract, sample.images, batch, progress, f"{features} features (sample)")
+
+    out: dict = {"features": features, "count_ref": len(ref.images), "count_sample": len(sample.images),
+                 "fid": metrics.fid_from_features(f_ref, f_smp),
+                 "is": metrics.inception_score(p_smp) if p_smp is not None else None,
+                 "is_ref": metrics.inception_score(p_ref) if p_ref is not None else None,
+                 "precision": None, "recall": None}
+    if min(len(f_ref), len(f_smp)) > PR_K:
+        out["precision"], out["recall"] = metrics.precision_recall(f_ref, f_smp, k=PR_K)
+
+    if mnist:
+        from frontends.mnist_classifier import load_fid_ref
+
+        mu, sigma, _ = load_fid_ref()
+        if features == "mnist":
+            mf_smp, mp_smp, mf_ref = f_smp, p_smp, f_ref
+        else:
+            mf_smp, mp_smp = _batched(classifier, sample.images, batch, progress, "mnist features (sample)")
+            mf_ref, _ = _batched(classifier, ref.images, batch, progress, "mnist features (ref)")
+        out["mnist_fid"] = metrics.frechet_distance(*metrics.gaussian_stats(mf_smp), mu, sigma)
+        out["mnist_fid_ref"] = metrics.frechet_distance(*metrics.gaussian_stats(mf_ref), mu, sigma)
+        out["mnist_is"] = metrics.inception_score(mp_smp)
+        out["class_accuracy"] = (metrics.class_accuracy(mp_smp, sample.labels)
+                                 if sample.labels is not None else None)
+    if paired:
+        out.update(fidelity(ref, sample))
+    return out

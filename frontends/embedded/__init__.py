@@ -1,0 +1,1 @@
+"""Small files the repository ships: the MNIST classifier and its held-out FID statistics (CLASSIFIER.md)."""
