@@ -7,6 +7,8 @@ channels, the activation outliers that make naive per-tensor INT8 lose accuracy.
 from __future__ import annotations
 
 import math
+from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -63,7 +65,21 @@ def tiny_block(dim: int = 64, tokens: int = 16, batch: int = 2, seed: int = 0, o
                        extra={"dynamic_shapes": dims})
 
 
-BUILTINS = {"tiny-block": tiny_block}
+EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
+# The shipped MNIST models (MODEL_CARD.md there): name -> (model, tokenizer) files in
+# EMBEDDED_DIR, in the official checkpoint layouts; ``python -m tools.train_tiny`` writes them.
+EMBEDDED = {"mnist-var": ("var_mnist.pth", "var_mnist_vae.pth"), "mnist-gpt": ("gpt_mnist.pt", "vq_mnist.pt")}
+
+
+def embedded(name: str, root: str | Path = EMBEDDED_DIR) -> ModelBundle:
+    """A shipped model, loaded as any family checkpoint (detection from its keys, strict load)."""
+    from frontends.generic import load_model
+
+    model, tokenizer = EMBEDDED[name]
+    return load_model(str(Path(root) / model), tokenizer=str(Path(root) / tokenizer))
+
+
+BUILTINS = {"tiny-block": tiny_block, **{name: partial(embedded, name) for name in EMBEDDED}}
 
 
 def load(name: str) -> ModelBundle:

@@ -79,6 +79,9 @@ CONFIGS = {
     "d24": _released(24),
     "d30": _released(30),
     "tiny": VARConfig(depth=2, width=64, heads=2, vocab_size=64, cvae=8, num_classes=10, patch_nums=(1, 2, 3, 4)),
+    # The shipped MNIST model (frontends/embedded/var_mnist.pth): 32x32 digits, 8x8 latent.
+    "mnist": VARConfig(depth=4, width=96, heads=4, vocab_size=256, cvae=16, num_classes=10,
+                       patch_nums=(1, 2, 3, 4, 6, 8)),
 }
 
 

@@ -55,6 +55,9 @@ VQVAE_CONFIGS = {
     # 32x32 images (MNIST padded), 4x4 latent, the scales of VAR's tiny config.
     "tiny": VQVAEConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1,
                         patch_nums=(1, 2, 3, 4)),
+    # The shipped MNIST tokenizer (frontends/embedded/var_mnist_vae.pth): 32x32 -> 8x8 latent.
+    "mnist": VQVAEConfig(vocab_size=256, z_channels=16, ch=32, ch_mult=(1, 1, 1), num_res_blocks=1,
+                         patch_nums=(1, 2, 3, 4, 6, 8)),
 }
 
 

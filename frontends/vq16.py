@@ -36,6 +36,9 @@ VQ_CONFIGS = {
     "VQ-16": VQConfig(),
     # Same topology (so the same code paths), 4x narrower; 64x64 images <-> 4x4 tokens.
     "tiny": VQConfig(ch=32, z_channels=32, codebook_size=64),
+    # The shipped MNIST tokenizer (frontends/embedded/vq_mnist.pt): downsampling by 4, so a
+    # 32x32 digit is an 8x8 grid of tokens.
+    "mnist": VQConfig(ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, z_channels=32, codebook_size=256),
 }
 
 CODEBOOK_USAGE_SLOTS = 65536  # size of the official (training-only) ``codebook_used`` buffer

@@ -1,4 +1,5 @@
 """``python -m tools.generate CKPT --tokenizer TOK [--onnx out/model.onnx] --classes 0,1,2,3 --out DIR``
+(or ``python -m tools.generate builtin:mnist-var --out DIR``: a shipped model carries its tokenizer)
 
 Sample images with the family's own driver (its official CFG and sampling settings), one
 generator per image so an image does not depend on the batch it is in, and write
@@ -41,8 +42,9 @@ def grid(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarra
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tools.generate", description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="family checkpoint (VAR, LlamaGen, RAR, PAR)")
-    p.add_argument("--tokenizer", required=True, metavar="CKPT", help="the family's tokenizer checkpoint (decodes tokens)")
+    p.add_argument("model", help="family checkpoint (VAR, LlamaGen, RAR, PAR), or builtin:mnist-var / builtin:mnist-gpt")
+    p.add_argument("--tokenizer", metavar="CKPT",
+                   help="the family's tokenizer checkpoint (decodes tokens); required for checkpoints")
     p.add_argument("--family", help="override detection from the checkpoint's keys")
     p.add_argument("--onnx", metavar="FILE", help="run the step from this ONNX model on onnxruntime (else PyTorch FP)")
     p.add_argument("--ort-mode", choices=("reference", "fast"), default="reference")
@@ -64,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"ONNX model not found: {args.onnx}")
     with atomic_output_dir(args.out, force=args.force) as tmp:
         bundle = load_model(args.model, family=args.family, tokenizer=args.tokenizer)
+        if bundle.extra.get("tokenizer") is None or "generate" not in bundle.extra:
+            raise UserError(f"{args.model} needs --tokenizer (the family's tokenizer checkpoint) to make images")
         step = None
         if args.onnx:
             from backends.ort_runner import OrtStep

@@ -1,0 +1,438 @@
+"""Training of the shipped MNIST models (``frontends/embedded/``), stage by stage.
+
+Every stage trains a tokenizer, then a class-conditional generator on its tokens, and writes
+both in the official checkpoint layouts (half-precision floats; the family loaders cast back to
+float32), so ``tools.compile`` / ``tools.generate`` detect them like any released checkpoint:
+
+* ``var``: VAR's multi-scale residual VQVAE (``var_vqvae.VQVAE_CONFIGS["mnist"]``), then VAR
+  (``var.CONFIGS["mnist"]``) teacher-forced over the whole token pyramid;
+* ``gpt``: LlamaGen's VQ tokenizer (``vq16.VQ_CONFIGS["mnist"]``, downsampling 4, so a 32x32
+  digit is 8x8 tokens), then LlamaGen's GPT (``llamagen.CONFIGS["GPT-mnist"]``), raster order.
+
+Both generators drop the class to the null class with probability ``class_dropout`` (0.1, as
+the official training) so CFG works. Data: the 9,000 training digits of
+``mnist.train_holdout_split``, padded to 32x32 and repeated over 3 channels (the tokenizers
+take RGB). Everything is seeded; on one CPU the same seed gives the same weights.
+
+Stages are entries of ``STAGES`` (name -> function), so more can be added.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from frontends import examples, mnist
+from passes.diagnostics import UserError
+
+Progress = Callable[..., Iterable]  # tqdm-like: progress(iterable, desc=..., total=...)
+
+
+def _no_progress(iterable, **_kw):
+    return iterable
+
+
+# ----------------------------------------------------------------------------- settings and data
+
+@dataclass
+class Phase:
+    """One optimisation run: ``steps`` AdamW steps of ``batch`` images at peak ``lr``."""
+
+    steps: int
+    batch: int
+    lr: float
+    weight_decay: float = 0.0
+    warmup: int = 100
+    clip: float = 2.0
+
+
+@dataclass
+class Settings:
+    vqvae: Phase = field(default_factory=lambda: Phase(steps=300, batch=32, lr=2e-3, warmup=30))
+    var: Phase = field(default_factory=lambda: Phase(steps=500, batch=32, lr=2e-3, weight_decay=0.05, warmup=50))
+    vq: Phase = field(default_factory=lambda: Phase(steps=300, batch=32, lr=2e-3, warmup=30))
+    gpt: Phase = field(default_factory=lambda: Phase(steps=1000, batch=32, lr=2e-3, weight_decay=0.05, clip=1.0,
+                                                     warmup=50))
+    class_dropout: float = 0.1  # official VAR / LlamaGen: labels -> null class for CFG
+    beta: float = 0.25  # commitment weight, as both official quantizers
+    restart_every: int = 40  # dead-code restarts (steps); off after 3/4 of the tokenizer's steps
+    sample_seeds: int = 8  # columns of the samples grid
+
+
+@dataclass
+class TrainData:
+    images: torch.Tensor  # [N, 3, 32, 32] in [0, 1]
+    labels: torch.Tensor  # [N] int64
+
+
+def load_train_data(root: str | Path | None = None, limit: int | None = None) -> TrainData:
+    """The 9,000 training digits (``train_holdout_split``) as 32x32 RGB in [0, 1]."""
+    images, labels = mnist.load_mnist(root)
+    train, _ = mnist.train_holdout_split(len(images))
+    train = train[:limit] if limit else train
+    x = (mnist.to_unit_range(images[train]) + 1) / 2
+    return TrainData(x.expand(-1, 3, -1, -1).contiguous(), labels[train])
+
+
+def _batches(n: int, phase: Phase, g: torch.Generator):
+    """Index batches of ``phase.steps`` steps, epoch after epoch of seeded permutations."""
+    perm, at = torch.randperm(n, generator=g), 0
+    for _ in range(phase.steps):
+        if at + phase.batch > n:
+            perm, at = torch.randperm(n, generator=g), 0
+        yield perm[at: at + min(phase.batch, n)]
+        at += phase.batch
+
+
+def _optimizer(params, phase: Phase) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (betas of the official VAR/LlamaGen runs), linear warmup then cosine decay to 1/10."""
+    opt = torch.optim.AdamW(params, lr=phase.lr, betas=(0.9, 0.95), weight_decay=phase.weight_decay)
+
+    def factor(step: int) -> float:
+        if step < phase.warmup:
+            return (step + 1) / phase.warmup
+        t = (step - phase.warmup) / max(phase.steps - phase.warmup, 1)
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _fit(model: nn.Module, loss_fn: Callable, n: int, phase: Phase, g: torch.Generator, progress: Progress,
+         desc: str, after_step: Callable | None = None) -> list[float]:
+    """Train ``model`` on ``loss_fn(indices) -> loss``; returns the loss of every step."""
+    model.train()
+    opt, sched = _optimizer([p for p in model.parameters() if p.requires_grad], phase)
+    losses = []
+    bar = progress(_batches(n, phase, g), desc=desc, total=phase.steps, unit="step")
+    for step, idx in enumerate(bar):
+        loss = loss_fn(idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), phase.clip)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if hasattr(bar, "set_postfix") and step % 20 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
+        if after_step is not None:
+            after_step(step)
+    model.eval()
+    return losses
+
+
+class _CodeRestarts:
+    """Dead-code restarts: codes no image used since the last check get a random encoder vector.
+
+    Small codebooks on small data collapse to a few codes without it; restarts stop after 3/4 of
+    the run so the last steps settle the codebook the decoder is trained against.
+    """
+
+    def __init__(self, embedding: nn.Embedding, every: int, stop: int, g: torch.Generator):
+        self.embedding, self.every, self.stop, self.g = embedding, every, stop, g
+        self.hits = torch.zeros(embedding.num_embeddings)
+        self.latest: torch.Tensor | None = None  # encoder vectors of the last batch [M, C]
+
+    def record(self, idx: torch.Tensor, z_NC: torch.Tensor) -> None:
+        self.hits += torch.bincount(idx.flatten(), minlength=self.hits.numel()).float()
+        self.latest = z_NC.detach()
+
+    def __call__(self, step: int) -> None:
+        if step == 0 or step % self.every or step >= self.stop or self.latest is None:
+            return
+        dead = (self.hits == 0).nonzero().flatten()
+        if len(dead):
+            pick = torch.randint(len(self.latest), (len(dead),), generator=self.g)
+            with torch.no_grad():
+                self.embedding.weight[dead] = self.latest[pick]
+        self.hits.zero_()
+
+
+# ----------------------------------------------------------------------------- writing
+
+def half_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The state_dict with floating tensors in float16 (the loaders cast back to float32)."""
+    return {k: v.detach().half() if v.is_floating_point() else v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def save_atomic(obj, path: Path) -> None:
+    """``torch.save`` to a temporary name, then rename: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _save_png(images: torch.Tensor, rows: int, path: Path) -> None:
+    """``[rows*cols, 3, H, W]`` in [0, 1] -> a grid PNG (row r = class r), written atomically."""
+    from PIL import Image
+
+    cols = images.shape[0] // rows
+    grid = images.clamp(0, 1).mul(255).round().to(torch.uint8)
+    grid = F.pad(grid, (1, 1, 1, 1), value=255).unflatten(0, (rows, cols))  # r, c, 3, H+2, W+2
+    grid = grid.permute(0, 3, 1, 4, 2).flatten(2, 3).flatten(0, 1)  # rows*(H+2), cols*(W+2), 3
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    Image.fromarray(grid.numpy()).save(tmp)
+    os.replace(tmp, path)
+
+
+def _mean_last(losses: list[float], n: int = 100) -> float:
+    tail = losses[-n:]
+    return round(sum(tail) / len(tail), 4)
+
+
+# ----------------------------------------------------------------------------- stage "var"
+
+def _var_init(var: nn.Module, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5, init_head: float = 0.02) -> None:
+    """The official ``VAR.init_weights`` defaults: trunc-normal linears, small head, AdaLN gates near 0."""
+    C, depth = var.config.width, var.config.depth
+    std = math.sqrt(1 / C / 3)
+    with torch.no_grad():
+        for m in var.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=std)
+                if m.bias is not None:
+                    m.bias.zero_()
+        var.head.weight.mul_(init_head)
+        var.head_nm.ada_lin[-1].weight.mul_(init_adaln)
+        var.head_nm.ada_lin[-1].bias.zero_()
+        for block in var.blocks:
+            block.attn.proj.weight.div_(math.sqrt(2 * depth))
+            block.ffn.fc2.weight.div_(math.sqrt(2 * depth))
+            ada = block.ada_lin[-1]
+            ada.weight[2 * C:].mul_(init_adaln)  # scale1, scale2, shift1, shift2
+            ada.weight[:2 * C].mul_(init_adaln_gamma)  # gamma1, gamma2
+            ada.bias.zero_()
+
+
+def vqvae_losses(vae, images: torch.Tensor, beta: float, restarts: _CodeRestarts | None = None):
+    """Reconstruction and VQ losses of VAR's multi-scale quantizer (the official ``VectorQuantizer2.forward``).
+
+    Per scale: the residual is area-resized, snapped to its nearest code, the code map is
+    resized back and refined by Phi; ``mse(f_hat, sg(f))`` trains codes and Phi,
+    ``beta * mse(sg(f_hat), f)`` the encoder, and the decoder sees ``f`` + sg(f_hat - f).
+    Returns ``(reconstruction loss, vq loss, reconstructions)``.
+    """
+    q = vae.quantize
+    f = vae.quant_conv(vae.encoder(images * 2 - 1))
+    B, C = f.shape[:2]
+    f_no_grad, f_hat, vq_loss = f.detach(), 0, 0.0
+    f_rest = f_no_grad
+    for si, pn in enumerate(q.patch_nums):
+        z = F.interpolate(f_rest, size=(pn, pn), mode="area") if si != q.num_scales - 1 else f_rest
+        z_NC = z.permute(0, 2, 3, 1).reshape(-1, C)
+        idx = q.nearest_code(z_NC).reshape(B, pn * pn)
+        if restarts is not None:
+            restarts.record(idx, z_NC)
+        with torch.no_grad():
+            q.ema_vocab_hit_SV[si].mul_(0.99).add_(torch.bincount(idx.flatten(), minlength=q.embedding.num_embeddings)
+                                                   .float() / idx.numel(), alpha=0.01)
+        h = q.scale_residual(si, q.token_map(idx))
+        f_hat = f_hat + h
+        f_rest = f_rest - h.detach()
+        vq_loss = vq_loss + beta * F.mse_loss(f_hat.detach(), f) + F.mse_loss(f_hat, f_no_grad)
+    recon = vae.decoder(vae.post_quant_conv((f_hat.detach() - f_no_grad) + f))
+    target = images * 2 - 1
+    return F.mse_loss(recon, target) + F.l1_loss(recon, target), vq_loss / q.num_scales, recon
+
+
+def train_vqvae(data: TrainData, settings: Settings, g: torch.Generator, progress: Progress = _no_progress):
+    from frontends.var_vqvae import VQVAE, VQVAE_CONFIGS
+
+    vae = VQVAE(VQVAE_CONFIGS["mnist"])
+    phase = settings.vqvae
+    restarts = _CodeRestarts(vae.quantize.embedding, settings.restart_every, phase.steps * 3 // 4, g)
+    recon_losses = []
+
+    def loss_fn(idx):
+        rec, vq, _ = vqvae_losses(vae, data.images[idx], settings.beta, restarts)
+        recon_losses.append(rec.item())
+        return rec + vq
+
+    losses = _fit(vae, loss_fn, len(data.images), phase, g, progress, "var: VQVAE", restarts)
+    return vae.eval(), {"loss": _mean_last(losses), "recon_loss": _mean_last(recon_losses), "losses": losses}
+
+
+@torch.no_grad()
+def var_inputs(vae, images: torch.Tensor, batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token pyramid (scales concatenated, ``[N, L]``) and teacher-forcing input ``[N, L - 1, Cvae]`` of every image."""
+    tokens, inputs = [], []
+    for chunk in images.split(batch):
+        idx_Bl = vae.img_to_idxBl(chunk)
+        tokens.append(torch.cat(idx_Bl, dim=1))
+        inputs.append(vae.idxBl_to_var_input(idx_Bl))
+    return torch.cat(tokens), torch.cat(inputs)
+
+
+def drop_labels(labels: torch.Tensor, num_classes: int, p: float, g: torch.Generator) -> torch.Tensor:
+    """Labels with probability ``p`` replaced by the null class ``num_classes`` (CFG training)."""
+    return torch.where(torch.rand(labels.shape, generator=g) < p, num_classes, labels)
+
+
+def train_var(tokens: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor, settings: Settings,
+              g: torch.Generator, progress: Progress = _no_progress):
+    from frontends.var import CONFIGS, VAR
+
+    var = VAR(CONFIGS["mnist"])
+    _var_init(var)
+    nc = var.config.num_classes
+
+    def loss_fn(idx):
+        logits = var(drop_labels(labels[idx], nc, settings.class_dropout, g), inputs[idx])
+        return F.cross_entropy(logits.flatten(0, 1), tokens[idx].flatten())
+
+    losses = _fit(var, loss_fn, len(tokens), settings.var, g, progress, "var: VAR")
+    return var.eval(), {"loss": _mean_last(losses), "losses": losses}
+
+
+def stage_var(data: TrainData, out: Path, settings: Settings, seed: int, progress: Progress = _no_progress) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    t0, c0 = time.perf_counter(), time.process_time()
+    vae, vae_log = train_vqvae(data, settings, g, progress)
+    t1 = time.perf_counter()
+    tokens, inputs = var_inputs(vae, data.images)
+    var, var_log = train_var(tokens, inputs, data.labels, settings, g, progress)
+    t2, c2 = time.perf_counter(), time.process_time()
+    model_file, tokenizer_file = examples.EMBEDDED["mnist-var"]
+    save_atomic(half_state_dict(vae), out / tokenizer_file)
+    save_atomic(half_state_dict(var), out / model_file)
+    return {"tokenizer": vae_log, "generator": var_log,
+            "seconds": {"tokenizer": round(t1 - t0, 1), "generator": round(t2 - t1, 1)},
+            "cpu_seconds": round(c2 - c0, 1)}
+
+
+# ----------------------------------------------------------------------------- stage "gpt"
+
+def vq_losses(vq, images: torch.Tensor, beta: float, restarts: _CodeRestarts | None = None):
+    """Reconstruction and VQ losses of LlamaGen's quantizer (l2-normalised codes, ``VectorQuantizer.forward``)."""
+    z = F.normalize(vq.quant_conv(vq.encoder(images * 2 - 1)), dim=1)  # B, d, h, w
+    B, d, h, w = z.shape
+    z_Nd = z.permute(0, 2, 3, 1).reshape(-1, d)
+    codebook = vq.quantize.codebook()
+    idx = (z_Nd @ codebook.T).argmax(-1)
+    if restarts is not None:
+        restarts.record(idx, z_Nd)
+    zq = codebook[idx].view(B, h, w, d).permute(0, 3, 1, 2)
+    vq_loss = F.mse_loss(zq, z.detach()) + beta * F.mse_loss(zq.detach(), z)
+    recon = vq.decoder(vq.post_quant_conv(z + (zq - z).detach()))
+    target = images * 2 - 1
+    return F.mse_loss(recon, target) + F.l1_loss(recon, target), vq_loss, recon
+
+
+def train_vq(data: TrainData, settings: Settings, g: torch.Generator, progress: Progress = _no_progress):
+    from frontends import vq16
+
+    vq = vq16.VQModel(vq16.VQ_CONFIGS["mnist"])
+    phase = settings.vq
+    restarts = _CodeRestarts(vq.quantize.embedding, settings.restart_every, phase.steps * 3 // 4, g)
+    recon_losses = []
+
+    def loss_fn(idx):
+        rec, vql, _ = vq_losses(vq, data.images[idx], settings.beta, restarts)
+        recon_losses.append(rec.item())
+        return rec + vql
+
+    losses = _fit(vq, loss_fn, len(data.images), phase, g, progress, "gpt: VQ", restarts)
+    return vq.eval(), {"loss": _mean_last(losses), "recon_loss": _mean_last(recon_losses), "losses": losses}
+
+
+def _gpt_init(gpt: nn.Module) -> None:
+    """The official ``initialize_weights``: normal(0.02) linears and embeddings, zero output layer."""
+    with torch.no_grad():
+        for m in gpt.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                m.weight.normal_(0, 0.02)
+        gpt.output.weight.zero_()
+
+
+def train_gpt(tokens: torch.Tensor, labels: torch.Tensor, settings: Settings, g: torch.Generator,
+              progress: Progress = _no_progress):
+    from frontends.llamagen import CONFIGS, Transformer
+
+    gpt = Transformer(CONFIGS["GPT-mnist"])
+    _gpt_init(gpt)
+    nc = gpt.config.num_classes
+
+    def loss_fn(idx):
+        logits = gpt.teacher_forcing(tokens[idx], drop_labels(labels[idx], nc, settings.class_dropout, g))
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[idx].flatten())
+
+    losses = _fit(gpt, loss_fn, len(tokens), settings.gpt, g, progress, "gpt: GPT")
+    return gpt.eval(), {"loss": _mean_last(losses), "losses": losses}
+
+
+def stage_gpt(data: TrainData, out: Path, settings: Settings, seed: int, progress: Progress = _no_progress) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    t0, c0 = time.perf_counter(), time.process_time()
+    vq, vq_log = train_vq(data, settings, g, progress)
+    t1 = time.perf_counter()
+    with torch.no_grad():
+        tokens = torch.cat([vq.encode(chunk) for chunk in data.images.split(500)])
+    gpt, gpt_log = train_gpt(tokens, data.labels, settings, g, progress)
+    t2, c2 = time.perf_counter(), time.process_time()
+    model_file, tokenizer_file = examples.EMBEDDED["mnist-gpt"]
+    save_atomic({"model": half_state_dict(vq)}, out / tokenizer_file)  # official layout: weights under "model"
+    save_atomic({"model": half_state_dict(gpt)}, out / model_file)
+    return {"tokenizer": vq_log, "generator": gpt_log,
+            "seconds": {"tokenizer": round(t1 - t0, 1), "generator": round(t2 - t1, 1)},
+            "cpu_seconds": round(c2 - c0, 1)}
+
+
+# ----------------------------------------------------------------------------- driver
+
+STAGES: dict[str, Callable[..., dict]] = {"var": stage_var, "gpt": stage_gpt}
+BUILTIN_NAME = {"var": "mnist-var", "gpt": "mnist-gpt"}  # the stage's model in examples.EMBEDDED
+
+
+def written_files(stage: str) -> tuple[str, ...]:
+    """What a stage writes into ``out``: model, tokenizer, samples grid, training log."""
+    return (*examples.EMBEDDED[BUILTIN_NAME[stage]], f"samples_{stage}.png", f"train_{stage}.json")
+
+
+def sample_grid(stage: str, out: Path, seeds: int) -> torch.Tensor:
+    """Images ``[10 * seeds, 3, 32, 32]`` of the written checkpoints (row = class) with the family's default sampler."""
+    bundle = examples.embedded(BUILTIN_NAME[stage], out)
+    labels = torch.arange(10).repeat_interleave(seeds)
+    with torch.no_grad():
+        return bundle.extra["tokenizer"].decode(bundle.extra["generate"](labels, 0))
+
+
+def run(out: str | Path, *, data_root: str | Path | None = None, seed: int = 0, only: list[str] | None = None,
+        settings: Settings | None = None, limit: int | None = None, progress: Progress = _no_progress) -> dict:
+    """Train the ``only`` stages (default: all) into ``out``; returns the log also written to ``train_<stage>.json``.
+
+    The data is read before anything is written, so a bad ``data_root`` leaves ``out`` untouched.
+    """
+    stages = list(STAGES) if not only else list(dict.fromkeys(only))
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise UserError(f"unknown stage {unknown[0]!r}; stages: {', '.join(STAGES)}")
+    settings = settings or Settings()
+    data = load_train_data(data_root, limit)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output path {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    logs = {}
+    for name in stages:
+        log = STAGES[name](data, out, settings, seed, progress)
+        _save_png(sample_grid(name, out, settings.sample_seeds), 10, out / written_files(name)[2])
+        log.update(stage=name, seed=seed, train_images=len(data.images), settings=asdict(settings),
+                   torch=torch.__version__, threads=torch.get_num_threads())
+        path = out / written_files(name)[3]
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(log, indent=1) + "\n")
+        os.replace(tmp, path)
+        logs[name] = log
+    return logs
