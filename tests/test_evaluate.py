@@ -48,9 +48,9 @@ def test_mnist_evaluation_and_fidelity(tmp_path, digits, capsys):
     q = _save(tmp_path / "q.npz", noisy, labels[:64], tokens=changed, logits=logits + rng.normal(0, 0.1, logits.shape))
     assert main([ref2, q, "--json", str(tmp_path / "f.json"), "--batch", "20"]) == 0
     f = json.loads((tmp_path / "f.json").read_text())
-    expected_psnr = np.mean(10 * np.log10(255 ** 2 / ((images[:64].astype(float) - noisy) ** 2).mean((1, 2, 3))))
+    expected_psnr = 10 * np.log10(255 ** 2 / ((images[:64].astype(float) - noisy) ** 2).mean())
     assert f["psnr_db"] == pytest.approx(expected_psnr) and 10 < f["psnr_db"] < 30
-    assert 0 < f["ssim"] < 0.9 and f["token_agreement"] == pytest.approx(0.75)
+    assert 0 < f["ssim"] < 0.9 and f["token_agreement"] == pytest.approx(0.75) and f["identical_images"] == 0
     assert 0 < f["logit_kl"] < 0.02
     assert f["mnist_fid"] > r["mnist_fid_ref"]  # noise moves the digits away from the held-out statistics
 
@@ -58,6 +58,7 @@ def test_mnist_evaluation_and_fidelity(tmp_path, digits, capsys):
     assert main([ref2, ref2, "--json", str(tmp_path / "same.json")]) == 0
     same = json.loads((tmp_path / "same.json").read_text())
     assert same["psnr_db"] == "inf" and same["ssim"] == pytest.approx(1) and same["fid"] < 1e-6
+    assert same["identical_images"] == 1
     assert same["token_agreement"] == 1.0 and same["logit_kl"] == pytest.approx(0, abs=1e-12)
 
 

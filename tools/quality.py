@@ -54,7 +54,6 @@ def fixed_labels(num_classes: int, n: int) -> torch.Tensor:
 def draw(bundle, step, labels: torch.Tensor, seed: int, name: str):
     """Generate and decode ``labels`` with ``step``; returns ``calib.evaluation.Samples``."""
     from calib.evaluation import Samples
-
     from tools.generate import to_uint8
 
     with torch.no_grad():
@@ -70,7 +69,7 @@ def score(fp, sample) -> dict:
     if not fp.is_mnist_size:
         return fidelity(fp, sample)
     r = evaluate(fp, sample, features="mnist", mnist=True, paired=sample is not fp)
-    keep = ("mnist_fid", "class_accuracy", "token_agreement", "psnr_db", "ssim")
+    keep = ("mnist_fid", "class_accuracy", "token_agreement", "psnr_db", "identical_images", "ssim")
     return {k: r[k] for k in keep if k in r}
 
 
@@ -85,7 +84,8 @@ def evaluate_rows(bundle, rows: list[Row], n: int, seed: int, progress) -> tuple
         fp = samples[rows[0].name]
         metrics = score(fp, samples[row.name])
         if row is rows[0]:  # fidelity of FP to itself is trivially perfect: leave it blank
-            metrics = {k: v for k, v in metrics.items() if k not in ("token_agreement", "psnr_db", "ssim")}
+            metrics = {k: v for k, v in metrics.items()
+                       if k not in ("token_agreement", "psnr_db", "identical_images", "ssim")}
         table.append({"name": row.name, "recipe": row.recipe, "bits": row.bits, "backend": row.backend,
                       "generation_s": seconds, **metrics})
     return table, samples
@@ -124,3 +124,15 @@ def ort_speed(bundle, fp_gm, int8_path: Path, workdir: Path, *, warmup: int = 3,
     fp_ms, q_ms = statistics.median(fp.times) * 1e3, statistics.median(q.times) * 1e3
     return {"ort_fp32_ms": fp_ms, "ort_int8_ms": q_ms, "int8_speedup": fp_ms / q_ms, "repeats": repeats,
             "onnx_bytes": {"fp32": fp.size_bytes, "int8": q.size_bytes}}
+
+
+COLUMNS = (("model", "name", "{}"), ("runs on", "backend", "{}"), ("tokens = FP", "token_agreement", "{:.1%}"),
+           ("images = FP", "identical_images", "{:.0%}"), ("PSNR vs FP", "psnr_db", "{:.1f} dB"),
+           ("MNIST-FID", "mnist_fid", "{:.1f}"), ("class accuracy", "class_accuracy", "{:.1%}"))
+
+
+def table_rows(section: dict) -> tuple[list[str], list[list[str]]]:
+    """The quality table as text cells (report.md and the compile summary share it)."""
+    cols = [c for c in COLUMNS if any(c[1] in r for r in section["rows"])]
+    return [c[0] for c in cols], [[fmt.format(r[key]) if r.get(key) is not None else "—" for _, key, fmt in cols]
+                                  for r in section["rows"]]

@@ -97,6 +97,25 @@ def _calibration_md(cal: dict) -> list[str]:
     return out + [""]
 
 
+def _quality_md(q: dict) -> list[str]:
+    from tools.quality import table_rows
+
+    headers, rows = table_rows(q)
+    out = ["## Image quality", "",
+           (f"{q['images']} images (classes in turn, seed {q['seed']}), the same for every model, so each pairs "
+            "with its FP twin. Fidelity columns compare with the FP row; MNIST-FID is against the 1,000 held-out "
+            "digits (lower is better; with this few images it is biased upwards, compare rows, not papers)."), "",
+           _md_table(headers, rows), ""]
+    if "speed" in q:
+        sp = q["speed"]
+        out += [(f"onnxruntime int8 {sp['ort_int8_ms']:.2f} ms vs FP32 {sp['ort_fp32_ms']:.2f} ms per step: "
+                 f"**{sp['int8_speedup']:.2f}x** (medians of {sp['repeats']} interleaved calls on this machine; "
+                 f"files {sp['onnx_bytes']['fp32'] / 1e6:.2f} MB -> {sp['onnx_bytes']['int8'] / 1e6:.2f} MB)."), ""]
+    for name, path in q.get("grids", {}).items():
+        out += [f"**{name}**", "", f"![{name}]({path})", ""]
+    return out
+
+
 def render_markdown(r: dict) -> str:
     fid, size = r["fidelity"], r["size_bytes"]
     out = [f"# Quantization report: {r['model']}", "",
@@ -110,6 +129,8 @@ def render_markdown(r: dict) -> str:
         out += ["## Exclusions (kept in full precision)", "", _md_table(
             ["pattern", "matched sites"], [[f"`{p}`", ", ".join(f"`{s}`" for s in sites)] for p, sites in r["exclude"].items()]), ""]
     out += _calibration_md(r["calibration"])
+    if "quality" in r:
+        out += _quality_md(r["quality"])
     out += ["## Fidelity to the FP model", "",
            _md_table(["output", "SQNR (dB, worst batch)"], [[i, f"{v:.1f}"] for i, v in enumerate(fid["sqnr_db_per_output"])]),
            "", f"Max abs error over {fid['batches']} batches: {fid['max_abs_err']:.3g}", "",
@@ -129,7 +150,9 @@ def render_markdown(r: dict) -> str:
         out += ["", "## ONNX", "",
                 (f"`{o['path']}`: {o['file_bytes']} bytes, {o['QuantizeLinear']} QuantizeLinear, "
                 f"{o['DequantizeLinear']} DequantizeLinear; inputs {o['inputs']}, outputs {o['outputs']}."),
-                f"onnxruntime (QDQ fusion disabled) vs torch fake-quant: max |diff| = {o['ort_reference_max_abs_diff']:.2e}",
+                (f"onnxruntime (QDQ fusion disabled) vs torch fake-quant: max |diff| = {o['ort_reference_max_abs_diff']:.2e}, "
+                 f"SQNR {o['ort_reference_sqnr_db']:.1f} dB (beyond float rounding, a difference means a value on a "
+                 "rounding boundary took the neighbouring code in one runtime)"),
                 (f"onnxruntime fast mode (fused int8) vs reference: max relative diff "
                  f"{o['ort_fast']['max_rel_diff_vs_reference']:.2e} (CPU VNNI: {'yes' if o['ort_fast']['cpu_vnni'] else 'no'}"
                  f"{'; 7-bit weights (reduce-range), because this CPU has no VNNI' if o['ort_fast'].get('reduce_range') else ''})"),
