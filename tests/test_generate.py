@@ -146,7 +146,7 @@ def test_batches_shards_and_resume_keep_every_image(tmp_path, var_files, monkeyp
 
 
 def test_bad_inputs(tmp_path, var_files, capsys):
-    ckpt, tok, qdir = var_files
+    ckpt, tok, _ = var_files
     out = str(tmp_path / "o")
     cases = {
         "integers": ["--classes", "a,b"],
@@ -166,6 +166,7 @@ def test_bad_inputs(tmp_path, var_files, capsys):
 
     torch.save(VQModel(VQ_CONFIGS["tiny"]).state_dict(), tmp_path / "vq.pt")
     assert main([ckpt, "--tokenizer", str(tmp_path / "vq.pt"), "--out", out]) == 2
+    assert capsys.readouterr().err.startswith("error: tokenizer ")
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
 
 
