@@ -37,7 +37,6 @@ from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,6 +44,7 @@ from torch import nn
 from frontends import vq16
 from frontends.families import Family, register_family
 from frontends.generic import ModelBundle, load_checkpoint, step_dynamic_shapes, strict_load
+from frontends.sampling import image_generators
 from passes.diagnostics import UserError
 
 CLS_TOKEN_NUM = 1  # class-conditional models condition on one token
@@ -293,12 +293,6 @@ LlamaGenStep = Transformer  # the traced step module is the model itself (module
 
 # ------------------------------------------------------------------------------------ sampling
 
-def image_generator(seed: int, index: int) -> torch.Generator:
-    """The generator of image ``index``: independent of the batch the image is generated in."""
-    mixed = np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0]
-    return torch.Generator().manual_seed(int(mixed))
-
-
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Set to -inf what top-k / nucleus (top-p) filtering drops (HF semantics, as the official code)."""
     if top_k > 0:
@@ -334,7 +328,7 @@ def generate(model: Transformer, labels, *, cfg_scale: float, top_k: int = 0, to
     labels = torch.as_tensor(labels, dtype=torch.long).view(-1)
     batch, guided = labels.shape[0], cfg_scale > 1.0
     cond = torch.cat([labels, torch.full_like(labels, model.config.num_classes)]) if guided else labels
-    generators = [image_generator(seed, i) for i in range(batch)]
+    generators = image_generators(seed, batch)  # per image: independent of the batch
     tokens = torch.zeros(cond.shape[0], model.config.num_tokens, dtype=torch.long)
     k_cache, v_cache = model.empty_cache(cond.shape[0])
     mask = model.attention_mask()

@@ -1,17 +1,47 @@
-"""Sampling helpers shared by the family drivers."""
+"""Sampling helpers shared by the family drivers and tools.generate: per-image seeds, batches, shards."""
 from __future__ import annotations
 
 import torch
 
+_GOLDEN = 0x9E3779B1  # 2**32 / golden ratio: spreads image indices over the 32-bit seed space
 
-def image_generators(seed: int, n: int, device: torch.device | str = "cpu") -> list[torch.Generator]:
-    """One generator per image, seeded from (seed, image index), so an image does not depend on
-    the batch it was generated in.
+
+def image_seed(seed: int, index: int) -> int:
+    """The seed of image ``index`` of a run with ``seed``.
 
     torch's generators keep only the low 32 bits of a seed (``seed + i * 2**32`` would give every
     image the same stream), so the index is spread by the golden-ratio constant: image 0 gets
     ``seed`` itself (the official scripts' ``torch.manual_seed(seed)``), a seed's images never
-    collide, and seeds less than 1000 apart collide only beyond 2.6 million images. A CUDA
-    generator draws a different stream than a CPU one with the same seed.
+    collide, and seeds less than 1000 apart collide only beyond 2.6 million images. The map is
+    additive, ``image_seed(image_seed(seed, a), b) == image_seed(seed, a + b)``, so a batch that
+    starts at image ``a`` is a run with seed ``image_seed(seed, a)`` (``batch_seed``).
     """
-    return [torch.Generator(device=device).manual_seed((seed + i * 0x9E3779B1) % 2**32) for i in range(n)]
+    return (seed + index * _GOLDEN) % 2**32
+
+
+def image_generators(seed: int, n: int, device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One generator per image, seeded by ``image_seed(seed, i)``, so an image does not depend on
+    the batch it was generated in. A CUDA generator draws a different stream than a CPU one with
+    the same seed."""
+    return [torch.Generator(device=device).manual_seed(image_seed(seed, i)) for i in range(n)]
+
+
+def batch_seed(seed: int, first_image: int) -> int:
+    """The seed to pass a driver for a batch starting at image ``first_image``: its images then
+    draw exactly the streams they draw in one big batch (``image_seed`` is additive)."""
+    return image_seed(seed, first_image)
+
+
+def batches(n: int, batch_size: int) -> list[range]:
+    """Image indices ``0..n-1`` cut into consecutive batches of ``batch_size`` (the last may be shorter)."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    return [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
+
+def shard(items: list, rank: int, world_size: int) -> list:
+    """The items of ``rank`` among ``world_size`` processes: every ``world_size``-th from ``rank``
+    (round robin, so ranks get equal work when the last batch is short)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+    return items[rank::world_size]

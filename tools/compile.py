@@ -444,7 +444,10 @@ def _compile(args: argparse.Namespace, out: Path) -> dict:
             report["tensorrt"] = build_trt(bundle, onnx_path, out, report["onnx"]["inputs"], trt_reason)
     else:
         say("[3/4] target torch: keeping the fake-quant graph (real INT8 GEMMs need CUDA)")
-        torch.save(gm.state_dict(), out / "quantized_state_dict.pt")
+        from backends.fx_graph import save_graph
+
+        # graph.json + tensors: what tools.generate --quantized rebuilds (data, never executed); graph.py to read
+        save_graph(gm, out / "graph.json", out / "quantized_state_dict.pt")
         (out / "graph.py").write_text(gm.code)
 
     with torch.no_grad():  # a sanity figure for the report; tools.bench measures speed properly

@@ -1,31 +1,49 @@
-"""``python -m tools.generate CKPT --tokenizer TOK [--onnx out/model.onnx] --classes 0,1,2,3 --out DIR``
+"""``python -m tools.generate CKPT --tokenizer TOK [--onnx F | --quantized DIR | --engine F] --classes 0,1,2,3 --out DIR``
 (or ``python -m tools.generate builtin:mnist-var --out DIR``: a shipped model carries its tokenizer)
 
-Sample images with the family's own driver (its official CFG and sampling settings), one
-generator per image so an image does not depend on the batch it is in, and write
-``DIR/grid.png``, ``DIR/<i>_class<c>.png``, ``DIR/samples.npz`` (``arr_0``: uint8
-``[N, H, W, 3]``, ``arr_1``: labels; the layout the guided-diffusion evaluator reads) and
-``DIR/tokens.pt``. The step runs in PyTorch (FP), or from an exported ONNX model on
-onnxruntime (``--onnx``), so FP and quantized images come from the same seeds.
+Sample images with the family's own driver (its official CFG and sampling settings) and write
+``DIR/grid.png``, ``DIR/<i>_class<c>.png``, ``DIR/samples.npz`` (``arr_0``: uint8 ``[N, H, W, 3]``,
+``arr_1``: labels; the layout the guided-diffusion evaluator reads) and ``DIR/tokens.pt``.
+
+The step runs in PyTorch (FP), as the fake-quant graph of a compile output directory
+(``--quantized``), from an exported ONNX model on onnxruntime (``--onnx``) or from a TensorRT
+engine (``--engine``). Image i always draws from its own generator, seeded by (seed, i): FP and
+quantized images share their seeds, and no image depends on its batch or on the process that
+made it. Images are made in batches saved to ``DIR.partial/``: an interrupted run resumes there,
+and ``torchrun --nproc_per_node K -m tools.generate ...`` splits the batches over K processes
+(one GPU each); rank 0 waits for the others' batches and writes DIR.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
+import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from frontends import load_model
+from frontends.sampling import batch_seed, batches, shard
 from passes.diagnostics import UserError
-from tools._cli import atomic_output_dir, main_wrapper, say
+from tools._cli import atomic_output_dir, main_wrapper, progress, say
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """``[N, 3, H, W]`` in [0, 1] -> ``[N, H, W, 3]`` uint8."""
     return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def decode_each(tokenizer, tokens) -> np.ndarray:
+    """Decode image by image: a convolution's rounding depends on the batch size (±1 in 0.03 % of
+    LlamaGen's uint8 pixels between batches of 4 and 1), and an image must not depend on its batch."""
+    n = len(tokens[0]) if isinstance(tokens, (list, tuple)) else len(tokens)
+    one = (lambda i: [t[i: i + 1] for t in tokens]) if isinstance(tokens, (list, tuple)) else (lambda i: tokens[i: i + 1])
+    return np.concatenate([to_uint8(tokenizer.decode(one(i))) for i in range(n)])
 
 
 def grid(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarray:
@@ -40,51 +58,258 @@ def grid(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarra
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tools.generate", description=__doc__.split("\n\n")[1],
+    p = argparse.ArgumentParser(prog="python -m tools.generate", description=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="family checkpoint (VAR, LlamaGen, RAR, PAR), or builtin:mnist-var / builtin:mnist-gpt")
     p.add_argument("--tokenizer", metavar="CKPT",
                    help="the family's tokenizer checkpoint (decodes tokens); required for checkpoints")
     p.add_argument("--family", help="override detection from the checkpoint's keys")
-    p.add_argument("--onnx", metavar="FILE", help="run the step from this ONNX model on onnxruntime (else PyTorch FP)")
-    p.add_argument("--ort-mode", choices=("reference", "fast"), default="reference")
-    p.add_argument("--classes", default="0,1,2,3", help="comma-separated class labels, one image each")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="output directory")
+    step = p.add_mutually_exclusive_group()
+    step.add_argument("--quantized", metavar="DIR",
+                      help="run the fake-quant torch graph of this 'tools.compile --target torch' output "
+                           "(a directory with only model.onnx runs that on onnxruntime reference mode)")
+    step.add_argument("--onnx", metavar="FILE", help="run the step from this ONNX model on onnxruntime")
+    step.add_argument("--engine", metavar="FILE", help="run the step from this TensorRT engine (needs TensorRT and a GPU)")
+    p.add_argument("--ort-mode", choices=("reference", "fast"), default="reference",
+                   help="onnxruntime: reference = Q/DQ kept as written (equals torch fake-quant), fast = fused int8")
+    p.add_argument("--classes", default="0,1,2,3", help="comma-separated class labels (default: 0,1,2,3)")
+    p.add_argument("--per-class", type=int, default=1, metavar="N", help="images per class label (default: 1)")
+    p.add_argument("--seed", type=int, default=0, help="image i draws from a generator seeded by (seed, i)")
+    p.add_argument("--batch-size", type=int, default=16, metavar="B", help="images per batch (default: 16)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: GPU LOCAL_RANK when CUDA exists (CUDA draws other random streams than CPU)")
+    p.add_argument("--out", required=True, help="output directory (batches go to OUT.partial until the end)")
     p.add_argument("--force", action="store_true", help="replace the output directory if it exists")
+    p.add_argument("--max-batches", type=int, metavar="N",
+                   help="stop after making N batches (run again to resume); for splitting a long job")
+    p.add_argument("--merge", action="store_true",
+                   help="make no images: write OUT from the batches in OUT.partial (after a sharded run)")
+    p.add_argument("--wait", type=float, default=3600.0, metavar="S",
+                   help="sharded runs: how long rank 0 waits for the other ranks' batches (default: 3600 s)")
     return p
+
+
+def parse_labels(classes: str, per_class: int) -> list[int]:
+    try:
+        labels = [int(c) for c in classes.split(",")]
+    except ValueError:
+        raise UserError(f"--classes must be integers separated by commas, got {classes!r}") from None
+    if per_class < 1:
+        raise UserError(f"--per-class must be at least 1, got {per_class}")
+    return [c for c in labels for _ in range(per_class)]
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) without it."""
+    try:
+        rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    except ValueError:
+        raise UserError("RANK, WORLD_SIZE and LOCAL_RANK must be integers") from None
+    if not 0 <= rank < world:
+        raise UserError(f"RANK={rank} is not in 0..WORLD_SIZE-1 (WORLD_SIZE={world})")
+    return rank, world, local
+
+
+def _fingerprint(path: str | None) -> list | None:
+    """Path, size and modification time: a changed file invalidates saved batches."""
+    if path is None:
+        return None
+    st = Path(path).stat()
+    return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
+
+
+class BatchStore:
+    """``OUT.partial/``: ``run.json`` (what determines the images) and ``batch_<k>.pt``, each
+    written under a temporary name and renamed, so a killed run leaves whole batches only."""
+
+    def __init__(self, directory: Path, settings: dict, n_batches: int):
+        self.dir, self.n, self.settings = directory, n_batches, settings
+        run = self.dir / "run.json"
+        if run.is_file():
+            saved = json.loads(run.read_text())
+            if saved != settings:
+                changed = sorted(k for k in settings.keys() | saved.keys() if settings.get(k) != saved.get(k))
+                raise UserError(f"{self.dir} holds batches of another run (different {', '.join(changed)}); "
+                                f"delete it or use another --out")
+
+    def _write_text(self, path: Path, text: str) -> None:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+    def path(self, k: int) -> Path:
+        return self.dir / f"batch_{k:06d}.pt"
+
+    def missing(self) -> list[int]:
+        return [k for k in range(self.n) if not self.path(k).is_file()]
+
+    def save(self, k: int, tokens, images: np.ndarray) -> None:
+        if not (self.dir / "run.json").is_file():  # created with the first batch: a failed start leaves nothing
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._write_text(self.dir / "run.json", json.dumps(self.settings, indent=1))
+        tmp = self.dir / f".batch_{k:06d}.{os.getpid()}.tmp"
+        torch.save({"tokens": tokens, "images": torch.from_numpy(images)}, tmp)
+        os.replace(tmp, self.path(k))
+
+    def load_all(self) -> tuple:
+        """(tokens, images) of every batch in order; tokens concatenated per scale for VAR's lists."""
+        parts = [torch.load(self.path(k), weights_only=True) for k in range(self.n)]
+        images = torch.cat([p["images"] for p in parts]).numpy()
+        first = parts[0]["tokens"]
+        if isinstance(first, (list, tuple)):
+            tokens = [torch.cat([p["tokens"][i] for p in parts]) for i in range(len(first))]
+        else:
+            tokens = torch.cat([p["tokens"] for p in parts])
+        return tokens, images
+
+
+def runs_in_torch(args: argparse.Namespace) -> bool:
+    """Whether the step runs in PyTorch (FP or fake-quant), so it can follow the model to a GPU."""
+    if args.onnx or args.engine:
+        return False
+    return not args.quantized or (Path(args.quantized) / "graph.json").is_file()
+
+
+def pick_device(choice: str, local_rank: int, uses_torch: bool) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and uses_torch and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available")
+        return torch.device(f"cuda:{local_rank % torch.cuda.device_count()}")
+    return torch.device("cpu")
+
+
+def make_step(args: argparse.Namespace, bundle, device: torch.device):
+    """The step callable for the drivers (None: the FP PyTorch step) and a description."""
+    if args.engine:
+        from backends.tensorrt.runner import TrtStep
+
+        return TrtStep(args.engine), f"TensorRT engine {args.engine}"
+    onnx_file = args.onnx
+    if args.quantized:
+        qdir = Path(args.quantized)
+        if (qdir / "graph.json").is_file():
+            import copy
+
+            from backends.fx_graph import load_graph
+            from frontends import trace
+
+            gm = load_graph(qdir, copy.deepcopy(trace(bundle)))  # a copy: the driver keeps the FP model
+            return gm.eval().to(device), f"fake-quant torch graph of {qdir}"
+        onnx_file = str(qdir / "model.onnx")  # --target onnx/ort/trt: the same graph on onnxruntime
+    if onnx_file:
+        from backends.ort_runner import OrtStep
+
+        return OrtStep(onnx_file, args.ort_mode), f"onnxruntime ({args.ort_mode}) on {onnx_file}"
+    return None, "PyTorch FP"
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Missing files and an unusable backend fail before any model is loaded."""
+    for flag, path in (("model", args.model), ("--tokenizer", args.tokenizer), ("--onnx", args.onnx),
+                       ("--engine", args.engine)):
+        if path and ":" not in path.split("/")[0] and not Path(path).is_file():
+            raise UserError(f"{flag} file not found: {path}")
+    if args.quantized:
+        q = Path(args.quantized)
+        if not q.is_dir():
+            raise UserError(f"--quantized directory not found: {q}")
+        if not (q / "graph.json").is_file() and not (q / "model.onnx").is_file():
+            raise UserError(f"{q} has neither graph.json (tools.compile --target torch) nor model.onnx")
+    if args.engine:
+        from backends.tensorrt import availability
+
+        reason = availability()
+        if reason is not None:
+            raise UserError(f"--engine needs TensorRT and a GPU: {reason}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+
+
+def write_outputs(out: Path, tokens, images: np.ndarray, labels: list[int]) -> None:
+    from PIL import Image
+
+    Image.fromarray(grid(images)).save(out / "grid.png")
+    for i, (img, c) in enumerate(zip(images, labels)):
+        Image.fromarray(img).save(out / f"{i}_class{c}.png")
+    np.savez(out / "samples.npz", images, np.asarray(labels, dtype=np.int64))
+    torch.save(tokens, out / "tokens.pt")
+
+
+def generate_batches(args, store: BatchStore, todo: list[tuple[int, range]], labels: list[int], local_rank: int) -> bool:
+    """Make the batches ``todo`` into ``store``; False when --max-batches stopped it early."""
+    bundle = load_model(args.model, family=args.family, tokenizer=args.tokenizer)
+    if bundle.extra.get("tokenizer") is None or "generate" not in bundle.extra:
+        raise UserError(f"{args.model} needs --tokenizer (the family's tokenizer checkpoint) to make images")
+    n_classes = bundle.extra["model"].config.num_classes
+    bad = sorted({c for c in labels if c >= n_classes or c < -1})
+    if bad:
+        raise UserError(f"class ids {bad} are out of range: the model has {n_classes} classes (0..{n_classes - 1}; -1 unconditional)")
+    device = pick_device("cuda" if args.engine else args.device, local_rank,  # TrtStep returns CUDA tensors
+                         uses_torch=runs_in_torch(args))
+    for part in ("model", "tokenizer"):
+        bundle.extra[part].to(device)
+    step, what = make_step(args, bundle, device)
+    say(f"generating {len(todo)} batches with {what} ({bundle.family}, {device})")
+    for made, (k, idx) in enumerate(progress(todo, desc="generating", unit="batch")):
+        if args.max_batches is not None and made >= args.max_batches:
+            return False
+        with torch.no_grad():
+            tokens = bundle.extra["generate"](torch.tensor(labels[idx.start: idx.stop]), batch_seed(args.seed, idx.start),
+                                              step=step)
+            images = decode_each(bundle.extra["tokenizer"], tokens)
+        tokens = [t.cpu() for t in tokens] if isinstance(tokens, (list, tuple)) else tokens.cpu()
+        store.save(k, tokens, images)
+    return True
+
+
+def wait_for(store: BatchStore, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while store.missing() and time.monotonic() < deadline:
+        time.sleep(1.0)
+    missing = store.missing()
+    if missing:
+        raise UserError(f"{store.dir} lacks batches {missing[:8]}{' ...' if len(missing) > 8 else ''}: another rank "
+                        f"is still running or stopped; run the command again (it resumes) or --merge once they finish")
 
 
 @main_wrapper
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        labels = torch.tensor([int(c) for c in args.classes.split(",")])
-    except ValueError:
-        raise UserError(f"--classes must be integers separated by commas, got {args.classes!r}") from None
-    if args.onnx and not Path(args.onnx).is_file():
-        raise UserError(f"ONNX model not found: {args.onnx}")
-    with atomic_output_dir(args.out, force=args.force) as tmp:
-        bundle = load_model(args.model, family=args.family, tokenizer=args.tokenizer)
-        if bundle.extra.get("tokenizer") is None or "generate" not in bundle.extra:
-            raise UserError(f"{args.model} needs --tokenizer (the family's tokenizer checkpoint) to make images")
-        step = None
-        if args.onnx:
-            from backends.ort_runner import OrtStep
-
-            step = OrtStep(args.onnx, args.ort_mode)
-        say(f"generating {len(labels)} images with {'onnxruntime' if step else 'PyTorch'} ({bundle.family})")
-        with torch.no_grad():
-            tokens = bundle.extra["generate"](labels, args.seed, step=step)
-            images = to_uint8(bundle.extra["tokenizer"].decode(tokens))
-        from PIL import Image
-
-        Image.fromarray(grid(images)).save(tmp / "grid.png")
-        for i, (img, c) in enumerate(zip(images, labels.tolist())):
-            Image.fromarray(img).save(tmp / f"{i}_class{c}.png")
-        np.savez(tmp / "samples.npz", images, labels.numpy())
-        torch.save(tokens, tmp / "tokens.pt")
-    print(f"wrote {len(images)} images to {args.out}/ (grid.png, samples.npz)")
+    labels = parse_labels(args.classes, args.per_class)
+    rank, world, local_rank = dist_env()
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise UserError(f"output directory {out} exists; pass --force to replace it")
+    partial = out.with_name(out.name + ".partial")
+    if args.merge and not partial.is_dir():
+        raise UserError(f"--merge: {partial} not found (nothing was generated into {out})")
+    check_inputs(args)
+    settings = {"model": _fingerprint(args.model if Path(args.model).is_file() else None) or args.model,
+                "tokenizer": _fingerprint(args.tokenizer), "family": args.family,
+                "step": [k for k in ("quantized", "onnx", "engine") if getattr(args, k)],
+                "step_file": _fingerprint(args.onnx or args.engine) or args.quantized, "ort_mode": args.ort_mode,
+                "labels": labels, "seed": args.seed, "batch_size": args.batch_size, "device": args.device}
+    plan = batches(len(labels), args.batch_size)
+    store = BatchStore(partial, settings, len(plan))
+    if not args.merge:
+        mine = shard(list(enumerate(plan)), rank, world)
+        todo = [(k, idx) for k, idx in mine if not store.path(k).is_file()]
+        if len(todo) < len(mine):
+            say(f"resuming: {len(mine) - len(todo)} of {len(mine)} batches already in {partial}")
+        if todo and not generate_batches(args, store, todo, labels, local_rank):
+            say(f"stopped after {args.max_batches} batches (--max-batches); run the same command again to resume")
+            return 0
+        if rank != 0:
+            say(f"rank {rank}: done; rank 0 writes {out}")
+            return 0
+        wait_for(store, args.wait if world > 1 else 0)
+    elif store.missing():
+        wait_for(store, 0)
+    tokens, images = store.load_all()
+    with atomic_output_dir(out, force=args.force) as tmp:
+        write_outputs(tmp, tokens, images, labels)
+    shutil.rmtree(partial)
+    print(f"wrote {len(images)} images to {out}/ (grid.png, samples.npz, tokens.pt)")
     return 0
 
 
