@@ -58,6 +58,7 @@ def draw(bundle, step, labels: torch.Tensor, seed: int, name: str):
 
     with torch.no_grad():
         tokens = bundle.extra["generate"](labels, seed, step=step)
+        # one batch for every row: the rows pair image by image and decode the same way
         images = to_uint8(bundle.extra["tokenizer"].decode(tokens))
     return Samples(Path(name), images, labels.numpy(), tokens)
 
