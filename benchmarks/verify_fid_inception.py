@@ -40,6 +40,16 @@ def main() -> None:
     n_params = sum(p.numel() for p in net.net.parameters())
     print(f"parameters {n_params} ({sum(b.numel() for b in net.net.buffers())} buffer values)")
 
+    if not net.nvidia:  # TF's graph, not torchvision's: read off the scripted code
+        layers = net.net.net.layers
+        def body(m):
+            return " | ".join(ln.strip() for ln in m.code.strip().splitlines()[2:-1])
+
+        print("first conv-BN:", " ".join(ln.strip() for ln in layers.conv.code.splitlines() if "_0(x0" in ln))
+        print("mixed_9 pool branch:", body(layers.mixed_9.tower_2_pool))
+        print("mixed_10 pool branch:", body(layers.mixed_10.tower_2_pool))
+        print("final pool:", body(layers.pool2))
+
     images, _ = load_mnist()
     held = train_holdout_split(len(images))[1]
     real = np.repeat(images[held[:args.n]].numpy()[..., None], 3, -1)
