@@ -297,8 +297,6 @@ def image_quality(args, bundle: ModelBundle, fp_gm, gm, calib, recipe, bits: str
     returns the report's ``quality`` section and writes one grid per model under ``out/images``."""
     from tools import quality
 
-    if bundle.family == "generic" or "generate" not in bundle.extra:
-        raise UserError("--evaluate needs a family model that generates images (VAR, LlamaGen, RAR, PAR)")
     rows = [quality.Row("FP", None, None, "torch fp32", None)]
     if args.target == "ort":
         from backends.ort_runner import OrtStep
@@ -343,6 +341,8 @@ def _compile(args: argparse.Namespace, out: Path) -> dict:
             say(f"no TensorRT engine can be built here ({trt_reason}); the ONNX model will still be written")
     say(f"[1/4] loading {args.model}")
     bundle, recipe, pipeline, bits, exclusions, (calib, calib_source, calib_extra) = prepare(args)
+    if args.evaluate and (bundle.family == "generic" or "generate" not in bundle.extra):
+        raise UserError("--evaluate needs a family model that generates images (VAR, LlamaGen, RAR, PAR)")
     if "observe" in [p.name for p in parse_pipeline(pipeline)]:
         try:
             bound, n_obs = observer_memory_bound(bundle)
