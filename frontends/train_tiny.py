@@ -59,7 +59,7 @@ class Settings:
     vqvae: Phase = field(default_factory=lambda: Phase(steps=300, batch=32, lr=2e-3, warmup=30))
     var: Phase = field(default_factory=lambda: Phase(steps=500, batch=32, lr=2e-3, weight_decay=0.05, warmup=50))
     vq: Phase = field(default_factory=lambda: Phase(steps=300, batch=32, lr=2e-3, warmup=30))
-    gpt: Phase = field(default_factory=lambda: Phase(steps=1000, batch=32, lr=2e-3, weight_decay=0.05, clip=1.0,
+    gpt: Phase = field(default_factory=lambda: Phase(steps=3000, batch=32, lr=2e-3, weight_decay=0.05, clip=1.0,
                                                      warmup=50))
     class_dropout: float = 0.1  # official VAR / LlamaGen: labels -> null class for CFG
     beta: float = 0.25  # commitment weight, as both official quantizers
@@ -183,6 +183,11 @@ def _save_png(images: torch.Tensor, rows: int, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
     Image.fromarray(grid.numpy()).save(tmp)
     os.replace(tmp, path)
+
+
+def loss_curve(losses: list[float], window: int = 20) -> list[float]:
+    """Mean loss of every ``window`` steps."""
+    return [round(sum(c) / len(c), 4) for c in (losses[i:i + window] for i in range(0, len(losses), window))]
 
 
 def _mean_last(losses: list[float], n: int = 100) -> float:
@@ -428,6 +433,8 @@ def run(out: str | Path, *, data_root: str | Path | None = None, seed: int = 0, 
     for name in stages:
         log = STAGES[name](data, out, settings, seed, progress)
         _save_png(sample_grid(name, out, settings.sample_seeds), 10, out / written_files(name)[2])
+        for part in ("tokenizer", "generator"):  # the curve, not every step, goes to the log
+            log[part]["loss_curve"] = loss_curve(log[part].pop("losses"))
         log.update(stage=name, seed=seed, train_images=len(data.images), settings=asdict(settings),
                    torch=torch.__version__, threads=torch.get_num_threads())
         path = out / written_files(name)[3]
