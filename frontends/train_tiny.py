@@ -185,6 +185,11 @@ def _save_png(images: torch.Tensor, rows: int, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def loss_curve(losses: list[float], window: int = 20) -> list[float]:
+    """Mean loss of every ``window`` steps."""
+    return [round(sum(c) / len(c), 4) for c in (losses[i:i + window] for i in range(0, len(losses), window))]
+
+
 def _mean_last(losses: list[float], n: int = 100) -> float:
     tail = losses[-n:]
     return round(sum(tail) / len(tail), 4)
@@ -428,6 +433,8 @@ def run(out: str | Path, *, data_root: str | Path | None = None, seed: int = 0, 
     for name in stages:
         log = STAGES[name](data, out, settings, seed, progress)
         _save_png(sample_grid(name, out, settings.sample_seeds), 10, out / written_files(name)[2])
+        for part in ("tokenizer", "generator"):  # the curve, not every step, goes to the log
+            log[part]["loss_curve"] = loss_curve(log[part].pop("losses"))
         log.update(stage=name, seed=seed, train_images=len(data.images), settings=asdict(settings),
                    torch=torch.__version__, threads=torch.get_num_threads())
         path = out / written_files(name)[3]

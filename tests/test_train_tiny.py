@@ -98,3 +98,17 @@ def test_unknown_stage_is_a_user_error(tmp_path, capsys):
     assert main(["--out", str(tmp_path / "m"), "--only", "classifierx"]) == 2
     assert "unknown stage 'classifierx'" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def test_generate_tool_takes_a_builtin_name_and_needs_a_tokenizer_for_files(tmp_path, capsys):
+    import numpy as np
+
+    from tools.generate import main as generate
+
+    assert generate(["builtin:mnist-var", "--classes", "0,7", "--out", str(tmp_path / "g")]) == 0
+    with np.load(tmp_path / "g" / "samples.npz") as npz:
+        assert npz["arr_0"].shape == (2, 32, 32, 3) and npz["arr_1"].tolist() == [0, 7]
+    model_file, _ = examples.EMBEDDED["mnist-var"]
+    assert generate([str(examples.EMBEDDED_DIR / model_file), "--out", str(tmp_path / "h")]) == 2
+    assert "needs --tokenizer" in capsys.readouterr().err
+    assert not (tmp_path / "h").exists()
