@@ -128,7 +128,8 @@ def accuracy(model: MnistClassifier, x: torch.Tensor, labels: torch.Tensor) -> f
     return float((predict(model, x)[1].argmax(-1) == labels).float().mean())
 
 
-def build_embedded(out_dir: str | Path = EMBEDDED, *, seed: int = 0, epochs: int = 8, progress=None) -> dict:
+def build_embedded(out_dir: str | Path = EMBEDDED, *, seed: int = 0, epochs: int = 8, progress=None,
+                   data_root: str | Path | None = None) -> dict:
     """Train on the 9,000 training digits, write the fp16 checkpoint and the held-out FID reference.
 
     The reference statistics come from the fp16 weights as loaded (``load_classifier``), so the
@@ -137,7 +138,7 @@ def build_embedded(out_dir: str | Path = EMBEDDED, *, seed: int = 0, epochs: int
     from calib.metrics import gaussian_stats
     from frontends.mnist import load_mnist, to_unit_range, train_holdout_split
 
-    images, labels = load_mnist()
+    images, labels = load_mnist(data_root)
     train, held = train_holdout_split(len(images))
     model = train_classifier(to_unit_range(images[train]), labels[train], seed=seed, epochs=epochs,
                              progress=progress)

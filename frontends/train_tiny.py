@@ -71,6 +71,7 @@ class Settings:
 class TrainData:
     images: torch.Tensor  # [N, 3, 32, 32] in [0, 1]
     labels: torch.Tensor  # [N] int64
+    root: Path | None = None  # where the MNIST files came from (the classifier reads its held-out digits there)
 
 
 def load_train_data(root: str | Path | None = None, limit: int | None = None) -> TrainData:
@@ -79,7 +80,7 @@ def load_train_data(root: str | Path | None = None, limit: int | None = None) ->
     train, _ = mnist.train_holdout_split(len(images))
     train = train[:limit] if limit else train
     x = (mnist.to_unit_range(images[train]) + 1) / 2
-    return TrainData(x.expand(-1, 3, -1, -1).contiguous(), labels[train])
+    return TrainData(x.expand(-1, 3, -1, -1).contiguous(), labels[train], Path(root) if root else None)
 
 
 def _batches(n: int, phase: Phase, g: torch.Generator):
@@ -396,12 +397,23 @@ def stage_gpt(data: TrainData, out: Path, settings: Settings, seed: int, progres
 
 # ----------------------------------------------------------------------------- driver
 
-STAGES: dict[str, Callable[..., dict]] = {"var": stage_var, "gpt": stage_gpt}
+def stage_classifier(data: TrainData, out: Path, settings: Settings, seed: int, progress: Progress = _no_progress) -> dict:
+    """The MNIST classifier behind MNIST-FID and class accuracy (``frontends.mnist_classifier``)."""
+    from frontends.mnist_classifier import build_embedded
+
+    t0 = time.perf_counter()
+    log = build_embedded(out, seed=seed, progress=progress, data_root=data.root)
+    return {**log, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+STAGES: dict[str, Callable[..., dict]] = {"var": stage_var, "gpt": stage_gpt, "classifier": stage_classifier}
 BUILTIN_NAME = {"var": "mnist-var", "gpt": "mnist-gpt"}  # the stage's model in examples.EMBEDDED
 
 
 def written_files(stage: str) -> tuple[str, ...]:
-    """What a stage writes into ``out``: model, tokenizer, samples grid, training log."""
+    """What a stage writes into ``out``: model, tokenizer, samples grid, training log (the classifier: weights, FID reference)."""
+    if stage == "classifier":
+        return ("mnist_classifier.pt", "mnist_fid_ref.npz")
     return (*examples.EMBEDDED[BUILTIN_NAME[stage]], f"samples_{stage}.png", f"train_{stage}.json")
 
 
@@ -432,6 +444,9 @@ def run(out: str | Path, *, data_root: str | Path | None = None, seed: int = 0, 
     logs = {}
     for name in stages:
         log = STAGES[name](data, out, settings, seed, progress)
+        logs[name] = log
+        if name not in BUILTIN_NAME:  # the classifier: its files and accuracy are its log
+            continue
         _save_png(sample_grid(name, out, settings.sample_seeds), 10, out / written_files(name)[2])
         for part in ("tokenizer", "generator"):  # the curve, not every step, goes to the log
             log[part]["loss_curve"] = loss_curve(log[part].pop("losses"))
@@ -441,5 +456,4 @@ def run(out: str | Path, *, data_root: str | Path | None = None, seed: int = 0, 
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         tmp.write_text(json.dumps(log, indent=1) + "\n")
         os.replace(tmp, path)
-        logs[name] = log
     return logs

@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     logs = train_tiny.run(args.out, data_root=args.data, seed=args.seed, only=args.only, progress=progress)
     for name, log in logs.items():
+        if name == "classifier":
+            say(f"classifier: held-out accuracy {log['heldout_accuracy']:.1%}, {log['seconds']:.0f} s")
+            continue
         secs = sum(log["seconds"].values())
         say(f"{name}: tokenizer loss {log['tokenizer']['loss']}, generator loss {log['generator']['loss']}, {secs:.0f} s")
     print(f"wrote {', '.join(f for name in logs for f in train_tiny.written_files(name))} to {args.out}/")
