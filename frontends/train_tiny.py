@@ -59,7 +59,7 @@ class Settings:
     vqvae: Phase = field(default_factory=lambda: Phase(steps=300, batch=32, lr=2e-3, warmup=30))
     var: Phase = field(default_factory=lambda: Phase(steps=500, batch=32, lr=2e-3, weight_decay=0.05, warmup=50))
     vq: Phase = field(default_factory=lambda: Phase(steps=300, batch=32, lr=2e-3, warmup=30))
-    gpt: Phase = field(default_factory=lambda: Phase(steps=1000, batch=32, lr=2e-3, weight_decay=0.05, clip=1.0,
+    gpt: Phase = field(default_factory=lambda: Phase(steps=3000, batch=32, lr=2e-3, weight_decay=0.05, clip=1.0,
                                                      warmup=50))
     class_dropout: float = 0.1  # official VAR / LlamaGen: labels -> null class for CFG
     beta: float = 0.25  # commitment weight, as both official quantizers
