@@ -221,6 +221,9 @@ def load_model(spec: str, *, allow_pickle: bool = False, family: str | None = No
     if path.suffix == ".pt2":
         if not path.exists():
             raise UserError(f"file not found: {path}")
+        if not allow_pickle:  # torch.export.load unpickles parts of the archive: it can run code
+            raise UserError(f"{path}: torch.export programs are loaded with pickle, which can run code from the "
+                            f"file; pass --allow-pickle if you trust it")
         return _load_pt2(path)
     if path.suffix in CHECKPOINT_SUFFIXES:
         obj = load_checkpoint(path, allow_pickle=allow_pickle)

@@ -22,7 +22,7 @@ def test_bench_table_and_last_line(tmp_path, capsys):
 
 
 def test_bench_generation_on_var(capsys):
-    assert main(["--model", "var-tiny", "--steps", "all", "--backends", "torch-fp32,torch-int8",
+    assert main(["--model", "mnist-var", "--steps", "all", "--backends", "torch-fp32,torch-int8",
                  "--repeats", "1", "--warmup", "1"]) == 0
     assert "full generation" in capsys.readouterr().out
 

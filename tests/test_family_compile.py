@@ -41,7 +41,7 @@ FAMILIES = {"var": _var, "llamagen": _llamagen, "par": lambda t: _llamagen(t, pa
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("recipe", ["ptq4arvg", "minmax"])
+@pytest.mark.parametrize("recipe", ["ptq4arvg", "smoothquant", "minmax"])
 def test_family_compiles_to_legal_onnx(tmp_path, family, recipe):
     args = FAMILIES[family](tmp_path)
     out = tmp_path / "out"

@@ -72,7 +72,9 @@ def test_pt2_program(tmp_path):
     b = load_model(f"{MODELS}:two_in_two_out")
     path = tmp_path / "m.pt2"
     torch.export.save(torch.export.export(b.module, b.example_inputs), str(path))
-    b2 = load_model(str(path))
+    with pytest.raises(UserError, match="allow-pickle"):  # torch.export.load unpickles: opt-in only
+        load_model(str(path))
+    b2 = load_model(str(path), allow_pickle=True)
     assert b2.input_names == ["first", "second"]
     gm = trace(b2)
     got = gm(*b.example_inputs)

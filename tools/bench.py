@@ -85,17 +85,22 @@ def _var_step_inputs(var, si: int, rows: int, seed: int, device="cpu", dtype=tor
 
 def _var(config: str):
     """VAR at ``config`` with random weights: the last-scale step (256 tokens at d16), calibrated on every scale
-    of ``samples`` images (batch 1: one image and its CFG twin)."""
+    of ``samples`` images (batch 1: one image and its CFG twin). ``builtin:NAME``: a shipped model's weights."""
     def build(batch: int, samples: int = 1) -> ModelBundle:
         from frontends import var as V
 
         torch.manual_seed(0)
-        model = V.VAR(V.CONFIGS[config]).eval()
+        if config.startswith("builtin:"):
+            from frontends import load_model
+
+            model = load_model(config).extra["model"].eval()
+        else:
+            model = V.VAR(V.CONFIGS[config]).eval()
         last = model.num_scales - 1
         calib = [_var_step_inputs(model, si, 2, seed=100 * (i + 1) + si) for i in range(samples)
                  for si in range(model.num_scales)]
         # example (= the pass manager's probe) at one image: timed inputs come from inputs_for_batch
-        return ModelBundle(f"var-{config}", V.VARStep(model).eval(), _var_step_inputs(model, last, 2, 0),
+        return ModelBundle(f"var-{config.removeprefix('builtin:')}", V.VARStep(model).eval(), _var_step_inputs(model, last, 2, 0),
                            family="var", input_names=list(V.STEP_INPUT_NAMES), output_names=list(V.STEP_OUTPUT_NAMES),
                            calib_inputs=calib, extra={"model": model, "group_maps": V.group_maps(model.num_scales),
                                                       "dynamic_shapes": V.dynamic_shapes(model.config),
@@ -157,6 +162,7 @@ def workloads() -> dict[str, Callable[[int], ModelBundle]]:
         "block-d16": _block(1024, 256, 16),
         "var-tiny": _var("tiny"),
         "var-d16": _var("d16"),
+        "mnist-var": _var("builtin:mnist-var"),  # the shipped MNIST VAR (trained weights)
         # LlamaGen decode step: one token per sequence at position 128 of 256, KV cache filled
         "gpt-tiny-decode": _gpt_decode("tiny"),
         "gpt-b-decode": _gpt_decode("GPT-B"),

@@ -472,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     args.target = args.target or (SHOWCASE["target"] if showcase else "onnx")
     if args.evaluate is None:
         args.evaluate = SHOWCASE["evaluate"] if showcase else 0
-    if args.compare is None and showcase:
+    if args.compare is None and showcase and args.evaluate:
         args.compare = SHOWCASE["compare"]
     if args.compare and not args.evaluate:
         raise UserError("--compare needs --evaluate N (the images to score)")

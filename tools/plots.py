@@ -121,7 +121,8 @@ def plot_site_sqnr(site_sqnr: dict[str, float], kinds: dict[str, str], path: Pat
     ax.set_xlim(0, max(values) * 1.12)
     ax.set_xlabel("SQNR vs FP of the step's outputs (worst output) with only this site quantized\n"
                   "(dB; higher is better; red: worst site)")
-    ax.set_title("Per-site sensitivity (blue: linear, orange: attention matmul)", fontsize=10)
+    legend = "blue: linear, orange: attention matmul" if "tab:orange" in colors else "all sites are linears"
+    ax.set_title(f"Per-site sensitivity ({legend})", fontsize=10)
     ax.grid(True, axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
