@@ -1,0 +1,1 @@
+"""Built-in recipes (TOML), a package so that the files ship with the wheel."""
