@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from frontends.sampling import nhwc_uint8
 from passes.diagnostics import UserError
 
 FEATURE_DIM = 2048
@@ -78,13 +79,7 @@ class InceptionFeatures:
 
     def prepare(self, images: np.ndarray) -> torch.Tensor:
         """uint8 ``[N, H, W, 3|1]`` or ``[N, H, W]`` -> the float NCHW input this script expects."""
-        x = torch.as_tensor(np.asarray(images))
-        if x.dtype != torch.uint8:
-            raise UserError(f"images must be uint8, got {x.dtype}")
-        if x.ndim == 3:
-            x = x.unsqueeze(-1)
-        if x.ndim != 4 or x.shape[-1] not in (1, 3):
-            raise UserError(f"images must be [N, H, W] or [N, H, W, 1|3] (NHWC), got shape {tuple(x.shape)}")
+        x = nhwc_uint8(images)
         x = x.permute(0, 3, 1, 2).float().expand(-1, 3, -1, -1)
         if self.nvidia:
             return x.contiguous()

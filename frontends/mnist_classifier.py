@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from frontends.sampling import nhwc_uint8
 from passes.diagnostics import UserError
 
 EMBEDDED = Path(__file__).resolve().parent / "embedded"
@@ -50,13 +51,7 @@ def images_to_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     Colour is averaged to grey. 28x28 digits are zero-padded to 32 like the training data;
     any other size is resized (bilinear with antialiasing).
     """
-    x = torch.as_tensor(np.asarray(images))
-    if x.dtype != torch.uint8:
-        raise UserError(f"images must be uint8, got {x.dtype}")
-    if x.ndim == 3:
-        x = x.unsqueeze(-1)
-    if x.ndim != 4 or x.shape[-1] not in (1, 3):
-        raise UserError(f"images must be [N, H, W] or [N, H, W, 1|3] (NHWC), got shape {tuple(x.shape)}")
+    x = nhwc_uint8(images)
     x = x.float().mean(-1, keepdim=True).permute(0, 3, 1, 2).div(127.5).sub(1.0)
     h, w = x.shape[-2:]
     if (h, w) == (28, 28):

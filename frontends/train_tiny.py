@@ -251,21 +251,26 @@ def vqvae_losses(vae, images: torch.Tensor, beta: float, restarts: _CodeRestarts
     return F.mse_loss(recon, target) + F.l1_loss(recon, target), vq_loss / q.num_scales, recon
 
 
-def train_vqvae(data: TrainData, settings: Settings, g: torch.Generator, progress: Progress = _no_progress):
-    from frontends.var_vqvae import VQVAE, VQVAE_CONFIGS
-
-    vae = VQVAE(VQVAE_CONFIGS["mnist"])
-    phase = settings.vqvae
-    restarts = _CodeRestarts(vae.quantize.embedding, settings.restart_every, phase.steps * 3 // 4, g)
+def _train_tokenizer(model, losses, data: TrainData, settings: Settings, phase: Phase, g: torch.Generator,
+                     progress: Progress, desc: str):
+    """Reconstruction + VQ loss steps with dead-code restarts; ``losses(model, images, beta, restarts)``."""
+    restarts = _CodeRestarts(model.quantize.embedding, settings.restart_every, phase.steps * 3 // 4, g)
     recon_losses = []
 
     def loss_fn(idx):
-        rec, vq, _ = vqvae_losses(vae, data.images[idx], settings.beta, restarts)
+        rec, vq, _ = losses(model, data.images[idx], settings.beta, restarts)
         recon_losses.append(rec.item())
         return rec + vq
 
-    losses = _fit(vae, loss_fn, len(data.images), phase, g, progress, "var: VQVAE", restarts)
-    return vae.eval(), {"loss": _mean_last(losses), "recon_loss": _mean_last(recon_losses), "losses": losses}
+    step_losses = _fit(model, loss_fn, len(data.images), phase, g, progress, desc, restarts)
+    return model.eval(), {"loss": _mean_last(step_losses), "recon_loss": _mean_last(recon_losses), "losses": step_losses}
+
+
+def train_vqvae(data: TrainData, settings: Settings, g: torch.Generator, progress: Progress = _no_progress):
+    from frontends.var_vqvae import VQVAE, VQVAE_CONFIGS
+
+    return _train_tokenizer(VQVAE(VQVAE_CONFIGS["mnist"]), vqvae_losses, data, settings, settings.vqvae, g,
+                            progress, "var: VQVAE")
 
 
 @torch.no_grad()
@@ -338,18 +343,8 @@ def vq_losses(vq, images: torch.Tensor, beta: float, restarts: _CodeRestarts | N
 def train_vq(data: TrainData, settings: Settings, g: torch.Generator, progress: Progress = _no_progress):
     from frontends import vq16
 
-    vq = vq16.VQModel(vq16.VQ_CONFIGS["mnist"])
-    phase = settings.vq
-    restarts = _CodeRestarts(vq.quantize.embedding, settings.restart_every, phase.steps * 3 // 4, g)
-    recon_losses = []
-
-    def loss_fn(idx):
-        rec, vql, _ = vq_losses(vq, data.images[idx], settings.beta, restarts)
-        recon_losses.append(rec.item())
-        return rec + vql
-
-    losses = _fit(vq, loss_fn, len(data.images), phase, g, progress, "gpt: VQ", restarts)
-    return vq.eval(), {"loss": _mean_last(losses), "recon_loss": _mean_last(recon_losses), "losses": losses}
+    return _train_tokenizer(vq16.VQModel(vq16.VQ_CONFIGS["mnist"]), vq_losses, data, settings, settings.vq, g,
+                            progress, "gpt: VQ")
 
 
 def _gpt_init(gpt: nn.Module) -> None:
