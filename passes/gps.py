@@ -22,6 +22,12 @@ needs per-channel histograms the observers do not keep), the weight quantizer pe
 min-max at ``w_bits``, symmetric by default because that is what ``weight-quant`` deploys
 (TensorRT); ``w_symmetric=false`` gives the reference's asymmetric rows (method.md §2.1).
 
+When it helps (tests/test_folding.py): the closed form holds the activation step at channel
+k's and the weight rows' steps fixed. With one dominant outlier channel both hold and GPS
+beats SmoothQuant by 1-2 dB (W8A8, W6A6). With several equal outliers the others overtake k
+after scaling and GPS only ties; at W4A8 the large weight error scales ordinary channels ~2.6x
+above k, they set the rows' maxima, and GPS trails the symmetric shift alone.
+
 Fixes of the reference, knowingly (method.md §3.3, §10.4): it has no epsilon guards, so
 ``Rw_k = 0`` gives ``s_k = inf`` and ``A_c = 0`` gives ``s_c = 0`` and then ``x / s = NaN``;
 here ``Rx_k, Rw_k >= 1e-5`` and ``s >= 1e-5``. PAR's w3 got w1's scale computed from w1 alone

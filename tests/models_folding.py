@@ -8,8 +8,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from frontends.examples import tiny_block  # noqa: F401  (the LayerNorm-source model)
 from frontends.generic import ModelBundle
@@ -374,3 +374,21 @@ def outlier_mlp(seed: int = 0, gain: float = 30.0, offset: float = 2.0) -> Model
         _outliers(model.norm.weight, g, n=4, gain=gain)
         model.norm.bias.copy_(torch.rand(64, generator=g) * offset)
     return _bundle("outlier-mlp", model, lambda g: (torch.randn(4, 16, 64, generator=g),), g, n_calib=8)
+
+
+def dominant_outlier_mlp(seed: int = 0, gain: float = 30.0, spread: float = 4.0, offset: float = 2.0,
+                         n_calib: int = 8) -> ModelBundle:
+    """OutlierMLP whose LayerNorm has ONE channel of gain ``gain`` (it sets the per-tensor
+    activation step, GPS's channel k) and the other gains log-uniform in ``[1/spread, spread]``
+    (so channels differ in energy per unit of range, which SmoothQuant's max-based scale
+    ignores), offsets in ``[0, offset]``. Inputs are uniform in [-1, 1]: bounded, so a few
+    calibration batches see the true ranges and held-out data is not clipped."""
+    g = torch.Generator().manual_seed(seed)
+    model = OutlierMLP()
+    _init(model, g)
+    with torch.no_grad():
+        model.norm.weight.copy_(torch.exp((torch.rand(64, generator=g) * 2 - 1) * math.log(spread)))
+        model.norm.weight[torch.randperm(64, generator=g)[0]] = gain
+        model.norm.bias.copy_(torch.rand(64, generator=g) * offset)
+    return _bundle("dominant-outlier-mlp", model, lambda g: (torch.rand(4, 16, 64, generator=g) * 2 - 1,), g,
+                   n_calib=n_calib)

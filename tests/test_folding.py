@@ -239,7 +239,7 @@ def test_gps_without_observation_is_a_user_error():
         compile_graph(M.tiny_block(), "canonicalize,gps")
 
 
-# -- the ordering claim: minmax < SmoothQuant, and where GPS lands ------------------------------------
+# -- the ordering claim: minmax < SmoothQuant < GPS, and where GPS's premise fails ------------------
 
 QUANT = ",act-quant,weight-quant,insert-qdq"
 ORDERING = {
@@ -249,32 +249,90 @@ ORDERING = {
 }
 
 
-def test_outlier_channels_minmax_loses_to_smoothquant_and_gps(record_property):
-    """W8A8, per-tensor symmetric activations (the default act-quant), per-channel symmetric
-    weights, on an MLP block whose LayerNorm has four channels of gain 30 and per-channel
-    offsets in [0, 2]; 8 calibration batches, SQNR against FP on 8 held-out batches.
-
-    Measured: minmax 29.4 dB, SmoothQuant 34.5 dB, GPS (smooth, sym-shift, gps) 34.0 dB.
-    GPS does NOT beat SmoothQuant here: with 16 calibration batches it ties (34.36 vs 34.34),
-    with asymmetric activations it loses 0.2-1 dB, at W6A6 it wins by 0.1 dB (23.05 vs 22.93),
-    and on the other tiny models it ties or trails. After SmoothQuant, GPS's premise that channel
-    k keeps the largest range (method.md §3.3, Remark 1) fails: here the largest
-    ``Rx_c / s_c`` ends up about 1.5x ``Rx_k / s_k``, so the per-tensor step grows. Only
-    what the runs show is asserted: minmax is clearly last, GPS stays within 1 dB of
-    SmoothQuant.
-    """
-    g = torch.Generator().manual_seed(7)
-    held_out = [(torch.randn(4, 16, 64, generator=g),) for _ in range(8)]
+def ordering_sqnr(bundle, held_out, pipelines: dict[str, str], **options) -> dict[str, float]:
+    """Output SQNR (dB) against FP on ``held_out`` for each pipeline, each on a fresh copy."""
     sqnr = {}
-    for name, pipeline in ORDERING.items():
-        bundle = M.outlier_mlp()
-        bundle.calib_inputs = [(torch.randn(4, 16, 64, generator=torch.Generator().manual_seed(100 + i)),)
-                               for i in range(8)]
-        fp, gm, _, _ = compile_graph(bundle, pipeline)
+    for name, pipeline in pipelines.items():
+        fp, gm, _, _ = compile_graph(copy.deepcopy(bundle), pipeline, **options)
         ref = torch.cat([outputs(fp, x)[0].flatten() for x in held_out])
         got = torch.cat([outputs(gm, x)[0].flatten() for x in held_out])
         sqnr[name] = sqnr_db(ref, got)
-        record_property(f"sqnr_db_{name}", round(sqnr[name], 2))
+    return sqnr
+
+
+@pytest.mark.parametrize("bits", ["W8A8", "W6A6"])
+def test_one_dominant_outlier_channel_orders_minmax_smoothquant_gps(bits, record_property):
+    """The done-means of the passes: min-max < SmoothQuant < GPS by output SQNR, on the case
+    GPS is derived for (method.md §3.3): ONE LayerNorm channel of gain 30 sets the per-tensor
+    activation step (channel k) and the other 63 channels' gains spread over [1/4, 4]. fc2 is
+    kept in float (its input has no foldable source, so every recipe quantizes it alike and it
+    only dilutes the difference); per-tensor symmetric activations, per-channel symmetric
+    weights; 8 calibration batches, 8 held-out batches, six seeds.
+
+    Measured, GPS minus SmoothQuant: seeds 0-5 (asserted) W8A8 +0.4..+2.8 dB, mean +1.3,
+    W6A6 +1.4..+2.5, mean +1.9; seeds 6-17 (a check run) W8A8 wins 11 of 12, mean +1.1,
+    W6A6 wins all, mean +1.7. The one loss (seed 11, -1.5 dB) is range estimation, not the
+    formula: held-out values pass the calibrated limit of channel k by 13 % after GPS against
+    2 % after SmoothQuant, and on the calibration data itself GPS is +2.0 dB ahead. Min-max
+    trails SmoothQuant by about 10 dB.
+
+    The premises hold here and are checked: after GPS channel k still has the largest range
+    (Remark 1). Where they fail GPS loses its edge: with four outliers of equal gain it ties
+    (next test), and at W4A8 (not asserted; measured 20-22 dB for GPS and SmoothQuant, 22-25 dB
+    for the symmetric shift alone) the 4-bit weight error makes the formula scale ordinary
+    channels ~2.6x more than k, they take over the weight rows' maxima (rows set by column k
+    drop from 50 % to 8 %) and every row's step grows, which the formula assumes does not happen.
+    """
+    w_bits, a_bits = int(bits[1]), int(bits[3])
+    gains, losses = [], 0
+    for seed in range(6):
+        bundle = M.dominant_outlier_mlp(seed)
+        g = torch.Generator().manual_seed(1000 + seed)
+        held_out = [(torch.rand(4, 16, 64, generator=g) * 2 - 1,) for _ in range(8)]
+        pipelines = {k: p.replace("canonicalize,", "canonicalize,exclude{patterns=[fc2]},") for k, p in ORDERING.items()}
+        sqnr = ordering_sqnr(bundle, held_out, pipelines, w_bits=w_bits, a_bits=a_bits)
+        for name, value in sqnr.items():
+            record_property(f"sqnr_db_{name}_seed{seed}", round(value, 2))
+        assert sqnr["minmax"] + 5 < sqnr["smoothquant"], (seed, sqnr)
+        gains.append(sqnr["gps"] - sqnr["smoothquant"])
+        losses += gains[-1] <= 0
+    mean_gain = sum(gains) / len(gains)
+    record_property("gps_minus_smoothquant_mean_db", round(mean_gain, 2))
+    assert mean_gain > (0.75 if bits == "W8A8" else 1.0), gains
+    assert losses <= (1 if bits == "W8A8" else 0), gains
+
+
+def test_gps_keeps_channel_k_the_widest_on_the_dominant_outlier_case():
+    """Remark 1 of method.md §3.3, the premise the ordering test relies on: after GPS the
+    channel that had the largest range still has it (measured 9.6 vs at most 5.0)."""
+    bundle = M.dominant_outlier_mlp(0)
+    before, after = (compile_graph(copy.deepcopy(bundle), p)[2].stats["fc1"]["input"] for p in
+                     ("canonicalize,observe,smooth,sym-shift,observe", "canonicalize,observe,smooth,sym-shift,observe,gps,observe"))
+    k = int(torch.argmax(before.max - before.min))
+    ranges = after.max - after.min
+    assert int(torch.argmax(ranges)) == k
+    assert ranges[k] > 1.5 * torch.cat([ranges[:k], ranges[k + 1:]]).max()
+
+
+def test_four_equal_outliers_minmax_loses_and_gps_ties_smoothquant(record_property):
+    """Where GPS's premise fails: four LayerNorm channels of gain 30 and offsets in [0, 2],
+    Gaussian inputs, the whole block quantized at W8A8; SQNR on 8 held-out batches.
+
+    Measured: minmax 29.4 dB, SmoothQuant 34.5 dB, GPS (smooth, sym-shift, gps) 34.0 dB; with
+    16 calibration batches 34.36 vs 34.34, at W6A6 23.05 vs 22.93. After SmoothQuant the four
+    outliers have near-equal ranges, GPS scales the three that are not k by its formula and
+    the largest ``Rx_c / s_c`` ends up about 1.5x ``Rx_k / s_k``, so the per-tensor step grows
+    (Remark 1 fails). Only what the runs show is asserted: minmax is clearly last, GPS stays
+    within 1 dB of SmoothQuant.
+    """
+    g = torch.Generator().manual_seed(7)
+    held_out = [(torch.randn(4, 16, 64, generator=g),) for _ in range(8)]
+    bundle = M.outlier_mlp()
+    bundle.calib_inputs = [(torch.randn(4, 16, 64, generator=torch.Generator().manual_seed(100 + i)),)
+                           for i in range(8)]
+    sqnr = ordering_sqnr(bundle, held_out, ORDERING)
+    for name, value in sqnr.items():
+        record_property(f"sqnr_db_{name}", round(value, 2))
     assert sqnr["minmax"] + 3 < sqnr["smoothquant"], sqnr
     assert sqnr["minmax"] + 3 < sqnr["gps"], sqnr
     assert sqnr["gps"] > sqnr["smoothquant"] - 1.0, sqnr
