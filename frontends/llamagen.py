@@ -328,7 +328,7 @@ def generate(model: Transformer, labels, *, cfg_scale: float, top_k: int = 0, to
     labels = torch.as_tensor(labels, dtype=torch.long).view(-1)
     batch, guided = labels.shape[0], cfg_scale > 1.0
     cond = torch.cat([labels, torch.full_like(labels, model.config.num_classes)]) if guided else labels
-    generators = image_generators(seed, batch)  # per image: independent of the batch
+    generators = image_generators(seed, batch, labels.device)  # per image: independent of the batch
     tokens = torch.zeros(cond.shape[0], model.config.num_tokens, dtype=torch.long)
     k_cache, v_cache = model.empty_cache(cond.shape[0])
     mask = model.attention_mask()

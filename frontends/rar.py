@@ -301,7 +301,7 @@ def generate(model: RAR, labels, *, guidance_scale: float, guidance_scale_pow: f
     condition = cfg.condition_id(labels)
     if guidance_scale != 0:
         condition = torch.cat([condition, torch.full_like(condition, cfg.none_condition_id)])
-    generators = image_generators(seed, n)
+    generators = image_generators(seed, n, labels.device)
     k_cache, v_cache = empty_cache(cfg, len(condition)), empty_cache(cfg, len(condition))
     ids, start, tokens = prefix_ids(cfg, condition), 0, []
     for i in range(cfg.image_seq_len):

@@ -40,10 +40,12 @@ class StatsHistory:
             if not isinstance(obs, TensorObserver) or obs.min is None or self._seen.get(site) is obs:
                 continue
             self._seen[site] = obs
-            taken[site] = {"min": obs.min.float().clone(), "max": obs.max.float().clone()}
+            # CPU copies: the history feeds reports and plots, whatever device calibration ran on
+            taken[site] = {"min": obs.min.to("cpu", torch.float32, copy=True),
+                           "max": obs.max.to("cpu", torch.float32, copy=True)}
             if obs.grouped:
-                taken[site]["group_min"] = obs.group_min.float().clone()
-                taken[site]["group_max"] = obs.group_max.float().clone()
+                taken[site]["group_min"] = obs.group_min.to("cpu", torch.float32, copy=True)
+                taken[site]["group_max"] = obs.group_max.to("cpu", torch.float32, copy=True)
         if taken:
             self.snapshots.append((f"{index}:{pass_.name}", taken))
 

@@ -149,3 +149,53 @@ def test_damaged_or_missing_chunks_are_user_errors(tmp_path):
         cache.load(1)
     with pytest.raises(IndexError):
         cache.has(N_CHUNKS)
+
+
+# -- captured steps: KV caches stored trimmed, generation batch size ----------------------------------
+
+def _tiny_var(tmp_path):
+    from frontends import load_model
+    from tests.test_family_compile import _var
+
+    args = _var(tmp_path)
+    return args, load_model(args[0], tokenizer=args[2])
+
+
+def test_kv_caches_are_stored_trimmed_and_read_back_exactly(tmp_path):
+    from calib.capture import capture
+
+    _, bundle = _tiny_var(tmp_path)
+    recorded = []
+
+    def recording_step(*inputs):
+        recorded.append(tuple(t.clone() for t in inputs))
+        return bundle.module(*inputs)
+
+    with torch.no_grad():
+        bundle.extra["generate"](torch.tensor([0, 1]), 0, step=recording_step)
+    steps = capture(bundle, classes=[0, 1], seed=0, cache_dir=tmp_path / "cache", batch=2)
+    assert len(steps) == len(recorded) > 2
+    for got, want in zip(steps, recorded, strict=True):
+        assert len(got) == len(want) and all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    saved = steps.cache.load(0)
+    k = bundle.input_names.index("k_cache")
+    stored = [s[k].shape[-2] for s in saved["steps"]]
+    full = recorded[0][k].shape[-2]
+    assert stored[0] == 0 and stored == sorted(stored) and stored[-1] < full  # what earlier steps wrote
+    assert sum(stored) < 0.5 * full * len(stored)
+
+
+def test_calib_batch_sets_the_generation_batches(tmp_path, capsys):
+    """--calib-batch N: samples / N generations of N images, each giving one calibration batch per step."""
+    from tools.compile import main
+
+    args, bundle = _tiny_var(tmp_path)
+    scales = len(bundle.extra["model"].config.patch_nums)
+    for batch, generations in ((1, 4), (2, 2), (4, 1)):
+        out = tmp_path / f"b{batch}"
+        assert main([*args, "--recipe", "minmax", "--calib-samples", "4", "--calib-batch", str(batch),
+                     "--calib-cache", str(tmp_path / "cache"), "--out", str(out)]) == 0
+        report = json.loads((out / "report.json").read_text())
+        assert report["calibration"]["batches"] == generations * scales, batch
+    assert main([*args, "--calib-batch", "0", "--out", str(tmp_path / "bad")]) == 2
+    assert "--calib-batch must be at least 1" in capsys.readouterr().err

@@ -79,7 +79,7 @@ def test_calib_data_file(tmp_path):
     out = tmp_path / "o"
     assert main([f"{MODELS}:block", "--calib-data", str(tmp_path / "calib.pt"), "--out", str(out)]) == 0
     r = json.loads((out / "report.json").read_text())
-    assert r["calibration"] == {"source": str(tmp_path / "calib.pt"), "batches": 3}
+    assert r["calibration"] == {"source": str(tmp_path / "calib.pt"), "batches": 3, "device": "cpu"}
 
 
 def test_stop_after_and_disable(tmp_path):

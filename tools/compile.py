@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from calib.device import default_device, inputs_to, resolve_device, stream_to, to_cpu
 from frontends import load_model, trace
 from frontends.generic import ModelBundle, load_checkpoint
 from passes.analysis import PreQDQSnapshot, StatsHistory, site_sqnr
@@ -73,6 +74,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickled modules (runs code from the file)")
     p.add_argument("--family", help="model family of a checkpoint (var, llamagen, rar, par), overriding detection")
     p.add_argument("--tokenizer", metavar="CKPT", help="the family's tokenizer checkpoint (e.g. vae_ch160v4096z32.pth)")
+    p.add_argument("--calib-batch", type=int, default=4, metavar="N",
+                   help="images generated together during self-generated calibration (default 4); on a GPU a "
+                        "larger N calibrates faster. Generation batch i is seeded seed+i, so another N draws "
+                        "other images, as another --seed would")
     p.add_argument("--calib-cache", metavar="DIR", default=".arvgq-cache",
                    help="where self-generated calibration steps are cached (an interrupted run resumes)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration generations")
@@ -89,6 +94,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "a pattern that matches no site is an error")
     p.add_argument("--exclude-file", metavar="FILE", action="append", default=[],
                    help="file of --exclude patterns, one per line ('#' starts a comment)")
+    p.add_argument("--device", default="cpu",
+                   help="where calibration runs: generation, observers and passes (cpu, cuda, cuda:N; default cpu); "
+                        "export and files stay on the CPU")
     p.add_argument("--no-default-exclude", action="store_true",
                    help="do not apply the model family's default exclusions (e.g. VAR's AdaLN linears)")
 
@@ -147,22 +155,28 @@ def load_calib_data(path: str, n_inputs: int) -> list[tuple]:
 
 
 def quantize(bundle: ModelBundle, pipeline: str, bits: str, calib: list[tuple], *, stop_after=None,
-             disabled=(), instruments=(), exclude=(), reduce_range: bool = False) -> tuple:
+             disabled=(), instruments=(), exclude=(), reduce_range: bool = False,
+             device: torch.device | str = "cpu") -> tuple:
     """Trace the bundle and run the pipeline: returns (fp graph, quantized graph, context, manager).
 
     ``exclude`` patterns keep sites in full precision; an ``exclude`` pass is inserted right
     after ``canonicalize`` when the pipeline has none. ``reduce_range``: 7-bit weights (weight-quant).
+    ``device``: both graphs and the context's tensors are left there (``calib.device.to_cpu``
+    brings them back).
     """
     if exclude:
         pipeline = with_exclude_pass(pipeline)
-    gm = trace(bundle)
+    device = torch.device(device)
+    gm = trace(bundle).to(device)
     fp_gm = copy.deepcopy(gm)
     w_bits, a_bits = BITS[bits]
     options = {"w_bits": w_bits, "a_bits": a_bits, "group_maps": bundle.extra.get("group_maps", {}),
                "exclude": list(exclude), "w_reduce_range": reduce_range}
-    ctx = PassContext(options=options, calib_inputs=calib, probe_inputs=bundle.example_inputs, progress=progress)
+    ctx = PassContext(options=options, calib_inputs=stream_to(calib, device),
+                      probe_inputs=inputs_to(bundle.example_inputs, device), progress=progress)
     pm = PassManager(pipeline, stop_after=stop_after, disabled=disabled, instruments=instruments)
-    return fp_gm, pm.run(gm, ctx), ctx, pm
+    with default_device(device):
+        return fp_gm, pm.run(gm, ctx), ctx, pm
 
 
 def calibration_inputs(bundle: ModelBundle, args: argparse.Namespace) -> tuple:
@@ -186,9 +200,12 @@ def calibration_inputs(bundle: ModelBundle, args: argparse.Namespace) -> tuple:
         from calib.capture import capture
 
         n = args.calib_samples or 8
+        if getattr(args, "calib_batch", 4) < 1:
+            raise UserError(f"--calib-batch must be at least 1, got {args.calib_batch}")
         classes = [(i * 37) % bundle.extra["model"].config.num_classes for i in range(n)]  # spread over classes
         steps = capture(bundle, classes=classes, seed=args.seed, cache_dir=args.calib_cache, progress=progress,
-                        resample=resample)
+                        resample=resample, device=resolve_device(getattr(args, "device", "cpu")),
+                        batch=getattr(args, "calib_batch", 4))
         source = f"{n} self-generated images (classes {classes[:8]}{'...' if n > 8 else ''}, seed {args.seed}, CFG)"
         extra: dict = {"classes": classes}
         if resample:
@@ -339,6 +356,7 @@ def _compile(args: argparse.Namespace, out: Path) -> dict:
         trt_reason = availability()
         if trt_reason:
             say(f"no TensorRT engine can be built here ({trt_reason}); the ONNX model will still be written")
+    device = resolve_device(args.device)  # before loading: a machine without CUDA says so at once
     say(f"[1/4] loading {args.model}")
     bundle, recipe, pipeline, bits, exclusions, (calib, calib_source, calib_extra) = prepare(args)
     if args.evaluate and (bundle.family == "generic" or "generate" not in bundle.extra):
@@ -361,10 +379,14 @@ def _compile(args: argparse.Namespace, out: Path) -> dict:
     fp_gm, gm, ctx, pm = quantize(bundle, pipeline, bits, calib, stop_after=args.stop_after,
                                   disabled=args.disable_pass,
                                   instruments=[DumpInstrument(out / "dumps"), history, pre_qdq],
-                                  exclude=list(exclusions), reduce_range=reduce_range)
+                                  exclude=list(exclusions), reduce_range=reduce_range, device=device)
     per_site = {}
-    if pre_qdq.gm is not None and not args.no_site_sqnr:
-        per_site = site_sqnr(fp_gm, pre_qdq.gm, ctx, [bundle.example_inputs], all_but_one=False, progress=progress)
+    with default_device(device):  # the analyses run where calibration ran, then everything comes back
+        if pre_qdq.gm is not None and not args.no_site_sqnr:
+            per_site = site_sqnr(fp_gm, pre_qdq.gm, ctx, [inputs_to(bundle.example_inputs, device)],
+                                 all_but_one=False, progress=progress)
+        model_fidelity = fidelity(fp_gm, gm, stream_to(calib, device))
+    to_cpu(ctx, fp_gm, gm, pre_qdq.gm)
 
     report: dict = {
         "model": args.model,
@@ -373,7 +395,7 @@ def _compile(args: argparse.Namespace, out: Path) -> dict:
         "recipe": recipe.name,
         "pipeline": str(pm),
         "bits": bits,
-        "calibration": {"source": calib_source, "batches": len(calib), **calib_extra},
+        "calibration": {"source": calib_source, "batches": len(calib), "device": str(device), **calib_extra},
         "passes": pm.records,
         "sites": {name: {"kind": s.kind, "in": s.in_features, "out": s.out_features,
                          "quantized": sorted(k.rsplit(".", 1)[1] for k in ctx.qparams if k.rsplit(".", 1)[0] == name),
@@ -384,7 +406,7 @@ def _compile(args: argparse.Namespace, out: Path) -> dict:
         "quantized_counts": quantized_counts(ctx),
         "site_sqnr_db": {k: v["only"] for k, v in per_site.items()},
         "notes": ctx.notes,
-        "fidelity": fidelity(fp_gm, gm, calib),
+        "fidelity": model_fidelity,
         "size_bytes": {"fp": model_bytes(fp_gm), "quantized": model_bytes(gm)},
     }
 

@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from calib.device import default_device, inputs_to, resolve_device
 from passes.analysis import PreQDQSnapshot, rank_sites, site_sqnr
 from passes.diagnostics import UserError
 from tools._cli import main_wrapper, progress, say
@@ -55,14 +56,17 @@ def main(argv: list[str] | None = None) -> int:
     if not out.parent.is_dir():
         raise UserError(f"--out {out}: directory {out.parent} does not exist")
     check_recipe_options(args)
+    device = resolve_device(args.device)
     say(f"loading {args.model}")
     bundle, recipe, pipeline, bits, exclusions, (calib, _, _) = prepare(args)
     snapshot = PreQDQSnapshot()
-    fp_gm, _, ctx, _ = quantize(bundle, pipeline, bits, calib, instruments=[snapshot], exclude=list(exclusions))
+    fp_gm, _, ctx, _ = quantize(bundle, pipeline, bits, calib, instruments=[snapshot], exclude=list(exclusions),
+                                device=device)
     if snapshot.gm is None:
         raise UserError(f"the pipeline {pipeline!r} has no 'insert-qdq': nothing is quantized")
-    batches = [bundle.example_inputs, *list(calib)[: args.batches]]
-    sens = site_sqnr(fp_gm, snapshot.gm, ctx, batches, all_but_one=not args.no_all_but_one, progress=progress)
+    batches = [inputs_to(b, device) for b in [bundle.example_inputs, *(calib[i] for i in range(min(len(calib), args.batches)))]]
+    with default_device(device):
+        sens = site_sqnr(fp_gm, snapshot.gm, ctx, batches, all_but_one=not args.no_all_but_one, progress=progress)
     if not sens:
         raise UserError("no site is quantized by this recipe and these exclusions")
     ranking = rank_sites(sens)
