@@ -200,12 +200,11 @@ def calibration_inputs(bundle: ModelBundle, args: argparse.Namespace) -> tuple:
         from calib.capture import capture
 
         n = args.calib_samples or 8
-        if getattr(args, "calib_batch", 4) < 1:
+        if args.calib_batch < 1:
             raise UserError(f"--calib-batch must be at least 1, got {args.calib_batch}")
         classes = [(i * 37) % bundle.extra["model"].config.num_classes for i in range(n)]  # spread over classes
         steps = capture(bundle, classes=classes, seed=args.seed, cache_dir=args.calib_cache, progress=progress,
-                        resample=resample, device=resolve_device(getattr(args, "device", "cpu")),
-                        batch=getattr(args, "calib_batch", 4))
+                        resample=resample, device=resolve_device(args.device), batch=args.calib_batch)
         source = f"{n} self-generated images (classes {classes[:8]}{'...' if n > 8 else ''}, seed {args.seed}, CFG)"
         extra: dict = {"classes": classes}
         if resample:
@@ -385,7 +384,7 @@ def _compile(args: argparse.Namespace, out: Path) -> dict:
         if pre_qdq.gm is not None and not args.no_site_sqnr:
             per_site = site_sqnr(fp_gm, pre_qdq.gm, ctx, [inputs_to(bundle.example_inputs, device)],
                                  all_but_one=False, progress=progress)
-        model_fidelity = fidelity(fp_gm, gm, stream_to(calib, device))
+        model_fidelity = fidelity(fp_gm, gm, ctx.calib_inputs)  # the calibration steps, on the device
     to_cpu(ctx, fp_gm, gm, pre_qdq.gm)
 
     report: dict = {
