@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
+from core.errors import UserError
 from frontends.generic import load_checkpoint
-from passes.diagnostics import UserError
 
 FORMAT = "arvgq-fx-graph/1"
 # pure tensor / arithmetic functions; torch.load lives in torch.serialization and is refused

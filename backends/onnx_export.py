@@ -11,7 +11,6 @@ import contextlib
 import io
 import logging
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -19,8 +18,9 @@ import onnx
 import torch
 import torch.fx as fx
 
+from core.errors import UserError
+from core.io import atomic_path
 from passes import ops
-from passes.diagnostics import UserError
 
 OPSET = 19
 EXTERNAL_DATA_BYTES = 1_800_000_000  # stay clear of protobuf's 2 GB limit
@@ -41,8 +41,6 @@ def export_onnx(
 ) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent, prefix=f".{path.stem}-")
-    os.close(fd)
     log = io.StringIO()
     # the exporter logs one warning per missing torchvision op; not ours to show
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -54,23 +52,20 @@ def export_onnx(
                 gm.eval(), tuple(example_inputs), dynamo=True, opset_version=OPSET,
                 custom_translation_table=ops.ONNX_TRANSLATIONS, input_names=input_names,
                 output_names=output_names, dynamic_shapes=dynamic_shapes, verbose=False, report=False)
-        if _bytes(gm) < EXTERNAL_DATA_BYTES:
-            proto = program.model_proto
-            fold_weight_transposes(proto)
-            onnx.save(proto, tmp)
-        else:  # above protobuf's 2 GB: weights go to PATH.data beside the model (transposes stay)
-            program.save(tmp, external_data=True)
-            data = Path(tmp + ".data") if Path(tmp + ".data").exists() else None
-            if data is not None:
-                os.replace(data, str(path) + ".data")
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".onnx") as tmp:
+            if _bytes(gm) < EXTERNAL_DATA_BYTES:
+                proto = program.model_proto
+                fold_weight_transposes(proto)
+                onnx.save(proto, tmp)
+            else:  # above protobuf's 2 GB: weights go to PATH.data beside the model (transposes stay)
+                program.save(tmp, external_data=True)
+                data = Path(str(tmp) + ".data")
+                if data.exists():
+                    os.replace(data, str(path) + ".data")
     except UserError:
         raise
     except Exception as e:
         raise UserError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 

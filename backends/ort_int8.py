@@ -19,13 +19,13 @@ uint8 as well (zero point 128): onnxruntime then uses its u8u8 kernel, exact but
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from core.io import atomic_path
 
 MS_DOMAIN = "com.microsoft"
 
@@ -212,13 +212,7 @@ def write_ort_int8(src: str | Path, dst: str | Path, *, u8s8_safe: bool | None =
     src, dst = Path(src), Path(dst)
     model = onnx.load(str(src))
     counts = lower_for_ort(model, u8s8_safe=cpu_has_vnni() if u8s8_safe is None else u8s8_safe)
-    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=dst.parent, prefix=f".{dst.stem}-")
-    os.close(fd)
-    try:
-        big = sum(i.ByteSize() for i in model.graph.initializer) > EXTERNAL_DATA_BYTES
+    big = sum(i.ByteSize() for i in model.graph.initializer) > EXTERNAL_DATA_BYTES
+    with atomic_path(dst, suffix=".onnx") as tmp:
         onnx.save(model, tmp, save_as_external_data=big, location=dst.name + ".data")  # data lands beside dst
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return counts

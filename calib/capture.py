@@ -15,7 +15,8 @@ import torch
 
 from calib.cache import CalibCache, calib_key
 from calib.device import default_device
-from passes.diagnostics import UserError
+from core.errors import UserError
+from core.progress import no_progress
 
 
 def trim_caches(inputs: tuple, names: Sequence[str]) -> tuple[tuple, list[list[int]]]:
@@ -71,7 +72,7 @@ class CachedSteps(Sequence):
 
 
 def capture(bundle, *, classes: list[int], seed: int, cache_dir: str | Path, batch: int = 4,
-            progress: Callable = lambda it, **kw: it, resample: bool = False,
+            progress: Callable = no_progress, resample: bool = False,
             device: torch.device | str = "cpu") -> CachedSteps:
     """Generate one image per class in ``classes`` (batches of ``batch``) and record every step's inputs.
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from passes.diagnostics import UserError
+from core.errors import UserError
 
 
 def resolve_device(name: str | None) -> torch.device:

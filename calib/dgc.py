@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from passes.diagnostics import UserError
+from core.errors import UserError
 
 ALLCLOSE_ATOL = 1e-3  # the reference's tie test between the two sets' distances
 

@@ -29,8 +29,8 @@ import math
 
 import torch
 
-from passes import qmath
-from passes.diagnostics import UserError
+from core import qmath
+from core.errors import UserError
 
 DEFAULT_BINS = 2048
 PERCENTILES = (0.999, 0.9999, 0.99999)  # the reference's candidates (method.md §2.1)

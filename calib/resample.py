@@ -13,7 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
-from passes.diagnostics import UserError
+from core.errors import UserError
+from core.progress import no_progress
 
 GENERATOR_SEED_OFFSET = 10000  # per-sample generator seed = seed + 10000 + label (the reference's)
 
@@ -109,7 +110,7 @@ RESAMPLED_FAMILIES = ("var",)  # next-scale token maps: pn² tokens per scale an
 
 
 def resample_generations(bundle, classes: list[int], seed: int, *, batch: int = 4,
-                         progress=lambda it, **kw: it) -> tuple[list[torch.Tensor], list[dict]]:
+                         progress=no_progress) -> tuple[list[torch.Tensor], list[dict]]:
     """Resampled token maps of the FP model's generations of ``classes``: (per scale ``[N, pn²]``, summaries).
 
     Runs the family driver once per generation batch as ``calib.capture.capture`` does (same

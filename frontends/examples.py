@@ -14,8 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from passes.diagnostics import UserError
-
+from core.errors import UserError
 from frontends.generic import ModelBundle
 
 

@@ -10,8 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from passes.diagnostics import UserError
-
+from core.errors import UserError
 from frontends.generic import ModelBundle
 
 

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from passes.diagnostics import UserError
+from core.errors import UserError
+from core.numerics import tensor_outputs
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
@@ -270,8 +271,7 @@ def trace(bundle: ModelBundle) -> fx.GraphModule:
             ref, got = module(*bundle.example_inputs), gm(*bundle.example_inputs)
         except Exception as e:
             raise UserError(f"the traced graph of {bundle.name} fails on the example inputs: {type(e).__name__}: {e}") from None
-    ref_l = [t for t in torch.utils._pytree.tree_leaves(ref) if isinstance(t, torch.Tensor)]
-    got_l = [t for t in torch.utils._pytree.tree_leaves(got) if isinstance(t, torch.Tensor)]
+    ref_l, got_l = tensor_outputs(ref), tensor_outputs(got)
     if len(ref_l) != len(got_l) or any(not torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(ref_l, got_l)):
         raise UserError(f"the traced graph of {bundle.name} differs from eager on the example inputs: "
                         f"forward() has code that tracing froze (data-dependent branches?)")

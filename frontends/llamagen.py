@@ -41,11 +41,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.errors import UserError
 from frontends import vq16
 from frontends.families import Family, register_family
 from frontends.generic import ModelBundle, load_checkpoint, step_dynamic_shapes, strict_load
 from frontends.sampling import image_generators
-from passes.diagnostics import UserError
 
 CLS_TOKEN_NUM = 1  # class-conditional models condition on one token
 

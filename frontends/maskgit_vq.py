@@ -19,8 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from passes.diagnostics import UserError
-
+from core.errors import UserError
 from frontends.generic import load_checkpoint, strict_load
 
 

@@ -25,12 +25,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from passes.diagnostics import UserError
-
-from frontends.sampling import image_generators
+from core.errors import UserError
 from frontends.families import Family, register_family
 from frontends.generic import ModelBundle, step_dynamic_shapes, widen_batch
 from frontends.maskgit_vq import count_indexed, load_strict, load_tokenizer
+from frontends.sampling import image_generators
 
 
 @dataclass(frozen=True)

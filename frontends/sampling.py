@@ -45,20 +45,3 @@ def shard(items: list, rank: int, world_size: int) -> list:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
     return items[rank::world_size]
-
-
-def nhwc_uint8(images) -> torch.Tensor:
-    """Checked uint8 images ``[N, H, W, 1|3]`` (``[N, H, W]`` gains the channel axis): the layout
-    ``tools.generate`` writes and the feature networks read."""
-    import numpy as np
-
-    from passes.diagnostics import UserError
-
-    x = torch.as_tensor(np.asarray(images))
-    if x.dtype != torch.uint8:
-        raise UserError(f"images must be uint8, got {x.dtype}")
-    if x.ndim == 3:
-        x = x.unsqueeze(-1)
-    if x.ndim != 4 or x.shape[-1] not in (1, 3):
-        raise UserError(f"images must be [N, H, W] or [N, H, W, 1|3] (NHWC), got shape {tuple(x.shape)}")
-    return x

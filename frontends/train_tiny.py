@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -30,14 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from frontends import examples, mnist
-from passes.diagnostics import UserError
+from core.errors import UserError
+from core.io import atomic_path, atomic_torch_save, atomic_write_text
+from core.progress import no_progress
+from evaluation import mnist
+from frontends import examples
 
 Progress = Callable[..., Iterable]  # tqdm-like: progress(iterable, desc=..., total=...)
 
-
-def _no_progress(iterable, **_kw):
-    return iterable
 
 
 # ----------------------------------------------------------------------------- settings and data
@@ -163,16 +162,6 @@ def half_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().half() if v.is_floating_point() else v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def save_atomic(obj, path: Path) -> None:
-    """``torch.save`` to a temporary name, then rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _save_png(images: torch.Tensor, rows: int, path: Path) -> None:
     """``[rows*cols, 3, H, W]`` in [0, 1] -> a grid PNG (row r = class r), written atomically."""
     from PIL import Image
@@ -181,9 +170,8 @@ def _save_png(images: torch.Tensor, rows: int, path: Path) -> None:
     grid = images.clamp(0, 1).mul(255).round().to(torch.uint8)
     grid = F.pad(grid, (1, 1, 1, 1), value=255).unflatten(0, (rows, cols))  # r, c, 3, H+2, W+2
     grid = grid.permute(0, 3, 1, 4, 2).flatten(2, 3).flatten(0, 1)  # rows*(H+2), cols*(W+2), 3
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    Image.fromarray(grid.numpy()).save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".png") as tmp:
+        Image.fromarray(grid.numpy()).save(tmp)
 
 
 def loss_curve(losses: list[float], window: int = 20) -> list[float]:
@@ -266,7 +254,7 @@ def _train_tokenizer(model, losses, data: TrainData, settings: Settings, phase: 
     return model.eval(), {"loss": _mean_last(step_losses), "recon_loss": _mean_last(recon_losses), "losses": step_losses}
 
 
-def train_vqvae(data: TrainData, settings: Settings, g: torch.Generator, progress: Progress = _no_progress):
+def train_vqvae(data: TrainData, settings: Settings, g: torch.Generator, progress: Progress = no_progress):
     from frontends.var_vqvae import VQVAE, VQVAE_CONFIGS
 
     return _train_tokenizer(VQVAE(VQVAE_CONFIGS["mnist"]), vqvae_losses, data, settings, settings.vqvae, g,
@@ -290,7 +278,7 @@ def drop_labels(labels: torch.Tensor, num_classes: int, p: float, g: torch.Gener
 
 
 def train_var(tokens: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor, settings: Settings,
-              g: torch.Generator, progress: Progress = _no_progress):
+              g: torch.Generator, progress: Progress = no_progress):
     from frontends.var import CONFIGS, VAR
 
     var = VAR(CONFIGS["mnist"])
@@ -305,7 +293,7 @@ def train_var(tokens: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor, 
     return var.eval(), {"loss": _mean_last(losses), "losses": losses}
 
 
-def stage_var(data: TrainData, out: Path, settings: Settings, seed: int, progress: Progress = _no_progress) -> dict:
+def stage_var(data: TrainData, out: Path, settings: Settings, seed: int, progress: Progress = no_progress) -> dict:
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -315,8 +303,8 @@ def stage_var(data: TrainData, out: Path, settings: Settings, seed: int, progres
     var, var_log = train_var(tokens, inputs, data.labels, settings, g, progress)
     t2, c2 = time.perf_counter(), time.process_time()
     model_file, tokenizer_file = examples.EMBEDDED["mnist-var"]
-    save_atomic(half_state_dict(vae), out / tokenizer_file)
-    save_atomic(half_state_dict(var), out / model_file)
+    atomic_torch_save(half_state_dict(vae), out / tokenizer_file)
+    atomic_torch_save(half_state_dict(var), out / model_file)
     return {"tokenizer": vae_log, "generator": var_log,
             "seconds": {"tokenizer": round(t1 - t0, 1), "generator": round(t2 - t1, 1)},
             "cpu_seconds": round(c2 - c0, 1)}
@@ -340,7 +328,7 @@ def vq_losses(vq, images: torch.Tensor, beta: float, restarts: _CodeRestarts | N
     return F.mse_loss(recon, target) + F.l1_loss(recon, target), vq_loss, recon
 
 
-def train_vq(data: TrainData, settings: Settings, g: torch.Generator, progress: Progress = _no_progress):
+def train_vq(data: TrainData, settings: Settings, g: torch.Generator, progress: Progress = no_progress):
     from frontends import vq16
 
     return _train_tokenizer(vq16.VQModel(vq16.VQ_CONFIGS["mnist"]), vq_losses, data, settings, settings.vq, g,
@@ -357,7 +345,7 @@ def _gpt_init(gpt: nn.Module) -> None:
 
 
 def train_gpt(tokens: torch.Tensor, labels: torch.Tensor, settings: Settings, g: torch.Generator,
-              progress: Progress = _no_progress):
+              progress: Progress = no_progress):
     from frontends.llamagen import CONFIGS, Transformer
 
     gpt = Transformer(CONFIGS["GPT-mnist"])
@@ -372,7 +360,7 @@ def train_gpt(tokens: torch.Tensor, labels: torch.Tensor, settings: Settings, g:
     return gpt.eval(), {"loss": _mean_last(losses), "losses": losses}
 
 
-def stage_gpt(data: TrainData, out: Path, settings: Settings, seed: int, progress: Progress = _no_progress) -> dict:
+def stage_gpt(data: TrainData, out: Path, settings: Settings, seed: int, progress: Progress = no_progress) -> dict:
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -383,8 +371,8 @@ def stage_gpt(data: TrainData, out: Path, settings: Settings, seed: int, progres
     gpt, gpt_log = train_gpt(tokens, data.labels, settings, g, progress)
     t2, c2 = time.perf_counter(), time.process_time()
     model_file, tokenizer_file = examples.EMBEDDED["mnist-gpt"]
-    save_atomic({"model": half_state_dict(vq)}, out / tokenizer_file)  # official layout: weights under "model"
-    save_atomic({"model": half_state_dict(gpt)}, out / model_file)
+    atomic_torch_save({"model": half_state_dict(vq)}, out / tokenizer_file)  # official layout: weights under "model"
+    atomic_torch_save({"model": half_state_dict(gpt)}, out / model_file)
     return {"tokenizer": vq_log, "generator": gpt_log,
             "seconds": {"tokenizer": round(t1 - t0, 1), "generator": round(t2 - t1, 1)},
             "cpu_seconds": round(c2 - c0, 1)}
@@ -392,9 +380,9 @@ def stage_gpt(data: TrainData, out: Path, settings: Settings, seed: int, progres
 
 # ----------------------------------------------------------------------------- driver
 
-def stage_classifier(data: TrainData, out: Path, settings: Settings, seed: int, progress: Progress = _no_progress) -> dict:
-    """The MNIST classifier behind MNIST-FID and class accuracy (``frontends.mnist_classifier``)."""
-    from frontends.mnist_classifier import build_embedded
+def stage_classifier(data: TrainData, out: Path, settings: Settings, seed: int, progress: Progress = no_progress) -> dict:
+    """The MNIST classifier behind MNIST-FID and class accuracy (``evaluation.mnist_classifier``)."""
+    from evaluation.mnist_classifier import build_embedded
 
     t0 = time.perf_counter()
     log = build_embedded(out, seed=seed, progress=progress, data_root=data.root)
@@ -421,7 +409,7 @@ def sample_grid(stage: str, out: Path, seeds: int) -> torch.Tensor:
 
 
 def run(out: str | Path, *, data_root: str | Path | None = None, seed: int = 0, only: list[str] | None = None,
-        settings: Settings | None = None, limit: int | None = None, progress: Progress = _no_progress) -> dict:
+        settings: Settings | None = None, limit: int | None = None, progress: Progress = no_progress) -> dict:
     """Train the ``only`` stages (default: all) into ``out``; returns the log also written to ``train_<stage>.json``.
 
     The data is read before anything is written, so a bad ``data_root`` leaves ``out`` untouched.
@@ -448,7 +436,5 @@ def run(out: str | Path, *, data_root: str | Path | None = None, seed: int = 0, 
         log.update(stage=name, seed=seed, train_images=len(data.images), settings=asdict(settings),
                    torch=torch.__version__, threads=torch.get_num_threads())
         path = out / written_files(name)[3]
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(log, indent=1) + "\n")
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(log, indent=1) + "\n")
     return logs

@@ -39,11 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from frontends.sampling import image_generators
+from core.errors import UserError
 from frontends.families import Family, register_family
 from frontends.generic import ModelBundle, step_dynamic_shapes, strict_load
+from frontends.sampling import image_generators
 from frontends.var_vqvae import VQVAE, MultiScaleQuantizer, VQVAEConfig, load_vqvae
-from passes.diagnostics import UserError
 
 MAX_SCALE_MUL = math.log(100)  # clamp of the learnt attention temperature, as the official model
 

@@ -23,9 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.errors import UserError
 from frontends.generic import load_checkpoint, state_dict_problems, strict_load
-from passes.diagnostics import UserError
-
 
 
 @dataclass(frozen=True)

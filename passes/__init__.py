@@ -1,6 +1,13 @@
 """Graph passes over torch.fx GraphModules and the infrastructure that runs them."""
-from passes.diagnostics import PassError, UserError
-from passes.infra import Pass, PassContext, PassManager, PassResult, Site, format_pipeline, parse_pipeline, register
+from passes.infra import (
+    Pass,
+    PassContext,
+    PassManager,
+    PassResult,
+    Site,
+    format_pipeline,
+    parse_pipeline,
+    register,
+)
 
-__all__ = ["Pass", "PassContext", "PassError", "PassManager", "PassResult", "Site", "UserError",
-           "format_pipeline", "parse_pipeline", "register"]
+__all__ = ["Pass", "PassContext", "PassManager", "PassResult", "Site", "format_pipeline", "parse_pipeline", "register"]

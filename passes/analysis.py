@@ -16,11 +16,11 @@ import copy
 from collections.abc import Callable, Iterable
 
 import torch
-from torch.utils._pytree import tree_leaves
 
 from calib.observers import TensorObserver
+from core.numerics import run_outputs, sqnr_db
+from core.progress import no_progress
 from passes.infra import PassContext, parse_pipeline
-from passes.qmath import sqnr_db
 
 
 class StatsHistory:
@@ -76,15 +76,10 @@ class PreQDQSnapshot:
         pass
 
 
-def _outputs(gm, inputs: tuple) -> list[torch.Tensor]:
-    with torch.no_grad():
-        return [t.detach() for t in tree_leaves(gm(*inputs)) if isinstance(t, torch.Tensor)]
-
-
 def output_sqnr_db(reference: list[list[torch.Tensor]], gm, batches: list[tuple]) -> float:
     """Worst SQNR (dB) over outputs and batches of ``gm`` against the reference outputs of each batch."""
     return min(sqnr_db(r, g) for inputs, ref in zip(batches, reference, strict=True)
-               for r, g in zip(ref, _outputs(gm, inputs), strict=True))
+               for r, g in zip(ref, run_outputs(gm, inputs), strict=True))
 
 
 def quantized_sites(ctx: PassContext) -> list[str]:
@@ -104,14 +99,14 @@ def with_sites(pre_qdq, ctx: PassContext, keep: Iterable[str]):
 
 
 def site_sqnr(fp_gm, pre_qdq, ctx: PassContext, batches: list[tuple], *, all_but_one: bool = True,
-              progress: Callable = lambda it, **kw: it) -> dict[str, dict]:
+              progress: Callable = no_progress) -> dict[str, dict]:
     """``{site: {"only": dB, "all_but": dB}}``: the model's output SQNR against FP with only this
     site quantized, and with every quantized site but this one (``all_but_one=False`` skips it).
 
     Excluding a site in a real compile also skips folds whose every sink is excluded and the
     site's calibration; both are numerics-preserving, so the ranking is the same.
     """
-    reference = [_outputs(fp_gm, inputs) for inputs in batches]
+    reference = [run_outputs(fp_gm, inputs) for inputs in batches]
     sites = quantized_sites(ctx)
     out = {}
     for site in progress(sites, desc="quantizing one site at a time", unit="site"):

@@ -37,7 +37,7 @@ import difflib
 import fnmatch
 from collections.abc import Iterable, Mapping
 
-from passes.diagnostics import UserError
+from core.errors import UserError
 from passes.infra import Pass, PassContext, PassResult, Site, format_pipeline, parse_pipeline, register
 
 OP_KINDS = ("linear", "matmul")

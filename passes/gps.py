@@ -38,10 +38,10 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from passes import qmath
-from passes.diagnostics import UserError
+from core import qmath
+from core.errors import UserError
+from core.qmath import QParams
 from passes.infra import PassContext, register
-from passes.qmath import QParams
 from passes.quantize import resolve_bits
 from passes.regions import FoldingPass, Region
 

@@ -23,10 +23,11 @@ from typing import Any, Callable, ClassVar, Iterable, Protocol
 
 import torch
 import torch.fx as fx
-from torch.utils._pytree import tree_leaves
 
-from passes.diagnostics import PassError, UserError
-from passes.qmath import QParams, sqnr_db
+from core.errors import PassError, UserError
+from core.numerics import min_sqnr_db, relative_error, run_outputs
+from core.progress import no_progress
+from core.qmath import QParams
 
 
 @dataclass
@@ -64,7 +65,7 @@ class PassContext:
     calib_inputs: list[tuple] = field(default_factory=list)
     probe_inputs: tuple | None = None
     notes: list[str] = field(default_factory=list)
-    progress: Callable[..., Iterable] = lambda it, **kw: it
+    progress: Callable[..., Iterable] = no_progress
 
     def option(self, name: str, default: Any = None) -> Any:
         return self.options.get(name, default)
@@ -193,20 +194,6 @@ class Instrument(Protocol):
     def finish(self, records: list[dict], ctx: PassContext, pipeline: str) -> None: ...
 
 
-def _outputs(gm: fx.GraphModule, inputs: tuple) -> list[torch.Tensor]:
-    with torch.no_grad():
-        return [t.detach().float() for t in tree_leaves(gm(*inputs)) if isinstance(t, torch.Tensor)]
-
-
-def relative_error(ref: list[torch.Tensor], new: list[torch.Tensor]) -> float:
-    """Largest ||new - ref|| / ||ref|| over matching outputs."""
-    worst = 0.0
-    for a, b in zip(ref, new, strict=True):
-        denom = a.double().norm().clamp(min=1e-30)
-        worst = max(worst, float((a.double() - b.double()).norm() / denom))
-    return worst
-
-
 class PassManager:
     """Runs a pipeline on an fx GraphModule with verification, provenance and instruments."""
 
@@ -247,7 +234,7 @@ class PassManager:
                 self.records.append(record)
                 continue
             before = set(gm.graph.nodes)
-            reference = _outputs(gm, ctx.probe_inputs) if ctx.probe_inputs is not None else None
+            reference = run_outputs(gm, ctx.probe_inputs) if ctx.probe_inputs is not None else None
             start = time.perf_counter()
             try:
                 result = pass_(gm, ctx)
@@ -285,12 +272,12 @@ class PassManager:
             raise PassError(f"pass {pass_.name!r} left an invalid graph (after {done or 'no passes'}): {e}") from e
         if reference is None:
             return
-        new = _outputs(gm, ctx.probe_inputs)
+        new = run_outputs(gm, ctx.probe_inputs)
         if len(new) != len(reference):
             raise PassError(f"pass {pass_.name!r} changed the number of outputs ({len(reference)} -> {len(new)})")
         err = relative_error(reference, new)
         record["probe_rel_err"] = err
-        record["probe_sqnr_db"] = min(sqnr_db(a, b) for a, b in zip(reference, new))
+        record["probe_sqnr_db"] = min_sqnr_db(reference, new)
         if pass_.preserves_numerics and err > self.fold_tolerance:
             raise PassError(
                 f"pass {pass_.name!r} must not change outputs but did: relative error {err:.3g} > {self.fold_tolerance:g}")

@@ -22,11 +22,11 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from core.errors import PassError
+from core.qmath import QParams
 from passes import ops
 from passes.canonicalize import is_linear
-from passes.diagnostics import PassError
 from passes.infra import Pass, PassContext, PassResult, delete_attr, get_attr, register, set_buffer
-from passes.qmath import QParams
 from passes.quantize import quantized_weight
 
 

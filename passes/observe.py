@@ -12,8 +12,8 @@ import torch
 import torch.fx as fx
 
 from calib.observers import TensorObserver
+from core.errors import UserError
 from passes.canonicalize import is_linear
-from passes.diagnostics import UserError
 from passes.infra import Pass, PassContext, PassResult, register
 
 

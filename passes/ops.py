@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from onnxscript import opset19 as op
 
-from passes import qmath
+from core import qmath
 
 
 @torch.library.custom_op("arvgq::quantize", mutates_args=())

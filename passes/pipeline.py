@@ -10,6 +10,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.errors import UserError
 from passes import (  # noqa: F401  (registration)
     canonicalize,
     exclude,
@@ -23,7 +24,6 @@ from passes import (  # noqa: F401  (registration)
     stwq,
     sym_shift,
 )
-from passes.diagnostics import UserError
 from passes.infra import parse_pipeline
 
 RECIPE_DIR = Path(__file__).parent / "recipes"

@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 
 from calib.observers import TensorObserver
-from passes import qmath
-from passes.diagnostics import UserError
+from core import qmath
+from core.errors import UserError
+from core.qmath import QParams
 from passes.infra import Pass, PassContext, PassResult, get_attr, register
-from passes.qmath import QParams
 
 
 def resolve_bits(option: int, ctx: PassContext, key: str) -> int:

@@ -45,8 +45,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from calib.observers import TensorObserver
+from core.errors import UserError
 from passes.canonicalize import is_linear
-from passes.diagnostics import UserError
 from passes.infra import Pass, PassContext, PassResult, get_attr, register, set_buffer
 
 aten = torch.ops.aten

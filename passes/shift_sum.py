@@ -47,8 +47,8 @@ import fnmatch
 import torch
 from torch import fx
 
+from core.errors import UserError
 from passes import ops
-from passes.diagnostics import UserError
 from passes.infra import Pass, PassContext, PassResult, register, set_buffer
 from passes.quantize import resolve_bits
 

@@ -17,11 +17,11 @@ import fnmatch
 
 import torch
 
-from passes import qmath
-from passes.diagnostics import UserError
+from core import qmath
+from core.errors import UserError
+from core.qmath import QParams
 from passes.infra import Pass, PassContext, PassResult, register
 from passes.observe import site_group_map
-from passes.qmath import QParams
 from passes.quantize import resolve_bits
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from passes.diagnostics import UserError
+from core.errors import UserError
 from passes.infra import PassContext, register
 from passes.quantize import resolve_bits
 from passes.regions import FoldingPass, Region

@@ -8,7 +8,7 @@ import torch
 
 from calib.cache import CalibCache, calib_key, state_dict_hash
 from calib.observers import TensorObserver
-from passes.diagnostics import UserError
+from core.errors import UserError
 
 GROUPS = torch.tensor([0, 1, 1, 2, 2, 2])
 SAMPLER = {"cfg": 1.5, "top_k": 900, "top_p": 0.96}

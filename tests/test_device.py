@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from calib.device import OnDevice, resolve_device, stream_to
-from passes.diagnostics import UserError
+from core.errors import UserError
 from tests.test_family_compile import FAMILIES
 from tools.compile import main
 

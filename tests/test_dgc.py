@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from calib.dgc import dgc_ranked, dgc_reference, ledoit_wolf_distances, reference_distances
-from passes.diagnostics import UserError
+from core.errors import UserError
 
 
 def _col(values) -> torch.Tensor:

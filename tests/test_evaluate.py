@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from calib.evaluation import load_samples
-from frontends.mnist import load_mnist, train_holdout_split
-from passes.diagnostics import UserError
+from core.errors import UserError
+from evaluation.images import load_samples
+from evaluation.mnist import load_mnist, train_holdout_split
 from tests.test_inception import PoolStandIn, _script
 from tools.evaluate import main
 
@@ -70,7 +70,7 @@ def test_tokens_pt_beside_the_npz(tmp_path, digits):
     torch.save([torch.tensor([[1, 0]]), torch.tensor([[3, 4, 5, 6]])], tmp_path / "b" / "tokens.pt")
     a = load_samples(_save(tmp_path / "a" / "samples.npz", images[:8], labels[:8]))
     b = load_samples(_save(tmp_path / "b" / "samples.npz", images[:8], labels[:8]))
-    from calib.evaluation import fidelity
+    from evaluation.images import fidelity
 
     assert fidelity(a, b)["token_agreement"] == pytest.approx(5 / 6)
 
@@ -134,11 +134,11 @@ def test_bad_input_is_one_line_error(tmp_path, digits, capsys, case, message):
 
 
 def test_missing_inception_network_says_how_to_get_it(tmp_path, digits, monkeypatch):
-    import frontends.inception as I
+    import evaluation.inception as I
 
     monkeypatch.setattr(I.importlib.util, "find_spec", lambda name: None)
     big = np.zeros((4, 40, 40, 3), np.uint8)
     with pytest.raises(UserError, match=r"arvg-quant\[fid\]"):
-        from calib.evaluation import evaluate
+        from evaluation.images import evaluate
 
         evaluate(load_samples(_save(tmp_path / "a.npz", big)), load_samples(_save(tmp_path / "b.npz", big)))

@@ -4,8 +4,8 @@ import json
 import onnx
 import pytest
 
+from core.errors import UserError
 from frontends import load_model, trace
-from passes.diagnostics import UserError
 from passes.exclude import match_patterns, with_exclude_pass
 from passes.infra import PassContext, PassManager
 from tools.compile import main, quantize

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from calib.observers import TensorObserver
+from core.errors import UserError
+from core.numerics import relative_error, run_outputs, sqnr_db
 from frontends import trace
 from passes import gps, regions, smooth, sym_shift  # noqa: F401  (registers the passes)
-from passes.diagnostics import UserError
-from passes.infra import PassContext, PassManager, get_attr, relative_error
-from passes.qmath import sqnr_db
+from passes.infra import PassContext, PassManager, get_attr
 from passes.regions import FoldedObserver
 
 # model -> (factory, expected regions as (kind, source, sinks))
@@ -52,14 +52,8 @@ def compile_graph(bundle, pipeline: str, **options):
     return fp, pm.run(gm, ctx), ctx, pm
 
 
-def outputs(gm, inputs) -> list[torch.Tensor]:
-    with torch.no_grad():
-        out = gm(*inputs)
-    return [out] if isinstance(out, torch.Tensor) else list(out)
-
-
 def worst_rel_err(fp, gm, bundle) -> float:
-    return max(relative_error(outputs(fp, x), outputs(gm, x)) for x in [bundle.example_inputs, *bundle.calib_inputs])
+    return max(relative_error(run_outputs(fp, x), run_outputs(gm, x)) for x in [bundle.example_inputs, *bundle.calib_inputs])
 
 
 def op_count(gm) -> int:
@@ -254,8 +248,8 @@ def ordering_sqnr(bundle, held_out, pipelines: dict[str, str], **options) -> dic
     sqnr = {}
     for name, pipeline in pipelines.items():
         fp, gm, _, _ = compile_graph(copy.deepcopy(bundle), pipeline, **options)
-        ref = torch.cat([outputs(fp, x)[0].flatten() for x in held_out])
-        got = torch.cat([outputs(gm, x)[0].flatten() for x in held_out])
+        ref = torch.cat([run_outputs(fp, x)[0].flatten() for x in held_out])
+        got = torch.cat([run_outputs(gm, x)[0].flatten() for x in held_out])
         sqnr[name] = sqnr_db(ref, got)
     return sqnr
 

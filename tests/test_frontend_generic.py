@@ -1,10 +1,10 @@
 """Generic frontend: loading specs, safe loading, trace errors that point at the user's code."""
-import torch
 import pytest
+import torch
 
+from core.errors import UserError
 from frontends import load_model, trace
 from frontends.generic import load_checkpoint
-from passes import UserError
 
 MODELS = "tests/models_generic.py"
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import fx
 
+from core.errors import UserError
 from frontends import load_model, trace, vq16
 from frontends.families import bundle_from_state_dict
 from frontends.llamagen import CONFIGS, Transformer, build, checkpoint_config, detect, filter_logits, generate
-from passes import UserError
 
 
 def random_model(cls, cfg, seed=0):

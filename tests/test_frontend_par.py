@@ -10,9 +10,9 @@ from test_frontend_llamagen import (
     save_checkpoint,
 )
 
+from core.errors import UserError
 from frontends import llamagen, load_model
 from frontends.par import PAR_CONFIGS, PARTransformer, build, detect, generate
-from passes import UserError
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.fx as fx
 
+from core.errors import UserError
 from frontends import trace
 from frontends.families import FAMILIES
 from frontends.maskgit_vq import VQ_CONFIGS, MaskGITVQ, build_tokenizer
@@ -19,7 +20,6 @@ from frontends.rar import (
     random_rar,
     step_inputs,
 )
-from passes.diagnostics import UserError
 
 TINY = CONFIGS["tiny"]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from core.errors import UserError
 from frontends import trace
 from frontends.families import bundle_from_state_dict
 from frontends.var import (
@@ -17,7 +18,6 @@ from frontends.var import (
     sample_tokens,
 )
 from frontends.var_vqvae import VQVAE, VQVAE_CONFIGS
-from passes.diagnostics import UserError
 
 TINY = CONFIGS["tiny"]
 

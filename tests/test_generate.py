@@ -92,8 +92,8 @@ def test_quantized_graph_round_trip_and_onnx(tmp_path, var_files):
 
 def test_graph_json_refuses_unsafe_targets(tmp_path, var_files):
     from backends.fx_graph import load_graph
+    from core.errors import UserError
     from frontends import load_model, trace
-    from passes.diagnostics import UserError
 
     ckpt, tok, qdir = var_files
     data = json.loads((qdir / "graph.json").read_text())

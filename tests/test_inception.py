@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from core.errors import UserError
 from frontends import inception as I
-from passes.diagnostics import UserError
 
 
 class PoolStandIn(torch.nn.Module):

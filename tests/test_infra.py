@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.fx as fx
 
+from core.errors import PassError, UserError
 from frontends import trace
 from frontends.examples import tiny_block
-from passes import PassContext, PassError, PassManager, PassResult, UserError, format_pipeline, parse_pipeline
+from passes import PassContext, PassManager, PassResult, format_pipeline, parse_pipeline
 from passes.dump import DumpInstrument
 from passes.infra import Pass, register
 

@@ -1,10 +1,10 @@
-"""calib.metrics against closed forms and direct computations."""
+"""evaluation.metrics against closed forms and direct computations."""
 import math
 
 import numpy as np
 import pytest
 
-from calib import metrics as M
+from evaluation import metrics as M
 
 
 def _spd(rng, d):

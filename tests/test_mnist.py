@@ -3,8 +3,8 @@ import gzip
 import pytest
 import torch
 
-from frontends.mnist import load_mnist, to_unit_range, train_holdout_split
-from passes.diagnostics import UserError
+from core.errors import UserError
+from evaluation.mnist import load_mnist, to_unit_range, train_holdout_split
 
 
 def test_shipped_mnist_loads_with_labels():

@@ -3,9 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from calib.metrics import frechet_distance, gaussian_stats
-from frontends.mnist import load_mnist, to_unit_range, train_holdout_split
-from frontends.mnist_classifier import (
+from core.errors import UserError
+from evaluation.metrics import frechet_distance, gaussian_stats
+from evaluation.mnist import load_mnist, to_unit_range, train_holdout_split
+from evaluation.mnist_classifier import (
     CHECKPOINT,
     MnistClassifier,
     accuracy,
@@ -15,7 +16,6 @@ from frontends.mnist_classifier import (
     predict,
     train_classifier,
 )
-from passes.diagnostics import UserError
 
 
 @pytest.fixture(scope="module")

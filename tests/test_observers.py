@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from calib.observers import PERCENTILES, StreamingHistogram, TensorObserver
-from passes import qmath
-from passes.diagnostics import UserError
+from core import qmath
+from core.errors import UserError
 
 GROUPS = torch.tensor([2, 0, 1, 1, 3, 2, 2, 3, 3, 0, 3, 1])  # unsorted on purpose
 GRIDS = [(bits, sym) for bits in (4, 6, 8) for sym in (False, True)]

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from backends.onnx_export import export_onnx, qdq_census
 from backends.ort_runner import make_session, run
-from passes import ops, qmath
+from core import qmath
+from passes import ops
 
 
 def test_qrange():

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from calib.evaluation import Samples
+from evaluation.images import Samples
 from tests.test_family_compile import _var
 from tools import quality
 from tools.compile import main

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from calib.resample import code_targets, resample_codes, sample_generators
-from passes.diagnostics import UserError
+from core.errors import UserError
 
 
 def _case(seed: int, batch: int, tokens: int, vocab: int, top_k: int, from_prob: bool):

@@ -10,11 +10,13 @@ from torch import nn
 from backends.onnx_export import export_onnx
 from backends.ort_runner import make_session, run
 from backends.qdq_lint import lint
+from core import qmath
+from core.errors import UserError
+from core.numerics import sqnr_db
 from frontends import trace
 from frontends.generic import ModelBundle
-from passes import PassContext, PassManager, UserError, qmath
+from passes import PassContext, PassManager
 from passes.dump import DumpInstrument
-from passes.qmath import sqnr_db
 from passes.shift_sum import shift_offsets, shift_sum_values
 
 TOKENS, HEADS, HEAD_DIM = 16, 2, 8

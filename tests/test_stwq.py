@@ -5,11 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from backends.qdq_lint import lint
 from backends.ort_runner import make_session, run
+from backends.qdq_lint import lint
+from core import qmath
+from core.errors import UserError
+from core.numerics import sqnr_db
 from frontends import load_model, trace
-from passes import PassContext, PassManager, UserError, qmath
-from passes.qmath import sqnr_db
+from passes import PassContext, PassManager
 from tools.compile import main as compile_main
 
 MODELS = "tests/models_generic.py"

@@ -36,10 +36,11 @@ from pathlib import Path
 import torch
 from torch.utils._pytree import tree_map
 
+from core.errors import UserError
+from core.progress import say
 from frontends.generic import ModelBundle
-from passes.diagnostics import UserError
 from passes.pipeline import BITS, load_recipe
-from tools._cli import main_wrapper, say
+from tools._cli import main_wrapper
 from tools.report import model_bytes
 
 BACKENDS = ("torch-fp32", "torch-fp16", "torch-fp16-compiled", "torch-fp16-autotune", "torch-int8", "torch-int8-autotune",

@@ -15,16 +15,18 @@ from pathlib import Path
 import torch
 
 from calib.device import default_device, inputs_to, resolve_device, stream_to, to_cpu
+from core.errors import UserError
+from core.io import atomic_output_dir
+from core.numerics import sqnr_db
+from core.progress import progress, say
 from frontends import load_model, trace
 from frontends.generic import ModelBundle, load_checkpoint
 from passes.analysis import PreQDQSnapshot, StatsHistory, site_sqnr
-from passes.diagnostics import UserError
 from passes.dump import DumpInstrument
 from passes.exclude import describe_matches, match_patterns, with_exclude_pass
 from passes.infra import PassContext, PassManager, parse_pipeline
 from passes.pipeline import BITS, builtin_recipes, load_recipe
-from passes.qmath import sqnr_db
-from tools._cli import atomic_output_dir, main_wrapper, progress, say
+from tools._cli import main_wrapper
 from tools.plots import write_plots
 from tools.report import fidelity, median_ms, model_bytes, quantized_counts, write_reports
 

@@ -15,10 +15,11 @@ import json
 import math
 import sys
 
-from backends.tensorrt.builder import atomic_write_bytes
-from calib.evaluation import evaluate, load_samples
-from passes.diagnostics import UserError
-from tools._cli import main_wrapper, progress, say
+from core.errors import UserError
+from core.io import atomic_write_bytes
+from core.progress import progress, say
+from evaluation.images import evaluate, load_samples
+from tools._cli import main_wrapper
 
 ROWS = [  # key, label, format
     ("fid", "FID", "{:.3f}"), ("is", "IS", "{:.3f}"), ("is_ref", "IS (reference)", "{:.3f}"),

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
@@ -27,15 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.errors import UserError
+from core.io import atomic_output_dir, atomic_torch_save, atomic_write_text
+from core.progress import progress, say
+from evaluation.images import grid, to_uint8
 from frontends import load_model
 from frontends.sampling import batch_seed, batches, shard
-from passes.diagnostics import UserError
-from tools._cli import atomic_output_dir, main_wrapper, progress, say
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """``[N, 3, H, W]`` in [0, 1] -> ``[N, H, W, 3]`` uint8."""
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+from tools._cli import main_wrapper
 
 
 def decode_each(tokenizer, tokens) -> np.ndarray:
@@ -44,17 +41,6 @@ def decode_each(tokenizer, tokens) -> np.ndarray:
     n = len(tokens[0]) if isinstance(tokens, (list, tuple)) else len(tokens)
     one = (lambda i: [t[i: i + 1] for t in tokens]) if isinstance(tokens, (list, tuple)) else (lambda i: tokens[i: i + 1])
     return np.concatenate([to_uint8(tokenizer.decode(one(i))) for i in range(n)])
-
-
-def grid(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarray:
-    n, h, w, c = images.shape
-    cols = cols or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    out = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
-    for i, img in enumerate(images):
-        r, k = divmod(i, cols)
-        out[pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = img
-    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,11 +118,6 @@ class BatchStore:
                 raise UserError(f"{self.dir} holds batches of another run (different {', '.join(changed)}); "
                                 f"delete it or use another --out")
 
-    def _write_text(self, path: Path, text: str) -> None:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-
     def path(self, k: int) -> Path:
         return self.dir / f"batch_{k:06d}.pt"
 
@@ -146,10 +127,8 @@ class BatchStore:
     def save(self, k: int, tokens, images: np.ndarray) -> None:
         if not (self.dir / "run.json").is_file():  # created with the first batch: a failed start leaves nothing
             self.dir.mkdir(parents=True, exist_ok=True)
-            self._write_text(self.dir / "run.json", json.dumps(self.settings, indent=1))
-        tmp = self.dir / f".batch_{k:06d}.{os.getpid()}.tmp"
-        torch.save({"tokens": tokens, "images": torch.from_numpy(images)}, tmp)
-        os.replace(tmp, self.path(k))
+            atomic_write_text(self.dir / "run.json", json.dumps(self.settings, indent=1))
+        atomic_torch_save({"tokens": tokens, "images": torch.from_numpy(images)}, self.path(k))
 
     def load_all(self) -> tuple:
         """(tokens, images) of every batch in order; tokens concatenated per scale for VAR's lists."""

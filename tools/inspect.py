@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from passes.diagnostics import UserError
+from core.errors import UserError
 from tools._cli import main_wrapper
 
 

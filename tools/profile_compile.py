@@ -21,8 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from passes.diagnostics import UserError
-from tools._cli import main_wrapper, say
+from core.errors import UserError
+from core.progress import say
+from tools._cli import main_wrapper
 
 RESULT_PREFIX = "profile_compile_result="
 

@@ -4,7 +4,7 @@ Every generator draws the same N images: classes ``0, 1, ..., C-1`` in turn, one
 (``frontends.sampling.image_generators``), so image i of a quantized model pairs with image i of
 the FP model. Fidelity to FP (token agreement, PSNR and SSIM of the decoded images) compares the
 pairs; for MNIST-size images the shipped classifier adds MNIST-FID against the held-out digits and
-the class accuracy of the generated digits (``calib.evaluation``).
+the class accuracy of the generated digits (``evaluation.images``).
 
 Rows: the FP model, the compiled artefact on its target (the onnxruntime int8 model for
 ``--target ort``), and ``--compare RECIPE:BITS,...``: other recipes quantized from the same
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from passes.diagnostics import UserError
+from core.errors import UserError
 from passes.pipeline import BITS, load_recipe
 
 
@@ -52,9 +52,9 @@ def fixed_labels(num_classes: int, n: int) -> torch.Tensor:
 
 
 def draw(bundle, step, labels: torch.Tensor, seed: int, name: str):
-    """Generate and decode ``labels`` with ``step``; returns ``calib.evaluation.Samples``."""
-    from calib.evaluation import Samples
-    from tools.generate import to_uint8
+    """Generate and decode ``labels`` with ``step``; returns ``evaluation.images.Samples``."""
+    from evaluation.images import Samples
+    from evaluation.images import to_uint8
 
     with torch.no_grad():
         tokens = bundle.extra["generate"](labels, seed, step=step)
@@ -65,7 +65,7 @@ def draw(bundle, step, labels: torch.Tensor, seed: int, name: str):
 
 def score(fp, sample) -> dict:
     """Fidelity of ``sample`` to ``fp``; MNIST-FID and class accuracy for MNIST-size images."""
-    from calib.evaluation import evaluate, fidelity
+    from evaluation.images import evaluate, fidelity
 
     if not fp.is_mnist_size:
         return fidelity(fp, sample)
@@ -96,7 +96,7 @@ def write_grids(out: Path, samples: dict, columns: int) -> dict[str, str]:
     """One PNG grid per row under ``out/images/``; returns {row name: relative path}."""
     from PIL import Image
 
-    from tools.generate import grid
+    from evaluation.images import grid
 
     (out / "images").mkdir(exist_ok=True)
     paths = {}

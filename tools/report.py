@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch.utils._pytree import tree_leaves
 
-from passes.qmath import sqnr_db
+from core.numerics import sqnr_db
 
 
 def _tensors(out) -> list[torch.Tensor]:

@@ -8,14 +8,15 @@ the ranking and write the worst sites as an exclusion list that ``tools.compile
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from calib.device import default_device, inputs_to, resolve_device
+from core.errors import UserError
+from core.io import atomic_write_text
+from core.progress import progress, say
 from passes.analysis import PreQDQSnapshot, rank_sites, site_sqnr
-from passes.diagnostics import UserError
-from tools._cli import main_wrapper, progress, say
+from tools._cli import main_wrapper
 from tools.compile import add_model_arguments, check_recipe_options, prepare, quantize
 
 
@@ -42,9 +43,7 @@ def chosen(ranking: list[str], sensitivity: dict, top: int, threshold: float | N
 def write_list(path: Path, sites: list[str], sensitivity: dict, header: str) -> None:
     lines = [f"# {header}", "# site  (SQNR with only it quantized / with all but it, dB)"]
     lines += [f"{s}  # {sensitivity[s]['only']:.1f} / {sensitivity[s].get('all_but', float('nan')):.1f}" for s in sites]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 @main_wrapper

@@ -11,8 +11,9 @@ import sys
 
 import torch
 
+from core.progress import progress, say
 from frontends import train_tiny
-from tools._cli import main_wrapper, progress, say
+from tools._cli import main_wrapper
 
 
 def build_parser() -> argparse.ArgumentParser:

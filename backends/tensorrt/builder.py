@@ -4,7 +4,7 @@ Split in two halves:
 
 * pure helpers, testable without TensorRT: :func:`profiles_from_bundle` (min/opt/max shapes
   from a bundle's example inputs and the export's dynamic axes), :func:`sidecar` (what the
-  engine was built from and for), :func:`atomic_write_bytes`, :func:`sha256_file`;
+  engine was built from and for), :func:`sha256_file`;
 * :func:`build_engine`, which calls TensorRT. It was written against the documented 10.x/11.x
   Python API and has never run here: TensorRT cannot be installed in this workplace (§0).
 """
@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from passes.diagnostics import UserError
+from core.errors import UserError
+from core.io import atomic_write_bytes
 
 Shape = tuple[int, ...]
 Profile = dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max)
@@ -117,21 +116,6 @@ def sidecar(*, onnx_path: str | Path, profiles: Sequence[Profile], trt_version: 
                       for name, (lo, opt, hi) in p.items()} for p in profiles],
         "build": dict(build or {}),
     }
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write to a temporary file beside ``path`` and rename: readers never see a partial engine."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
 
 
 def read_timing_cache(path: str | Path | None) -> bytes:

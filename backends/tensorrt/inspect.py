@@ -141,7 +141,7 @@ def onnx_node_modules(model) -> dict[str, str]:
 def inspect_engine(engine_path: str | Path, onnx_path: str | Path | None = None) -> dict:
     """Deserialise ``engine_path`` and summarise its ``IEngineInspector`` JSON (needs TensorRT + GPU)."""
     from backends.tensorrt import availability
-    from passes.diagnostics import UserError
+    from core.errors import UserError
 
     reason = availability()  # before any TensorRT runtime call (reference/tensorrt.md §1.10)
     if reason is not None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from passes.diagnostics import UserError
+from core.errors import UserError
 
 # TensorRT DataType member name -> torch dtype
 _DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT8": torch.int8,

@@ -1,6 +1,6 @@
 """A small CNN MNIST classifier: the feature network of MNIST-FID and the judge of class accuracy.
 
-Input convention: float ``[N, 1, 32, 32]`` in [-1, 1], background -1 (``frontends.mnist.to_unit_range``).
+Input convention: float ``[N, 1, 32, 32]`` in [-1, 1], background -1 (``evaluation.mnist.to_unit_range``).
 ``features`` is the 128-d penultimate layer (post-ReLU), ``forward`` the 10 class logits.
 The shipped weights are ``frontends/embedded/mnist_classifier.pt`` (fp16 state dict) and the
 reference statistics of the 1,000 held-out digits ``frontends/embedded/mnist_fid_ref.npz``;
@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from frontends.sampling import nhwc_uint8
-from passes.diagnostics import UserError
+from core.errors import UserError
+from evaluation.images import nhwc_uint8
 
 EMBEDDED = Path(__file__).resolve().parent / "embedded"
 CHECKPOINT = EMBEDDED / "mnist_classifier.pt"
@@ -97,7 +97,7 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, *, seed: int = 
                      batch: int = 64, lr: float = 2e-3, progress=None) -> MnistClassifier:
     """Train on ``images`` (float ``[N, 1, 32, 32]`` in [-1, 1]) with Adam and a cosine schedule, seeded.
 
-    ``progress`` wraps the epoch iterable (e.g. ``tools._cli.progress``). Returns the model in eval mode.
+    ``progress`` wraps the epoch iterable (e.g. ``core.progress.progress``). Returns the model in eval mode.
     """
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -130,8 +130,8 @@ def build_embedded(out_dir: str | Path = EMBEDDED, *, seed: int = 0, epochs: int
     The reference statistics come from the fp16 weights as loaded (``load_classifier``), so the
     shipped files agree with each other. Returns ``{"heldout_accuracy", "count"}``.
     """
-    from calib.metrics import gaussian_stats
-    from frontends.mnist import load_mnist, to_unit_range, train_holdout_split
+    from evaluation.metrics import gaussian_stats
+    from evaluation.mnist import load_mnist, to_unit_range, train_holdout_split
 
     images, labels = load_mnist(data_root)
     train, held = train_holdout_split(len(images))
@@ -163,6 +163,6 @@ def load_fid_ref(path: str | Path | None = None) -> tuple[np.ndarray, np.ndarray
 
 
 if __name__ == "__main__":  # thin: the work is build_embedded
-    from tools._cli import progress as _progress
+    from core.progress import progress as _progress
 
     print(build_embedded(progress=_progress))

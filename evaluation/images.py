@@ -2,10 +2,11 @@
 
 ``load_samples`` reads the evaluator layout that ``tools.generate`` writes (``arr_0``: uint8
 ``[N, H, W, 3]``, ``arr_1``: labels, ``tokens.pt`` beside it) and checks it. ``evaluate`` computes
-the metrics of ``calib.metrics`` with a chosen feature network and returns a flat dict.
+the metrics of ``evaluation.metrics`` with a chosen feature network and returns a flat dict.
 """
 from __future__ import annotations
 
+import math
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,11 +15,40 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from calib import metrics
-from passes.diagnostics import UserError
+from core.errors import UserError
+from evaluation import metrics
 
 MNIST_SIZES = {(28, 28), (32, 32)}
 PR_K = 3
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """``[N, 3, H, W]`` in [0, 1] -> ``[N, H, W, 3]`` uint8."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def grid(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarray:
+    n, h, w, c = images.shape
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    out = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
+    for i, img in enumerate(images):
+        r, k = divmod(i, cols)
+        out[pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = img
+    return out
+
+
+def nhwc_uint8(images) -> torch.Tensor:
+    """Checked uint8 images ``[N, H, W, 1|3]`` (``[N, H, W]`` gains the channel axis): the layout
+    ``tools.generate`` writes and the feature networks read."""
+    x = torch.as_tensor(np.asarray(images))
+    if x.dtype != torch.uint8:
+        raise UserError(f"images must be uint8, got {x.dtype}")
+    if x.ndim == 3:
+        x = x.unsqueeze(-1)
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise UserError(f"images must be [N, H, W] or [N, H, W, 1|3] (NHWC), got shape {tuple(x.shape)}")
+    return x
 
 
 @dataclass
@@ -81,7 +111,7 @@ def _batched(fn: Callable, images: np.ndarray, batch: int, progress, desc: str):
 
 def mnist_extractor(model=None) -> Callable:
     """``images -> (128-d features, class probabilities)`` with the shipped MNIST classifier."""
-    from frontends.mnist_classifier import images_to_input, load_classifier, predict
+    from evaluation.mnist_classifier import images_to_input, load_classifier, predict
 
     model = model if model is not None else load_classifier()
 
@@ -93,7 +123,7 @@ def mnist_extractor(model=None) -> Callable:
 
 
 def inception_extractor(path=None) -> Callable:
-    from frontends.inception import InceptionFeatures
+    from evaluation.inception import InceptionFeatures
 
     net = InceptionFeatures(path)
     return lambda images: net(images, want_probs=True)
@@ -169,7 +199,7 @@ def evaluate(ref: Samples, sample: Samples, *, features: str = "auto", inception
         out["precision"], out["recall"] = metrics.precision_recall(f_ref, f_smp, k=PR_K)
 
     if mnist:
-        from frontends.mnist_classifier import load_fid_ref
+        from evaluation.mnist_classifier import load_fid_ref
 
         mu, sigma, _ = load_fid_ref()
         if features == "mnist":

@@ -99,12 +99,3 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, a
 def fake_quant(x: torch.Tensor, qp: QParams) -> torch.Tensor:
     """Quantize then dequantize with per-tensor or per-channel params (per-group is lowered elsewhere)."""
     return dequantize(quantize(x, qp.scale, qp.zero_point, qp.axis, qp.qmin, qp.qmax), qp.scale, qp.zero_point, qp.axis).to(x.dtype)
-
-
-def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio in dB (inf when equal)."""
-    ref = reference.detach().double()
-    noise = (ref - approx.detach().double()).pow(2).sum()
-    if noise == 0:
-        return float("inf")
-    return float(10 * torch.log10(ref.pow(2).sum().clamp(min=1e-30) / noise))

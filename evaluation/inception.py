@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from frontends.sampling import nhwc_uint8
-from passes.diagnostics import UserError
+from core.errors import UserError
+from evaluation.images import nhwc_uint8
 
 FEATURE_DIM = 2048
 SIZE = 299

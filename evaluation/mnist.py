@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from passes.diagnostics import UserError
+from core.errors import UserError
 
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "data" / "mnist"
 FILES = {"test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
