@@ -18,7 +18,7 @@ from torch import nn
 from core.errors import UserError
 from evaluation.images import nhwc_uint8
 
-EMBEDDED = Path(__file__).resolve().parent / "embedded"
+EMBEDDED = Path(__file__).resolve().parent.parent / "frontends" / "embedded"  # beside the shipped models it scores
 CHECKPOINT = EMBEDDED / "mnist_classifier.pt"
 FID_REF = EMBEDDED / "mnist_fid_ref.npz"
 FEATURE_DIM = 128

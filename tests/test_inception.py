@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from core.errors import UserError
-from frontends import inception as I
+from evaluation import inception as I
 
 
 class PoolStandIn(torch.nn.Module):
