@@ -99,3 +99,24 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, a
 def fake_quant(x: torch.Tensor, qp: QParams) -> torch.Tensor:
     """Quantize then dequantize with per-tensor or per-channel params (per-group is lowered elsewhere)."""
     return dequantize(quantize(x, qp.scale, qp.zero_point, qp.axis, qp.qmin, qp.qmax), qp.scale, qp.zero_point, qp.axis).to(x.dtype)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """A compilation's bit widths, e.g. ``W8A8``: weights and activations (the deployed kernels are int8)."""
+
+    name: str
+    weight: int
+    act: int
+
+
+PRECISIONS = {p.name: p for p in (Precision("W8A8", 8, 8), Precision("W6A6", 6, 6), Precision("W4A8", 4, 8))}
+
+
+def precision(name: str, where: str = "--bits") -> Precision:
+    """``"W8A8"`` -> its Precision; anything else is a UserError naming ``where`` and the choices."""
+    from core.errors import UserError
+
+    if name not in PRECISIONS:
+        raise UserError(f"{where} must be one of {', '.join(PRECISIONS)}, got {name!r}")
+    return PRECISIONS[name]

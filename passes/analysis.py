@@ -93,7 +93,7 @@ def with_sites(pre_qdq, ctx: PassContext, keep: Iterable[str]):
     from passes.insert_qdq import InsertQDQ
 
     keep = set(keep)
-    sub = PassContext(options=ctx.options, sites=ctx.sites,
+    sub = PassContext(config=ctx.config, sites=ctx.sites,
                       qparams={k: v for k, v in ctx.qparams.items() if k.rsplit(".", 1)[0] in keep})
     return InsertQDQ()(copy.deepcopy(pre_qdq), sub).gm
 

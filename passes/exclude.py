@@ -12,7 +12,7 @@ quantization passes (``act-quant``, ``weight-quant``, ``stwq``) skip such sites 
 folding passes skip regions whose sinks are all excluded, so ``insert-qdq`` puts no Q/DQ on
 them. Decisions an earlier pass already made for an excluded site are dropped.
 
-Patterns come from ``ctx.options['exclude']`` (list of strings) plus the pass option
+Patterns come from ``ctx.config.exclude`` plus the pass option
 ``patterns`` (``exclude{patterns=[head;op:matmul]}``). Each pattern's matches go to the pass
 stats and ``ctx.notes``; a pattern that matches nothing is a ``UserError`` (a silent no-op is
 the most common complaint about exclusion lists), with the nearest site names as a hint.
@@ -118,7 +118,7 @@ class Exclude(Pass):
     patterns: tuple = ()
 
     def __call__(self, gm, ctx: PassContext) -> PassResult:
-        patterns = [*ctx.option("exclude", ()), *self.patterns]
+        patterns = [*ctx.config.exclude, *self.patterns]
         matches = match_patterns(patterns, ctx.sites)
         dropped = 0
         for name, site in ctx.sites.items():

@@ -42,7 +42,7 @@ from core import qmath
 from core.errors import UserError
 from core.qmath import QParams
 from passes.infra import PassContext, register
-from passes.quantize import resolve_bits
+from passes.quantize import act_bits, weight_bits
 from passes.regions import FoldingPass, Region
 
 EPS = 1e-5
@@ -99,7 +99,7 @@ class GPS(FoldingPass):
         """Channel k's grid per region, then one streaming run for ``||X_c||^2`` and ``||dX_c||^2``."""
         if regions and not ctx.calib_inputs:
             raise UserError("gps: no calibration inputs: pass --calib-data FILE (a .pt list of input tuples)")
-        bits = resolve_bits(self.a_bits, ctx, "a_bits")
+        bits = act_bits(self.a_bits, ctx)
         grids = {}
         for region in regions:
             obs = self.input_stats(ctx, region)
@@ -116,7 +116,7 @@ class GPS(FoldingPass):
         obs = self.input_stats(ctx, region)
         x_sq, dx_sq = shared[region.input]
         w = region.sink_weights(gm)
-        bits = resolve_bits(self.w_bits, ctx, "w_bits")
+        bits = weight_bits(self.w_bits, ctx)
         scale, zp = qmath.qparams_from_range(w.amin(1), w.amax(1), bits, self.w_symmetric)
         w_qp = QParams(scale, zp, bits, self.w_symmetric, "channel", 0)
         return gps_scales((obs.max - obs.min).double(), x_sq, dx_sq, w, w_qp, self.alpha), None

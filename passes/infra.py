@@ -27,7 +27,7 @@ import torch.fx as fx
 from core.errors import PassError, UserError
 from core.numerics import min_sqnr_db, relative_error, run_outputs
 from core.progress import no_progress
-from core.qmath import QParams
+from core.qmath import PRECISIONS, Precision, QParams
 
 
 @dataclass
@@ -49,16 +49,33 @@ class Site:
     excluded_by: str | None = None  # the pattern that excluded it, if any
 
 
+@dataclass(frozen=True)
+class QuantConfig:
+    """What the compilation asks of every pass, as typed values.
+
+    ``precision``: the bit widths passes use when their own option is 0; ``weight_reduce_range``:
+    7-bit weights (onnxruntime on CPUs without VNNI); ``group_maps``: module-path glob -> how that
+    site merges the model's token groups; ``exclude``: patterns of sites kept in full precision;
+    ``token_groups_input``: the graph input holding the STWQ group ids (None: the one named so).
+    """
+
+    precision: Precision = PRECISIONS["W8A8"]
+    weight_reduce_range: bool = False
+    group_maps: dict[str, list[int]] = field(default_factory=dict)
+    exclude: tuple[str, ...] = ()
+    token_groups_input: str | None = None
+
+
 @dataclass
 class PassContext:
     """State shared by the passes of one compilation.
 
-    ``stats`` holds calibration statistics keyed by site name, ``qparams`` the quantization
+    ``config`` is what the compilation asks for; ``stats`` holds calibration statistics keyed by site name, ``qparams`` the quantization
     decisions keyed by ``<site>.<role>`` (role: input, weight, a, b), ``notes`` the
     human-readable findings a report should show (regions that cannot fold and why).
     """
 
-    options: dict = field(default_factory=dict)
+    config: QuantConfig = field(default_factory=QuantConfig)
     sites: dict[str, Site] = field(default_factory=dict)
     stats: dict[str, dict] = field(default_factory=dict)
     qparams: dict[str, QParams] = field(default_factory=dict)
@@ -66,9 +83,6 @@ class PassContext:
     probe_inputs: tuple | None = None
     notes: list[str] = field(default_factory=list)
     progress: Callable[..., Iterable] = no_progress
-
-    def option(self, name: str, default: Any = None) -> Any:
-        return self.options.get(name, default)
 
 
 class Pass(abc.ABC):
@@ -107,7 +121,7 @@ def register(cls: type[Pass]) -> type[Pass]:
 
 
 def registered_passes() -> dict[str, type[Pass]]:
-    import passes.pipeline  # noqa: F401  (importing it registers every built-in pass)
+    import passes.builtin  # noqa: F401  (importing it registers every built-in pass)
 
     return dict(_REGISTRY)
 

@@ -19,7 +19,7 @@ from passes.infra import Pass, PassContext, PassResult, register
 
 def token_groups_input(gm: fx.GraphModule, ctx: PassContext) -> fx.Node | None:
     """The graph input carrying each token's STWQ group id, if the model has one."""
-    name = ctx.option("token_groups_input")
+    name = ctx.config.token_groups_input
     for n in gm.graph.nodes:
         if n.op == "placeholder" and (n.name == name or (name is None and "token_groups" in n.name)):
             return n
@@ -31,10 +31,10 @@ def token_groups_input(gm: fx.GraphModule, ctx: PassContext) -> fx.Node | None:
 def site_group_map(ctx: PassContext, site: str) -> list[int] | None:
     """How a site merges the model's token groups (e.g. VAR's proj/fc2: token 0 vs the rest).
 
-    ``ctx.options['group_maps']`` maps module-path globs to a list giving, for each model
+    ``ctx.config.group_maps`` maps module-path globs to a list giving, for each model
     group id, the site's group id; sites matching no glob keep the model's groups.
     """
-    for pattern, mapping in (ctx.option("group_maps") or {}).items():
+    for pattern, mapping in ctx.config.group_maps.items():
         if fnmatch.fnmatchcase(site, pattern):
             return list(mapping)
     return None

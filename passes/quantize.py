@@ -2,7 +2,7 @@
 
 These passes only fill ``ctx.qparams`` (``<site>.input``, ``<site>.weight``, ``<site>.a``,
 ``<site>.b``); ``insert-qdq`` turns the decisions into graph nodes. Bit widths default to the
-compilation's ``--bits`` (``ctx.options['a_bits']`` / ``['w_bits']``) when a pass option is 0.
+compilation's ``--bits`` (``ctx.config.precision``) when a pass option is 0.
 """
 from __future__ import annotations
 
@@ -15,9 +15,16 @@ from core.qmath import QParams
 from passes.infra import Pass, PassContext, PassResult, get_attr, register
 
 
-def resolve_bits(option: int, ctx: PassContext, key: str) -> int:
-    bits = option or int(ctx.option(key, 8))
+def act_bits(option: int, ctx: PassContext) -> int:
+    """A pass's activation bits: its own option, or the compilation's when the option is 0."""
+    bits = option or ctx.config.precision.act
     qmath.qrange(bits)  # validates
+    return bits
+
+
+def weight_bits(option: int, ctx: PassContext) -> int:
+    bits = option or ctx.config.precision.weight
+    qmath.qrange(bits)
     return bits
 
 
@@ -40,7 +47,7 @@ class ActQuant(Pass):
     def __call__(self, gm, ctx: PassContext) -> PassResult:
         if self.granularity not in ("tensor", "channel"):
             raise UserError(f"act-quant: granularity must be tensor or channel, got {self.granularity!r}")
-        bits = resolve_bits(self.bits, ctx, "a_bits")
+        bits = act_bits(self.bits, ctx)
         decided = 0
         for name, site in ctx.sites.items():
             if site.excluded_by or (site.kind == "matmul" and not self.matmuls):
@@ -71,7 +78,7 @@ class WeightQuant(Pass):
     ``method=mse`` is the reference's range search, per output channel: among the percentiles
     ``PERCENTILES`` of the row (and 1-p for the minimum) it keeps the range whose
     quantize/dequantize MSE is lowest; weights are in memory, so this is exact.
-    ``reduce_range=true`` (or ``ctx.options['w_reduce_range']``, set by ``tools.compile --target
+    ``reduce_range=true`` (or ``ctx.config.weight_reduce_range``, set by ``tools.compile --target
     ort`` on a CPU without VNNI) caps weights at 7 bits, [-64, 63] stored in int8: onnxruntime's
     u8 x s8 kernels on x86 without VNNI saturate int16 pair sums with full-range weights.
     """
@@ -85,8 +92,8 @@ class WeightQuant(Pass):
     def __call__(self, gm, ctx: PassContext) -> PassResult:
         if self.method not in ("minmax", "mse"):
             raise UserError(f"weight-quant: method must be minmax or mse, got {self.method!r}")
-        bits = resolve_bits(self.bits, ctx, "w_bits")
-        if self.reduce_range or ctx.option("w_reduce_range", False):
+        bits = weight_bits(self.bits, ctx)
+        if self.reduce_range or ctx.config.weight_reduce_range:
             bits = min(bits, 7)
         decided = 0
         for name, site in ctx.sites.items():

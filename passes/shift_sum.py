@@ -50,7 +50,7 @@ from torch import fx
 from core.errors import UserError
 from passes import ops
 from passes.infra import Pass, PassContext, PassResult, register, set_buffer
-from passes.quantize import resolve_bits
+from passes.quantize import act_bits
 
 MAX_ORDER = 3  # N in {1, 2, 4, 8}, as the reference clamps n to [0, 3]
 
@@ -158,7 +158,7 @@ class ShiftSum(Pass):
         return self._static(gm, ctx, targets)
 
     def _dynamic(self, gm, ctx: PassContext, targets: list[fx.Node]) -> PassResult:
-        bits = resolve_bits(self.bits, ctx, "a_bits")
+        bits = act_bits(self.bits, ctx)
         g = gm.graph
         for node in targets:
             a_raw, _ = _unquantized(node.args[0])

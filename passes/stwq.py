@@ -4,7 +4,7 @@ Each linear input gets one static (scale, zero point) per token group instead of
 tensor: sink tokens (class/condition/first-scale tokens) and the scales of VAR keep their own
 ranges, and nothing is computed at run time. The model's step graph carries a
 ``token_groups`` input (the group id of every token of the step); sites that merge groups
-(``ctx.options['group_maps']``) were observed with their merged ids already.
+(``ctx.config.group_maps``) were observed with their merged ids already.
 
 Scales are stored as a table indexed by the model's group id (merged groups repeat their
 entry), so ``insert-qdq`` lowers every site the same way: ``Gather(table, token_groups)``.
@@ -22,7 +22,7 @@ from core.errors import UserError
 from core.qmath import QParams
 from passes.infra import Pass, PassContext, PassResult, register
 from passes.observe import site_group_map
-from passes.quantize import resolve_bits
+from passes.quantize import act_bits
 
 
 @register
@@ -36,7 +36,7 @@ class STWQ(Pass):
     def __call__(self, gm, ctx: PassContext) -> PassResult:
         if self.method not in ("minmax", "mse"):
             raise UserError(f"stwq: method must be minmax or mse, got {self.method!r}")
-        bits = resolve_bits(self.bits, ctx, "a_bits")
+        bits = act_bits(self.bits, ctx)
         grouped = per_tensor = 0
         for name, site in ctx.sites.items():
             if site.kind != "linear" or site.excluded_by or not fnmatch.fnmatchcase(name, self.sites):

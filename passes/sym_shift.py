@@ -19,7 +19,7 @@ The shift is folded into the source (LayerNorm/RMSNorm bias, AdaLN shift rows, a
 linear's bias) and compensated in the sinks, ``b <- b + W·p`` (a bias is created when absent,
 as for VAR's ``mat_qkv`` and LlamaGen's linears). The float model is unchanged. A region
 whose source has no place for a shift (AdaLN without a shift term) is skipped with a note.
-Bits default to the compilation's activation bits (``ctx.options['a_bits']``).
+Bits default to the compilation's activation bits (``ctx.config.precision``).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import torch
 
 from core.errors import UserError
 from passes.infra import PassContext, register
-from passes.quantize import resolve_bits
+from passes.quantize import act_bits
 from passes.regions import FoldingPass, Region
 
 
@@ -57,4 +57,4 @@ class SymShift(FoldingPass):
         lo, hi = obs.min.double(), obs.max.double()
         if self.formula == "midpoint":
             return None, (hi + lo) / 2
-        return None, reference_shift(lo, hi, resolve_bits(self.bits, ctx, "a_bits"))
+        return None, reference_shift(lo, hi, act_bits(self.bits, ctx))

@@ -16,9 +16,10 @@ import torch
 from calib.observers import TensorObserver
 from core.errors import UserError
 from core.numerics import relative_error, run_outputs, sqnr_db
+from core.qmath import Precision
 from frontends import trace
 from passes import gps, regions, smooth, sym_shift  # noqa: F401  (registers the passes)
-from passes.infra import PassContext, PassManager, get_attr
+from passes.infra import PassContext, PassManager, QuantConfig, get_attr
 from passes.regions import FoldedObserver
 
 # model -> (factory, expected regions as (kind, source, sinks))
@@ -42,11 +43,11 @@ FOLDS = [("smooth", "smooth_scale", "weight"), ("sym-shift", "sym_shift", "bias"
 
 
 
-def compile_graph(bundle, pipeline: str, **options):
+def compile_graph(bundle, pipeline: str, w_bits: int = 8, a_bits: int = 8):
     """(FP graph, folded graph, ctx, manager); the manager checks preserves_numerics on the probe."""
     gm = trace(bundle)
     fp = copy.deepcopy(gm)
-    ctx = PassContext(options={"w_bits": 8, "a_bits": 8, **options}, calib_inputs=list(bundle.calib_inputs),
+    ctx = PassContext(config=QuantConfig(Precision(f"W{w_bits}A{a_bits}", w_bits, a_bits)), calib_inputs=list(bundle.calib_inputs),
                       probe_inputs=bundle.example_inputs)
     pm = PassManager(pipeline)
     return fp, pm.run(gm, ctx), ctx, pm

@@ -13,10 +13,12 @@ from backends.qdq_lint import lint
 from core import qmath
 from core.errors import UserError
 from core.numerics import sqnr_db
+from core.qmath import Precision
 from frontends import trace
 from frontends.generic import ModelBundle
 from passes import PassContext, PassManager
 from passes.dump import DumpInstrument
+from passes.infra import QuantConfig
 from passes.shift_sum import shift_offsets, shift_sum_values
 
 TOKENS, HEADS, HEAD_DIM = 16, 2, 8
@@ -65,7 +67,7 @@ def _compile(pipeline: str, bits: int = 6, instruments=()):
     bundle = ModelBundle("attention", _Model().eval(), CALIB[0], calib_inputs=CALIB)
     gm = trace(bundle)
     fp = copy.deepcopy(gm)
-    ctx = PassContext(options={"a_bits": bits, "w_bits": 8}, calib_inputs=CALIB, probe_inputs=CALIB[0])
+    ctx = PassContext(config=QuantConfig(Precision(f"W8A{bits}", 8, bits)), calib_inputs=CALIB, probe_inputs=CALIB[0])
     pm = PassManager(pipeline, instruments=instruments)
     return fp, pm.run(gm, ctx), ctx, pm
 
@@ -202,7 +204,7 @@ def test_bad_use_is_a_user_error():
 
 
 def test_shiftsum_recipe_ends_with_static_shift_sum():
-    from passes.pipeline import load_recipe
+    from passes.recipes import load_recipe
 
     recipe = load_recipe("shiftsum")
     passes = PassManager(recipe.pipeline).pipeline

@@ -10,8 +10,10 @@ from backends.qdq_lint import lint
 from core import qmath
 from core.errors import UserError
 from core.numerics import sqnr_db
+from core.qmath import Precision
 from frontends import load_model, trace
 from passes import PassContext, PassManager
+from passes.infra import QuantConfig
 from tools.compile import main as compile_main
 
 MODELS = "tests/models_generic.py"
@@ -19,10 +21,11 @@ STWQ = "canonicalize,observe,stwq,weight-quant,insert-qdq"
 STWQ_ACT_ONLY = "canonicalize,observe,stwq,insert-qdq"
 
 
-def _run(pipeline, bundle=None, **options):
+def _run(pipeline, bundle=None, a_bits: int = 8, group_maps=None):
     b = bundle or load_model(f"{MODELS}:grouped_block")
     gm = trace(b)
-    ctx = PassContext(options={"a_bits": 8, "w_bits": 8, **options}, calib_inputs=b.calib_inputs or [b.example_inputs])
+    config = QuantConfig(Precision(f"W8A{a_bits}", 8, a_bits), group_maps=group_maps or {})
+    ctx = PassContext(config=config, calib_inputs=b.calib_inputs or [b.example_inputs])
     return b, PassManager(pipeline).run(gm, ctx), ctx
 
 

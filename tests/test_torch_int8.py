@@ -14,7 +14,7 @@ MODELS = "tests/models_generic.py"
 def _quantized(spec, pipeline):
     b = load_model(spec)
     gm = trace(b)
-    ctx = PassContext(options={"a_bits": 8, "w_bits": 8}, calib_inputs=b.calib_inputs or [b.example_inputs])
+    ctx = PassContext(calib_inputs=b.calib_inputs or [b.example_inputs])
     return b, PassManager(pipeline).run(gm, ctx)
 
 
@@ -87,7 +87,7 @@ def test_to_device_converts_model_parameters_named_like_scales():
     inputs = _var_step_inputs(model, model.num_scales - 1, 2, 0)
     b = ModelBundle("var", V.VARStep(model).eval(), inputs, calib_inputs=[inputs])
     gm = trace(b)
-    ctx = PassContext(options={"a_bits": 8, "w_bits": 8}, calib_inputs=[inputs])
+    ctx = PassContext(calib_inputs=[inputs])
     gm = PassManager("canonicalize,observe{histograms=false},stwq,weight-quant,insert-qdq").run(gm, ctx)
     low, _ = torch_int8.lower_to_int8(gm, dtype=torch.bfloat16)
     low = torch_int8.to_device(low, "cpu", torch.bfloat16)

@@ -1,0 +1,14 @@
+"""Importing this module registers every built-in pass (``passes.infra.registered_passes`` does)."""
+from passes import (  # noqa: F401  (registration)
+    canonicalize,
+    exclude,
+    gps,
+    insert_qdq,
+    observe,
+    quantize,
+    regions,
+    shift_sum,
+    smooth,
+    stwq,
+    sym_shift,
+)
