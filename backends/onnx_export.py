@@ -20,14 +20,11 @@ import torch.fx as fx
 
 from core.errors import UserError
 from core.io import atomic_path
+from core.numerics import module_bytes
 from passes import ops
 
-OPSET = 19
+OPSET = 19  # FP16 scales and saturate flags on Q/DQ need 19 (reference/tensorrt.md §1.7)
 EXTERNAL_DATA_BYTES = 1_800_000_000  # stay clear of protobuf's 2 GB limit
-
-
-def _bytes(module: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))  # FP16 scales and saturate flags on Q/DQ need 19 (reference/tensorrt.md §1.7)
 
 
 def export_onnx(
@@ -53,7 +50,7 @@ def export_onnx(
                 custom_translation_table=ops.ONNX_TRANSLATIONS, input_names=input_names,
                 output_names=output_names, dynamic_shapes=dynamic_shapes, verbose=False, report=False)
         with atomic_path(path, suffix=".onnx") as tmp:
-            if _bytes(gm) < EXTERNAL_DATA_BYTES:
+            if module_bytes(gm) < EXTERNAL_DATA_BYTES:
                 proto = program.model_proto
                 fold_weight_transposes(proto)
                 onnx.save(proto, tmp)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from passes import ops
-from passes.infra import get_attr, set_buffer
+from passes.infra import Pass, PassContext, PassResult, get_attr, register, set_buffer
 
 MIN_ROWS = 16
 INT_MM_ON_CPU = False  # tests set this: torch._int_mm also runs (slowly) on CPU
@@ -199,3 +199,31 @@ def to_device(gm: fx.GraphModule, device: str | torch.device, dtype: torch.dtype
         if t.is_floating_point() and not name.rsplit(".", 1)[-1].endswith(QUANT_BUFFER_SUFFIXES):
             t.data = t.data.to(dtype)
     return gm
+
+
+@register
+class FuseAttention(Pass):
+    """``fuse-attention``: floating-point attention as one SDPA call (see ``fuse_attention``)."""
+
+    name = "fuse-attention"
+    preserves_numerics = True
+
+    def __call__(self, gm, ctx: PassContext) -> PassResult:
+        gm, fused = fuse_attention(gm)
+        return PassResult(gm, fused > 0, {"fused": fused})
+
+
+@register
+class LowerInt8Torch(Pass):
+    """``lower-int8-torch``: the fake-quant linears as ``torch._int_mm`` GEMMs (see ``lower_to_int8``).
+
+    ``dtype``: float16 for CUDA (the deployed step), float32 to check it on the CPU.
+    """
+
+    name = "lower-int8-torch"
+    dtype: str = "float16"
+    min_rows: int = MIN_ROWS
+
+    def __call__(self, gm, ctx: PassContext) -> PassResult:
+        gm, counts = lower_to_int8(gm, dtype=getattr(torch, self.dtype), min_rows=self.min_rows)
+        return PassResult(gm, counts["int8_linears"] > 0, counts)

@@ -53,3 +53,13 @@ def max_rel_diff(ref: list[torch.Tensor], new: list[torch.Tensor]) -> float:
 
 def min_sqnr_db(ref: list[torch.Tensor], new: list[torch.Tensor]) -> float:
     return min((sqnr_db(a, b) for a, b in zip(ref, new, strict=True)), default=float("inf"))
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes of every parameter and buffer a module holds, each tensor once (int8 weights count one byte each)."""
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total

@@ -142,11 +142,17 @@ class BatchStore:
         return tokens, images
 
 
-def runs_in_torch(args: argparse.Namespace) -> bool:
-    """Whether the step runs in PyTorch (FP or fake-quant), so it can follow the model to a GPU."""
-    if args.onnx or args.engine:
-        return False
-    return not args.quantized or (Path(args.quantized) / "graph.json").is_file()
+def step_source(args: argparse.Namespace):
+    """(target, artefact path) the step runs from, or None for the FP PyTorch step."""
+    from backends import registry
+
+    if args.engine:
+        return registry.target("trt"), Path(args.engine)
+    if args.onnx:
+        return registry.target("onnx"), Path(args.onnx)
+    if args.quantized:
+        return registry.artefact_target(Path(args.quantized)), Path(args.quantized)
+    return None
 
 
 def pick_device(choice: str, local_rank: int, uses_torch: bool) -> torch.device:
@@ -159,27 +165,11 @@ def pick_device(choice: str, local_rank: int, uses_torch: bool) -> torch.device:
 
 def make_step(args: argparse.Namespace, bundle, device: torch.device):
     """The step callable for the drivers (None: the FP PyTorch step) and a description."""
-    if args.engine:
-        from backends.tensorrt.runner import TrtStep
-
-        return TrtStep(args.engine), f"TensorRT engine {args.engine}"
-    onnx_file = args.onnx
-    if args.quantized:
-        qdir = Path(args.quantized)
-        if (qdir / "graph.json").is_file():
-            import copy
-
-            from backends.fx_graph import load_graph
-            from frontends import trace
-
-            gm = load_graph(qdir, copy.deepcopy(trace(bundle)))  # a copy: the driver keeps the FP model
-            return gm.eval().to(device), f"fake-quant torch graph of {qdir}"
-        onnx_file = str(qdir / "model.onnx")  # --target onnx/ort/trt: the same graph on onnxruntime
-    if onnx_file:
-        from backends.ort_runner import OrtStep
-
-        return OrtStep(onnx_file, args.ort_mode), f"onnxruntime ({args.ort_mode}) on {onnx_file}"
-    return None, "PyTorch FP"
+    source = step_source(args)
+    if source is None:
+        return None, "PyTorch FP"
+    target, path = source
+    return target.load_step(path, bundle, device, mode=args.ort_mode)
 
 
 def check_inputs(args: argparse.Namespace) -> None:
@@ -200,6 +190,10 @@ def check_inputs(args: argparse.Namespace) -> None:
         reason = availability()
         if reason is not None:
             raise UserError(f"--engine needs TensorRT and a GPU: {reason}")
+    source = step_source(args)
+    if source is not None and source[0].runs_on_for(source[1]) == "cuda" and not torch.cuda.is_available() \
+            and not args.engine:
+        raise UserError(f"{source[1]} runs on the {source[0].name} target, which needs a CUDA device")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
 
@@ -223,8 +217,10 @@ def generate_batches(args, store: BatchStore, todo: list[tuple[int, range]], lab
     bad = sorted({c for c in labels if c >= n_classes or c < -1})
     if bad:
         raise UserError(f"class ids {bad} are out of range: the model has {n_classes} classes (0..{n_classes - 1}; -1 unconditional)")
-    device = pick_device("cuda" if args.engine else args.device, local_rank,  # TrtStep returns CUDA tensors
-                         uses_torch=runs_in_torch(args))
+    source = step_source(args)
+    runs_on = "torch" if source is None else source[0].runs_on_for(source[1])
+    device = pick_device("cuda" if runs_on == "cuda" else args.device, local_rank,  # CUDA runtimes return CUDA tensors
+                         uses_torch=runs_on != "cpu")
     for part in ("model", "tokenizer"):
         bundle.extra[part].to(device)
     step, what = make_step(args, bundle, device)

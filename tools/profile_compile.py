@@ -35,7 +35,7 @@ def _rss_mb() -> float:
 
 def profiled_workloads() -> dict:
     """The benchmark workloads whose calibration set grows with ``samples``."""
-    from tools.bench import workloads
+    from compiler.bench import workloads
 
     return {k: b for k, b in workloads().items() if "samples" in inspect.signature(b).parameters}
 
@@ -87,10 +87,10 @@ def profile_one(model: str, samples: int, pipeline: str, bits: str, onnx: bool =
 
     import torch
 
-    from backends.onnx_export import export_onnx
+    from backends.onnx_target import export_model
     from frontends import trace
-    from tools.compile import quantize
-    from tools.report import model_bytes
+    from compiler.driver import quantize
+    from core.numerics import module_bytes as model_bytes
 
     stages = _Stages()
     say(f"[samples {samples}] building {model}")
@@ -107,9 +107,7 @@ def profile_one(model: str, samples: int, pipeline: str, bits: str, onnx: bool =
         say(f"[samples {samples}] exporting ONNX")
         stages._t = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
-            path = export_onnx(copy.deepcopy(q_gm), bundle.example_inputs, Path(tmp) / "model.onnx",
-                               input_names=bundle.input_names, output_names=bundle.output_names,
-                               dynamic_shapes=bundle.extra.get("dynamic_shapes"))
+            path = export_model(copy.deepcopy(q_gm), bundle, Path(tmp) / "model.onnx")
             onnx_bytes = path.stat().st_size
         stages.mark("onnx-export")
     module = bundle.module
@@ -170,8 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 @main_wrapper
 def main(argv: list[str] | None = None) -> int:
+    from core.qmath import precision
     from passes.infra import parse_pipeline
-    from passes.pipeline import BITS, load_recipe
+    from passes.recipes import load_recipe
 
     args = build_parser().parse_args(argv)
     named = profiled_workloads()
@@ -183,8 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     recipe = load_recipe(args.recipe)
     pipeline, bits = args.pipeline or recipe.pipeline, args.bits or recipe.bits
     parse_pipeline(pipeline)
-    if bits not in BITS:
-        raise UserError(f"--bits must be one of {', '.join(BITS)}, got {bits!r}")
+    precision(bits)
     if args.worker is not None:
         print(RESULT_PREFIX + json.dumps(profile_one(args.model, args.worker, pipeline, bits, not args.no_onnx)), flush=True)
         return 0

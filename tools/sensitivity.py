@@ -11,13 +11,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from calib.device import default_device, inputs_to, resolve_device
+from calib.device import default_device, inputs_to
+from compiler.driver import Compiler
 from core.errors import UserError
 from core.io import atomic_write_text
 from core.progress import progress, say
 from passes.analysis import PreQDQSnapshot, rank_sites, site_sqnr
-from tools._cli import main_wrapper
-from tools.compile import add_model_arguments, check_recipe_options, prepare, quantize
+from tools._cli import add_model_arguments, compile_config, main_wrapper
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,13 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if not out.parent.is_dir():
         raise UserError(f"--out {out}: directory {out.parent} does not exist")
-    check_recipe_options(args)
-    device = resolve_device(args.device)
+    compiler = Compiler(compile_config(args, target="torch"))
+    device = compiler.device
     say(f"loading {args.model}")
-    bundle, recipe, pipeline, bits, exclusions, (calib, _, _) = prepare(args)
+    bundle, recipe, pipeline, bits = compiler.load(), compiler.recipe, compiler.pipeline, compiler.bits
+    compiler.exclusions()
+    calib = compiler.calibrate().inputs
     snapshot = PreQDQSnapshot()
-    fp_gm, _, ctx, _ = quantize(bundle, pipeline, bits, calib, instruments=[snapshot], exclude=list(exclusions),
-                                device=device)
+    fp_gm, _, ctx, _ = compiler.quantize(instruments=[snapshot])
     if snapshot.gm is None:
         raise UserError(f"the pipeline {pipeline!r} has no 'insert-qdq': nothing is quantized")
     batches = [inputs_to(b, device) for b in [bundle.example_inputs, *(calib[i] for i in range(min(len(calib), args.batches)))]]

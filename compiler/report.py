@@ -5,13 +5,8 @@ import json
 from pathlib import Path
 
 import torch
-from torch.utils._pytree import tree_leaves
 
-from core.numerics import sqnr_db
-
-
-def _tensors(out) -> list[torch.Tensor]:
-    return [t.detach().float() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+from core.numerics import run_outputs, sqnr_db
 
 
 def fidelity(fp_gm, q_gm, batches: list[tuple]) -> dict:
@@ -20,7 +15,7 @@ def fidelity(fp_gm, q_gm, batches: list[tuple]) -> dict:
     max_abs = 0.0
     with torch.no_grad():
         for inputs in batches:
-            ref, got = _tensors(fp_gm(*inputs)), _tensors(q_gm(*inputs))
+            ref, got = run_outputs(fp_gm, inputs), run_outputs(q_gm, inputs)
             for i, (a, b) in enumerate(zip(ref, got, strict=True)):
                 if len(per_output) <= i:
                     per_output.append([])
@@ -45,29 +40,6 @@ def quantized_counts(ctx) -> dict[str, dict[str, int]]:
         kind = counts.setdefault(site.kind, {})
         kind[precision] = kind.get(precision, 0) + 1
     return counts
-
-
-def median_ms(fn, repeats: int = 5) -> float:
-    """Median wall time of ``fn()`` in ms after one warm-up call (a sanity figure, not a benchmark)."""
-    import time
-
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
-
-
-def model_bytes(module: torch.nn.Module) -> int:
-    """Bytes of every parameter and buffer the graph holds (int8 weights count 1 byte each)."""
-    seen, total = set(), 0
-    for t in list(module.parameters()) + list(module.buffers()):
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
-    return total
 
 
 def _md_table(headers: list[str], rows: list[list]) -> str:
@@ -98,7 +70,7 @@ def _calibration_md(cal: dict) -> list[str]:
 
 
 def _quality_md(q: dict) -> list[str]:
-    from tools.quality import table_rows
+    from compiler.quality import table_rows
 
     headers, rows = table_rows(q)
     out = ["## Image quality", "",

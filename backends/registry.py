@@ -1,0 +1,230 @@
+"""The backend seam: every target a quantized step is built for, and every runner ``tools.bench`` times.
+
+A **target** (``--target``) says whether it can run here and why not, which registered lowering
+passes it appends to the recipe's pipeline (so they dump and verify like any pass), how it
+exports a quantized graph into the output directory, and how it runs one step for the
+generation drivers (``tools.generate``, the report's quality rows). A **runner** is one named way
+to time a step (``tools.bench --backends``): FP or quantized, on a target's runtime.
+
+Adding a backend is one module that defines its ``Target`` subclass and runners with
+``@register_target`` / ``@register_runner``, plus its name in ``BUILTIN``.
+"""
+from __future__ import annotations
+
+import abc
+import importlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, ClassVar
+
+import torch
+from torch.utils._pytree import tree_map
+
+from core.errors import UserError
+
+# modules that register the built-in targets and runners (imported on first lookup)
+BUILTIN = ("backends.onnx_target", "backends.tensorrt.target", "backends.torch_target")
+
+
+@dataclass
+class ExportJob:
+    """What a target exports: the quantized graph (after the target's lowering), the FP graph, the
+    model bundle, and the output directory (a temporary one that becomes ``--out`` on success)."""
+
+    gm: torch.fx.GraphModule
+    fp_gm: torch.fx.GraphModule
+    bundle: object
+    out: Path
+    reduce_range: bool = False
+    say: Callable[[str], None] = lambda msg: None
+
+
+class Target(abc.ABC):
+    """One ``--target``. Subclasses set ``name``, ``summary`` and implement ``export``."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    # registered passes appended to the recipe's pipeline, e.g. "fuse-attention,lower-cuda"
+    lowering: ClassVar[str] = ""
+    # where its steps run: "torch" (follows --device), "cpu" (onnxruntime) or "cuda"
+    runs_on: ClassVar[str] = "torch"
+
+    def runs_on_for(self, path: Path) -> str:
+        """Where the step of this artefact (a compile output directory or a file) runs."""
+        return self.runs_on
+
+    def unavailable(self) -> str | None:
+        """None when this target can build here, else a one-line reason (checked before any work)."""
+        return None
+
+    def missing(self) -> str | None:
+        """What part of the artefact cannot be built here and why, said before any work; the rest is
+        written and the export reports ``incomplete`` (the run then ends with an error). None: all of it."""
+        return None
+
+    def weight_reduce_range(self) -> bool:
+        """Whether weights must use 7 bits on this machine (onnxruntime's u8 x s8 kernels without VNNI)."""
+        return False
+
+    @abc.abstractmethod
+    def export(self, job: ExportJob) -> dict:
+        """Write the artefact into ``job.out``; return the report sections it adds (``speed`` entries merge)."""
+
+    def load_step(self, path: Path, bundle, device: torch.device, *, mode: str = "reference") -> tuple[Callable, str]:
+        """(step callable for the family drivers, description) from an artefact: a compile output
+        directory of this target, or one of its files."""
+        raise UserError(f"target {self.name} has no runner for generation")
+
+    def compiled_step(self, out: Path, gm, bundle, reduce_range: bool) -> tuple[Callable, str]:
+        """(step, what it runs on) of a just-compiled ``out`` for the quality rows."""
+        return gm, "torch fake-quant"
+
+    def quality_speed(self, bundle, fp_gm, out: Path, workdir: Path) -> dict | None:
+        """A speed figure of the compiled artefact for the quality section, where the target has one."""
+        return None
+
+
+@dataclass
+class Runner:
+    """One backend ready to run: ``fn(convert(inputs))`` runs the step on its device and dtype."""
+
+    name: str
+    fn: Callable[[tuple], object]
+    convert: Callable[[tuple], tuple]
+    size_bytes: int
+    device: str
+    dtype: torch.dtype
+    inputs: tuple = ()
+    times: list[float] = field(default_factory=list)
+    peak_bytes: int | None = None
+    note: str = ""
+    onnx: tuple[Path, str] | None = None  # onnxruntime runners: (model file, session mode), for profiles
+
+
+@dataclass(frozen=True)
+class RunnerSpec:
+    """A named runner: ``prepare(fp_gm, q_gm, workdir, bundle) -> Runner``; ``target``: whose runtime it times."""
+
+    name: str
+    target: str
+    quantized: bool
+    prepare: Callable[..., Runner]
+    needs_cuda: bool = False
+
+
+_TARGETS: dict[str, Target] = {}
+_RUNNERS: dict[str, RunnerSpec] = {}
+
+
+def register_target(cls: type[Target]) -> type[Target]:
+    if not cls.name or cls.name in _TARGETS:
+        raise TypeError(f"target {cls.__name__} has no name or a taken one ({cls.name!r})")
+    _TARGETS[cls.name] = cls()
+    return cls
+
+
+def register_runner(name: str, *, target: str, quantized: bool, needs_cuda: bool = False):
+    def wrap(prepare: Callable[..., Runner]) -> Callable[..., Runner]:
+        if name in _RUNNERS:
+            raise TypeError(f"two runners are named {name!r}")
+        _RUNNERS[name] = RunnerSpec(name, target, quantized, prepare, needs_cuda)
+        return prepare
+    return wrap
+
+
+def _load_builtin() -> None:
+    for module in BUILTIN:
+        importlib.import_module(module)
+
+
+def targets() -> dict[str, Target]:
+    _load_builtin()
+    return dict(_TARGETS)
+
+
+def target(name: str) -> Target:
+    known = targets()
+    if name not in known:
+        raise UserError(f"unknown target {name!r}; choose from {', '.join(known)}")
+    return known[name]
+
+
+def runners() -> dict[str, RunnerSpec]:
+    _load_builtin()
+    return dict(_RUNNERS)
+
+
+def runner(name: str) -> RunnerSpec:
+    known = runners()
+    if name not in known:
+        raise UserError(f"unknown backend {name!r}; choose from {', '.join(known)}")
+    return known[name]
+
+
+def artefact_target(directory: Path) -> Target:
+    """The target that wrote a compile output directory (its ``report.json``; older ones by their files)."""
+    import json
+
+    report = directory / "report.json"
+    if report.is_file():
+        return target(json.loads(report.read_text())["target"])
+    return target("torch" if (directory / "graph.json").is_file() else "onnx")
+
+
+# -- timing, shared by every runner ----------------------------------------------------------
+
+def converter(device: str, dtype: torch.dtype) -> Callable[[tuple], tuple]:
+    """Inputs to ``device``, floating ones to ``dtype``."""
+    def convert(inputs: tuple) -> tuple:
+        return tuple(tree_map(lambda t: (t.to(dtype) if t.is_floating_point() else t).to(device)
+                              if isinstance(t, torch.Tensor) else t, list(inputs)))
+    return convert
+
+
+def file_bytes(path: Path) -> int:
+    """An ONNX model's size with its external data."""
+    data = Path(str(path) + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def median_ms(fn, repeats: int = 5) -> float:
+    """Median wall time of ``fn()`` in ms after one warm-up call (a sanity figure, not a benchmark)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(runners: list[Runner], *, warmup: int, repeats: int) -> None:
+    """Time every runner on its inputs, interleaved round by round after a warm-up, so drift in
+    machine load hits every backend alike; on CUDA also the memory one call needs beyond what is resident."""
+    for r in runners:
+        for _ in range(warmup):
+            r.fn(r.inputs)
+        sync(r.device)
+        if r.device == "cuda":
+            torch.cuda.empty_cache()
+    for _ in range(repeats):
+        for r in runners:
+            sync(r.device)
+            t0 = time.perf_counter()
+            r.fn(r.inputs)
+            sync(r.device)
+            r.times.append(time.perf_counter() - t0)
+    for r in runners:
+        if r.device == "cuda":
+            torch.cuda.empty_cache()
+            resident = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            r.fn(r.inputs)
+            sync("cuda")
+            r.peak_bytes = torch.cuda.max_memory_allocated() - resident

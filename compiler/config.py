@@ -1,0 +1,53 @@
+"""What one compilation is asked to do, as typed values (the CLIs fill it from their arguments)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DEFAULT_MODEL = "builtin:mnist-var"
+
+
+@dataclass
+class CalibrationConfig:
+    """Where calibration inputs come from and how many.
+
+    ``data``: a .pt list of input tuples; otherwise the bundle's own inputs, or (family models) ``samples``
+    self-generated images, ``batch`` at a time, cached in ``cache``, from ``seed``; ``dgc`` selects among
+    the generated sequences (none | reference | ranked); ``resample`` redraws tokens per scale (VAR).
+    """
+
+    data: str | None = None
+    samples: int | None = None
+    batch: int = 4
+    cache: str = ".arvgq-cache"
+    seed: int = 0
+    dgc: str = "none"
+    resample: bool = False
+
+
+@dataclass
+class CompileConfig:
+    """One compilation: the model, the recipe (or a pipeline and bits overriding it), the target,
+    calibration, exclusions and the device calibration runs on.
+
+    ``recipe`` None: ptq4arvg for family models, minmax otherwise. ``exclude``: user patterns (module
+    globs or ``op:TYPE``), already read from any exclude files. ``evaluate``: images to score with FP,
+    the compiled model and the ``compare`` (recipe, bits) baselines.
+    """
+
+    model: str = DEFAULT_MODEL
+    recipe: str | None = None
+    pipeline: str | None = None
+    bits: str | None = None
+    target: str = "onnx"
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    exclude: list[str] = field(default_factory=list)
+    default_exclude: bool = True
+    device: str = "cpu"
+    allow_pickle: bool = False
+    family: str | None = None
+    tokenizer: str | None = None
+    stop_after: str | None = None
+    disabled: list[str] = field(default_factory=list)
+    site_sqnr: bool = True
+    evaluate: int = 0
+    compare: list[tuple[str, str]] = field(default_factory=list)
