@@ -17,8 +17,16 @@ from pathlib import Path
 
 import torch
 
-from backends.registry import (ExportJob, Runner, Target, converter, file_bytes, median_ms, register_runner,
-                               register_target)
+from backends.registry import (
+    ExportJob,
+    Runner,
+    Target,
+    converter,
+    file_bytes,
+    median_ms,
+    register_runner,
+    register_target,
+)
 from core.errors import UserError
 from core.numerics import max_abs_diff, max_rel_diff, min_sqnr_db, run_outputs
 from core.progress import say
@@ -192,7 +200,13 @@ def _ort_model(name: str, fp_gm, q_gm, workdir: Path, bundle) -> Path:
         say(f"ort-int8: {counts['int8_gemms']} u8s8 + {counts['u8u8_gemms']} u8u8 int8 GEMMs, "
             f"{counts['float_matmuls']} MatMuls in float")
         return path
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
 
     src, path = export(fp_gm, "fp32"), workdir / f"{name}.onnx"
     if name == "ort-quant-dynamic":

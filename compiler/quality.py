@@ -55,8 +55,7 @@ def fixed_labels(num_classes: int, n: int) -> torch.Tensor:
 
 def draw(bundle, step, labels: torch.Tensor, seed: int, name: str):
     """Generate and decode ``labels`` with ``step``; returns ``evaluation.images.Samples``."""
-    from evaluation.images import Samples
-    from evaluation.images import to_uint8
+    from evaluation.images import Samples, to_uint8
 
     with torch.no_grad():
         tokens = bundle.extra["generate"](labels, seed, step=step)

@@ -118,3 +118,17 @@ class DumpInstrument:
         self.dir.mkdir(parents=True, exist_ok=True)
         manifest = {"schema": SCHEMA_VERSION, "pipeline": pipeline, "passes": records, "notes": ctx.notes}
         (self.dir / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
+
+    def failed(self, index: int, pass_: Pass, gm: fx.GraphModule, ctx: PassContext, records: list[dict],
+               error: Exception) -> None:
+        """``NNN_<pass>.failed.txt``: the error and the graph as the failing pass left it (as MLIR prints
+        the IR after a failure), and the manifest of the passes so far."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            code = gm.graph.python_code("self").src.strip()
+        except Exception as e:  # noqa: BLE001  (a broken graph may not print; say so instead)
+            code = f"(the graph cannot be printed: {type(e).__name__}: {e})"
+        text = [f"# {index:03d} {pass_.spec()} FAILED", f"# pipeline: {self._pipeline}", f"# error: {error}", "",
+                "## code (as the pass left it)", code]
+        (self.dir / f"{index:03d}_{pass_.name}.failed.txt").write_text("\n".join(text) + "\n")
+        self.finish(records, ctx, self._pipeline)

@@ -207,6 +207,8 @@ class Instrument(Protocol):
 
     def finish(self, records: list[dict], ctx: PassContext, pipeline: str) -> None: ...
 
+    # optional: ``failed(index, pass_, gm, ctx, records, error)`` when a pass raised or broke the graph
+
 
 class PassManager:
     """Runs a pipeline on an fx GraphModule with verification, provenance and instruments."""
@@ -251,19 +253,27 @@ class PassManager:
             reference = run_outputs(gm, ctx.probe_inputs) if ctx.probe_inputs is not None else None
             start = time.perf_counter()
             try:
-                result = pass_(gm, ctx)
-            except UserError:
+                try:
+                    result = pass_(gm, ctx)
+                except UserError:
+                    raise
+                except Exception as e:  # add the pipeline position, keep the cause
+                    raise PassError(f"pass {pass_.spec()!r} failed after {done or 'no passes'}: {e}") from e
+                if not isinstance(result, PassResult):
+                    raise PassError(f"pass {pass_.name!r} returned {type(result).__name__}, not PassResult")
+                gm = result.gm
+                record.update(modified=result.modified, seconds=round(time.perf_counter() - start, 4), stats=result.stats)
+                for node in gm.graph.nodes:
+                    if node not in before:
+                        node.meta.setdefault("created_by", pass_.name)
+                self._verify(gm, pass_, reference, ctx, record, done)
+            except (UserError, PassError) as e:  # the instruments keep what the user debugs with
+                record.update(failed=str(e))
+                self.records.append(record)
+                for inst in self.instruments:
+                    if hasattr(inst, "failed"):
+                        inst.failed(index, pass_, gm, ctx, self.records, e)
                 raise
-            except Exception as e:  # add the pipeline position, keep the cause
-                raise PassError(f"pass {pass_.spec()!r} failed after {done or 'no passes'}: {e}") from e
-            if not isinstance(result, PassResult):
-                raise PassError(f"pass {pass_.name!r} returned {type(result).__name__}, not PassResult")
-            gm = result.gm
-            record.update(modified=result.modified, seconds=round(time.perf_counter() - start, 4), stats=result.stats)
-            for node in gm.graph.nodes:
-                if node not in before:
-                    node.meta.setdefault("created_by", pass_.name)
-            self._verify(gm, pass_, reference, ctx, record, done)
             done.append(pass_.name)
             for inst in self.instruments:
                 inst.after_pass(index, pass_, result, ctx, record)

@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+import compiler.driver as driver
 import tools.compile as compile_tool
 from calib.capture import capture
 from calib.dgc import dgc_reference
@@ -17,14 +18,14 @@ def var_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dgc")
     args = _var(tmp)
     seen: dict[str, list[int]] = {}
-    real_quantize = compile_tool.quantize
+    real_quantize = driver.quantize
 
     def recording_quantize(bundle, pipeline, bits, calib, **kw):
         seen[current] = [inputs[0].shape[0] for inputs in calib]  # x [B, T, C]: batch rows of every step
         return real_quantize(bundle, pipeline, bits, calib, **kw)
 
     reports = {}
-    compile_tool.quantize = recording_quantize
+    driver.quantize = recording_quantize
     try:
         for current in ("ranked", "reference"):
             out = tmp / current
@@ -33,7 +34,7 @@ def var_runs(tmp_path_factory):
                                       "--dgc", current]) == 0
             reports[current] = json.loads((out / "report.json").read_text())
     finally:
-        compile_tool.quantize = real_quantize
+        driver.quantize = real_quantize
     return tmp, args, reports, seen
 
 

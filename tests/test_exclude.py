@@ -4,11 +4,12 @@ import json
 import onnx
 import pytest
 
+from compiler.driver import quantize
 from core.errors import UserError
 from frontends import load_model, trace
 from passes.exclude import match_patterns, with_exclude_pass
 from passes.infra import PassContext, PassManager
-from tools.compile import main, quantize
+from tools.compile import main
 
 MODELS = "tests/models_generic.py"
 SITES = {"attn.qkv", "attn.proj", "fc1", "fc2", "attn.matmul1", "attn.matmul2"}

@@ -64,8 +64,8 @@ def test_quantized_graph_round_trip_and_onnx(tmp_path, var_files):
     from backends.fx_graph import load_graph
     from backends.onnx_export import export_onnx
     from calib.capture import capture
+    from compiler.driver import quantize
     from frontends import load_model, trace
-    from tools.compile import quantize
 
     ckpt, tok, qdir = var_files
     bundle = load_model(ckpt, tokenizer=tok)

@@ -6,7 +6,7 @@ import pytest
 
 from evaluation.images import Samples
 from tests.test_family_compile import _var
-from tools import quality
+from compiler import quality
 from tools.compile import main
 
 

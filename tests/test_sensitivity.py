@@ -6,6 +6,7 @@ import torch
 
 import tools.compile as compile_tool
 from calib.observers import TensorObserver
+from compiler.driver import quantize
 from frontends import load_model
 from passes.analysis import (
     PreQDQSnapshot,
@@ -39,17 +40,17 @@ def test_outlier_fed_sites_rank_worst_and_excluding_them_raises_sqnr(tmp_path, c
 def test_site_sqnr_equals_a_compile_that_quantizes_only_that_site():
     bundle = load_model("builtin:tiny-block")
     snap = PreQDQSnapshot()
-    fp_gm, _, ctx, _ = compile_tool.quantize(bundle, "canonicalize,observe,act-quant,weight-quant,insert-qdq", "W8A8",
+    fp_gm, _, ctx, _ = quantize(bundle, "canonicalize,observe,act-quant,weight-quant,insert-qdq", "W8A8",
                                              bundle.calib_inputs, instruments=[snap])
     batches = [bundle.example_inputs]
     sens = site_sqnr(fp_gm, snap.gm, ctx, batches)
     others = [s for s in ctx.sites if s != "fc1"]
-    _, only_fc1, _, _ = compile_tool.quantize(bundle, "canonicalize,observe,act-quant,weight-quant,insert-qdq", "W8A8",
+    _, only_fc1, _, _ = quantize(bundle, "canonicalize,observe,act-quant,weight-quant,insert-qdq", "W8A8",
                                               bundle.calib_inputs, exclude=others)
     with torch.no_grad():
         ref = [[fp_gm(*batches[0])]]  # tiny-block has one output
     assert sens["fc1"]["only"] == pytest.approx(output_sqnr_db(ref, only_fc1, batches), abs=1e-6)
-    _, all_but_fc1, _, _ = compile_tool.quantize(bundle, "canonicalize,observe,act-quant,weight-quant,insert-qdq", "W8A8",
+    _, all_but_fc1, _, _ = quantize(bundle, "canonicalize,observe,act-quant,weight-quant,insert-qdq", "W8A8",
                                                  bundle.calib_inputs, exclude=["fc1"])
     assert sens["fc1"]["all_but"] == pytest.approx(output_sqnr_db(ref, all_but_fc1, batches), abs=1e-6)
     assert set(sens) == {"attn.qkv", "attn.proj", "fc1", "fc2"}
@@ -71,7 +72,7 @@ def test_plot_data_equals_observer_statistics():
         def finish(self, *a):
             pass
 
-    _, _, ctx, _ = compile_tool.quantize(bundle, "canonicalize,observe,smooth,observe,act-quant,weight-quant,insert-qdq",
+    _, _, ctx, _ = quantize(bundle, "canonicalize,observe,smooth,observe,act-quant,weight-quant,insert-qdq",
                                          "W8A8", bundle.calib_inputs, instruments=[history, Keep()])
     data = channel_absmax(history, "fc1")
     first, last = seen["first"], ctx.stats["fc1"]["input"]

@@ -122,9 +122,9 @@ def test_observe_without_histograms_is_enough_for_minmax_but_not_mse():
 
 def test_attention_operands_are_never_grouped():
     """Regression: k^T is [..., head_dim, L]; at the scale where T == head_dim it looked grouped."""
+    from compiler.bench import _var_step_inputs
     from frontends import var as V
     from frontends.generic import ModelBundle
-    from tools.bench import _var_step_inputs
 
     torch.manual_seed(0)
     cfg = V.VARConfig(depth=1, width=32, heads=2, vocab_size=16, cvae=4, num_classes=4, patch_nums=(1, 2, 3, 4))

@@ -28,13 +28,25 @@ def test_int8_gemm_graph_equals_fake_quant(monkeypatch, spec, pipeline):
     monkeypatch.setattr(torch_int8, "INT_MM_ON_CPU", True)
     calls = []
     real = torch._int_mm
-    monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append(a.shape) or real(a, b))
+
+    def checked_int_mm(a, w):  # the int32 accumulator must be exact
+        acc = real(a, w)
+        calls.append(bool(torch.equal(acc.long(), a.long() @ w.long())))
+        return acc
+
+    monkeypatch.setattr(torch, "_int_mm", checked_int_mm)
     low, counts = torch_int8.lower_to_int8(gm, dtype=torch.float32, min_rows=0)
     assert counts["int8_linears"] == (4 if "grouped" not in spec else 5)
     assert not any(n.target is torch.nn.functional.linear for n in low.graph.nodes)
     with torch.no_grad():
-        torch.testing.assert_close(low(*b.example_inputs), fake(*b.example_inputs), atol=2e-4, rtol=1e-4)
-    assert len(calls) == counts["int8_linears"]  # every quantized linear ran as an int8 GEMM
+        got, ref = low(*b.example_inputs), fake(*b.example_inputs)
+    assert calls == [True] * counts["int8_linears"]  # every quantized linear ran as an exact int8 GEMM
+    # The epilogues differ only in float32 rounding (an asymmetric grid subtracts z * colsum(W) from a large
+    # accumulator, in another order). Where that moves a value across a rounding boundary of the next
+    # quantizer, one code of that grid propagates along its token's row: allow that in one or two rows.
+    diff = (got - ref).abs() / ref.abs().max()
+    rows_off = (diff > 1e-5).flatten(0, -2).any(-1)
+    assert int(rows_off.sum()) <= 2 and float(diff.max()) < 1e-3
 
 
 def test_small_row_counts_and_cpu_fall_back_to_float():
@@ -78,9 +90,9 @@ def test_group_epilogue_keeps_the_activation_dtype():
 
 def test_to_device_converts_model_parameters_named_like_scales():
     """Regression: VAR's attn.scale_mul_1H11 stayed float32 and promoted attention to float32."""
+    from compiler.bench import _var_step_inputs
     from frontends import var as V
     from frontends.generic import ModelBundle
-    from tools.bench import _var_step_inputs
 
     torch.manual_seed(0)
     model = V.VAR(V.CONFIGS["tiny"]).eval()
@@ -112,8 +124,8 @@ def test_to_device_converts_model_parameters_named_like_scales():
 
 @pytest.mark.parametrize("workload", ["var-tiny", "gpt-tiny-decode"])
 def test_fuse_attention_equals_explicit_attention(workload):
-    from tools.bench import workloads
-    from tools.compile import quantize
+    from compiler.bench import workloads
+    from compiler.driver import quantize
 
     b = workloads()[workload](2)
     calib = b.calib_inputs or [b.example_inputs]
@@ -130,8 +142,8 @@ def test_fuse_attention_equals_explicit_attention(workload):
 
 
 def test_fuse_attention_keeps_quantized_attention_matmuls():
-    from tools.bench import workloads
-    from tools.compile import quantize
+    from compiler.bench import workloads
+    from compiler.driver import quantize
 
     b = workloads()["var-tiny"](2)
     # act-quant on every site, attention matmuls included: their inputs are dequantized

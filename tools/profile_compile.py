@@ -88,9 +88,9 @@ def profile_one(model: str, samples: int, pipeline: str, bits: str, onnx: bool =
     import torch
 
     from backends.onnx_target import export_model
-    from frontends import trace
     from compiler.driver import quantize
     from core.numerics import module_bytes as model_bytes
+    from frontends import trace
 
     stages = _Stages()
     say(f"[samples {samples}] building {model}")
