@@ -31,6 +31,7 @@ import torch
 
 from core import qmath
 from core.errors import UserError
+from core.qmath import scale_shift
 
 DEFAULT_BINS = 2048
 PERCENTILES = (0.999, 0.9999, 0.99999)  # the reference's candidates (method.md §2.1)
@@ -379,3 +380,37 @@ class TensorObserver:
             raise UserError(f"{self.name}: token group {group} was never observed "
                             f"(observed groups: {(self.group_count > 0).nonzero().flatten().tolist()})")
         return self.group_hist, group
+
+
+class FoldedObserver(TensorObserver):
+    """Statistics of ``(x - p) / s`` derived from an observer of ``x``, without a calibration run.
+
+    Per-channel min and max, and per-group per-channel min and max, map exactly (``s > 0``);
+    the sum of squares maps under a pure scale (``/ s^2``) and is unknown (None) after a shift,
+    which would need the per-channel sum. The per-tensor histograms cannot follow a
+    per-channel transform, so the percentile searches refuse until ``observe`` runs again.
+    """
+
+    folded_by = ""
+
+    @classmethod
+    def of(cls, obs: TensorObserver, scale: torch.Tensor | None, shift: torch.Tensor | None, by: str) -> FoldedObserver:
+        new = cls(obs.name, obs.bins, histograms=False)
+        new.folded_by = ", ".join(filter(None, (getattr(obs, "folded_by", ""), by)))
+        new.count, new.batches, new.grouped, new.group_count = obs.count, obs.batches, obs.grouped, obs.group_count
+        new.min, new.max = (scale_shift(t, scale, shift).float() for t in (obs.min, obs.max))
+        if obs.grouped:
+            new.group_min, new.group_max = (scale_shift(t, scale, shift).float() for t in (obs.group_min, obs.group_max))
+        if shift is None and obs.sumsq is not None:
+            new.sumsq = obs.sumsq.double() / (1.0 if scale is None else scale.double().pow(2))
+        return new
+
+    def _refuse(self):
+        raise UserError(f"{self.name}: the statistics were folded per channel (by {self.folded_by}) after 'observe'; "
+                        f"percentile searches need fresh histograms: run 'observe' again before this pass")
+
+    def quantile(self, q: float, group: int | None = None) -> float:
+        self._refuse()
+
+    def search_range(self, bits: int, symmetric: bool, candidates: tuple[float, ...] = (), group: int | None = None):
+        self._refuse()

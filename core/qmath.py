@@ -120,3 +120,12 @@ def precision(name: str, where: str = "--bits") -> Precision:
     if name not in PRECISIONS:
         raise UserError(f"{where} must be one of {', '.join(PRECISIONS)}, got {name!r}")
     return PRECISIONS[name]
+
+def scale_shift(value: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None) -> torch.Tensor:
+    """``(value - shift) / scale`` in float64, either part optional."""
+    v = value.double()
+    if shift is not None:
+        v = v - shift
+    if scale is not None:
+        v = v / scale
+    return v

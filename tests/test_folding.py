@@ -13,14 +13,13 @@ import models_folding as M
 import pytest
 import torch
 
-from calib.observers import TensorObserver
+from calib.observers import FoldedObserver, TensorObserver
 from core.errors import UserError
 from core.numerics import relative_error, run_outputs, sqnr_db
 from core.qmath import Precision
 from frontends import trace
 from passes import gps, regions, smooth, sym_shift  # noqa: F401  (registers the passes)
 from passes.infra import PassContext, PassManager, QuantConfig, get_attr
-from passes.regions import FoldedObserver
 
 # model -> (factory, expected regions as (kind, source, sinks))
 MODELS = {

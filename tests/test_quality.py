@@ -4,9 +4,9 @@ import json
 import numpy as np
 import pytest
 
+from compiler import quality
 from evaluation.images import Samples
 from tests.test_family_compile import _var
-from compiler import quality
 from tools.compile import main
 
 
