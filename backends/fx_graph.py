@@ -89,13 +89,33 @@ def graph_to_json(gm: fx.GraphModule) -> dict:
     return {"format": FORMAT, "nodes": nodes}
 
 
-def save_graph(gm: fx.GraphModule, graph_path: str | Path, tensors_path: str | Path) -> None:
-    """Write ``graph.json`` and the tensors (a state dict that ``torch.load(weights_only=True)`` reads)."""
-    Path(graph_path).write_text(json.dumps(graph_to_json(gm)))
-    torch.save(tensors_of(gm), tensors_path)
+TENSOR_FILES = ("quantized_state_dict.pt", "weights.safetensors")
 
 
-def _resolve(name: str, known: dict):
+def save_graph(gm: fx.GraphModule, directory: str | Path, tensors_file: str = TENSOR_FILES[0]) -> None:
+    """Write ``graph.json`` and the tensors: a state dict that ``torch.load(weights_only=True)`` reads, or
+    ``weights.safetensors`` (tensors only, no pickle at all)."""
+    directory = Path(directory)
+    (directory / "graph.json").write_text(json.dumps(graph_to_json(gm)))
+    tensors = tensors_of(gm)
+    if tensors_file.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        # safetensors stores each tensor once: tied or viewed tensors become their own contiguous copies
+        save_file({k: v.contiguous().clone() for k, v in tensors.items()}, str(directory / tensors_file))
+    else:
+        torch.save(tensors, directory / tensors_file)
+
+
+def _load_tensors(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return load_checkpoint(path)  # weights_only=True
+
+
+def _resolve(name: str, known: dict, safe_modules: tuple[str, ...]):
     if name in known:
         return known[name]
     if name.startswith("ops:"):
@@ -107,11 +127,11 @@ def _resolve(name: str, known: dict):
         except (AttributeError, RuntimeError):
             raise UserError(f"graph.json calls the operator {name[4:]}, which is not registered here") from None
     module, _, qualname = name.partition(":")
-    if module not in SAFE_MODULES or (module == "builtins" and qualname not in SAFE_BUILTINS) or "." in qualname:
+    if module not in safe_modules or (module == "builtins" and qualname not in SAFE_BUILTINS) or "." in qualname:
         raise UserError(f"graph.json calls {module}.{qualname}, which is not an operator, a function of "
                         f"{', '.join(SAFE_MODULES[:3])}, ... or of the re-traced model; refusing to load it")
     fn = getattr(importlib.import_module(module), qualname, None)
-    if fn is None or getattr(fn, "__module__", module) not in SAFE_MODULES:
+    if fn is None or getattr(fn, "__module__", module) not in safe_modules:
         raise UserError(f"graph.json calls {module}.{qualname}, which is not a function of {module}; refusing it")
     return fn
 
@@ -159,25 +179,27 @@ def _set_tensor(root: nn.Module, path: str, value: torch.Tensor) -> None:
     mod.register_buffer(leaf, value)
 
 
-def load_graph(directory: str | Path, fp_graph: fx.GraphModule) -> fx.GraphModule:
-    """The quantized GraphModule saved in ``directory`` (``graph.json``, ``quantized_state_dict.pt``).
+def load_graph(directory: str | Path, fp_graph: fx.GraphModule, extra_modules: tuple[str, ...] = ()) -> fx.GraphModule:
+    """The quantized GraphModule saved in ``directory`` (``graph.json`` and one of ``TENSOR_FILES``).
 
     ``fp_graph``: the model's FP trace (``frontends.trace``), whose module tree and call targets the
     saved graph was built from; it is modified in place and becomes the root of the result.
+    ``extra_modules``: modules of the target's own run-time functions the graph may call.
     """
     directory = Path(directory)
-    graph_file, tensors_file = directory / "graph.json", directory / "quantized_state_dict.pt"
+    graph_file = directory / "graph.json"
+    tensors_file = next((directory / f for f in TENSOR_FILES if (directory / f).is_file()), directory / TENSOR_FILES[0])
     for f in (graph_file, tensors_file):
         if not f.is_file():
             raise UserError(f"{f} not found: --quantized needs a directory written by "
-                            f"'python -m tools.compile --target torch'")
+                            f"'python -m tools.compile --target torch' (or cuda)")
     try:
         data = json.loads(graph_file.read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read {graph_file}: {e}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise UserError(f"{graph_file} is not a graph written by tools.compile (format {FORMAT})")
-    tensors = load_checkpoint(tensors_file)  # weights_only=True
+    tensors = _load_tensors(tensors_file)
     if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
         raise UserError(f"{tensors_file} is not a state dict (name -> tensor)")
     fp_tensors = {**dict(fp_graph.named_parameters()), **dict(fp_graph.named_buffers())}
@@ -193,7 +215,7 @@ def load_graph(directory: str | Path, fp_graph: fx.GraphModule) -> fx.GraphModul
         op, target = spec["op"], spec["target"]
         args, kwargs = _decode(spec["args"], nodes), _decode(spec["kwargs"], nodes)
         if op == "call_function":
-            target = _resolve(target, known)
+            target = _resolve(target, known, SAFE_MODULES + tuple(extra_modules))
         elif op == "call_method" and target.startswith("_"):
             raise UserError(f"graph.json calls the method {target!r}; refusing private methods")
         elif op not in ("placeholder", "get_attr", "call_module", "output", "call_method"):

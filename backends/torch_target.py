@@ -31,7 +31,7 @@ class TorchTarget(Target):
 
         job.say("[3/4] target torch: keeping the fake-quant graph (real INT8 GEMMs: --target cuda)")
         # graph.json + tensors: what tools.generate --quantized rebuilds (data, never executed); graph.py to read
-        save_graph(job.gm, job.out / "graph.json", job.out / "quantized_state_dict.pt")
+        save_graph(job.gm, job.out)
         (job.out / "graph.py").write_text(job.gm.code)
         return {}
 

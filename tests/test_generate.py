@@ -73,7 +73,7 @@ def test_quantized_graph_round_trip_and_onnx(tmp_path, var_files):
     _, gm, _, _ = quantize(bundle, "canonicalize,observe,smooth,gps,stwq,weight-quant,insert-qdq", "W8A8", steps)
     from backends.fx_graph import save_graph
 
-    save_graph(gm, tmp_path / "graph.json", tmp_path / "quantized_state_dict.pt")
+    save_graph(gm, tmp_path)
     fresh = load_model(ckpt, tokenizer=tok)
     loaded = load_graph(tmp_path, trace(fresh))
     with torch.no_grad():

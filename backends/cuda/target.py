@@ -1,0 +1,128 @@
+"""``--target cuda`` (INT8) and ``--target cuda-fp8``: the step graph on the fused Triton kernels.
+
+The lowering passes ``fuse-attention`` (float attention as one SDPA call) and ``lower-cuda``
+(``backends/cuda/lower.py``: quantized linears as one fused GEMM each, activation quantization
+inside its producer) run in the pass manager after the recipe, so they dump and verify like any
+pass. The artefact is data: ``graph.json`` (the lowered graph), ``weights.safetensors`` (int8 or
+FP8 weights, scales, the rest of the model) and ``cuda.json`` (format, GPU, torch and Triton
+versions, the autotune cache). ``tools.generate --quantized DIR --device cuda`` runs it with CUDA
+graphs (``CudaStep``); off CUDA the same graph runs on the torch reference of every kernel.
+
+Runners (``tools.bench``): cuda-int8 and cuda-fp8 (the lowered graph, CUDA graphs), and the fair
+FP16 baseline torch-fp16-graphs (torch.compile with CUDA graphs).
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+from backends.registry import ExportJob, Runner, Target, converter, register_runner, register_target
+from core.errors import UserError
+from core.numerics import module_bytes
+
+# the modules of the lowered graph's run-time functions (refused by fx_graph's loader otherwise)
+RUNTIME_MODULES = ("backends.cuda.lower",)
+
+
+def _sidecar(fmt: str) -> dict:
+    from backends.cuda import kernels
+
+    info = {"format": fmt, "torch": torch.__version__}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if torch.cuda.is_available():
+        info["gpu"] = {"name": torch.cuda.get_device_name(), "capability": list(torch.cuda.get_device_capability())}
+    info["autotune"] = kernels.autotune_cache()
+    return info
+
+
+class _CudaTarget(Target):
+    format = "int8"
+    runs_on = "cuda"
+
+    def export(self, job: ExportJob) -> dict:
+        from backends.fx_graph import save_graph
+
+        job.say(f"[3/4] target {self.name}: the lowered graph as data (graph.json, weights.safetensors, cuda.json)")
+        save_graph(job.gm, job.out, "weights.safetensors")
+        (job.out / "graph.py").write_text(job.gm.code)  # to read; never executed
+        sidecar = _sidecar(self.format)
+        (job.out / "cuda.json").write_text(json.dumps(sidecar, indent=1))
+        return {"cuda": {"format": self.format, "files": ["graph.json", "weights.safetensors", "cuda.json"],
+                         "weights_bytes": (job.out / "weights.safetensors").stat().st_size,
+                         "sidecar": {k: v for k, v in sidecar.items() if k != "autotune"}}}
+
+    def load_step(self, path: Path, bundle, device, *, mode: str = "reference"):
+        from backends.cuda.runner import CudaStep
+        from backends.fx_graph import load_graph
+        from frontends import trace
+
+        if not path.is_dir():
+            raise UserError(f"{path}: a {self.name} artefact is a directory written by tools.compile --target {self.name}")
+        gm = load_graph(path, copy.deepcopy(trace(bundle)), extra_modules=RUNTIME_MODULES)
+        return CudaStep(gm, device), f"{self.format} Triton kernels ({path}) on {device}"
+
+    def compiled_step(self, out: Path, gm, bundle, reduce_range: bool):
+        from backends.cuda.runner import CudaStep
+
+        if torch.cuda.is_available():
+            return CudaStep(copy.deepcopy(gm)), f"cuda {self.format} (Triton kernels)"
+        return gm, f"cuda {self.format} lowering, CPU reference ops"
+
+
+@register_target
+class CudaTarget(_CudaTarget):
+    name = "cuda"
+    summary = "INT8 Triton kernels with the STWQ epilogue fused, CUDA graphs (sm80+)"
+    lowering = "fuse-attention,lower-cuda"
+
+
+@register_target
+class CudaFp8Target(_CudaTarget):
+    name = "cuda-fp8"
+    summary = "FP8 (E4M3) Triton kernels with the same static token-group scales, CUDA graphs (sm89+)"
+    lowering = "fuse-attention,lower-cuda{format=fp8}"
+    format = "fp8"
+
+
+def _lowered_step(name: str, fmt: str):
+    def prepare(fp_gm, q_gm, workdir, bundle) -> Runner:
+        from backends.cuda.runner import CudaStep
+        from backends.torch_target import lowered
+
+        if not torch.cuda.is_available():
+            raise UserError(f"backend {name} needs CUDA")
+        gm = lowered(q_gm, "fuse-attention,lower-cuda" + ("{format=fp8}" if fmt == "fp8" else ""))
+        step = CudaStep(gm)
+        return Runner(name, lambda x: step(*x), converter("cuda", torch.float16), module_bytes(step.gm), "cuda",
+                      torch.float16, note=f"{fmt} Triton kernels, CUDA graphs")
+    return prepare
+
+
+register_runner("cuda-int8", target="cuda", quantized=True, needs_cuda=True)(_lowered_step("cuda-int8", "int8"))
+register_runner("cuda-fp8", target="cuda-fp8", quantized=True, needs_cuda=True)(_lowered_step("cuda-fp8", "fp8"))
+
+
+@register_runner("torch-fp16-graphs", target="torch", quantized=False, needs_cuda=True)
+def _fp16_graphs(fp_gm, q_gm, workdir, bundle) -> Runner:
+    """The fair FP16 baseline of the CUDA runners: torch.compile (inductor fusions) with CUDA graphs."""
+    from backends.torch_target import compiled, lowered
+
+    if not torch.cuda.is_available():
+        raise UserError("backend torch-fp16-graphs needs CUDA")
+    m = lowered(fp_gm, "fuse-attention").to("cuda").half()
+    f = compiled(m, "reduce-overhead")
+
+    def run(x):
+        out = f(*x)
+        return torch.utils._pytree.tree_map(lambda t: t.clone(), out)  # CUDA-graph outputs are overwritten next call
+
+    return Runner("torch-fp16-graphs", run, converter("cuda", torch.float16), module_bytes(m), "cuda", torch.float16,
+                  note="torch.compile, CUDA graphs")
