@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_map
 from core.errors import UserError
 
 # modules that register the built-in targets and runners (imported on first lookup)
-BUILTIN = ("backends.onnx_target", "backends.tensorrt.target", "backends.torch_target")
+BUILTIN = ("backends.onnx_target", "backends.tensorrt.target", "backends.torch_target", "backends.cuda.target")
 
 
 @dataclass

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from backends.cuda import lower  # noqa: F401  (registers the lower-cuda pass)
 from backends.registry import ExportJob, Runner, Target, converter, register_runner, register_target
 from core.errors import UserError
 from core.numerics import module_bytes
@@ -45,7 +46,7 @@ def _sidecar(fmt: str) -> dict:
 
 class _CudaTarget(Target):
     format = "int8"
-    runs_on = "cuda"
+    runs_on = "torch"  # follows --device: a GPU, or the CPU with the kernels' torch reference (a check, not fast)
 
     def export(self, job: ExportJob) -> dict:
         from backends.fx_graph import save_graph
@@ -67,7 +68,8 @@ class _CudaTarget(Target):
         if not path.is_dir():
             raise UserError(f"{path}: a {self.name} artefact is a directory written by tools.compile --target {self.name}")
         gm = load_graph(path, copy.deepcopy(trace(bundle)), extra_modules=RUNTIME_MODULES)
-        return CudaStep(gm, device), f"{self.format} Triton kernels ({path}) on {device}"
+        kernels = "Triton kernels" if torch.device(device).type == "cuda" else "torch reference of the kernels"
+        return CudaStep(gm, device), f"{self.format} {kernels} ({path})"
 
     def compiled_step(self, out: Path, gm, bundle, reduce_range: bool):
         from backends.cuda.runner import CudaStep

@@ -1,0 +1,124 @@
+"""Plain-torch definitions of the GPU backend's fused kernels: the contract they are tested against.
+
+Every kernel of ``backends/cuda/kernels.py`` computes exactly what its function here computes
+(int32 accumulation bit-exact, the float epilogue to float tolerance). The lowering pass
+(``backends/cuda/lower.py``) calls the dispatching functions of ``backends/cuda/ops.py``, which run the
+Triton kernel on a GPU (or under ``TRITON_INTERPRET=1``) and these functions elsewhere.
+
+Conventions shared by every function:
+
+- Activations are 2-d ``[M, K]``: the rows of a ``[B, T, K]`` tensor, row ``m`` is token ``m % T``
+  of image row ``m // T``. ``tokens`` is ``T``.
+- Static token-group (STWQ) grids are tables indexed by group: ``scale[G]``, ``inv_scale[G]``
+  (= 1 / scale, precomputed exactly as ``insert-qdq`` does), ``zero[G]`` (float holding integers).
+  ``groups`` is the int32/int64 ``[T]`` map token -> group; ``None`` means one group (per-tensor
+  grid: every table has one element).
+- Quantizing is ``clamp(round_half_even(y * inv_scale[g] + zero[g]), qmin, qmax)`` to int8: the
+  same arithmetic as the fake-quant graph (multiply by the inverse, then add the zero point).
+- FP8 (E4M3) codes: ``(y * inv_scale[g]).clamp(-448, 448).to(torch.float8_e4m3fn)``, zero point 0.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+FP8_MAX = 448.0
+
+
+def row_groups(m: int, tokens: int, groups: torch.Tensor | None, device) -> torch.Tensor:
+    """The group of every row: ``groups[m % tokens]`` (zeros without groups)."""
+    if groups is None:
+        return torch.zeros(m, dtype=torch.long, device=device)
+    return groups.long()[torch.arange(m, device=device) % tokens]
+
+
+def quantize_codes(y: torch.Tensor, inv_scale: torch.Tensor, zero: torch.Tensor, g: torch.Tensor,
+                   qmin: int, qmax: int, fp8: bool = False) -> torch.Tensor:
+    """Rows of ``y`` [M, K] onto their group's grid: int8 codes, or float8_e4m3fn codes when ``fp8``."""
+    y = y.float() * inv_scale.float()[g][:, None]
+    if fp8:
+        return y.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return torch.clamp(torch.round(y + zero.float()[g][:, None]), qmin, qmax).to(torch.int8)
+
+
+def qgemm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, colsum: torch.Tensor,
+          a_scale: torch.Tensor, a_zero: torch.Tensor, bias: torch.Tensor | None = None, *,
+          groups: torch.Tensor | None = None, tokens: int = 1, gelu: bool = False,
+          out_inv_scale: torch.Tensor | None = None, out_zero: torch.Tensor | None = None,
+          qmin: int = -128, qmax: int = 127, out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """Quantized linear with the whole STWQ lowering in its epilogue.
+
+    ``a`` int8 [M, K] codes (or float8_e4m3fn), ``w`` int8 [N, K] (or float8_e4m3fn), ``w_scale`` f32 [N],
+    ``colsum`` f32 [N] = sum over k of ``w`` (integers as float; unused when every zero is 0)::
+
+        acc[m, n] = sum_k a[m, k] * w[n, k]                          (int32, or f32 for fp8)
+        y[m, n]   = (acc - a_zero[g] * colsum[n]) * a_scale[g] * w_scale[n] + bias[n]
+        y         = gelu_tanh(y)                                     if gelu
+        out       = quantize_codes(y, out_inv_scale, out_zero, g)    if out_inv_scale is given (next GEMM's input)
+                  = y.to(out_dtype)                                  otherwise
+    """
+    g = row_groups(a.shape[0], tokens, groups, a.device)
+    if a.dtype == torch.int8:
+        acc = (a.long() @ w.long().t()).double()  # exact int32 sums
+    else:
+        acc = a.float().double() @ w.float().double().t()
+    y = (acc - a_zero.double()[g][:, None] * colsum.double()[None, :]) * a_scale.double()[g][:, None] * w_scale.double()[None, :]
+    y = y.float()
+    if bias is not None:
+        y = y + bias.float()
+    if gelu:
+        y = F.gelu(y, approximate="tanh")
+    if out_inv_scale is not None:
+        return quantize_codes(y, out_inv_scale, out_zero, g, qmin, qmax, fp8=a.dtype != torch.int8)
+    return y.to(out_dtype)
+
+
+def _modulate(y: torch.Tensor, tokens: int, mod_scale, mod_shift) -> torch.Tensor:
+    """AdaLN modulate ``y * (1 + scale[b]) + shift[b]`` with per-image ``[B, K]`` tables (row m: image m // T)."""
+    if mod_scale is None and mod_shift is None:
+        return y
+    b = torch.arange(y.shape[0], device=y.device) // tokens
+    if mod_scale is not None:
+        y = y * (1 + mod_scale.float()[b])
+    if mod_shift is not None:
+        y = y + mod_shift.float()[b]
+    return y
+
+
+def layernorm_quant(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, *,
+                    inv_scale: torch.Tensor, zero: torch.Tensor, groups: torch.Tensor | None = None, tokens: int = 1,
+                    mod_scale: torch.Tensor | None = None, mod_shift: torch.Tensor | None = None,
+                    qmin: int = -128, qmax: int = 127, fp8: bool = False) -> torch.Tensor:
+    """LayerNorm (optional affine), then AdaLN modulate (optional), then quantize, in one pass over ``x`` [M, K]."""
+    y = F.layer_norm(x.float(), x.shape[-1:], None if weight is None else weight.float(),
+                     None if bias is None else bias.float(), eps)
+    y = _modulate(y, tokens, mod_scale, mod_shift)
+    return quantize_codes(y, inv_scale, zero, row_groups(x.shape[0], tokens, groups, x.device), qmin, qmax, fp8)
+
+
+def rmsnorm_quant(x: torch.Tensor, weight: torch.Tensor | None, eps: float, *, inv_scale: torch.Tensor,
+                  zero: torch.Tensor, groups: torch.Tensor | None = None, tokens: int = 1,
+                  qmin: int = -128, qmax: int = 127, fp8: bool = False) -> torch.Tensor:
+    """RMSNorm ``x * rsqrt(mean(x^2) + eps) * weight`` (LlamaGen/PAR), then quantize."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.float()
+    return quantize_codes(y, inv_scale, zero, row_groups(x.shape[0], tokens, groups, x.device), qmin, qmax, fp8)
+
+
+def act_quant(x: torch.Tensor, *, act: str, inv_scale: torch.Tensor, zero: torch.Tensor,
+              groups: torch.Tensor | None = None, tokens: int = 1, gate: torch.Tensor | None = None,
+              qmin: int = -128, qmax: int = 127, fp8: bool = False) -> torch.Tensor:
+    """An activation, then quantize: ``act`` is ``none``, ``gelu`` (erf), ``gelu_tanh``, or ``swiglu``
+    (``silu(x) * gate``, LlamaGen/PAR's FFN)."""
+    y = x.float()
+    if act == "gelu":
+        y = F.gelu(y)
+    elif act == "gelu_tanh":
+        y = F.gelu(y, approximate="tanh")
+    elif act == "swiglu":
+        y = F.silu(y) * gate.float()
+    elif act != "none":
+        raise ValueError(f"unknown activation {act!r}")
+    return quantize_codes(y, inv_scale, zero, row_groups(x.shape[0], tokens, groups, x.device), qmin, qmax, fp8)

@@ -1,0 +1,90 @@
+"""``CudaStep``: a lowered step graph (``lower-cuda``) as the drivers' ``step`` callable, on CUDA graphs.
+
+``step = CudaStep(lowered_gm)`` takes and returns what the traced step module does
+(``frontends/var.py``'s ``sample_tokens(model, labels, step=step)``, the LlamaGen/PAR/RAR
+``generate(..., step=step)``, ``tools.generate``): floating inputs arrive in float32 on any device
+and run in fp16 on the GPU; floating outputs come back as float32 on the step's device. Every
+output is a fresh tensor.
+
+With ``cuda_graphs=True`` (the default on CUDA) each distinct input signature (shapes and
+dtypes: one per VAR scale; LlamaGen's prefill and its decode step) is captured once, after a
+warm-up on a side stream (which also compiles and autotunes the Triton kernels), into a CUDA
+graph with static input buffers; a call copies its inputs into them and replays. All graphs share
+one memory pool: they never run concurrently and each replay's outputs are copied out before the
+next. Each graph keeps its own static inputs and outputs, so a VAR step holds its KV caches
+twice per scale. Off CUDA the graph runs eagerly (in float32 unless ``dtype`` says otherwise).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+from torch.utils._pytree import tree_map
+
+from backends.cuda.lower import to_device
+
+WARMUP_RUNS = 3
+
+
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    inputs: list
+    outputs: object
+
+
+class CudaStep:
+    """``CudaStep(gm, device=None, dtype=None, cuda_graphs=True)``: ``gm`` is a lowered graph, which it moves
+    and casts in place (``lower.to_device``); ``device`` defaults to CUDA when there is one, ``dtype`` to fp16
+    on CUDA and float32 elsewhere."""
+
+    def __init__(self, gm: fx.GraphModule, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None, cuda_graphs: bool = True):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
+        self.gm = to_device(gm, self.device, self.dtype).eval()
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self._graphs: dict[tuple, _Captured] = {}
+        self._pool = None
+
+    def _convert(self, t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        return t.to(self.device, self.dtype if t.is_floating_point() else t.dtype)
+
+    @staticmethod
+    def _returned(outputs):
+        """Float32 copies of floating outputs, clones of the others."""
+        return tree_map(lambda t: t.float() if t.is_floating_point() and t.dtype != torch.float32
+                        else t.clone(), outputs)
+
+    @torch.no_grad()
+    def __call__(self, *inputs):
+        if not self.cuda_graphs:
+            outputs = self.gm(*map(self._convert, inputs))
+            return tree_map(lambda t: t.float() if t.is_floating_point() else t, outputs)
+        key = tuple((tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else t for t in inputs)
+        captured = self._graphs.get(key)
+        if captured is None:
+            captured = self._graphs[key] = self._capture(inputs)
+        for static, t in zip(captured.inputs, inputs):
+            if isinstance(t, torch.Tensor):
+                static.copy_(t)  # converts to the static buffer's device and dtype
+        captured.graph.replay()
+        return self._returned(captured.outputs)
+
+    def _capture(self, inputs) -> _Captured:
+        static = [t.clone() if isinstance(t, torch.Tensor) else t for t in map(self._convert, inputs)]
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_RUNS):
+                self.gm(*static)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            outputs = self.gm(*static)
+        return _Captured(graph, static, outputs)

@@ -1,0 +1,102 @@
+"""``--target cuda``: the lowered graph as data (safetensors, graph.json, sidecar), reloaded without running
+code, equal to the graph it was saved from; ``tools.generate --quantized DIR`` and the bench runners use it."""
+import contextlib
+import copy
+import io
+import json
+
+import pytest
+import torch
+
+from backends import registry
+from backends.fx_graph import load_graph
+from core.errors import UserError
+from core.numerics import run_outputs
+from frontends import load_model, trace
+from tools.bench import main as bench_main
+from tools.compile import main as compile_main
+from tools.generate import main as generate_main
+
+def _run(fn, argv):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+        rc = fn(argv)
+    return rc, err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cuda") / "out"
+    rc, err = _run(compile_main, ["builtin:mnist-var", "--target", "cuda", "--recipe", "minmax", "--evaluate", "0",
+                                  "--no-site-sqnr", "--calib-samples", "2", "--calib-cache", str(out.parent / "cache"),
+                                  "--out", str(out)])
+    assert rc == 0, err
+    return out
+
+
+def test_artefact_is_data_with_a_sidecar(compiled):
+    names = sorted(p.name for p in compiled.iterdir())
+    assert {"graph.json", "weights.safetensors", "cuda.json", "report.json"} <= set(names)
+    assert not [n for n in names if n.endswith((".pt", ".pkl"))]  # nothing to unpickle
+    sidecar = json.loads((compiled / "cuda.json").read_text())
+    assert sidecar["format"] == "int8" and sidecar["torch"] == torch.__version__ and "autotune" in sidecar
+    report = json.loads((compiled / "report.json").read_text())
+    lowering = next(p for p in report["passes"] if p["name"] == "lower-cuda")
+    quantized_linears = sum(1 for s in report["sites"].values() if s["kind"] == "linear" and "input" in s["quantized"])
+    assert lowering["stats"]["qgemm"] == quantized_linears > 0
+    assert report["cuda"]["weights_bytes"] == (compiled / "weights.safetensors").stat().st_size
+
+
+def test_reloaded_graph_equals_the_saved_one(compiled):
+    bundle = load_model("builtin:mnist-var")
+    step, what = registry.artefact_target(compiled).load_step(compiled, bundle, torch.device("cpu"))
+    assert "torch reference" in what
+    # the same lowering in this process, from the same calibration cache: the file round trip changes nothing
+    from compiler.config import CalibrationConfig, CompileConfig
+    from compiler.driver import Compiler
+
+    c = Compiler(CompileConfig(model="builtin:mnist-var", recipe="minmax", target="cuda",
+                               calibration=CalibrationConfig(samples=2, cache=str(compiled.parent / "cache"))),
+                 say=lambda m: None)
+    _, gm, _, _ = c.quantize()
+    for inputs in [bundle.example_inputs, *list(c.calibrate().inputs)[:3]]:
+        for a, b in zip(run_outputs(gm, inputs), run_outputs(step, inputs), strict=True):
+            assert torch.equal(a, b)
+
+
+def test_loader_refuses_runtime_functions_it_was_not_given(compiled):
+    with pytest.raises(UserError, match="backends.cuda.lower.*refusing"):
+        load_graph(compiled, copy.deepcopy(trace(load_model("builtin:mnist-var"))))
+
+
+def test_generate_runs_the_artefact(compiled, tmp_path):
+    rc, err = _run(generate_main, ["builtin:mnist-var", "--quantized", str(compiled), "--classes", "0,1",
+                                   "--device", "cpu", "--out", str(tmp_path / "q")])
+    assert rc == 0, err
+    assert "int8 torch reference of the kernels" in err
+    rc, _ = _run(generate_main, ["builtin:mnist-var", "--classes", "0,1", "--device", "cpu", "--out", str(tmp_path / "fp")])
+    q, fp = torch.load(tmp_path / "q" / "tokens.pt"), torch.load(tmp_path / "fp" / "tokens.pt")
+    agree = sum(int((a == b).sum()) for a, b in zip(q, fp)) / sum(a.numel() for a in fp)
+    assert 0.8 < agree < 1.0  # quantized: close to FP, not equal to it
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without CUDA gives")
+def test_cuda_runners_need_cuda():
+    rc, err = _run(bench_main, ["--model", "tiny-block", "--backends", "torch-fp32,cuda-int8", "--repeats", "1"])
+    assert rc == 2 and err.strip().splitlines()[-1] == "error: backend cuda-int8 needs CUDA"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_generate_on_gpu_keeps_token_agreement(compiled, tmp_path):
+    """The artefact on the Triton kernels keeps the CPU path's token agreement with FP within 1 point (each
+    against FP on its own device: CUDA draws other random streams than the CPU)."""
+    common = ["builtin:mnist-var", "--classes", ",".join(str(i % 10) for i in range(40))]
+    for device in ("cuda", "cpu"):
+        for name, extra in (("q", ["--quantized", str(compiled)]), ("fp", [])):
+            rc, err = _run(generate_main, [*common, *extra, "--device", device, "--out", str(tmp_path / f"{name}_{device}")])
+            assert rc == 0, err
+
+    def agreement(device):
+        q, fp = (torch.load(tmp_path / f"{n}_{device}" / "tokens.pt") for n in ("q", "fp"))
+        return sum(int((x == y).sum()) for x, y in zip(q, fp)) / sum(x.numel() for x in fp)
+
+    assert agreement("cuda") >= agreement("cpu") - 0.01
