@@ -115,7 +115,7 @@ def _load_tensors(path: Path) -> dict:
     return load_checkpoint(path)  # weights_only=True
 
 
-def _resolve(name: str, known: dict, safe_modules: tuple[str, ...]):
+def _resolve(name: str, known: dict):
     if name in known:
         return known[name]
     if name.startswith("ops:"):
@@ -127,11 +127,11 @@ def _resolve(name: str, known: dict, safe_modules: tuple[str, ...]):
         except (AttributeError, RuntimeError):
             raise UserError(f"graph.json calls the operator {name[4:]}, which is not registered here") from None
     module, _, qualname = name.partition(":")
-    if module not in safe_modules or (module == "builtins" and qualname not in SAFE_BUILTINS) or "." in qualname:
+    if module not in SAFE_MODULES or (module == "builtins" and qualname not in SAFE_BUILTINS) or "." in qualname:
         raise UserError(f"graph.json calls {module}.{qualname}, which is not an operator, a function of "
                         f"{', '.join(SAFE_MODULES[:3])}, ... or of the re-traced model; refusing to load it")
     fn = getattr(importlib.import_module(module), qualname, None)
-    if fn is None or getattr(fn, "__module__", module) not in safe_modules:
+    if fn is None or getattr(fn, "__module__", module) not in SAFE_MODULES:
         raise UserError(f"graph.json calls {module}.{qualname}, which is not a function of {module}; refusing it")
     return fn
 
@@ -179,12 +179,11 @@ def _set_tensor(root: nn.Module, path: str, value: torch.Tensor) -> None:
     mod.register_buffer(leaf, value)
 
 
-def load_graph(directory: str | Path, fp_graph: fx.GraphModule, extra_modules: tuple[str, ...] = ()) -> fx.GraphModule:
+def load_graph(directory: str | Path, fp_graph: fx.GraphModule) -> fx.GraphModule:
     """The quantized GraphModule saved in ``directory`` (``graph.json`` and one of ``TENSOR_FILES``).
 
     ``fp_graph``: the model's FP trace (``frontends.trace``), whose module tree and call targets the
     saved graph was built from; it is modified in place and becomes the root of the result.
-    ``extra_modules``: modules of the target's own run-time functions the graph may call.
     """
     directory = Path(directory)
     graph_file = directory / "graph.json"
@@ -215,7 +214,7 @@ def load_graph(directory: str | Path, fp_graph: fx.GraphModule, extra_modules: t
         op, target = spec["op"], spec["target"]
         args, kwargs = _decode(spec["args"], nodes), _decode(spec["kwargs"], nodes)
         if op == "call_function":
-            target = _resolve(target, known, SAFE_MODULES + tuple(extra_modules))
+            target = _resolve(target, known)
         elif op == "call_method" and target.startswith("_"):
             raise UserError(f"graph.json calls the method {target!r}; refusing private methods")
         elif op not in ("placeholder", "get_attr", "call_module", "output", "call_method"):

@@ -49,6 +49,7 @@ def quantize(bundle: ModelBundle, pipeline: str, bits: str | Precision, calib, *
     ``device``: both graphs and the context's tensors are left there (``calib.device.to_cpu``
     brings them back).
     """
+    registry.targets()  # registers the backends' lowering passes, which pipelines may name
     if exclude:
         pipeline = with_exclude_pass(pipeline)
     device = torch.device(device)

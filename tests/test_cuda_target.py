@@ -1,7 +1,6 @@
 """``--target cuda``: the lowered graph as data (safetensors, graph.json, sidecar), reloaded without running
 code, equal to the graph it was saved from; ``tools.generate --quantized DIR`` and the bench runners use it."""
 import contextlib
-import copy
 import io
 import json
 
@@ -9,13 +8,13 @@ import pytest
 import torch
 
 from backends import registry
-from backends.fx_graph import load_graph
-from core.errors import UserError
+from compiler.driver import quantize
 from core.numerics import run_outputs
-from frontends import load_model, trace
+from frontends import load_model
 from tools.bench import main as bench_main
 from tools.compile import main as compile_main
 from tools.generate import main as generate_main
+
 
 def _run(fn, argv):
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
@@ -63,9 +62,12 @@ def test_reloaded_graph_equals_the_saved_one(compiled):
             assert torch.equal(a, b)
 
 
-def test_loader_refuses_runtime_functions_it_was_not_given(compiled):
-    with pytest.raises(UserError, match="backends.cuda.lower.*refusing"):
-        load_graph(compiled, copy.deepcopy(trace(load_model("builtin:mnist-var"))))
+def test_graph_calls_the_kernels_as_operators(compiled):
+    """The lowered graph names its kernels as torch operators (nothing to import from a file's say-so)."""
+    nodes = json.loads((compiled / "graph.json").read_text())["nodes"]
+    targets = {n["target"] for n in nodes if n["op"] == "call_function"}
+    assert "ops:arvgq_cuda.qlinear.default" in targets and "ops:arvgq_cuda.layer_norm_q.default" in targets
+    assert not [t for t in targets if t.startswith("backends.")]
 
 
 def test_generate_runs_the_artefact(compiled, tmp_path):
@@ -100,3 +102,19 @@ def test_generate_on_gpu_keeps_token_agreement(compiled, tmp_path):
         return sum(int((x == y).sum()) for x, y in zip(q, fp)) / sum(x.numel() for x in fp)
 
     assert agreement("cuda") >= agreement("cpu") - 0.01
+
+
+def test_kernels_are_opaque_operators_to_torch_compile():
+    """torch.compile traces the lowered graph with the kernels as operators (their fake shapes and dtypes
+    must be right) and computes what the eager graph does."""
+    import torch._dynamo.testing
+
+    bundle = load_model("builtin:mnist-var")
+    _, gm, _, _ = quantize(bundle, "canonicalize,observe{histograms=false},stwq,weight-quant,insert-qdq,"
+                           "fuse-attention,lower-cuda", "W8A8", [bundle.example_inputs])
+    torch._dynamo.reset()
+    counts = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(gm, backend=counts, fullgraph=True)  # fullgraph: no graph break at a kernel
+    for a, b in zip(run_outputs(gm, bundle.example_inputs), run_outputs(compiled, bundle.example_inputs), strict=True):
+        assert torch.equal(a, b)
+    assert counts.frame_count == 1

@@ -73,7 +73,20 @@ def _per_image(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
     return t.expand(x.shape[0], 1, x.shape[-1]).reshape(x.shape[0], x.shape[-1])
 
 
-def activation_q(x, act: str, inv_scale, zero, groups, qmin: int, qmax: int, fp8: bool, gate=None):
+# They are ``torch.library`` custom ops (namespace ``arvgq_cuda``): opaque to torch.compile, which then
+# fuses the float ops around them, safe inside CUDA graphs, and saved in graph.json as operator names.
+
+Tensor = torch.Tensor
+OptTensor = torch.Tensor | None
+
+
+def _codes_like(x: Tensor, fp8: bool) -> Tensor:
+    return torch.empty_like(x, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
+
+
+@torch.library.custom_op("arvgq_cuda::activation_q", mutates_args=())
+def activation_q(x: Tensor, act: str, inv_scale: Tensor, zero: OptTensor, groups: OptTensor, qmin: int, qmax: int,
+                 fp8: bool, gate: OptTensor = None) -> Tensor:
     k = x.shape[-1]
     codes = ops.act_quant(x.reshape(-1, k), act=act, inv_scale=inv_scale, zero=zero, groups=groups,
                           tokens=_tokens(x), gate=None if gate is None else gate.reshape(-1, k),
@@ -81,8 +94,14 @@ def activation_q(x, act: str, inv_scale, zero, groups, qmin: int, qmax: int, fp8
     return codes.reshape(x.shape)
 
 
-def layer_norm_q(x, weight, bias, eps: float, mod_scale, mod_shift, inv_scale, zero, groups, qmin: int,
-                 qmax: int, fp8: bool):
+@activation_q.register_fake
+def _(x, act, inv_scale, zero, groups, qmin, qmax, fp8, gate=None):
+    return _codes_like(x, fp8)
+
+
+@torch.library.custom_op("arvgq_cuda::layer_norm_q", mutates_args=())
+def layer_norm_q(x: Tensor, weight: OptTensor, bias: OptTensor, eps: float, mod_scale: OptTensor, mod_shift: OptTensor,
+                 inv_scale: Tensor, zero: OptTensor, groups: OptTensor, qmin: int, qmax: int, fp8: bool) -> Tensor:
     """LayerNorm, then ``* (1 + mod_scale) + mod_shift`` (each optional), then quantize."""
     k = x.shape[-1]
     scale = None if mod_scale is None else _per_image(mod_scale, x)
@@ -99,16 +118,29 @@ def layer_norm_q(x, weight, bias, eps: float, mod_scale, mod_shift, inv_scale, z
     return codes.reshape(x.shape)
 
 
-def rms_norm_q(x, weight, eps: float, inv_scale, zero, groups, qmin: int, qmax: int, fp8: bool):
+@layer_norm_q.register_fake
+def _(x, weight, bias, eps, mod_scale, mod_shift, inv_scale, zero, groups, qmin, qmax, fp8):
+    return _codes_like(x, fp8)
+
+
+@torch.library.custom_op("arvgq_cuda::rms_norm_q", mutates_args=())
+def rms_norm_q(x: Tensor, weight: OptTensor, eps: float, inv_scale: Tensor, zero: OptTensor, groups: OptTensor,
+               qmin: int, qmax: int, fp8: bool) -> Tensor:
     k = x.shape[-1]
     codes = ops.rmsnorm_quant(x.reshape(-1, k), weight, eps, inv_scale=inv_scale, zero=zero, groups=groups,
                               tokens=_tokens(x), qmin=qmin, qmax=qmax, fp8=fp8)
     return codes.reshape(x.shape)
 
 
-def qlinear(a, w, w_scale, colsum, a_scale, a_zero, bias, groups, gelu: bool = False, out_inv_scale=None,
-            out_zero=None, qmin: int = -128, qmax: int = 127, min_rows: int = 0,
-            out_dtype: torch.dtype = torch.float32):
+@rms_norm_q.register_fake
+def _(x, weight, eps, inv_scale, zero, groups, qmin, qmax, fp8):
+    return _codes_like(x, fp8)
+
+
+@torch.library.custom_op("arvgq_cuda::qlinear", mutates_args=())
+def qlinear(a: Tensor, w: Tensor, w_scale: Tensor, colsum: Tensor, a_scale: Tensor, a_zero: Tensor, bias: OptTensor,
+            groups: OptTensor, gelu: bool = False, out_inv_scale: OptTensor = None, out_zero: OptTensor = None,
+            qmin: int = -128, qmax: int = 127, min_rows: int = 0, out_dtype: torch.dtype = torch.float32) -> Tensor:
     """``ops.qgemm`` on the rows of ``a [..., K]`` (codes); a float GEMM for few rows on CUDA."""
     k, tokens = a.shape[-1], _tokens(a)
     a2 = a.reshape(-1, k)
@@ -130,6 +162,20 @@ def qlinear(a, w, w_scale, colsum, a_scale, a_zero, bias, groups, gelu: bool = F
                         gelu=gelu, out_inv_scale=out_inv_scale, out_zero=out_zero, qmin=qmin, qmax=qmax,
                         out_dtype=out_dtype)
     return out.reshape(*a.shape[:-1], -1)
+
+
+@qlinear.register_fake
+def _(a, w, w_scale, colsum, a_scale, a_zero, bias, groups, gelu=False, out_inv_scale=None, out_zero=None,
+      qmin=-128, qmax=127, min_rows=0, out_dtype=torch.float32):
+    dtype = a.dtype if out_inv_scale is not None else out_dtype
+    return a.new_empty((*a.shape[:-1], w.shape[0]), dtype=dtype)
+
+
+# the graph's call targets: the operators (plain functions would be traced into by torch.compile)
+activation_q, layer_norm_q, rms_norm_q, qlinear = (torch.ops.arvgq_cuda.activation_q.default,
+                                                   torch.ops.arvgq_cuda.layer_norm_q.default,
+                                                   torch.ops.arvgq_cuda.rms_norm_q.default,
+                                                   torch.ops.arvgq_cuda.qlinear.default)
 
 
 # ---------------------------------------------------------------------------- graph matching

@@ -8,7 +8,8 @@ FP8 weights, scales, the rest of the model) and ``cuda.json`` (format, GPU, torc
 versions, the autotune cache). ``tools.generate --quantized DIR --device cuda`` runs it with CUDA
 graphs (``CudaStep``); off CUDA the same graph runs on the torch reference of every kernel.
 
-Runners (``tools.bench``): cuda-int8 and cuda-fp8 (the lowered graph, CUDA graphs), and the fair
+Runners (``tools.bench``): cuda-int8 and cuda-fp8 (the lowered graph through torch.compile, which fuses
+the float ops between the kernels, then CUDA graphs), cuda-int8-eager (CUDA graphs only), and the fair
 FP16 baseline torch-fp16-graphs (torch.compile with CUDA graphs).
 """
 from __future__ import annotations
@@ -23,10 +24,6 @@ from backends.cuda import lower  # noqa: F401  (registers the lower-cuda pass)
 from backends.registry import ExportJob, Runner, Target, converter, register_runner, register_target
 from core.errors import UserError
 from core.numerics import module_bytes
-
-# the modules of the lowered graph's run-time functions (refused by fx_graph's loader otherwise)
-RUNTIME_MODULES = ("backends.cuda.lower",)
-
 
 def _sidecar(fmt: str) -> dict:
     from backends.cuda import kernels
@@ -67,7 +64,7 @@ class _CudaTarget(Target):
 
         if not path.is_dir():
             raise UserError(f"{path}: a {self.name} artefact is a directory written by tools.compile --target {self.name}")
-        gm = load_graph(path, copy.deepcopy(trace(bundle)), extra_modules=RUNTIME_MODULES)
+        gm = load_graph(path, copy.deepcopy(trace(bundle)))  # its kernels are operators of backends.cuda.lower
         kernels = "Triton kernels" if torch.device(device).type == "cuda" else "torch reference of the kernels"
         return CudaStep(gm, device), f"{self.format} {kernels} ({path})"
 
@@ -94,7 +91,7 @@ class CudaFp8Target(_CudaTarget):
     format = "fp8"
 
 
-def _lowered_step(name: str, fmt: str):
+def _lowered_step(name: str, fmt: str, compile_: bool = True):
     def prepare(fp_gm, q_gm, workdir, bundle) -> Runner:
         from backends.cuda.runner import CudaStep
         from backends.torch_target import lowered
@@ -102,13 +99,16 @@ def _lowered_step(name: str, fmt: str):
         if not torch.cuda.is_available():
             raise UserError(f"backend {name} needs CUDA")
         gm = lowered(q_gm, "fuse-attention,lower-cuda" + ("{format=fp8}" if fmt == "fp8" else ""))
-        step = CudaStep(gm)
+        step = CudaStep(gm, compile=compile_)
+        how = "torch.compile + CUDA graphs" if compile_ else "CUDA graphs, float ops eager"
         return Runner(name, lambda x: step(*x), converter("cuda", torch.float16), module_bytes(step.gm), "cuda",
-                      torch.float16, note=f"{fmt} Triton kernels, CUDA graphs")
+                      torch.float16, note=f"{fmt} Triton kernels, {how}")
     return prepare
 
 
 register_runner("cuda-int8", target="cuda", quantized=True, needs_cuda=True)(_lowered_step("cuda-int8", "int8"))
+register_runner("cuda-int8-eager", target="cuda", quantized=True, needs_cuda=True)(
+    _lowered_step("cuda-int8-eager", "int8", compile_=False))
 register_runner("cuda-fp8", target="cuda-fp8", quantized=True, needs_cuda=True)(_lowered_step("cuda-fp8", "fp8"))
 
 
