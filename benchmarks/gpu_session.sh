@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One call on the lent GPU: the suite there, then the VAR-d16 step benchmark (JSON and logs into $OUT).
+#   run: bash benchmarks/gpu_session.sh suite|step|generation
+set -o pipefail
+export PYTHONUNBUFFERED=1 ARVGQ_NO_PROGRESS=1
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+P="canonicalize,observe{histograms=false},stwq,weight-quant,insert-qdq"
+case "$1" in
+  suite)
+    python -m pytest -q -p no:cacheprovider -n 8 -rfs 2>&1 | tee "$OUT/pytest.log" | tail -40 ;;
+  smoke)  # the CUDA runners on a tiny VAR: seconds, before the long runs
+    python -m tools.bench --model var-tiny --batch 4 --pipeline "$P" --repeats 3 --warmup 1 \
+      --backends torch-fp16-graphs,cuda-int8,cuda-int8-eager,cuda-fp8 2>&1 | tail -12 ;;
+  step)
+    python -m tools.bench --model var-d16 --batch 64,16,100 --pipeline "$P" --repeats 20 --warmup 3 --profile \
+      --backends torch-fp16-graphs,cuda-int8,cuda-int8-eager,cuda-fp8 \
+      --json "$OUT/var_d16_last.json" > "$OUT/var_d16_last.log" 2>&1; grep -A6 "^workload\|^backend" "$OUT/var_d16_last.log" | head -60 ;;
+  generation)
+    python -m tools.bench --model var-d16 --steps all --batch 16 --pipeline "$P" --repeats 5 --warmup 2 \
+      --backends torch-fp16-graphs,cuda-int8 --json "$OUT/var_d16_all.json" 2>&1 | tee "$OUT/var_d16_all.log" | tail -12
+    python -m tools.bench --model gpt-b-decode --batch 64 --pipeline "$P" --repeats 20 --warmup 3 \
+      --backends torch-fp16-graphs,cuda-int8 --json "$OUT/gpt_b_decode.json" 2>&1 | tee "$OUT/gpt_b_decode.log" | tail -8 ;;
+esac
