@@ -11,6 +11,14 @@ P="canonicalize,observe{histograms=false},stwq,weight-quant,insert-qdq"
 case "$1" in
   suite)
     python -m pytest -q -p no:cacheprovider -n 8 -rfs 2>&1 | tee "$OUT/pytest.log" | tail -40 ;;
+  all)  # one call when machines are scarce: smoke, the step at batch 64 and 16, the suite, the GEMM table
+    bash "$0" smoke || exit 1
+    timeout 300 python -m tools.bench --model var-d16 --batch 64,16 --pipeline "$P" --repeats 15 --warmup 3 --profile \
+      --backends torch-fp16-graphs,cuda-int8,cuda-int8-eager,cuda-fp8 \
+      --json "$OUT/var_d16_last.json" > "$OUT/var_d16_last.log" 2>&1
+    grep -A6 "^workload" "$OUT/var_d16_last.log" | head -30
+    timeout 150 python -m pytest -q -p no:cacheprovider -n 12 -rfs > "$OUT/pytest.log" 2>&1; tail -25 "$OUT/pytest.log"
+    timeout 60 python benchmarks/gemm_bench.py --json "$OUT/gemm.json" 2>&1 | tail -25 ;;
   smoke)  # the CUDA runners on a tiny VAR: seconds, before the long runs
     python -m tools.bench --model var-tiny --batch 4 --pipeline "$P" --repeats 3 --warmup 1 \
       --backends torch-fp16-graphs,cuda-int8,cuda-int8-eager,cuda-fp8 2>&1 | tail -12 ;;
