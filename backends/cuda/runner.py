@@ -42,11 +42,13 @@ class CudaStep:
     on CUDA and float32 elsewhere."""
 
     def __init__(self, gm: fx.GraphModule, device: str | torch.device | None = None,
-                 dtype: torch.dtype | None = None, cuda_graphs: bool = True, compile: bool = False):
+                 dtype: torch.dtype | None = None, cuda_graphs: bool = True, compile: bool = False,
+                 float_outputs: bool = True):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.gm = to_device(gm, self.device, self.dtype).eval()
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self.float_outputs = float_outputs  # False: outputs stay in the run dtype (a bench times the step alone)
         # compile: inductor fuses the float ops between the kernels (they are opaque operators to it)
         self.run = self.gm
         if compile and self.device.type == "cuda":
@@ -61,17 +63,16 @@ class CudaStep:
             return t
         return t.to(self.device, self.dtype if t.is_floating_point() else t.dtype)
 
-    @staticmethod
-    def _returned(outputs):
-        """Float32 copies of floating outputs, clones of the others."""
-        return tree_map(lambda t: t.float() if t.is_floating_point() and t.dtype != torch.float32
+    def _returned(self, outputs):
+        """Float32 copies of floating outputs (with ``float_outputs``), clones of the others."""
+        return tree_map(lambda t: t.float() if self.float_outputs and t.is_floating_point() and t.dtype != torch.float32
                         else t.clone(), outputs)
 
     @torch.no_grad()
     def __call__(self, *inputs):
         if not self.cuda_graphs:
             outputs = self.run(*map(self._convert, inputs))
-            return tree_map(lambda t: t.float() if t.is_floating_point() else t, outputs)
+            return tree_map(lambda t: t.float() if self.float_outputs and t.is_floating_point() else t, outputs)
         key = tuple((tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else t for t in inputs)
         captured = self._graphs.get(key)
         if captured is None:

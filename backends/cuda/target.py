@@ -99,7 +99,7 @@ def _lowered_step(name: str, fmt: str, compile_: bool = True):
         if not torch.cuda.is_available():
             raise UserError(f"backend {name} needs CUDA")
         gm = lowered(q_gm, "fuse-attention,lower-cuda" + ("{format=fp8}" if fmt == "fp8" else ""))
-        step = CudaStep(gm, compile=compile_)
+        step = CudaStep(gm, compile=compile_, float_outputs=False)  # fp16 out, as the FP16 runners
         how = "torch.compile + CUDA graphs" if compile_ else "CUDA graphs, float ops eager"
         return Runner(name, lambda x: step(*x), converter("cuda", torch.float16), module_bytes(step.gm), "cuda",
                       torch.float16, note=f"{fmt} Triton kernels, {how}")

@@ -1,0 +1,397 @@
+"""Triton kernels of the GPU backend: the functions of ``backends/cuda/reference.py``, each one launch.
+
+The host functions here take validated, contiguous 2-d inputs (``backends/cuda/ops.py`` checks and
+dispatches). They run on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before
+triton was first imported.
+
+Numerics:
+- Rounding is half-to-even: libdevice ``rint`` when compiled; floor arithmetic under the interpreter, which
+  has no libdevice (CI tests that path, a GPU run the other).
+- INT8 GEMM: int32 accumulation, and the zero-point correction ``acc - a_zero[g] * colsum[n]`` in int32 too,
+  exact since ``a_zero`` and ``colsum`` hold integers (the contract); the rest of the epilogue is fp32.
+- FP8 GEMM: fp32 accumulation, promoted every ``BLOCK_K`` on sm90 (``max_num_imprecise_acc``), as
+  ``_scaled_mm`` does without fast accumulation. FP8 needs sm89+; INT8 also runs on sm80.
+
+The GEMM is autotuned per (N, K, power-of-two bucket of M, dtypes); with ``cache_results`` Triton keeps each
+choice on disk under its cache directory (``TRITON_CACHE_DIR``): ``autotune_cache()`` lists those files so a
+deployable directory can carry them.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton import knobs
+from triton.testing import do_bench
+
+try:
+    from triton.language.extra import libdevice
+except ImportError:  # older layouts
+    from triton.language.extra.cuda import libdevice
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read by triton.jit when this module is imported
+_RINT = tl.constexpr(not INTERPRET)
+
+
+def _or(t, dummy):
+    """Absent tensors pass a dummy pointer, never read (their HAS_* flag is off)."""
+    return dummy if t is None else t
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+@triton.jit
+def _round_half_even(x):
+    if _RINT:
+        r = libdevice.rint(x)
+    else:
+        f = tl.floor(x)
+        d = x - f  # exact for |x| < 2**23
+        odd = f - 2.0 * tl.floor(0.5 * f) == 1.0
+        r = tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
+    return r
+
+
+@triton.jit
+def _gelu_tanh(y):
+    # 0.5 * y * (1 + tanh(u)) == y / (1 + exp(-2u)): no tanh (the interpreter has none), no cancellation,
+    # and a fast (2-ulp) division.
+    u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+    return tl.fdiv(y, 1.0 + tl.exp(-2.0 * u))
+
+
+@triton.jit
+def _row_groups(rows, row_mask, groups_ptr, tokens, HAS_GROUPS: tl.constexpr):
+    if HAS_GROUPS:
+        g = tl.load(groups_ptr + rows % tokens, mask=row_mask, other=0)
+    else:
+        g = tl.zeros_like(rows)
+    return g
+
+
+@triton.jit
+def _quantize(y, g, inv_scale_ptr, zero_ptr, qmin, qmax, FP8: tl.constexpr):
+    """Rows of ``y`` onto their group's grid: ``y * inv_scale[g] (+ zero[g])``, as the fake-quant graph."""
+    y = y * tl.load(inv_scale_ptr + g).to(tl.float32)[:, None]
+    if FP8:
+        codes = tl.clamp(y, -448.0, 448.0).to(tl.float8e4nv)
+    else:
+        y = y + tl.load(zero_ptr + g).to(tl.float32)[:, None]
+        # Clamping to integer bounds before rounding equals rounding before clamping.
+        codes = _round_half_even(tl.clamp(y, qmin, qmax)).to(tl.int8)
+    return codes
+
+
+# ------------------------------------------------------------------------------------------------ GEMM
+
+@triton.jit(do_not_specialize=["M_BUCKET"])
+def _qgemm_kernel(a_ptr, w_ptr, out_ptr, w_scale_ptr, colsum_ptr, a_scale_ptr, a_zero_ptr, bias_ptr,
+                  groups_ptr, out_inv_scale_ptr, out_zero_ptr, M, N, K, M_BUCKET, tokens, qmin, qmax,
+                  HAS_BIAS: tl.constexpr, HAS_GROUPS: tl.constexpr, GELU: tl.constexpr,
+                  QUANT_OUT: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                  PERSISTENT: tl.constexpr, TMA: tl.constexpr, EVEN_K: tl.constexpr):
+    FP8: tl.constexpr = a_ptr.dtype.element_ty == tl.float8e4nv
+    if TMA:  # Hopper's bulk tensor copies; out-of-range boxes read zeros, so no masks
+        a_desc = tl.make_tensor_descriptor(a_ptr, [M, K], [K, 1], [BLOCK_M, BLOCK_K])
+        w_desc = tl.make_tensor_descriptor(w_ptr, [N, K], [K, 1], [BLOCK_N, BLOCK_K])
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # A plain launch has one program per tile (one trip); a persistent one strides over the tiles, and
+    # flattening lets the next tile's loads start under this tile's epilogue.
+    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, tl.num_programs(0), flatten=PERSISTENT):
+        # Grouped order: GROUP_M row blocks share each column block while it is in L2.
+        group = tile // (GROUP_M * num_pid_n)
+        group_m = min(num_pid_m - group * GROUP_M, GROUP_M)
+        pid_m = group * GROUP_M + (tile % group_m)
+        pid_n = (tile % (GROUP_M * num_pid_n)) // group_m
+
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < M
+        col_ok = cols < N
+        # Out-of-range rows/columns read row 0 instead of masking the loads; their results are never stored.
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + tl.where(row_ok, rows, 0).to(tl.int64)[:, None] * K + offs_k[None, :]
+        w_ptrs = w_ptr + tl.where(col_ok, cols, 0).to(tl.int64)[None, :] * K + offs_k[:, None]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32 if FP8 else tl.int32)
+        for k in range(tl.cdiv(K, BLOCK_K)):
+            if TMA:
+                a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
+                b = w_desc.load([pid_n * BLOCK_N, k * BLOCK_K]).T
+            elif EVEN_K:
+                a = tl.load(a_ptrs)
+                b = tl.load(w_ptrs)
+            else:
+                k_ok = offs_k < K - k * BLOCK_K
+                a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+                b = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+            if FP8:
+                acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
+            else:  # triton 3.6 asserts the accumulator's type against out_dtype (float32 by default)
+                acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+
+        g = _row_groups(rows, row_ok, groups_ptr, tokens, HAS_GROUPS)
+        a_zero = tl.load(a_zero_ptr + g)
+        colsum = tl.load(colsum_ptr + cols, mask=col_ok, other=0.0)
+        if FP8:
+            y = acc - a_zero.to(tl.float32)[:, None] * colsum.to(tl.float32)[None, :]
+        else:
+            y = (acc - a_zero.to(tl.int32)[:, None] * colsum.to(tl.int32)[None, :]).to(tl.float32)
+        y = y * tl.load(a_scale_ptr + g).to(tl.float32)[:, None]
+        y = y * tl.load(w_scale_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if GELU:
+            y = _gelu_tanh(y)
+        if QUANT_OUT:
+            out = _quantize(y, g, out_inv_scale_ptr, out_zero_ptr, qmin, qmax, FP8)
+        else:
+            out = y.to(out_ptr.dtype.element_ty)
+        out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
+        tl.store(out_ptrs, out, mask=row_ok[:, None] & col_ok[None, :])
+
+
+def tile_config(bm, bn, bk, warps, stages, persistent=False, tma=False, group_m=8) -> triton.Config:
+    """A ``qgemm`` tile: BLOCK_M x BLOCK_N x BLOCK_K, warps, pipeline stages, persistent grid, TMA loads."""
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m,
+                          "PERSISTENT": persistent, "TMA": tma}, num_warps=warps, num_stages=stages)
+
+
+# Candidates, small-M (decode) tiles first: the tiles that won a shape of benchmarks/gemm_bench.py on an H100
+# (out of 20; benchmarks/h100_gemm.json has every timing), close runners-up, and 128x128x64, which also fits
+# Ada's shared memory. Two 4-warp 128x128 programs share an SM, so one's epilogue overlaps the other's MMAs.
+# TMA tiles are pruned below sm90; tiles needing more shared memory than a GPU has fail to load, and the
+# autotuner skips them.
+QGEMM_CONFIGS = [
+    tile_config(64, 64, 256, 4, 3), tile_config(64, 64, 128, 4, 4), tile_config(64, 128, 128, 4, 4),
+    tile_config(32, 64, 128, 4, 4),
+    tile_config(128, 128, 128, 4, 3), tile_config(128, 128, 128, 4, 3, tma=True),
+    tile_config(128, 128, 64, 4, 4), tile_config(256, 128, 128, 8, 3),
+    tile_config(128, 256, 128, 8, 3, persistent=True, tma=True),
+    tile_config(256, 128, 128, 8, 3, persistent=True, tma=True),
+]
+# The interpreter runs one small tile: tests need no tuning and stay fast.
+_INTERPRET_CONFIG = tile_config(32, 32, 32, 4, 1)
+
+
+def _prune(configs, named_args, **kwargs):
+    """Small-M tiles for small M and large ones else; TMA only on Hopper+ and with 16-byte aligned rows."""
+    small = named_args["M_BUCKET"] <= 256
+    hopper = INTERPRET or torch.cuda.get_device_capability(named_args["a_ptr"].device)[0] >= 9
+    tma = hopper and named_args["K"] % 16 == 0
+    return [c for c in configs if (c.kwargs["BLOCK_M"] <= 64) == small and (tma or not c.kwargs["TMA"])]
+
+
+def _tma_scratch(size: int, alignment: int, stream):
+    """Global memory for the TMA descriptors the kernel builds (``tl.make_tensor_descriptor``)."""
+    return torch.empty(size, dtype=torch.int8, device="cpu" if INTERPRET else "cuda")
+
+
+_heuristic = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_qgemm_kernel)
+_autotuned = triton.autotune([_INTERPRET_CONFIG] if INTERPRET else QGEMM_CONFIGS,
+                             key=["N", "K", "M_BUCKET"], prune_configs_by={"early_config_prune": _prune},
+                             do_bench=functools.partial(do_bench, warmup=5, rep=20),
+                             cache_results=True)(_heuristic)
+
+
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _check_fp8(device: torch.device) -> None:
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise RuntimeError(f"FP8 (e4m3) kernels need compute capability 8.9+ (Ada, Hopper); "
+                           f"{torch.cuda.get_device_name(device)} is sm{major}{minor}: use the INT8 path")
+
+
+def qgemm(a, w, w_scale, colsum, a_scale, a_zero, bias=None, *, groups=None, tokens=1, gelu=False,
+          out_inv_scale=None, out_zero=None, qmin=-128, qmax=127, out_dtype=torch.float16, config=None):
+    """``reference.qgemm`` in one kernel. ``config`` (a ``tile_config``) forces a tile instead of the
+    autotuned one: for benchmarks and tests."""
+    fp8 = a.dtype == torch.float8_e4m3fn
+    if fp8:
+        _check_fp8(a.device)
+    (M, K), N = a.shape, w.shape[0]
+    quant = out_inv_scale is not None
+    out = torch.empty((M, N), device=a.device,
+                      dtype=(torch.float8_e4m3fn if fp8 else torch.int8) if quant else out_dtype)
+    if M == 0 or N == 0:
+        return out
+    sms = 4 if INTERPRET or not a.is_cuda else _num_sms(a.device.index or 0)
+
+    def grid(meta):
+        tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+        return (min(tiles, sms) if meta["PERSISTENT"] else tiles,)
+
+    if a.data_ptr() % 16 or w.data_ptr() % 16:  # TMA needs 16-byte aligned bases (fresh allocations are)
+        a, w = a.clone(), w.clone()
+    triton.set_allocator(_tma_scratch)
+    args = (a, w, out, w_scale, colsum, a_scale, a_zero, _or(bias, w_scale), _or(groups, a_scale),
+            _or(out_inv_scale, a_scale), _or(out_zero, a_scale), M, N, K, triton.next_power_of_2(M), tokens,
+            float(qmin), float(qmax))
+    flags = {"HAS_BIAS": bias is not None, "HAS_GROUPS": groups is not None, "GELU": gelu, "QUANT_OUT": quant}
+    if config is None:
+        _autotuned[grid](*args, **flags)
+    else:
+        _heuristic[grid](*args, **flags, **config.all_kwargs())
+    return out
+
+
+def autotune_cache() -> dict:
+    """``qgemm``'s autotuning: ``{"dir": Triton's cache dir, "files": {relative path: content},
+    "chosen": {key: config}}`` (``files``: the results on disk, ``chosen``: this process's choices).
+
+    Copy the files to the same relative paths under the deployment's ``TRITON_CACHE_DIR`` (same Triton build
+    and GPU) and ``qgemm`` skips tuning there."""
+    root = knobs.cache.dir
+    files = {}
+    if os.path.isdir(root):
+        for entry in sorted(os.listdir(root)):
+            rel = os.path.join(entry, f"{_qgemm_kernel.__name__}.autotune.json")
+            if os.path.isfile(os.path.join(root, rel)):
+                with open(os.path.join(root, rel)) as f:
+                    files[rel] = json.load(f)
+    chosen = {str(key): str(config) for key, config in _autotuned.cache.items()}
+    return {"dir": root, "files": files, "chosen": chosen}
+
+
+# ---------------------------------------------------------------------------------- norms, activations
+
+@triton.jit
+def _store_codes(out_ptr, y, rows, cols, row_ok, mask, K, groups_ptr, tokens, inv_scale_ptr, zero_ptr, qmin,
+                 qmax, HAS_GROUPS: tl.constexpr, FP8: tl.constexpr):
+    g = _row_groups(rows, row_ok, groups_ptr, tokens, HAS_GROUPS)
+    codes = _quantize(y, g, inv_scale_ptr, zero_ptr, qmin, qmax, FP8)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], codes, mask=mask)
+
+
+@triton.jit
+def _layernorm_quant_kernel(x_ptr, out_ptr, weight_ptr, bias_ptr, mod_scale_ptr, mod_shift_ptr, groups_ptr,
+                            inv_scale_ptr, zero_ptr, M, K, tokens, eps, qmin, qmax,
+                            HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MOD_SCALE: tl.constexpr,
+                            HAS_MOD_SHIFT: tl.constexpr, HAS_GROUPS: tl.constexpr, FP8: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_K)
+    row_ok = rows < M
+    col_ok = cols < K
+    mask = row_ok[:, None] & col_ok[None, :]
+    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, 1) / K
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    y = xc * tl.rsqrt(tl.sum(xc * xc, 1) / K + eps)[:, None]
+    if HAS_WEIGHT:
+        y = y * tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    # AdaLN: row m belongs to image m // tokens.
+    mod = (rows // tokens).to(tl.int64)[:, None] * K + cols[None, :]
+    if HAS_MOD_SCALE:
+        y = y * (1.0 + tl.load(mod_scale_ptr + mod, mask=mask, other=0.0).to(tl.float32))
+    if HAS_MOD_SHIFT:
+        y = y + tl.load(mod_shift_ptr + mod, mask=mask, other=0.0).to(tl.float32)
+    _store_codes(out_ptr, y, rows, cols, row_ok, mask, K, groups_ptr, tokens, inv_scale_ptr, zero_ptr, qmin,
+                 qmax, HAS_GROUPS, FP8)
+
+
+@triton.jit
+def _rmsnorm_quant_kernel(x_ptr, out_ptr, weight_ptr, groups_ptr, inv_scale_ptr, zero_ptr, M, K, tokens, eps,
+                          qmin, qmax, HAS_WEIGHT: tl.constexpr, HAS_GROUPS: tl.constexpr, FP8: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_K)
+    row_ok = rows < M
+    col_ok = cols < K
+    mask = row_ok[:, None] & col_ok[None, :]
+    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    y = x * tl.rsqrt(tl.sum(x * x, 1) / K + eps)[:, None]
+    if HAS_WEIGHT:
+        y = y * tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    _store_codes(out_ptr, y, rows, cols, row_ok, mask, K, groups_ptr, tokens, inv_scale_ptr, zero_ptr, qmin,
+                 qmax, HAS_GROUPS, FP8)
+
+
+@triton.jit
+def _act_quant_kernel(x_ptr, gate_ptr, out_ptr, groups_ptr, inv_scale_ptr, zero_ptr, M, K, tokens, qmin, qmax,
+                      ACT: tl.constexpr, HAS_GROUPS: tl.constexpr, FP8: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_ok = rows < M
+    mask = row_ok[:, None] & (cols < K)[None, :]
+    offs = rows.to(tl.int64)[:, None] * K + cols[None, :]
+    y = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if ACT == "gelu":
+        y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+    elif ACT == "gelu_tanh":
+        y = _gelu_tanh(y)
+    elif ACT == "swiglu":
+        y = y * tl.sigmoid(y) * tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    _store_codes(out_ptr, y, rows, cols, row_ok, mask, K, groups_ptr, tokens, inv_scale_ptr, zero_ptr, qmin,
+                 qmax, HAS_GROUPS, FP8)
+
+
+def _row_launch(M, K, whole_rows: bool):
+    """Tile of a row-wise kernel: whole rows for the norms (they reduce over K), else at most 2048 columns."""
+    block_k = triton.next_power_of_2(K) if whole_rows else min(triton.next_power_of_2(K), 2048)
+    block_m = max(1, min(64, 4096 // block_k))
+    grid = (triton.cdiv(M, block_m), triton.cdiv(K, block_k))
+    return grid, {"BLOCK_M": block_m, "BLOCK_K": block_k, "num_warps": 4 if block_m * block_k <= 4096 else 8}
+
+
+def _codes(x, fp8):
+    if fp8:
+        _check_fp8(x.device)
+    return torch.empty(x.shape, device=x.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
+
+
+def layernorm_quant(x, weight, bias, eps, *, inv_scale, zero, groups=None, tokens=1, mod_scale=None,
+                    mod_shift=None, qmin=-128, qmax=127, fp8=False):
+    """``reference.layernorm_quant`` in one kernel."""
+    out = _codes(x, fp8)
+    if out.numel() == 0:
+        return out
+    (M, K), d = x.shape, inv_scale
+    grid, meta = _row_launch(M, K, whole_rows=True)
+    _layernorm_quant_kernel[grid](
+        x, out, _or(weight, d), _or(bias, d), _or(mod_scale, d), _or(mod_shift, d), _or(groups, d), inv_scale,
+        _or(zero, d), M, K, tokens, float(eps), float(qmin), float(qmax),
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_MOD_SCALE=mod_scale is not None,
+        HAS_MOD_SHIFT=mod_shift is not None, HAS_GROUPS=groups is not None, FP8=fp8, **meta)
+    return out
+
+
+def rmsnorm_quant(x, weight, eps, *, inv_scale, zero, groups=None, tokens=1, qmin=-128, qmax=127, fp8=False):
+    """``reference.rmsnorm_quant`` in one kernel."""
+    out = _codes(x, fp8)
+    if out.numel() == 0:
+        return out
+    (M, K), d = x.shape, inv_scale
+    grid, meta = _row_launch(M, K, whole_rows=True)
+    _rmsnorm_quant_kernel[grid](
+        x, out, _or(weight, d), _or(groups, d), inv_scale, _or(zero, d), M, K, tokens, float(eps),
+        float(qmin), float(qmax),
+        HAS_WEIGHT=weight is not None, HAS_GROUPS=groups is not None, FP8=fp8, **meta)
+    return out
+
+
+def act_quant(x, *, act, inv_scale, zero, groups=None, tokens=1, gate=None, qmin=-128, qmax=127, fp8=False):
+    """``reference.act_quant`` in one kernel."""
+    out = _codes(x, fp8)
+    if out.numel() == 0:
+        return out
+    (M, K), d = x.shape, inv_scale
+    grid, meta = _row_launch(M, K, whole_rows=False)
+    _act_quant_kernel[grid](
+        x, _or(gate, d), out, _or(groups, d), inv_scale, _or(zero, d), M, K, tokens, float(qmin), float(qmax),
+        ACT=act, HAS_GROUPS=groups is not None, FP8=fp8, **meta)
+    return out

@@ -1,0 +1,98 @@
+"""The fused GPU ops the lowered step graph calls: Triton kernels on CUDA, the torch reference elsewhere.
+
+Signatures are those of ``backends/cuda/reference.py``. Activations are 2-d ``[M, K]``: callers flatten
+``[B, T, K]`` to ``[B*T, K]`` (and pass ``tokens=T``). The Triton kernels run when the input is on CUDA, or
+under ``TRITON_INTERPRET=1`` (CPU tensors through Triton's interpreter; set it before ``triton`` is imported);
+otherwise the reference runs. Bad input raises ``ValueError``.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from backends.cuda import reference
+
+_CODES = (torch.int8, torch.float8_e4m3fn)
+
+
+def _impl(x: torch.Tensor):
+    """The kernels module when the Triton path applies, else the reference (kernels imported lazily:
+    CPU-only runs never import triton)."""
+    if x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        from backends.cuda import kernels
+        return kernels
+    return reference
+
+
+def _c(t):
+    return None if t is None else t.contiguous()
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _check_rows(x, name, groups, tokens):
+    _check(x.dim() == 2, f"{name} must be 2-d [M, K] (flatten [B, T, K] first), got shape {tuple(x.shape)}")
+    _check(tokens >= 1, f"tokens must be >= 1, got {tokens}")
+    _check(groups is None or groups.numel() >= tokens,
+           f"groups maps {0 if groups is None else groups.numel()} tokens, fewer than tokens={tokens}")
+
+
+def _check_vec(t, name, n):
+    if t is not None:
+        _check(t.numel() == n, f"{name} must have {n} elements, got shape {tuple(t.shape)}")
+
+
+def qgemm(a, w, w_scale, colsum, a_scale, a_zero, bias=None, *, groups=None, tokens=1, gelu=False,
+          out_inv_scale=None, out_zero=None, qmin=-128, qmax=127, out_dtype=torch.float16):
+    _check_rows(a, "a", groups, tokens)
+    _check(a.dtype in _CODES, f"a must be int8 or float8_e4m3fn codes, got {a.dtype}")
+    _check(w.dim() == 2 and w.dtype == a.dtype,
+           f"w must be 2-d [N, K] {a.dtype}, got {tuple(w.shape)} {w.dtype}")
+    _check(a.shape[1] == w.shape[1], f"K mismatch: a is {tuple(a.shape)}, w is {tuple(w.shape)}")
+    for name, t in (("w_scale", w_scale), ("colsum", colsum), ("bias", bias)):
+        _check_vec(t, name, w.shape[0])
+    _check_vec(a_zero, "a_zero", a_scale.numel())
+    _check(out_inv_scale is None or out_zero is not None or a.dtype != torch.int8,
+           "out_zero is required with out_inv_scale for int8 output")
+    return _impl(a).qgemm(_c(a), _c(w), _c(w_scale), _c(colsum), _c(a_scale), _c(a_zero), _c(bias),
+                          groups=_c(groups), tokens=tokens, gelu=gelu, out_inv_scale=_c(out_inv_scale),
+                          out_zero=_c(out_zero), qmin=qmin, qmax=qmax, out_dtype=out_dtype)
+
+
+def _check_quant(x, zero, groups, tokens, fp8):
+    _check_rows(x, "x", groups, tokens)
+    _check(x.is_floating_point(), f"x must be floating point, got {x.dtype}")
+    _check(zero is not None or fp8, "zero is required for int8 codes")
+
+
+def layernorm_quant(x, weight, bias, eps, *, inv_scale, zero, groups=None, tokens=1, mod_scale=None,
+                    mod_shift=None, qmin=-128, qmax=127, fp8=False):
+    _check_quant(x, zero, groups, tokens, fp8)
+    _check_vec(weight, "weight", x.shape[1])
+    _check_vec(bias, "bias", x.shape[1])
+    for name, t in (("mod_scale", mod_scale), ("mod_shift", mod_shift)):
+        _check(t is None or (t.dim() == 2 and t.shape[1] == x.shape[1] and t.shape[0] * tokens >= x.shape[0]),
+               f"{name} must be [B, K] with B * tokens >= M, got {None if t is None else tuple(t.shape)}")
+    return _impl(x).layernorm_quant(_c(x), _c(weight), _c(bias), eps, inv_scale=_c(inv_scale), zero=_c(zero),
+                                    groups=_c(groups), tokens=tokens, mod_scale=_c(mod_scale),
+                                    mod_shift=_c(mod_shift), qmin=qmin, qmax=qmax, fp8=fp8)
+
+
+def rmsnorm_quant(x, weight, eps, *, inv_scale, zero, groups=None, tokens=1, qmin=-128, qmax=127, fp8=False):
+    _check_quant(x, zero, groups, tokens, fp8)
+    _check_vec(weight, "weight", x.shape[1])
+    return _impl(x).rmsnorm_quant(_c(x), _c(weight), eps, inv_scale=_c(inv_scale), zero=_c(zero),
+                                  groups=_c(groups), tokens=tokens, qmin=qmin, qmax=qmax, fp8=fp8)
+
+
+def act_quant(x, *, act, inv_scale, zero, groups=None, tokens=1, gate=None, qmin=-128, qmax=127, fp8=False):
+    _check_quant(x, zero, groups, tokens, fp8)
+    _check(act in ("none", "gelu", "gelu_tanh", "swiglu"), f"unknown activation {act!r}")
+    _check((gate is not None) == (act == "swiglu"), f"gate goes with swiglu and only with it (act={act!r})")
+    _check(gate is None or gate.shape == x.shape, f"gate must match x {tuple(x.shape)}")
+    return _impl(x).act_quant(_c(x), act=act, inv_scale=_c(inv_scale), zero=_c(zero), groups=_c(groups),
+                              tokens=tokens, gate=_c(gate), qmin=qmin, qmax=qmax, fp8=fp8)

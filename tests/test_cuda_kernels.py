@@ -1,0 +1,396 @@
+"""The Triton kernels of backends/cuda against their contract, backends/cuda/reference.py.
+
+Without CUDA every kernel runs under Triton's interpreter on tiny, odd shapes (masks, several K steps, several
+groups); with CUDA the same tests run compiled, plus comparisons at moderate sizes.
+"""
+import os
+import subprocess
+import sys
+from unittest import mock
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+INTERPRET = not CUDA
+# Triton decides between compiling and interpreting when a function is decorated with triton.jit, its
+# own helpers (tl.sum, tl.sigmoid...) included: TRITON_INTERPRET must be set before triton is first
+# imported. If an earlier test module imported it without, this file runs itself in a fresh process
+# instead (test_in_subprocess).
+SUBPROCESS = INTERPRET and "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
+_saved = os.environ.get("TRITON_INTERPRET")
+if INTERPRET and not SUBPROCESS:
+    os.environ["TRITON_INTERPRET"] = "1"
+    sys.modules.pop("backends.cuda.kernels", None)
+try:
+    pytest.importorskip("triton", reason="triton is not installed")
+    from backends.cuda import kernels, ops
+    from backends.cuda import reference as ref
+finally:
+    # Restored: later test modules keep calling the reference on CPU tensors (ops reads it at each call).
+    if _saved is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _saved
+
+
+@pytest.mark.skipif(not SUBPROCESS, reason="not needed: the tests run in this process")
+def test_in_subprocess():
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                         env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
+                         timeout=600, check=False)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(request, monkeypatch):
+    if SUBPROCESS and request.node.name != "test_in_subprocess":
+        pytest.skip("triton was imported without TRITON_INTERPRET: run by test_in_subprocess")
+    if INTERPRET:  # the interpreter reads it again at launch
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+DEV = "cuda" if CUDA else "cpu"
+# Hopper's FP8 MMA keeps about 14 bits within each BLOCK_K chunk before the fp32 promotion.
+FP8_RTOL = 2e-4 if CUDA else 1e-5
+SM90 = CUDA and torch.cuda.get_device_capability()[0] >= 9
+FP8_OK = CUDA and torch.cuda.get_device_capability() >= (8, 9)
+FP8_GEMM = pytest.mark.skipif(CUDA and not FP8_OK, reason="FP8 needs sm89+")
+# Triton's interpreter casts float32 to float8e4nv without round-to-nearest-even (31.56 -> 16,
+# 1.0625 -> 1.125).
+FP8_CODES = pytest.mark.skipif(not FP8_OK, reason="FP8 codes: Triton's interpreter rounds float32 -> "
+                               "float8e4nv wrongly; needs a GPU of sm89+")
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # the interpreter's numpy exp
+
+T, GROUPS = 8, torch.tensor([0, 1, 2, 1, 0, 2, 2, 1])
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _codes(shape, gen, dtype=torch.int8):
+    if dtype == torch.int8:
+        return torch.randint(-128, 128, shape, dtype=torch.int8, generator=gen)
+    return (torch.randn(shape, generator=gen) * 8).to(dtype)
+
+
+def _gemm_args(M, K, N, gen, dtype=torch.int8):
+    """Operands and a three-group STWQ grid (int8: with zero points; fp8: zero points 0)."""
+    a, w = _codes((M, K), gen, dtype), _codes((N, K), gen, dtype)
+    a_zero = torch.tensor([-3.0, 0.0, 5.0]) if dtype == torch.int8 else torch.zeros(3)
+    return {"a": a, "w": w, "w_scale": torch.rand(N, generator=gen) * 0.01 + 1e-3, "colsum": w.float().sum(1),
+            "a_scale": torch.rand(3, generator=gen) * 0.1 + 0.01, "a_zero": a_zero,
+            "bias": torch.randn(N, generator=gen), "groups": GROUPS, "tokens": T}
+
+
+def _to(args, device):
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+
+
+def _close(out, expected, rtol=1e-5):
+    """Float outputs: relative to each value, with an absolute floor at rtol times the largest."""
+    out, expected = out.float().cpu(), expected.float().cpu()
+    torch.testing.assert_close(out, expected, rtol=rtol, atol=rtol * expected.abs().max().item())
+
+
+def _assert_codes(out, fn, *args, tol=1e-4, **kwargs):
+    """Codes of ``out`` equal ``fn``'s (a reference function), except where the reference's value before
+    rounding lies within ``tol`` (relative, floor 1) of the midpoint between the two codes (float rounding
+    may tip it either way)."""
+    real, seen = ref.quantize_codes, {}
+
+    def capture(y, inv_scale, zero, g, qmin, qmax, fp8=False):
+        v = y.float() * inv_scale.float()[g][:, None]
+        seen["v"] = v if fp8 else (v + zero.float()[g][:, None]).clamp(qmin, qmax)
+        return real(y, inv_scale, zero, g, qmin, qmax, fp8)
+
+    with mock.patch.object(ref, "quantize_codes", capture):
+        expected = fn(*args, **kwargs)
+    out, expected, v = out.cpu().float(), expected.cpu().float(), seen["v"].cpu()
+    assert out.shape == expected.shape
+    assert expected.unique().numel() > 10, "degenerate test: too few distinct codes"
+    differ = out != expected
+    near = (v - (out + expected) / 2).abs() <= tol * v.abs().clamp(min=1)
+    assert bool((~differ | near).all()), f"{int((differ & ~near).sum())} codes differ off a rounding boundary"
+    assert differ.float().mean() < 1e-2
+
+
+# ---------------------------------------------------------------------------------- qgemm, tiny shapes
+
+VARIANTS = [None, kernels.tile_config(16, 32, 32, 4, 2, persistent=True)]
+if not CUDA or SM90:
+    VARIANTS += [kernels.tile_config(32, 16, 32, 4, 2, tma=True),
+                 kernels.tile_config(16, 32, 32, 4, 2, persistent=True, tma=True)]
+
+
+@pytest.mark.parametrize("config", VARIANTS, ids=lambda c: "autotuned" if c is None else
+                         f"P{int(c.kwargs['PERSISTENT'])}T{int(c.kwargs['TMA'])}")
+@pytest.mark.parametrize("K", [48, 64])
+def test_qgemm_int32_accumulation_exact(config, K):
+    gen = _gen(1)
+    M, N = 24, 37
+    a, w = _codes((M, K), gen), _codes((N, K), gen)
+    a[0], w[0] = -128, -128  # the extreme product, K times
+    a_zero = torch.tensor([7.0])
+    ones = torch.ones(N, device=DEV)
+    out = kernels.qgemm(a.to(DEV), w.to(DEV), ones, w.float().sum(1).to(DEV), torch.ones(1, device=DEV),
+                        a_zero.to(DEV), out_dtype=torch.float32, config=config)
+    exact = a.long() @ w.long().t() - 7 * w.long().sum(1)  # |values| < 2**24: exact in float32
+    assert torch.equal(out.cpu().double(), exact.double())
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
+def test_qgemm_epilogue(gelu, out_dtype):
+    args = _gemm_args(24, 40, 45, _gen(2))
+    out = kernels.qgemm(**_to(args, DEV), gelu=gelu, out_dtype=out_dtype)
+    assert out.dtype == out_dtype
+    expected = ref.qgemm(**args, gelu=gelu, out_dtype=out_dtype)
+    _close(out, expected, rtol=1e-5 if out_dtype == torch.float32 else 1e-3)
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+def test_qgemm_quantized_output(gelu):
+    args = _gemm_args(24, 64, 48, _gen(3))
+    q = {"out_inv_scale": torch.tensor([40.0, 25.0, 60.0]), "out_zero": torch.tensor([2.0, -5.0, 0.0]),
+         "qmin": -100, "qmax": 90}
+    out = kernels.qgemm(**_to(args, DEV), gelu=gelu, **_to(q, DEV))
+    assert out.dtype == torch.int8
+    _assert_codes(out, ref.qgemm, **args, gelu=gelu, **q)
+
+
+def test_round_half_to_even():
+    """Exact ties (acc / 4 of small integer sums; act_quant on .5 values) round like torch.round."""
+    gen = _gen(15)
+    a = torch.randint(-3, 4, (24, 48), dtype=torch.int8, generator=gen)
+    w = torch.randint(-3, 4, (40, 48), generator=gen)
+    args = {"a": a, "w": w.to(torch.int8), "w_scale": torch.ones(40), "colsum": w.float().sum(1),
+            "a_scale": torch.ones(1), "a_zero": torch.zeros(1), "out_inv_scale": torch.tensor([0.25]),
+            "out_zero": torch.tensor([0.0])}
+    expected = ref.qgemm(**args)
+    assert ((a.long() @ w.long().t()) % 4 == 2).sum() > 20  # many ties
+    assert torch.equal(kernels.qgemm(**_to(args, DEV)).cpu(), expected)
+    x = torch.arange(-6.5, 7.0, 1.0).repeat(3, 1)  # -6.5 ... 6.5
+    q = {"inv_scale": torch.ones(1), "zero": torch.tensor([1.0])}
+    out = kernels.act_quant(x.to(DEV), act="none", **_to(q, DEV)).cpu()
+    assert torch.equal(out, ref.act_quant(x, act="none", **q))
+
+
+@FP8_GEMM
+def test_qgemm_fp8():
+    args = _gemm_args(24, 64, 40, _gen(4), dtype=torch.float8_e4m3fn)
+    out = kernels.qgemm(**_to(args, DEV), gelu=True, out_dtype=torch.float32)
+    _close(out, ref.qgemm(**args, gelu=True, out_dtype=torch.float32), rtol=FP8_RTOL)
+
+
+@FP8_CODES
+def test_qgemm_fp8_codes():
+    args = _gemm_args(24, 64, 40, _gen(5), dtype=torch.float8_e4m3fn)
+    inv = torch.tensor([3.0, 20.0, 50.0])
+    out = kernels.qgemm(**_to(args, DEV), out_inv_scale=inv.to(DEV), out_zero=None)
+    assert out.dtype == torch.float8_e4m3fn
+    _assert_codes(out, ref.qgemm, **args, out_inv_scale=inv, out_zero=torch.zeros(3), tol=10 * FP8_RTOL)
+
+
+# ---------------------------------------------------------------------------------- norms, activations
+
+def _quant(gen, fp8=False):
+    return {"inv_scale": torch.rand(3, generator=gen) * 30 + 20, "zero": torch.tensor([1.0, -3.0, 0.0]),
+            "groups": GROUPS, "tokens": T, "qmin": -120, "qmax": 127, "fp8": fp8}
+
+
+@pytest.mark.parametrize("fp8", [False, pytest.param(True, marks=FP8_CODES)])
+@pytest.mark.parametrize("affine,modulate", [(True, True), (False, False), (True, False)])
+def test_layernorm_quant(affine, modulate, fp8):
+    gen = _gen(6)
+    M, K = 24, 50
+    x = torch.randn(M, K, generator=gen) * 3 + 1
+    args = {"weight": torch.rand(K, generator=gen) + 0.5 if affine else None,
+            "bias": torch.randn(K, generator=gen) * 0.1 if affine else None, "eps": 1e-6,
+            "mod_scale": torch.randn(3, K, generator=gen) * 0.2 if modulate else None,
+            "mod_shift": torch.randn(3, K, generator=gen) * 0.2 if modulate else None, **_quant(gen, fp8)}
+    out = kernels.layernorm_quant(x.to(DEV), **_to(args, DEV))
+    _assert_codes(out, ref.layernorm_quant, x, **args)
+
+
+@pytest.mark.parametrize("fp8", [False, pytest.param(True, marks=FP8_CODES)])
+@pytest.mark.parametrize("weight", [True, False])
+def test_rmsnorm_quant(weight, fp8):
+    gen = _gen(7)
+    x = torch.randn(24, 72, generator=gen) * 2
+    args = {"weight": torch.rand(72, generator=gen) + 0.5 if weight else None, "eps": 1e-5,
+            **_quant(gen, fp8)}
+    out = kernels.rmsnorm_quant(x.to(DEV), **_to(args, DEV))
+    _assert_codes(out, ref.rmsnorm_quant, x, **args)
+
+
+@pytest.mark.parametrize("fp8", [False, pytest.param(True, marks=FP8_CODES)])
+@pytest.mark.parametrize("act", ["none", "gelu", "gelu_tanh", "swiglu"])
+def test_act_quant(act, fp8):
+    gen = _gen(8)
+    x = torch.randn(24, 33, generator=gen) * 2
+    args = {"act": act, "gate": torch.randn(24, 33, generator=gen) if act == "swiglu" else None,
+            **_quant(gen, fp8)}
+    out = kernels.act_quant(x.to(DEV), **_to(args, DEV))
+    _assert_codes(out, ref.act_quant, x, **args)
+
+
+def test_ungrouped_fp16_input():
+    """One group (per-tensor grid), fp16 input, a row block that straddles M."""
+    gen = _gen(9)
+    x = (torch.randn(70, 40, generator=gen) * 2).half()
+    q = {"inv_scale": torch.tensor([30.0]), "zero": torch.tensor([0.0])}
+    out = kernels.rmsnorm_quant(x.to(DEV), None, 1e-5, **_to(q, DEV))
+    _assert_codes(out, ref.rmsnorm_quant, x, None, 1e-5, **q)
+
+
+# ------------------------------------------------------------------------------- ops: dispatch, checks
+
+def test_ops_dispatch(monkeypatch):
+    args = _gemm_args(24, 40, 16, _gen(10))
+    monkeypatch.setattr(kernels, "qgemm", lambda *a, **k: "kernel")
+    monkeypatch.setattr(kernels, "act_quant", lambda *a, **k: "kernel")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert torch.equal(ops.qgemm(**args), ref.qgemm(**args))  # CPU tensors: the reference
+    x = torch.randn(24, 16)
+    q = _quant(_gen(11))
+    assert torch.equal(ops.act_quant(x, act="gelu", **q), ref.act_quant(x, act="gelu", **q))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert ops.qgemm(**args) == "kernel"
+    assert ops.act_quant(x, act="gelu", **q) == "kernel"
+
+
+def test_ops_non_contiguous(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    args = _gemm_args(24, 40, 16, _gen(12))
+    a_t = args["a"].t().contiguous().t()  # same values, column-major
+    assert not a_t.is_contiguous()
+    out = ops.qgemm(**_to({**args, "a": a_t}, DEV), out_dtype=torch.float32)
+    _close(out, ref.qgemm(**args, out_dtype=torch.float32))
+
+
+def test_ops_bad_input():
+    args = _gemm_args(24, 40, 16, _gen(13))
+    with pytest.raises(ValueError, match="K mismatch"):
+        ops.qgemm(**{**args, "w": args["w"][:, :32]})
+    with pytest.raises(ValueError, match="int8 or float8_e4m3fn"):
+        ops.qgemm(**{**args, "a": args["a"].float()})
+    with pytest.raises(ValueError, match="w must be"):
+        ops.qgemm(**{**args, "w": args["w"].float()})
+    with pytest.raises(ValueError, match="2-d"):
+        ops.qgemm(**{**args, "a": args["a"].view(3, 8, 40)})
+    with pytest.raises(ValueError, match="bias must have 16"):
+        ops.qgemm(**{**args, "bias": torch.zeros(15)})
+    x = torch.randn(24, 16)
+    with pytest.raises(ValueError, match="unknown activation"):
+        ops.act_quant(x, act="relu", **_quant(_gen(14)))
+    with pytest.raises(ValueError, match="gate"):
+        ops.act_quant(x, act="swiglu", **_quant(_gen(14)))
+    with pytest.raises(ValueError, match="mod_scale"):
+        ops.layernorm_quant(x, None, None, 1e-6, mod_scale=torch.zeros(2, 16), **_quant(_gen(14)))
+
+
+def test_fp8_on_sm80_raises():
+    with mock.patch.object(torch.cuda, "get_device_capability", return_value=(8, 0)), \
+            mock.patch.object(torch.cuda, "get_device_name", return_value="NVIDIA A100"), \
+            pytest.raises(RuntimeError, match="FP8 .* compute capability 8.9"):
+        kernels._check_fp8(torch.device("cuda"))
+
+
+# ---------------------------------------------------------------------------------- compiled, no GPU
+
+# The interpreter runs the kernels as Python; this compiles them for sm90/sm89/sm80 without a GPU (Triton
+# ships ptxas), which catches what only the compiler rejects. In a fresh process: it needs compiled, not
+# interpreted, kernels.
+_COMPILE = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from backends.cuda import kernels as k
+
+def build(fn, arch, const, ptrs, warps=4, stages=3):
+    sig = {n: "constexpr" if n in const else ptrs.get(n, "*fp32") if n.endswith("_ptr")
+           else "fp32" if n in ("eps", "qmin", "qmax") else "i32" for n in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n.endswith("_ptr")}
+    triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", arch, 32),
+                   options={"num_warps": warps, "num_stages": stages})
+
+flags = {"HAS_BIAS": True, "HAS_GROUPS": True, "GELU": True, "QUANT_OUT": True, "EVEN_K": False}
+for arch, code, tile in [(90, "i8", (64, 64, 64, 4, 3)), (90, "fp8e4nv", (64, 64, 64, 4, 3, True, True)),
+                         (89, "fp8e4nv", (64, 64, 64, 4, 3)), (80, "i8", (64, 64, 64, 4, 3))]:
+    c = k.tile_config(*tile)
+    ptrs = {"a_ptr": "*" + code, "w_ptr": "*" + code, "out_ptr": "*" + code, "groups_ptr": "*i32"}
+    build(k._qgemm_kernel, arch, {**flags, **c.kwargs}, ptrs, c.num_warps, c.num_stages)
+q = {"HAS_GROUPS": True, "BLOCK_M": 4, "BLOCK_K": 1024}
+build(k._layernorm_quant_kernel, 90, {**q, "HAS_WEIGHT": True, "HAS_BIAS": True, "HAS_MOD_SCALE": True,
+      "HAS_MOD_SHIFT": True, "FP8": True}, {"x_ptr": "*fp16", "out_ptr": "*fp8e4nv", "groups_ptr": "*i64"})
+build(k._rmsnorm_quant_kernel, 80, {**q, "HAS_WEIGHT": True, "FP8": False},
+      {"x_ptr": "*bf16", "out_ptr": "*i8", "groups_ptr": "*i32"})
+build(k._act_quant_kernel, 90, {**q, "ACT": "swiglu", "FP8": False},
+      {"x_ptr": "*fp16", "gate_ptr": "*fp16", "out_ptr": "*i8", "groups_ptr": "*i32"})
+"""
+
+
+def test_kernels_compile_for_gpus(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), PYTHONPATH=root)
+    run = subprocess.run([sys.executable, "-c", _COMPILE], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------------- GPU, moderate sizes
+
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+M_GPU, K_GPU, N_GPU, T_GPU = 4096, 1024, 3072, 256
+
+
+def _gpu_args(dtype, gen):
+    groups = torch.randint(0, 3, (T_GPU,), generator=gen, dtype=torch.int32)
+    args = _gemm_args(M_GPU, K_GPU, N_GPU, gen, dtype=dtype)
+    return {**args, "groups": groups, "tokens": T_GPU}
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.int8, pytest.param(torch.float8_e4m3fn, marks=FP8_GEMM)])
+def test_gpu_qgemm(dtype):
+    args = _gpu_args(dtype, _gen(20))
+    out = ops.qgemm(**_to(args, "cuda"))
+    _close(out, ref.qgemm(**args), rtol=1e-3)  # fp16 output
+    out32 = ops.qgemm(**_to(args, "cuda"), out_dtype=torch.float32)
+    _close(out32, ref.qgemm(**args, out_dtype=torch.float32), rtol=1e-5 if dtype == torch.int8 else FP8_RTOL)
+    assert kernels.autotune_cache()["chosen"], "the autotuner chose no config"
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.int8, pytest.param(torch.float8_e4m3fn, marks=FP8_CODES)])
+def test_gpu_qgemm_quantized(dtype):
+    args = _gpu_args(dtype, _gen(21))
+    q = {"out_inv_scale": torch.tensor([2.0, 4.0, 8.0]), "out_zero": torch.tensor([3.0, 0.0, -7.0])}
+    out = ops.qgemm(**_to(args, "cuda"), gelu=True, **_to(q, "cuda"))
+    # FP8 at K=1024: the MMA's ~14-bit accumulation moves these codes' inputs by up to ~7e-3 (a truncation
+    # model of it on this data; 24 of 12.5M codes differed beyond 2e-3 on an H100).
+    _assert_codes(out, ref.qgemm, **args, gelu=True, **q, tol=1e-4 if dtype == torch.int8 else 100 * FP8_RTOL)
+
+
+@gpu
+@pytest.mark.parametrize("fp8", [False, pytest.param(True, marks=FP8_CODES)])
+def test_gpu_norms(fp8):
+    gen = _gen(22)
+    x = torch.randn(M_GPU, K_GPU, generator=gen).half()
+    q = {**_quant(gen, fp8), "groups": torch.randint(0, 3, (T_GPU,), generator=gen), "tokens": T_GPU}
+    B = M_GPU // T_GPU
+    ln = {"mod_scale": torch.randn(B, K_GPU, generator=gen) * 0.2,
+          "mod_shift": torch.randn(B, K_GPU, generator=gen) * 0.2}
+    w = torch.rand(K_GPU, generator=gen) + 0.5
+    _assert_codes(ops.layernorm_quant(x.cuda(), w.cuda(), None, 1e-6, **_to({**q, **ln}, "cuda")),
+                  ref.layernorm_quant, x, w, None, 1e-6, **q, **ln)
+    out = ops.rmsnorm_quant(x.cuda(), w.cuda(), 1e-6, **_to(q, "cuda"))
+    _assert_codes(out, ref.rmsnorm_quant, x, w, 1e-6, **q)
+    gate = torch.randn(M_GPU, K_GPU, generator=gen).half()
+    for act in ("gelu", "gelu_tanh", "swiglu"):
+        g = gate if act == "swiglu" else None
+        out = ops.act_quant(x.cuda(), act=act, gate=None if g is None else g.cuda(), **_to(q, "cuda"))
+        _assert_codes(out, ref.act_quant, x, act=act, gate=g, **q)
