@@ -275,17 +275,24 @@ def _store_codes(out_ptr, y, rows, cols, row_ok, mask, K, groups_ptr, tokens, in
 
 
 @triton.jit
-def _layernorm_quant_kernel(x_ptr, out_ptr, weight_ptr, bias_ptr, mod_scale_ptr, mod_shift_ptr, groups_ptr,
-                            inv_scale_ptr, zero_ptr, M, K, tokens, eps, qmin, qmax,
-                            HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MOD_SCALE: tl.constexpr,
-                            HAS_MOD_SHIFT: tl.constexpr, HAS_GROUPS: tl.constexpr, FP8: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _load_rows(x_ptr, M, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's BLOCK_M whole rows of x (BLOCK_K >= K), in fp32, with their indices and masks."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_K)
     row_ok = rows < M
     col_ok = cols < K
     mask = row_ok[:, None] & col_ok[None, :]
     x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    return rows, cols, row_ok, col_ok, mask, x
+
+
+@triton.jit
+def _layernorm_quant_kernel(x_ptr, out_ptr, weight_ptr, bias_ptr, mod_scale_ptr, mod_shift_ptr, groups_ptr,
+                            inv_scale_ptr, zero_ptr, M, K, tokens, eps, qmin, qmax,
+                            HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MOD_SCALE: tl.constexpr,
+                            HAS_MOD_SHIFT: tl.constexpr, HAS_GROUPS: tl.constexpr, FP8: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows, cols, row_ok, col_ok, mask, x = _load_rows(x_ptr, M, K, BLOCK_M, BLOCK_K)
     mean = tl.sum(x, 1) / K
     xc = tl.where(mask, x - mean[:, None], 0.0)
     y = xc * tl.rsqrt(tl.sum(xc * xc, 1) / K + eps)[:, None]
@@ -307,12 +314,7 @@ def _layernorm_quant_kernel(x_ptr, out_ptr, weight_ptr, bias_ptr, mod_scale_ptr,
 def _rmsnorm_quant_kernel(x_ptr, out_ptr, weight_ptr, groups_ptr, inv_scale_ptr, zero_ptr, M, K, tokens, eps,
                           qmin, qmax, HAS_WEIGHT: tl.constexpr, HAS_GROUPS: tl.constexpr, FP8: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_K)
-    row_ok = rows < M
-    col_ok = cols < K
-    mask = row_ok[:, None] & col_ok[None, :]
-    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    rows, cols, row_ok, col_ok, mask, x = _load_rows(x_ptr, M, K, BLOCK_M, BLOCK_K)
     y = x * tl.rsqrt(tl.sum(x * x, 1) / K + eps)[:, None]
     if HAS_WEIGHT:
         y = y * tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
