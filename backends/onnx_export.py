@@ -62,7 +62,11 @@ def export_onnx(
     except UserError:
         raise
     except Exception as e:
-        raise UserError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        from backends.failures import locate
+
+        where = locate(gm, str(e))
+        raise UserError(f"ONNX export failed{f' at {where}' if where else ''}: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}") from e
     return path
 
 

@@ -31,6 +31,22 @@ def _module_path(node) -> str:
     return list(stack.values())[-1][0]
 
 
+def weight_site(w) -> str | None:
+    """The site name of a linear whose weight is the ``get_attr`` node ``w``, or None.
+
+    ``blocks.0.fc1.weight`` -> ``blocks.0.fc1``; a packed weight named ``<stem>_weight`` gives
+    ``<stem>``: ``nn.MultiheadAttention``'s ``attn.in_proj_weight`` -> ``attn.in_proj`` (its
+    ``out_proj`` is a plain Linear). Passes reach the weight through ``Site.weight`` (the
+    real target), never by appending ``.weight`` to the site name.
+    """
+    if not (isinstance(w, torch.fx.Node) and w.op == "get_attr"):
+        return None
+    for suffix in (".weight", "_weight"):
+        if w.target.endswith(suffix) and len(w.target) > len(suffix):
+            return w.target[: -len(suffix)]
+    return w.target if w.target.endswith("weight") and "." not in w.target else None  # a root-level ``weight``
+
+
 def _constant_inputs(node) -> bool:
     """True when ``node`` is computed from parameters and buffers only."""
     if node.op == "get_attr":
@@ -114,13 +130,14 @@ class Canonicalize(Pass):
             if is_linear(node):
                 lifted += _materialize_constant_bias(gm, node)
                 w = node.args[1]
-                if not (isinstance(w, torch.fx.Node) and w.op == "get_attr" and w.target.endswith("weight")):
+                site = weight_site(w)
+                if site is None:
                     ctx.notes.append(f"linear {node.name}: weight is not a parameter ({w}); not a quantization site")
                     continue
-                site = w.target[: -len(".weight")] if "." in w.target else w.target
                 weight = get_attr(gm, w.target)
                 node.meta["site"] = site
-                ctx.sites[site] = Site(site, "linear", node.name, int(weight.shape[1]), int(weight.shape[0]))
+                ctx.sites[site] = Site(site, "linear", node.name, int(weight.shape[1]), int(weight.shape[0]),
+                                       weight=w.target)
         g.eliminate_dead_code()
         gm.recompile()
         kinds = defaultdict(int)

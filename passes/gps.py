@@ -86,7 +86,7 @@ def gps_scales(rx: torch.Tensor, x_sq: torch.Tensor, dx_sq: torch.Tensor, w: tor
 
 @register
 class GPS(FoldingPass):
-    """Options: ``alpha`` of ``s_k``; ``a_bits``/``w_bits`` (0: the compilation's); ``w_symmetric``."""
+    """Options: ``alpha`` of ``s_k``; ``a_bits``/``w_bits`` (0: the compilation's); ``w_symmetric``; ``compensate``."""
 
     name = "gps"
     stat_key = "gps_scale"
@@ -94,6 +94,7 @@ class GPS(FoldingPass):
     a_bits: int = 0
     w_bits: int = 0
     w_symmetric: bool = True
+    compensate: bool = False  # also fold regions whose source feeds a residual (passes/regions.py)
 
     def prepare(self, gm, ctx: PassContext, regions: list[Region]) -> dict[fx.Node, torch.Tensor]:
         """Channel k's grid per region, then one streaming run for ``||X_c||^2`` and ``||dX_c||^2``."""

@@ -44,6 +44,42 @@ def is_move(node: fx.Node) -> bool:
     return call_of(node, _MOVE_FNS, _MOVE_METHODS | CAST_METHODS) and bool(node.args) and isinstance(node.args[0], fx.Node)
 
 
+_SAME_LAYOUT_FNS = {aten.contiguous.default, aten.clone.default, torch.clone}
+_TRANSPOSE_FNS = {aten.transpose.int, torch.transpose}
+_PERMUTE_FNS = {aten.permute.default, torch.permute}
+
+
+def ndim(node) -> int | None:
+    """The rank of the tensor ``node`` computes, when the trace recorded it (torch.export's ``val``)."""
+    if not isinstance(node, fx.Node):
+        return None
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return val.dim()
+    meta = node.meta.get("tensor_meta")
+    return len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def keeps_last_axis(node: fx.Node, src: fx.Node) -> bool:
+    """``node`` rearranges ``src`` (its first argument) without touching its last axis: ``contiguous``,
+    ``clone``, or a transpose/permute of the other axes (``nn.MultiheadAttention``'s
+    ``x.transpose(1, 0)`` of batch-first inputs). Channel ``c`` of the result is channel ``c`` of ``src``."""
+    if not (node.args and node.args[0] is src):
+        return False
+    if call_of(node, _SAME_LAYOUT_FNS, {"contiguous", "clone"}):
+        return len(node.args) == 1
+    rank = ndim(src)
+    if rank is None:
+        return False
+    if call_of(node, _TRANSPOSE_FNS, {"transpose"}):
+        dims = node.args[1:]
+        return len(dims) == 2 and all(isinstance(d, int) and d % rank != rank - 1 for d in dims)
+    if call_of(node, _PERMUTE_FNS, {"permute"}):
+        dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        return len(dims) == rank and all(isinstance(d, int) for d in dims) and dims[-1] % rank == rank - 1
+    return False
+
+
 def is_metadata_use(node: fx.Node) -> bool:
     """``y.shape``, ``y.size()``...: reads no values, so it does not block folding."""
     if node.op == "call_function" and node.target is builtins.getattr:

@@ -18,6 +18,7 @@ import abc
 import dataclasses
 import re
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Protocol
 
@@ -47,6 +48,7 @@ class Site:
     in_features: int | None = None
     out_features: int | None = None
     excluded_by: str | None = None  # the pattern that excluded it, if any
+    weight: str | None = None  # linears: the get_attr target of the weight (``attn.in_proj_weight``)
 
 
 @dataclass(frozen=True)
@@ -258,7 +260,9 @@ class PassManager:
                 except UserError:
                     raise
                 except Exception as e:  # add the pipeline position, keep the cause
-                    raise PassError(f"pass {pass_.spec()!r} failed after {done or 'no passes'}: {e}") from e
+                    where = failure_module(e.__traceback__)
+                    raise PassError(f"pass {pass_.spec()!r} failed after {done or 'no passes'}"
+                                    f"{f' at {where}' if where else ''}: {e}") from e
                 if not isinstance(result, PassResult):
                     raise PassError(f"pass {pass_.name!r} returned {type(result).__name__}, not PassResult")
                 gm = result.gm
@@ -305,6 +309,25 @@ class PassManager:
         if pass_.preserves_numerics and err > self.fold_tolerance:
             raise PassError(
                 f"pass {pass_.name!r} must not change outputs but did: relative error {err:.3g} > {self.fold_tolerance:g}")
+
+
+def node_module(node: fx.Node) -> str | None:
+    """The module path an fx node belongs to: its quantization site, else its ``nn_module_stack``."""
+    if node.meta.get("site"):
+        return node.meta["site"]
+    stack = node.meta.get("nn_module_stack") or {}
+    return (list(stack.values())[-1][0] or None) if stack else None
+
+
+def failure_module(tb) -> str | None:
+    """``module <path> (node <name>)`` of the fx node the innermost frame of a traceback was handling
+    (a pass's loop variable, ``fx.Interpreter``'s current node), if any frame holds one."""
+    frames = [frame for frame, _ in traceback.walk_tb(tb)]
+    for frame in reversed(frames):
+        for value in list(frame.f_locals.values()):
+            if isinstance(value, fx.Node) and (path := node_module(value)):
+                return f"module {path} (node {value.name})"
+    return None
 
 
 def _resolve_attr(gm: torch.nn.Module, target: str):

@@ -27,6 +27,7 @@ from core.qmath import QParams
 from passes import ops
 from passes.canonicalize import is_linear
 from passes.infra import Pass, PassContext, PassResult, delete_attr, get_attr, register, set_buffer
+from passes.position_groups import positions_node
 from passes.quantize import quantized_weight
 
 
@@ -39,10 +40,14 @@ def _qdq(g: fx.Graph, value: fx.Node, gm, prefix: str, qp: QParams) -> fx.Node:
     return g.create_node("call_function", ops.DQ, (q, scale, zp, qp.axis), name=f"{base}_dq")
 
 
-def _token_groups(g: fx.Graph) -> fx.Node:
-    for n in g.nodes:
+def _token_groups(gm) -> fx.Node:
+    """The model's token_groups input, else the constant positions STWQ derived groups from."""
+    for n in gm.graph.nodes:
         if n.op == "placeholder" and "token_groups" in n.name:
             return n
+    positions = positions_node(gm)
+    if positions is not None:
+        return positions
     raise PassError("token-group scales need a graph input named token_groups")
 
 
@@ -136,7 +141,7 @@ class InsertQDQ(Pass):
                     if qp.granularity == "group" or offset:
                         if not is_linear(node):
                             raise PassError(f"{site}.{role}: token-group scales are only lowered for linears")
-                        groups = _token_groups(g) if qp.granularity == "group" else None
+                        groups = _token_groups(gm) if qp.granularity == "group" else None
                         args[0], post = _offset_qdq(g, args[0], gm, site, qp, groups)
                     else:
                         args[i] = _qdq(g, args[i], gm, f"{site}.{role}", qp)

@@ -9,7 +9,7 @@ exporter's `custom_translation_table`.
 A scale with one element is per-tensor (`axis` is then ignored, as in ONNX); a 1-d scale is
 per-channel along `axis`. Bit widths below 8 are carried by `qmin/qmax`: the kernel clamps to
 them. ONNX has no b-bit Q, so the translation clamps the input to the grid's float range
-first (Max/Min), then quantizes to int8: identical numbers.
+first (Clip for a per-tensor grid, Max/Min per channel), then quantizes to int8: identical numbers.
 """
 from __future__ import annotations
 
@@ -51,8 +51,26 @@ def _onnx_quantize(x, scale, zero_point, axis: int, qmin: int, qmax: int):
         zp = op.Cast(zero_point, to=1)
         lo = op.Mul(op.Sub(op.Constant(value_float=float(qmin)), zp), scale)
         hi = op.Mul(op.Sub(op.Constant(value_float=float(qmax)), zp), scale)
-        x = op.Min(op.Max(x, lo), hi)
+        if _is_scalar(scale):
+            # Clip, not Min(Max(.)): the exporter's optimizer rewrites a scalar Min(Max(x, c1), c2)
+            # into Clip with initializers named "<x>_min"/"<x>_max"; when several reduced-bit Q
+            # nodes read the same tensor (q, k and v of one LayerNorm) those names collide and the
+            # renamed ones are never emitted: onnxruntime rejects the model (issue 20, W6A6).
+            x = op.Clip(x, op.Squeeze(lo), op.Squeeze(hi))
+        else:
+            x = op.Min(op.Max(x, lo), hi)
     return op.QuantizeLinear(x, scale, zero_point, axis=axis)
+
+
+def _is_scalar(value) -> bool:
+    """True when an exporter value is known to hold one element (a per-tensor scale)."""
+    shape = getattr(value, "shape", None)
+    if shape is None:
+        return False
+    try:
+        return all(int(d) == 1 for d in shape)
+    except (TypeError, ValueError):  # a symbolic dimension
+        return False
 
 
 def _onnx_dequantize(q, scale, zero_point, axis: int):

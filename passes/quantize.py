@@ -65,6 +65,9 @@ class ActQuant(Pass):
                 ctx.qparams[f"{name}.{role}"] = QParams(scale, zp, bits, self.symmetric, gran, -1 if gran == "channel" else 0)
                 decided += 1
         if decided == 0 and not any(k.endswith((".input", ".a", ".b")) for k in ctx.qparams):
+            if not ctx.sites:  # observe saw nothing because nothing was named
+                raise UserError("act-quant found no quantization sites: 'canonicalize' names them and must run "
+                                "first in the pipeline (is it disabled or missing?)")
             raise UserError("act-quant found no observed activations: run 'observe' before it in the pipeline")
         return PassResult(gm, False, {"activations": decided, "bits": bits})
 
@@ -99,7 +102,7 @@ class WeightQuant(Pass):
         for name, site in ctx.sites.items():
             if site.kind != "linear" or site.excluded_by:
                 continue
-            w = get_attr(gm, f"{name}.weight").detach().float()
+            w = get_attr(gm, site.weight or f"{name}.weight").detach().float()
             lo, hi = mse_row_ranges(w, bits, self.symmetric) if self.method == "mse" else (w.amin(1), w.amax(1))
             scale, zp = qmath.qparams_from_range(lo, hi, bits, self.symmetric)
             ctx.qparams[f"{name}.weight"] = QParams(scale, zp, bits, self.symmetric, "channel", 0)

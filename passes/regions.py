@@ -22,10 +22,24 @@ AdaLN modulation    ``y = n * (kappa + scale) + shift`` where scale and shift ar
 Linear              output rows ``W <- diag(1/s) W``, ``b <- (b - p) / s``
 ==================  ==========================================================================
 
+Sinks are found on the output itself and through ops that only rearrange its other axes
+(``contiguous``, a transpose or permute that keeps the last axis: ``nn.MultiheadAttention``
+transposes batch-first inputs before its packed ``in_proj``).
+
 A region is rejected, with the reason in ``ctx.notes``, when the source's output also feeds
 something other than a linear's input (a residual add, an attention matmul...), when a tensor
 it would edit is shared with another part of the model (tied weights), or when AdaLN
 modulation rows are used elsewhere. Reading ``.shape``/``.size()`` of the output is harmless.
+
+The first rejection is the rule of post-LN blocks (BERT, the original Transformer): the
+LayerNorm's output is both the next linears' input and the residual, ``x = LN(x + f(x))``, so
+scaling it would scale the residual too, and no parameter downstream can undo a per-channel
+scale before the next LayerNorm mixes the channels. The passes' ``compensate=true`` folds such
+a region anyway and restores the original tensor for the other consumers with one per-channel
+multiply-add, ``y = y' * a + c`` (``torch.addcmul``; buffers ``<first sink>.input_restore_scale``
+/ ``_shift``). That is exact in FP (two roundings), but it adds one pointwise op per region to
+the deployed graph, which no other fold does; hence opt-in. Later folds into the same region
+update the same multiply-add.
 
 ``FoldingPass`` is the template of the passes that fold (smooth, sym-shift, gps): find the
 regions, compute one transform per region on the graph as found, fold them all, and keep the
@@ -34,6 +48,7 @@ observed statistics of the folded tensors exact where they can be (``FoldedObser
 from __future__ import annotations
 
 import abc
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -55,8 +70,10 @@ from passes.fold_sources import (
     match_adaln,
     modulation_candidates,
 )
-from passes.graph_match import describe, is_metadata_use, is_mul
-from passes.infra import Pass, PassContext, PassResult, get_attr, register
+from passes.graph_match import describe, is_metadata_use, is_mul, keeps_last_axis
+from passes.infra import Pass, PassContext, PassResult, get_attr, register, set_buffer
+
+RESTORE = "fold_restore"  # meta key of the multiply-add a compensated fold inserts
 
 # -- regions --------------------------------------------------------------------------------------
 
@@ -66,6 +83,7 @@ class Region:
 
     source: Source
     sinks: list[fx.Node]
+    others: list[tuple[fx.Node, fx.Node]] = dataclasses.field(default_factory=list)  # (tensor, non-linear consumer)
 
     @property
     def input(self) -> fx.Node:
@@ -102,6 +120,35 @@ class Region:
             if scale is not None:
                 assign(gm, w_target, w * scale)
         self.source.fold(gm, scale, shift)
+        for tensor in dict.fromkeys(t for t, _ in self.others):
+            self._restore(gm, tensor, [u for t, u in self.others if t is tensor], scale, shift)
+
+    def _restore(self, gm: fx.GraphModule, tensor: fx.Node, users: list[fx.Node], scale, shift) -> None:
+        """Give ``users`` the tensor as it was before the fold: ``y = y' * a + c`` with ``a <- s * a``,
+        ``c <- p * a + c`` (one ``addcmul`` per tensor, created with ``a = 1, c = 0``)."""
+        restore = next((u for u in users if u.meta.get(RESTORE)), None)
+        if restore is None:
+            base = f"{self.sink_sites[0]}.input_restore" + ("" if tensor is self.input else f"_{tensor.name}")
+            device = get_attr(gm, self.sinks[0].args[1].target).device
+            set_buffer(gm, f"{base}_scale", torch.ones(self.channels, device=device))
+            set_buffer(gm, f"{base}_shift", torch.zeros(self.channels, device=device))
+            g = gm.graph
+            with g.inserting_after(tensor):
+                a = g.get_attr(f"{base}_scale")
+            with g.inserting_after(a):
+                c = g.get_attr(f"{base}_shift")
+            with g.inserting_after(c):
+                restore = g.call_function(torch.addcmul, (c, tensor, a))
+            for n in (a, c, restore):
+                n.meta["nn_module_stack"] = dict(tensor.meta.get("nn_module_stack") or {})
+            restore.meta[RESTORE] = True
+        for u in users:
+            if u is not restore:
+                u.replace_input_with(tensor, restore)
+        c_target, _, a_target = (n.target for n in restore.args)
+        a, c = get_attr(gm, a_target).double(), get_attr(gm, c_target).double()
+        assign(gm, a_target, a * (1.0 if scale is None else scale))
+        assign(gm, c_target, c + (0.0 if shift is None else shift * a))
 
 
 def _sources(gm: fx.GraphModule, ctx: PassContext) -> list[Source | Rejected]:
@@ -138,8 +185,30 @@ def _note(ctx: PassContext, text: str) -> None:
         ctx.notes.append(text)
 
 
-def find_regions(gm: fx.GraphModule, ctx: PassContext) -> list[Region]:
-    """The foldable regions of ``gm`` in graph order; each rejection is noted once in ctx.notes."""
+def _consumers(output: fx.Node) -> tuple[list[fx.Node], list[tuple[fx.Node, fx.Node]]]:
+    """The linears reading ``output`` as their input, directly or through ops that keep its last
+    axis, and every other ``(tensor, consumer)`` edge that reads its values."""
+    sinks, others, frontier = [], [], [output]
+    for node in frontier:
+        for u in node.users:
+            if is_metadata_use(u):
+                continue
+            if (is_linear(u) and "site" in u.meta and u.args[0] is node and node not in u.args[1:]
+                    and isinstance(u.args[1], fx.Node) and u.args[1].op == "get_attr"):
+                sinks.append(u)
+            elif keeps_last_axis(u, node) and u not in frontier:
+                frontier.append(u)
+            else:
+                others.append((node, u))
+    return sinks, others
+
+
+def find_regions(gm: fx.GraphModule, ctx: PassContext, *, compensate: bool = False) -> list[Region]:
+    """The foldable regions of ``gm`` in graph order; each rejection is noted once in ctx.notes.
+
+    ``compensate``: a source whose output also feeds non-linear consumers is a region too; its
+    fold restores their input (module docstring). A consumer restored by an earlier fold never
+    blocks a region."""
     shared = _shared_tensors(gm)
     attr_users: dict[str, int] = {}
     for n in gm.graph.nodes:
@@ -152,23 +221,22 @@ def find_regions(gm: fx.GraphModule, ctx: PassContext) -> list[Region]:
 
     for src in _sources(gm, ctx):
         name, output = src.name, src.output
-        users = [u for u in output.users if not is_metadata_use(u)]
-        sinks = [u for u in users if is_linear(u) and "site" in u.meta and u.args[0] is output
-                 and output not in u.args[1:] and u.args[1].op == "get_attr"]
+        sinks, others = _consumers(output)
         if not sinks:
             continue
-        others = [u for u in users if u not in sinks]
+        blocking = [u for _, u in others if not u.meta.get(RESTORE)]
         if isinstance(src, Rejected):
             reject(name, sinks, src.reason)
-        elif others:
-            reject(name, sinks, f"output also feeds {describe(others[0])}")
+        elif blocking and not compensate:
+            reject(name, sinks, f"output also feeds {describe(blocking[0])}, which a fold would change "
+                                f"(compensate=true folds it with a per-channel multiply-add restoring that input)")
         elif any(get_attr(gm, s.args[1].target).shape[1] != src.channels for s in sinks):
             reject(name, sinks, f"channel count {src.channels} differs from the sinks' input features")
         elif tied := [t for t in src.tensors() + [s.args[1].target for s in sinks]
                       if t in shared or attr_users.get(t, 0) > 1]:
             reject(name, sinks, f"{tied[0]} is shared with another part of the model")
         else:
-            regions.append(Region(src, sinks))
+            regions.append(Region(src, sinks, others))
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     return sorted(regions, key=lambda r: order[r.input])
 
@@ -185,18 +253,21 @@ class FindRegions(Pass):
 
     name = "find-regions"
     preserves_numerics = True
+    compensate: bool = False
 
     def __call__(self, gm, ctx: PassContext) -> PassResult:
-        regions = find_regions(gm, ctx)
-        table = [{"source": r.source.name, "kind": r.source.kind, "sinks": r.sink_sites, "channels": r.channels}
-                 for r in regions]
+        regions = find_regions(gm, ctx, compensate=self.compensate)
+        table = [{"source": r.source.name, "kind": r.source.kind, "sinks": r.sink_sites, "channels": r.channels,
+                  **({"restored": [u.name for _, u in r.others]} if r.others else {})} for r in regions]
         return PassResult(gm, False, {"regions": len(regions), "table": table})
 
 
 class FoldingPass(Pass):
     """Template of the passes that fold a per-channel ``(y - p) / s`` into every region.
 
-    Subclasses compute ``(scale, shift)`` for one region (``plan``) from the graph as the pass
+    Subclasses declare the option ``compensate: bool = False`` (fold regions whose source also
+    feeds non-linear consumers, restoring their input: module docstring) and compute
+    ``(scale, shift)`` for one region (``plan``) from the graph as the pass
     found it: all regions are planned first, then folded, so the order of regions never
     changes a result. Each fold replaces the region's observer by a ``FoldedObserver`` (min
     and max stay exact, so a second folding pass needs no new calibration run) and records
@@ -228,7 +299,7 @@ class FoldingPass(Pass):
 
     def __call__(self, gm, ctx: PassContext) -> PassResult:
         regions = []
-        for region in find_regions(gm, ctx):
+        for region in find_regions(gm, ctx, compensate=getattr(self, "compensate", False)):
             if all(s in ctx.sites and ctx.sites[s].excluded_by for s in region.sink_sites):
                 continue
             if self.folds_shift and (why := region.source.shift_blocker()):
@@ -240,7 +311,11 @@ class FoldingPass(Pass):
         plans = [p for p in plans if p[1] is not None or p[2] is not None]
         vectors = {}
         for region, scale, shift in plans:
+            restored = [describe(u) for _, u in region.others if not u.meta.get(RESTORE)]
             region.fold(gm, scale=scale, shift=shift)
+            if restored:
+                _note(ctx, f"{region.source.name}: folded into {', '.join(region.sink_sites)} with a per-channel "
+                           f"multiply-add restoring the input of {', '.join(restored)} (compensate=true)")
             vector = (scale if scale is not None else shift).float()
             vectors[region.name] = _rounded(vector)
             for site in region.sink_sites:

@@ -25,11 +25,13 @@ from passes.regions import FoldingPass, Region
 
 @register
 class Smooth(FoldingPass):
-    """Option: ``alpha``, the migration strength (0.5 in the reference)."""
+    """Options: ``alpha``, the migration strength (0.5 in the reference); ``compensate``, also fold
+    regions whose source feeds a non-linear op such as a post-LN residual (``passes/regions.py``)."""
 
     name = "smooth"
     stat_key = "smooth_scale"
     alpha: float = 0.5
+    compensate: bool = False
 
     def plan(self, gm, ctx: PassContext, region: Region, shared=None) -> tuple[torch.Tensor, None]:
         x_max = self.input_stats(ctx, region).absmax().double().clamp(min=1e-6)

@@ -47,6 +47,7 @@ class SymShift(FoldingPass):
     folds_shift = True
     bits: int = 0
     formula: str = "reference"
+    compensate: bool = False  # also fold regions whose source feeds a residual (passes/regions.py)
 
     def prepare(self, gm, ctx: PassContext, regions: list[Region]) -> None:
         if self.formula not in ("reference", "midpoint"):

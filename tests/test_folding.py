@@ -74,7 +74,8 @@ def test_regions_found(model):
 def test_region_feeding_a_residual_add_is_rejected_with_reason():
     bundle = M.residual_norm()
     fp, gm, ctx, pm = compile_graph(bundle, "canonicalize,observe,smooth,sym-shift,gps")
-    assert ctx.notes == ["norm: cannot fold into fc1: output also feeds add (add)"]  # noted once, not per pass
+    assert ctx.notes == [("norm: cannot fold into fc1: output also feeds add (add), which a fold would change "
+                          "(compensate=true folds it with a per-channel multiply-add restoring that input)")]  # once
     assert not any(r["modified"] for r in pm.records[2:])
     assert torch.equal(get_attr(gm, "fc1.weight"), get_attr(fp, "fc1.weight"))
 

@@ -105,10 +105,13 @@ def test_stwq_onnx_is_tensorrt_legal_and_matches_torch(tmp_path):
     assert np.isfinite(got).all() and got.shape == tuple(ref_gm(x, g).shape)
 
 
-def test_stwq_needs_token_groups():
-    b = load_model(f"{MODELS}:block")
+def test_stwq_needs_token_groups_or_a_token_axis():
+    b = load_model(f"{MODELS}:two_in_two_out")  # [B, C] inputs: no token axis to derive groups from
     with pytest.raises(UserError, match="token_groups input"):
         _run(STWQ, bundle=b)
+    _, _, ctx = _run(STWQ, bundle=load_model(f"{MODELS}:block"))  # [B, T, C]: groups from the 8 positions
+    assert ctx.qparams["fc1.input"].granularity == "group" and ctx.qparams["fc1.input"].scale.shape == (8,)
+    assert "derived from the 8 token positions" in ctx.notes[-1]
 
 
 def test_observe_without_histograms_is_enough_for_minmax_but_not_mse():
