@@ -169,13 +169,13 @@ def last_block(module: torch.nn.Module) -> torch.nn.Module:
     raise UserError(f"DGC: the step module {type(module).__name__} has no block list ({', '.join(BLOCK_LISTS)})")
 
 
-def last_block_token0(module: torch.nn.Module, inputs: tuple) -> torch.Tensor:
-    """``[rows, D]``: the last transformer block's output at token position 0 for one step's inputs."""
+def last_block_output(module: torch.nn.Module, inputs: tuple) -> torch.Tensor:
+    """``[rows, T, D]``: the last transformer block's output for one step's inputs (every token of the step)."""
     seen: list[torch.Tensor] = []
 
     def hook(_mod, _args, output):
         out = output[0] if isinstance(output, (tuple, list)) else output
-        seen.append(out[:, 0, :].detach().float().clone())
+        seen.append(out.detach().float().clone())
 
     handle = last_block(module).register_forward_hook(hook)
     try:
@@ -185,7 +185,14 @@ def last_block_token0(module: torch.nn.Module, inputs: tuple) -> torch.Tensor:
         handle.remove()
     if len(seen) != 1:
         raise UserError(f"DGC: the last block ran {len(seen)} times in one step; expected once")
+    if seen[0].dim() != 3:
+        raise UserError(f"DGC: the last block's output is {tuple(seen[0].shape)}; expected [batch, tokens, width]")
     return seen[0]
+
+
+def last_block_token0(module: torch.nn.Module, inputs: tuple) -> torch.Tensor:
+    """``[rows, D]``: the last block's output at token position 0 (the reference's feature, §5.2)."""
+    return last_block_output(module, inputs)[:, 0, :]
 
 
 def _chunks(steps) -> list[tuple[int, int]]:
@@ -195,26 +202,34 @@ def _chunks(steps) -> list[tuple[int, int]]:
     return [(s, c) for s, c in zip(starts, counts) if c]
 
 
+DGC_FEATURE = "the last block's output on the last step of each generation, mean over that step's tokens"
+
+
 def dgc_features(bundle, steps) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """(cond features [N, D], uncond features [N, D], B of each generation batch).
 
-    The feature of a generated image is the last block's output at token 0 (method.md §5.2),
-    taken on the FIRST recorded step of its generation batch, whose rows are [0:B] cond and
-    [B:2B] uncond (every family's CFG driver). Differences from the reference, which hooks a
-    teacher-forced forward over the whole finished sequence: for RAR/LlamaGen/PAR token 0
-    attends only to itself, so step 0 gives the same feature; for VAR the reference runs
-    without a mask (token 0 sees all 680 tokens) whereas here it sees only the first scale, so
-    the uncond features are all equal (class-independent) as they are for the other families.
+    The feature of a generated sequence (`DGC_FEATURE`) is the last block's output on the LAST
+    recorded step of its generation batch, averaged over that step's tokens; the step's rows
+    are [0:B] cond and [B:2B] uncond (every family's CFG driver). The reference (method.md
+    §5.2) takes token 0 of a teacher-forced forward over the finished sequence. For VAR that
+    forward has no mask, so token 0 has seen every token of the image; here a step sees only
+    what was generated before it, so token 0 of the first step has seen the class token alone:
+    every unconditional sequence had the same feature, the uncond distances were all 0 and the
+    ranking degenerated. The last step's tokens (VAR: the last scale; LlamaGen/RAR/PAR: the
+    last token) attend to the whole sequence, so conditional and unconditional samples differ
+    there as the reference's intent requires; the mean keeps one D-dim row per sample. (RAR
+    and PAR's reference hooks token 0 under a causal mask and shares the degenerate case; the
+    same feature is used for every family.)
     """
     module = bundle.module.eval()
     dims = batch_dims(bundle.input_names)
     cond, uncond, sizes = [], [], []
-    for start, _ in _chunks(steps):
-        inputs = steps[start]
+    for start, count in _chunks(steps):
+        inputs = steps[start + count - 1]
         rows = inputs[dims.index(0)].shape[0]
         if rows % 2:
             raise UserError(f"DGC: a CFG step has an even batch (cond + uncond), got {rows} rows")
-        feats = last_block_token0(module, inputs)
+        feats = last_block_output(module, inputs).mean(dim=1)
         b = rows // 2
         cond.append(feats[:b])
         uncond.append(feats[b:])

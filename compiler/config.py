@@ -12,7 +12,9 @@ class CalibrationConfig:
 
     ``data``: a .pt list of input tuples; otherwise the bundle's own inputs, or (family models) ``samples``
     self-generated images, ``batch`` at a time, cached in ``cache``, from ``seed``; ``dgc`` selects among
-    the generated sequences (none | reference | ranked); ``resample`` redraws tokens per scale (VAR).
+    the generated sequences (none | reference | ranked; None: the recipe's ``[calibration]`` setting),
+    generating ``dgc_candidates`` sequences per kept one (None: the recipe's; with DGC, ``samples`` is
+    the number of kept sequences); ``resample`` redraws tokens per scale (VAR).
     """
 
     data: str | None = None
@@ -20,7 +22,8 @@ class CalibrationConfig:
     batch: int = 4
     cache: str = ".arvgq-cache"
     seed: int = 0
-    dgc: str = "none"
+    dgc: str | None = None
+    dgc_candidates: float | None = None
     resample: bool = False
 
 

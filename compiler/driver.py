@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -20,7 +21,7 @@ import torch
 from backends import registry
 from calib.device import default_device, inputs_to, resolve_device, stream_to, to_cpu
 from compiler.config import CompileConfig
-from core.errors import UserError
+from core.errors import PassError, UserError
 from core.numerics import module_bytes
 from core.progress import progress as default_progress
 from core.progress import say as default_say
@@ -29,7 +30,7 @@ from frontends import load_model, trace
 from frontends.generic import ModelBundle, load_checkpoint
 from passes.exclude import describe_matches, match_patterns, with_exclude_pass
 from passes.infra import PassContext, PassManager, QuantConfig, parse_pipeline
-from passes.recipes import Recipe, load_recipe
+from passes.recipes import DGC_METHODS, Recipe, load_recipe
 
 
 class Quantized(NamedTuple):
@@ -90,6 +91,17 @@ def load_calib_data(path: str, n_inputs: int) -> list[tuple]:
     return batches
 
 
+def check_dgc(c) -> None:
+    """A ``CalibrationConfig``'s DGC overrides, checked as the recipe's ``[calibration]`` table is."""
+    if c.dgc is not None and c.dgc not in DGC_METHODS:
+        raise UserError(f"--dgc must be one of {', '.join(DGC_METHODS)}, got {c.dgc!r}")
+    if c.dgc_candidates is not None and not 2 <= c.dgc_candidates <= 64:
+        raise UserError(f"DGC candidates must be from 2 to 64 sequences per kept one, got {c.dgc_candidates}")
+
+
+MAX_CALIB_SAMPLES = 100_000  # --calib-samples above this is a typo (each sample is a whole generation)
+
+
 class Compiler:
     """One compilation of ``config``: ``load()``, ``calibrate()``, ``quantize()``, or ``compile(out)`` for all."""
 
@@ -108,6 +120,15 @@ class Compiler:
             precision(config.bits)
         if config.calibration.batch < 1:
             raise UserError(f"--calib-batch must be at least 1, got {config.calibration.batch}")
+        if config.stop_after is not None and config.stop_after in config.disabled:
+            raise UserError(f"--stop-after {config.stop_after} names a pass that --disable-pass skips; give one of the two")
+        if "canonicalize" in config.disabled:
+            raise UserError("--disable-pass canonicalize: every later pass works on the sites that 'canonicalize' "
+                            "names, so nothing could be quantized")
+        if config.calibration.samples is not None and not 1 <= config.calibration.samples <= MAX_CALIB_SAMPLES:
+            raise UserError(f"--calib-samples must be between 1 and {MAX_CALIB_SAMPLES} (images to generate, or "
+                            f"batches of --calib-data to use), got {config.calibration.samples}")
+        check_dgc(config.calibration)
         self.device = resolve_device(config.device)  # a machine without CUDA says so at once
         self.bundle: ModelBundle | None = None
         self._sites: dict | None = None
@@ -190,21 +211,33 @@ class Compiler:
         bundle, c = self.load(), self.config.calibration
         if c.resample and (c.data or bundle.calib_inputs or "generate" not in bundle.extra):
             raise UserError("--resample applies to self-generated calibration of a family model (it redraws sampled tokens)")
+        method, candidates, origin = self.dgc_setting()
         if c.data:
             calib = load_calib_data(c.data, len(bundle.example_inputs))
-            if c.dgc != "none":
-                self.say(f"--dgc {c.dgc} applies to self-generated calibration only; --calib-data is used as is")
+            if method != "none":
+                self.say(f"DGC {method} (set by {origin}) applies to self-generated calibration only; "
+                         "--calib-data is used as is")
             return Calibration(calib[: c.samples] if c.samples else calib, c.data)
         if bundle.calib_inputs:
             calib = list(bundle.calib_inputs)
             return Calibration(calib[: c.samples] if c.samples else calib, "built-in")
         if "generate" not in bundle.extra:
-            if c.dgc != "none":
-                self.say(f"--dgc {c.dgc} applies to self-generated calibration only; this model has none")
+            if method != "none":
+                self.say(f"DGC {method} (set by {origin}) applies to self-generated calibration only; "
+                         "this model has none")
             return Calibration([bundle.example_inputs], "example inputs")
         from calib.capture import capture
 
-        n = c.samples or 8
+        n_keep = c.samples or 8
+        # DGC keeps n_keep of the 2·n sequences (CFG: one conditional, one unconditional per image)
+        n = n_keep if method == "none" else math.ceil(candidates * n_keep / 2)
+        if method != "none" and n < 2:
+            if c.dgc is not None:
+                raise UserError(f"--dgc {c.dgc} needs at least 2 generated images (one set of each kind to compare); "
+                                f"--calib-samples {n_keep} gives {n}")
+            self.say(f"DGC {method} (set by {origin}) skipped: it needs at least 2 generated images, "
+                     f"--calib-samples {n_keep} gives {n}")
+            method, origin = "none", f"{origin}, skipped: {n} generated image, DGC needs 2"
         classes = [(i * 37) % bundle.extra["model"].config.num_classes for i in range(n)]  # spread over classes
         steps = capture(bundle, classes=classes, seed=c.seed, cache_dir=c.cache, progress=self.progress,
                         resample=c.resample, device=self.device, batch=c.batch)
@@ -216,20 +249,29 @@ class Compiler:
             self.say(f"resampling: {moved} of {tokens} tokens redrawn so every scale's code counts equal their targets")
             extra["resample"] = {"reassigned": moved, "tokens": tokens, "per_scale": scales}
             source += ", codebook-resampled"
-        if c.dgc == "none":
-            return Calibration(steps, source, extra)
-        from calib.capture import select_dgc
+        if method == "none":
+            return Calibration(steps, source, {**extra, "dgc": {"method": "none", "origin": origin}})
+        from calib.capture import DGC_FEATURE, select_dgc
 
-        steps, selection = select_dgc(bundle, steps, c.dgc)
-        summary = selection.summary()
+        steps, selection = select_dgc(bundle, steps, method, n_keep)
+        summary = {**selection.summary(), "origin": origin, "candidates": 2 * n, "feature": DGC_FEATURE}
         # which generations the observers see: sample i is classes[i]; its uncond twin is the null class
         summary["kept_cond_samples"] = [{"sample": int(i), "class": classes[int(i)], "distance": float(selection.rho_cond[i])}
                                         for i in selection.cond]
         summary["kept_uncond_samples"] = [{"sample": int(i), "class": classes[int(i)],
                                            "distance": float(selection.rho_uncond[i])} for i in selection.uncond]
-        self.say(f"DGC ({c.dgc}): kept {summary['kept_cond']} conditional + {summary['kept_uncond']} unconditional "
-                 f"of {2 * n} sequences; {summary['reason']}")
-        return Calibration(steps, f"{source}, DGC {c.dgc}", {**extra, "dgc": summary, "rows": steps.rows})
+        self.say(f"DGC {method} (set by {origin}): kept {summary['kept_cond']} conditional + "
+                 f"{summary['kept_uncond']} unconditional of {2 * n} sequences; {summary['reason']}")
+        return Calibration(steps, f"{source}, DGC {method}", {**extra, "dgc": summary, "rows": steps.rows})
+
+    def dgc_setting(self) -> tuple[str, float, str]:
+        """(DGC method, candidate sequences per kept one, where the method came from): ``--dgc`` (the
+        config's ``dgc``) over the recipe's ``[calibration]`` table."""
+        c, recipe = self.config.calibration, self.recipe
+        method = c.dgc if c.dgc is not None else recipe.calibration.dgc
+        candidates = c.dgc_candidates if c.dgc_candidates is not None else recipe.calibration.candidates
+        origin = f"--dgc {c.dgc}" if c.dgc is not None else f"recipe {recipe.name}"
+        return method, candidates, origin
 
     def observer_memory_bound(self) -> tuple[int, int]:
         """(bytes, observed tensors): an upper bound of the observers' state, whatever the sample count.
@@ -293,6 +335,14 @@ class Compiler:
         if c.evaluate and (bundle.family == "generic" or "generate" not in bundle.extra):
             raise UserError("--evaluate needs a family model that generates images (VAR, LlamaGen, RAR, PAR)")
         exclusions = self.exclusions()
+        names = [p.name for p in parse_pipeline(self.pipeline)]
+        # a pipeline cut before its quantization on purpose (--stop-after, --disable-pass): warn, do not refuse
+        explicit = bool(set(c.disabled) & {"insert-qdq", "act-quant", "weight-quant", "stwq"}) or (
+            c.stop_after in names and names.index(c.stop_after) < names.index("insert-qdq")
+            if "insert-qdq" in names else c.stop_after is not None)
+        if "insert-qdq" not in names and not explicit:
+            raise UserError(f"the pipeline {self.pipeline!r} has no 'insert-qdq', so it would quantize nothing; "
+                            f"add it at the end (after act-quant / weight-quant)")
         calibration = self.calibrate()
         if "observe" in [p.name for p in parse_pipeline(self.pipeline)]:
             try:
@@ -313,6 +363,16 @@ class Compiler:
                                      all_but_one=False, progress=self.progress)
             model_fidelity = fidelity(fp_gm, gm, ctx.calib_inputs)  # the calibration steps, on the device
         to_cpu(ctx, fp_gm, gm, pre_qdq.gm)
+        ran = {r["name"] for r in pm.records if not r.get("skipped") and not r.get("failed")}
+        if not ctx.qparams or "insert-qdq" not in ran:
+            why = ("no pass decided a quantization scale (act-quant, weight-quant or stwq must run before insert-qdq"
+                   + (", and the exclusions must leave a site" if exclusions else "") + ")"
+                   if not ctx.qparams else "'insert-qdq' did not run, so the graph has no Q/DQ")
+            if not explicit:
+                raise UserError(f"nothing was quantized: {why}; pipeline {str(pm)!r}")
+            warning = f"WARNING: nothing is quantized ({why}, as --stop-after / --disable-pass asked): the artefact is the FP model"
+            say(warning)
+            ctx.notes.append(warning)
 
         report: dict = {
             "model": c.model,
@@ -336,7 +396,14 @@ class Compiler:
             "fidelity": model_fidelity,
             "size_bytes": {"fp": module_bytes(fp_gm), "quantized": module_bytes(gm)},
         }
-        sections = self.target.export(registry.ExportJob(gm, fp_gm, bundle, out, reduce_range, say))
+        try:
+            sections = self.target.export(registry.ExportJob(gm, fp_gm, bundle, out, reduce_range, say))
+        except (UserError, PassError):
+            raise
+        except Exception as e:  # a bug (ours or a converter's): one line naming the stage and the module
+            from backends.failures import export_error
+
+            raise export_error(self.target.name, e, gm, out) from e
         speed = sections.pop("speed", {})
         report.update(sections)
         with torch.no_grad():  # a sanity figure for the report; tools.bench measures speed properly

@@ -58,10 +58,15 @@ def _calibration_md(cal: dict) -> list[str]:
                            "L1 to target before", "after"],
                           [[s["scale"], s["tokens"], s["over_codes"], s["under_codes"], s["reassigned"],
                             s["l1_before"], s["l1_after"]] for s in rs["per_scale"]])]
-    if "dgc" in cal:
+    if "dgc" in cal and cal["dgc"].get("method") == "none":
+        out += ["", f"DGC: off (set by {cal['dgc'].get('origin', '?')}); the observers saw every generated sequence."]
+    elif "dgc" in cal:
         d = cal["dgc"]
-        out += ["", (f"DGC (`{d['method']}`) kept {d['kept_cond']} conditional and {d['kept_uncond']} unconditional "
-                    f"sequences ({cal.get('rows', '?')} batch rows over all steps): {d['reason']}."), ""]
+        of = f" of {d['candidates']} generated" if "candidates" in d else ""
+        origin = f", set by {d['origin']}" if "origin" in d else ""
+        out += ["", (f"DGC (`{d['method']}`{origin}) kept {d['kept_cond']} conditional and {d['kept_uncond']} "
+                    f"unconditional{of} sequences ({cal.get('rows', '?')} batch rows over all steps): {d['reason']}."
+                    + (f" Feature of a sequence: {d['feature']}." if "feature" in d else "")), ""]
         rows = [["cond", k["sample"], k["class"], f"{k['distance']:.4g}"] for k in d.get("kept_cond_samples", [])]
         rows += [["uncond", k["sample"], k["class"], f"{k['distance']:.4g}"] for k in d.get("kept_uncond_samples", [])]
         if rows:

@@ -58,14 +58,15 @@ def test_reference_reproduces_direct_call(var_runs):
     classes = [(i * 37) % bundle.extra["model"].config.num_classes for i in range(4)]
     steps = capture(bundle, classes=classes, seed=0, cache_dir=tmp / "cache")  # the compile's cache: no regeneration
     feats = []
-    handle = bundle.module.blocks[-1].register_forward_hook(lambda m, a, out: feats.append(out[0][:, 0, :].float()))
+    handle = bundle.module.blocks[-1].register_forward_hook(lambda m, a, out: feats.append(out[0].float().mean(dim=1)))
     with torch.no_grad():
-        bundle.module(*steps[0])  # first step of the (only) generation batch: rows [0:4] cond, [4:8] uncond
+        bundle.module(*steps[len(steps) - 1])  # last step (scale) of the only generation batch: [0:4] cond, [4:8] uncond
     handle.remove()
     (f,) = feats
     expected = dgc_reference(f[:4], f[4:]).summary()
     got = reports["reference"]["calibration"]["dgc"]
-    assert got.keys() == expected.keys() | {"kept_cond_samples", "kept_uncond_samples"}
+    assert got.keys() == expected.keys() | {"kept_cond_samples", "kept_uncond_samples", "origin", "candidates", "feature"}
+    assert got["origin"] == "--dgc reference" and got["candidates"] == 8
     assert [s["sample"] for s in got["kept_cond_samples"]] == list(range(got["kept_cond"]))  # the reference keeps the first
     assert [s["class"] for s in got["kept_cond_samples"]] == classes[:got["kept_cond"]]
     for key in ("method", "kept_cond", "kept_uncond", "pct", "reason"):

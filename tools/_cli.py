@@ -3,16 +3,35 @@ command that compiles a model (turned into a ``compiler.config.CompileConfig``).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from typing import Callable
 
 from core.errors import PassError, UserError
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is so that every ``with`` block cleans up its temporaries."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _terminate(signum, frame):
+    raise Terminated(signum)
+
+
 def main_wrapper(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
-    """Turn UserError into ``error: <message>`` on stderr and exit status 2 (PassError: 1)."""
+    """Turn UserError into ``error: <message>`` on stderr and exit status 2 (PassError: 1); SIGTERM and
+    SIGHUP end the command like Ctrl-C (temporaries removed), with status 128 + the signal number."""
 
     def wrapped(argv: list[str] | None = None) -> int:
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGHUP):
+                handlers[sig] = signal.signal(sig, _terminate)
         try:
             return main(argv)
         except UserError as e:
@@ -21,11 +40,29 @@ def main_wrapper(main: Callable[[list[str] | None], int]) -> Callable[[list[str]
         except PassError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
+        except Terminated as e:
+            print(f"error: terminated by {e.args[0]}; temporary files removed", file=sys.stderr)
+            return 128 + e.signum
         except KeyboardInterrupt:
             print("error: interrupted", file=sys.stderr)
             return 130
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
 
     return wrapped
+
+
+def model_input_paths(args: argparse.Namespace) -> list[str]:
+    """The files and directories ``add_model_arguments``' options read or fill (an output must hold none)."""
+    model = args.model
+    if ":" in model and not model.startswith("builtin:"):
+        model = model.rpartition(":")[0]  # file.py:factory
+    paths = [] if model.startswith("builtin:") else [model]
+    recipe = getattr(args, "recipe", None)
+    paths += [args.tokenizer, args.calib_data, args.calib_cache, *args.exclude_file,
+              recipe if recipe and recipe.endswith(".toml") else None]
+    return [p for p in paths if p]
 
 
 def read_exclude_file(path: str) -> list[str]:
@@ -65,10 +102,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-cache", metavar="DIR", default=".arvgq-cache",
                    help="where self-generated calibration steps are cached (an interrupted run resumes)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration generations")
-    p.add_argument("--dgc", choices=("none", "reference", "ranked"), default="none",
+    p.add_argument("--dgc", choices=("none", "reference", "ranked"),
                    help="Distribution-Guided Calibration on self-generated data: keep N of the 2N CFG sequences, "
                         "'reference' as PTQ4ARVG (sets the cond:uncond ratio only), 'ranked' the farthest from "
-                        "their set (Ledoit-Wolf); default none: all of them")
+                        "their set (Ledoit-Wolf), 'none' all of them; default: the recipe's [calibration] dgc "
+                        "(ptq4arvg: reference; the others: none)")
     p.add_argument("--resample", action="store_true",
                    help="resample the self-generated token maps per scale so code counts match the model's "
                         "predicted frequencies (Shift-and-Sum, VAR), then replay them teacher-forced; composes with --dgc")

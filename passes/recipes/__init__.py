@@ -1,4 +1,5 @@
-"""Recipes: a TOML file with a ``pipeline`` string, a ``bits`` setting and optional ``exclude`` patterns.
+"""Recipes: a TOML file with a ``pipeline`` string, a ``bits`` setting, optional ``exclude`` patterns
+and an optional ``[calibration]`` table (how self-generated calibration data is selected: DGC).
 
 The built-in recipes are the ``*.toml`` files of this package (a package so that they ship with
 the wheel); a user passes a path to their own copy.
@@ -14,6 +15,38 @@ from core.qmath import PRECISIONS, Precision, precision
 from passes.infra import parse_pipeline
 
 RECIPE_DIR = Path(__file__).parent
+DGC_METHODS = ("none", "reference", "ranked")
+
+
+@dataclass(frozen=True)
+class RecipeCalibration:
+    """A recipe's ``[calibration]`` table: how self-generated calibration sequences are selected.
+
+    ``dgc``: Distribution-Guided Calibration (method.md §5.2), ``none`` | ``reference`` | ``ranked``
+    (``--dgc`` overrides it). ``candidates``: candidate sequences generated per kept one, at least
+    2: with CFG each image gives a conditional and an unconditional sequence, so 2 (the paper's
+    256 -> 128) generates N images for ``--calib-samples N`` and keeps N of the 2N sequences; 4
+    generates 2N images and keeps N of their 4N sequences. Only self-generated data is selected.
+    """
+
+    dgc: str = "none"
+    candidates: float = 2.0
+
+    @classmethod
+    def parse(cls, table: object, where: str) -> RecipeCalibration:
+        if not isinstance(table, dict):
+            raise UserError(f"{where}: [calibration] must be a table, got {type(table).__name__}")
+        unknown = set(table) - {"dgc", "candidates"}
+        if unknown:
+            raise UserError(f"{where}: unknown field(s) in [calibration]: {', '.join(sorted(unknown))} (known: dgc, candidates)")
+        dgc = table.get("dgc", cls.dgc)
+        if dgc not in DGC_METHODS:
+            raise UserError(f"{where}: calibration.dgc must be one of {', '.join(DGC_METHODS)}, got {dgc!r}")
+        candidates = table.get("candidates", cls.candidates)
+        if isinstance(candidates, bool) or not isinstance(candidates, (int, float)) or not 2 <= candidates <= 64:
+            raise UserError(f"{where}: calibration.candidates must be a number from 2 to 64 (candidate sequences per "
+                            f"kept one; CFG gives 2 per image), got {candidates!r}")
+        return cls(dgc, float(candidates))
 
 
 @dataclass
@@ -24,6 +57,7 @@ class Recipe:
     description: str = ""
     exclude: list[str] = field(default_factory=list)
     source: str = ""
+    calibration: RecipeCalibration = field(default_factory=RecipeCalibration)
 
     @property
     def precision(self) -> Precision:
@@ -47,7 +81,7 @@ def load_recipe(name_or_path: str) -> Recipe:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"recipe {path} is not valid TOML: {e}") from None
-    unknown = set(data) - {"pipeline", "bits", "description", "exclude"}
+    unknown = set(data) - {"pipeline", "bits", "description", "exclude", "calibration"}
     if unknown:
         raise UserError(f"recipe {path}: unknown field(s) {', '.join(sorted(unknown))}")
     if "pipeline" not in data:
@@ -55,4 +89,6 @@ def load_recipe(name_or_path: str) -> Recipe:
     bits = data.get("bits", "W8A8")
     precision(bits, f"recipe {path}: bits")
     parse_pipeline(data["pipeline"])  # fail now, not halfway through a compile
-    return Recipe(path.stem, data["pipeline"], bits, data.get("description", ""), list(data.get("exclude", [])), str(path))
+    calibration = RecipeCalibration.parse(data.get("calibration", {}), f"recipe {path}")
+    return Recipe(path.stem, data["pipeline"], bits, data.get("description", ""), list(data.get("exclude", [])), str(path),
+                  calibration)
