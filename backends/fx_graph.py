@@ -1,31 +1,58 @@
 """A quantized GraphModule saved as data, not code: ``graph.json`` (its nodes) + its tensors.
 
-``tools.compile --target torch`` writes them; ``tools.generate --quantized DIR`` rebuilds the
-fake-quant GraphModule on the re-traced model's module tree (which supplies the leaf modules
-the graph calls: LayerNorm, SiLU, ...), overwritten by the saved tensors. Loading runs no code
-from the files: tensors load with ``weights_only=True``, and a call target resolves only to a
-``torch.ops`` operator, a function whose own module is one of ``SAFE_MODULES``, or a target of
-the re-traced graph. (``graph.py`` beside them is for reading; it is never executed.)
+``tools.compile --target torch`` (and ``cuda``) writes them; ``tools.generate --quantized DIR``
+rebuilds the fake-quant GraphModule on the re-traced model's module tree (which supplies the leaf
+modules the graph calls: LayerNorm, SiLU, ...), overwritten by the saved tensors. Loading runs no
+code from the files. Tensors load with ``weights_only=True`` (or from safetensors). Every node is
+checked before anything is built or run: a ``call_function`` may only call ``ALLOWED_FUNCTIONS``
+(the torch functions and operators that the saved step graphs of every family use) or an operator
+of this project's namespaces (``OPERATOR_NAMESPACES``: the Q/DQ ops and the GPU backend's kernels);
+a ``call_method`` only ``ALLOWED_METHODS`` (tensor methods); a ``call_module`` only a leaf module
+that the re-traced model itself calls; a ``get_attr`` only a tensor. Names, targets and keyword
+names must be plain identifiers or paths of them, because fx turns them into the Python source of
+the rebuilt ``forward``. There is no ``getattr``. (``graph.py`` beside them is for reading; it is
+never executed.)
 """
 from __future__ import annotations
 
 import importlib
 import json
+import keyword
 import math
+import operator
+import re
 import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from core.errors import UserError
 from frontends.generic import load_checkpoint
+from passes.shift_sum import shift_sum_values
 
 FORMAT = "arvgq-fx-graph/1"
-# pure tensor / arithmetic functions; torch.load lives in torch.serialization and is refused
-SAFE_MODULES = ("torch", "torch._C._nn", "torch._C._linalg", "torch._C._fft", "torch._C._special",
-                "torch.nn.functional", "torch.functional", "_operator", "operator", "math", "builtins")
-SAFE_BUILTINS = ("getattr", "len", "int", "float", "min", "max", "abs", "slice", "range")
+
+# What the step graphs call, measured: the graph.json of every family's tiny model and of the shipped
+# MNIST models, compiled with --target torch, cuda and cuda-fp8 under every built-in recipe (minmax,
+# smoothquant, ptq4arvg, shiftsum) at W8A8, W6A6 and W4A8; plus the two functions that passes insert
+# in cases those runs did not reach (a fold's restore, dynamic Shift-and-Sum). Nothing else is rebuilt.
+_FUNCTIONS = (
+    operator.add, operator.sub, operator.mul, operator.matmul, operator.eq, operator.ge, operator.getitem,
+    torch.add, torch.sub, torch.mul, torch.matmul, torch.mean, torch.rsqrt, torch.stack, torch.where, torch.index_select,
+    F.linear, F.gelu, F.silu, F.softmax, F.normalize, F.pad, F.scaled_dot_product_attention,
+    torch.addcmul,  # passes/regions.py: a folded tensor restored for its other users
+    shift_sum_values,  # passes/shift_sum.py, shift-sum{mode=dynamic}: pure tensor arithmetic
+)
+ALLOWED_METHODS = frozenset((
+    "__getitem__", "chunk", "clamp", "clamp_max", "exp", "flatten", "float", "index_copy", "index_select", "mean",
+    "permute", "pow", "softmax", "transpose", "type_as", "unbind", "unflatten", "unsqueeze", "view",
+))
+# this project's operator namespaces (``ops:<namespace>.<op>.<overload>`` in graph.json) -> the module registering them
+OPERATOR_NAMESPACES = {"arvgq": "passes.ops", "arvgq_cuda": "backends.cuda.lower"}
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_PATH_PART = re.compile(r"(?!__)[A-Za-z0-9_]+\Z")  # module names may be digits (ModuleList); no dunders
 
 
 def target_name(target) -> str:
@@ -36,6 +63,9 @@ def target_name(target) -> str:
     if getattr(module, target.__name__, None) is target:  # torch.mul's qualname is _VariableFunctionsClass.mul
         return f"{target.__module__}:{target.__name__}"
     return f"{target.__module__}:{target.__qualname__}"
+
+
+ALLOWED_FUNCTIONS = {target_name(f): f for f in _FUNCTIONS}
 
 
 def tensors_of(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
@@ -115,49 +145,85 @@ def _load_tensors(path: Path) -> dict:
     return load_checkpoint(path)  # weights_only=True
 
 
-def _resolve(name: str, known: dict):
-    if name in known:
-        return known[name]
+def _refuse(what: str) -> UserError:
+    return UserError(f"graph.json {what}; refusing to load it (a graph written by tools.compile never does)")
+
+
+def _operator(name: str):
+    """``ns.op.overload`` of one of this project's namespaces, registered by importing its module."""
+    parts = name.split(".")
+    if (len(parts) != 3 or parts[0] not in OPERATOR_NAMESPACES
+            or not all(_IDENTIFIER.match(p) and not p.startswith("_") for p in parts)):
+        raise _refuse(f"calls the operator {name!r}, which is not one of this project's "
+                      f"({', '.join(f'torch.ops.{ns}.*' for ns in OPERATOR_NAMESPACES)})")
+    importlib.import_module(OPERATOR_NAMESPACES[parts[0]])
+    try:
+        op = getattr(getattr(getattr(torch.ops, parts[0]), parts[1]), parts[2])
+    except (AttributeError, RuntimeError):
+        raise UserError(f"graph.json calls the operator {name}, which is not registered here "
+                        f"(written by another version of this project?)") from None
+    if not isinstance(op, torch._ops.OpOverload) or op.namespace != parts[0]:
+        raise _refuse(f"calls {name!r}, which is not an operator")
+    return op
+
+
+def _function(name) -> object:
+    if not isinstance(name, str):
+        raise _refuse(f"has a call target that is not a name: {name!r}")
     if name.startswith("ops:"):
-        try:
-            obj = torch.ops
-            for part in name[4:].split("."):
-                obj = getattr(obj, part)
-            return obj
-        except (AttributeError, RuntimeError):
-            raise UserError(f"graph.json calls the operator {name[4:]}, which is not registered here") from None
-    module, _, qualname = name.partition(":")
-    if module not in SAFE_MODULES or (module == "builtins" and qualname not in SAFE_BUILTINS) or "." in qualname:
-        raise UserError(f"graph.json calls {module}.{qualname}, which is not an operator, a function of "
-                        f"{', '.join(SAFE_MODULES[:3])}, ... or of the re-traced model; refusing to load it")
-    fn = getattr(importlib.import_module(module), qualname, None)
-    if fn is None or getattr(fn, "__module__", module) not in SAFE_MODULES:
-        raise UserError(f"graph.json calls {module}.{qualname}, which is not a function of {module}; refusing it")
-    return fn
+        return _operator(name[4:])
+    if name not in ALLOWED_FUNCTIONS:
+        raise _refuse(f"calls {name.replace(':', '.')}, which is not among the functions a quantized step graph uses")
+    return ALLOWED_FUNCTIONS[name]
+
+
+def _check_path(path, what: str) -> str:
+    if not isinstance(path, str) or not path or not all(_PATH_PART.match(p) for p in path.split(".")):
+        raise _refuse(f"names the {what} {path!r}, which is not a dotted path of plain names")
+    return path
 
 
 def _decode(a, nodes: dict):
+    """Plain data of graph.json back into node arguments; ``nodes`` maps the names defined so far."""
     if isinstance(a, list):
         return [_decode(x, nodes) for x in a]
     if not isinstance(a, dict):
-        return a
+        return a  # JSON scalars: None, bool, int, float, str
+    if len(a) != 1:
+        raise _refuse(f"has an argument with keys {sorted(a)}, not one kind")
     (kind, v), = a.items()
     if kind == "node":
+        if not isinstance(v, str) or v not in nodes:
+            raise _refuse(f"uses the node {v!r} before (or without) defining it")
         return nodes[v]
     if kind == "float":
-        return float(v)
+        try:
+            if isinstance(v, str):
+                return float(v)
+        except ValueError:
+            pass
+        raise _refuse(f"has a float {v!r} that is not a number")
+    if kind in ("tuple", "dict", "slice") and not isinstance(v, list):
+        raise _refuse(f"has a {kind} argument that is not a list")
     if kind == "tuple":
         return tuple(_decode(x, nodes) for x in v)
     if kind == "dict":
+        if not all(isinstance(kv, list) and len(kv) == 2 and isinstance(kv[0], str) for kv in v):
+            raise _refuse("has a dict argument whose items are not [name, value] pairs")
         return {k: _decode(x, nodes) for k, x in v}
     if kind == "slice":
+        if len(v) != 3:
+            raise _refuse("has a slice argument without (start, stop, step)")
         return slice(*(_decode(x, nodes) for x in v))
     if kind == "ellipsis":
         return Ellipsis
     if kind == "device":
-        return torch.device(v)
+        try:
+            return torch.device(v)
+        except (RuntimeError, TypeError):
+            raise _refuse(f"names the device {v!r}") from None
     if kind == "torch":
-        obj = getattr(torch, v, None)
+        obj = getattr(torch, v, None) if isinstance(v, str) and _IDENTIFIER.match(v) else None
         if not isinstance(obj, (torch.dtype, torch.memory_format, torch.layout)):
             raise UserError(f"graph.json names torch.{v}, which is not a dtype, layout or memory format")
         return obj
@@ -165,25 +231,99 @@ def _decode(a, nodes: dict):
 
 
 def _set_tensor(root: nn.Module, path: str, value: torch.Tensor) -> None:
-    """Put ``value`` at ``path`` as a buffer, creating empty parent modules the passes added."""
+    """Put ``value`` at ``path`` as a buffer, creating empty parent modules the passes added.
+
+    Only modules, parameters, buffers and tensor attributes are replaced; any other attribute of
+    that name (a method, a setting) makes the file refused.
+    """
+    *parents, leaf = _check_path(path, "tensor").split(".")
+    mod = root
+    for p in parents:
+        if p in mod._modules:
+            mod = mod._modules[p]
+            continue
+        if hasattr(mod, p):
+            raise _refuse(f"stores the tensor {path!r} under {p!r}, which is not a module of the model")
+        mod.add_module(p, nn.Module())
+        mod = mod._modules[p]
+    if leaf in mod._parameters:
+        del mod._parameters[leaf]
+    elif isinstance(mod.__dict__.get(leaf), torch.Tensor):
+        delattr(mod, leaf)
+    elif leaf not in mod._buffers and hasattr(mod, leaf):
+        raise _refuse(f"stores the tensor {path!r} over {leaf!r}, which is not a tensor of the model")
+    mod.register_buffer(leaf, value)
+
+
+def _tensor_at(root: nn.Module, path: str):
+    """The tensor at ``path`` (modules, then a parameter, buffer or tensor attribute), else None; no getattr."""
     *parents, leaf = path.split(".")
     mod = root
     for p in parents:
-        if not hasattr(mod, p):
-            mod.add_module(p, nn.Module())
-        mod = getattr(mod, p)
-    if leaf in mod._parameters:
-        del mod._parameters[leaf]
-    elif hasattr(mod, leaf) and leaf not in mod._buffers:
-        delattr(mod, leaf)
-    mod.register_buffer(leaf, value)
+        mod = mod._modules.get(p)
+        if mod is None:
+            return None
+    for table in (mod._parameters, mod._buffers, mod.__dict__):
+        value = table.get(leaf)
+        if isinstance(value, torch.Tensor):
+            return value
+    return None
+
+
+_OPS = ("placeholder", "get_attr", "call_function", "call_method", "call_module", "output")
+
+
+def check_nodes(data) -> list[dict]:
+    """Every node of a graph.json, checked before anything is loaded or run (see the module docstring);
+    returns them with ``call_function`` targets resolved under ``fn``."""
+    if not isinstance(data, dict) or not isinstance(data.get("nodes"), list) or not data["nodes"]:
+        raise _refuse("has no list of nodes")
+    names: dict[str, str] = {}
+    checked = []
+    for i, spec in enumerate(data["nodes"]):
+        if not isinstance(spec, dict) or not {"op", "name", "target", "args", "kwargs"} <= set(spec):
+            raise _refuse(f"has a node #{i} without op, name, target, args and kwargs")
+        op, name, target = spec["op"], spec["name"], spec["target"]
+        if op not in _OPS:
+            raise UserError(f"graph.json has a node of unknown kind {op!r}")
+        if not isinstance(name, str) or not _IDENTIFIER.match(name) or keyword.iskeyword(name) or name in names:
+            raise _refuse(f"has a node named {name!r} (not an identifier, or defined twice)")
+        args, kwargs = _decode(spec["args"], names), _decode(spec["kwargs"], names)
+        if not isinstance(args, (tuple, list)) or not isinstance(kwargs, dict):
+            raise _refuse(f"has node {name!r} whose args are not a tuple or whose kwargs are not a dict")
+        bad = [k for k in kwargs if not _IDENTIFIER.match(k) or keyword.iskeyword(k)]
+        if bad:
+            raise _refuse(f"passes node {name!r} a keyword named {bad[0]!r}")
+        fn = None
+        if op == "call_function":
+            fn = _function(target)
+        elif op == "call_method":
+            if target not in ALLOWED_METHODS:
+                raise _refuse(f"calls the method {target!r}, which is not among the tensor methods a quantized step "
+                              f"graph uses")
+            if not args:
+                raise _refuse(f"calls the method {target!r} on nothing")
+        elif op in ("get_attr", "call_module"):
+            _check_path(target, "attribute" if op == "get_attr" else "module")
+        elif op == "placeholder":
+            if not isinstance(target, str) or not _IDENTIFIER.match(target) or keyword.iskeyword(target):
+                raise _refuse(f"has an input named {target!r}, which is not an identifier")
+        elif op == "output":
+            if len(args) != 1 or i != len(data["nodes"]) - 1:
+                raise _refuse("has an output node that is not the last node or returns more than one value")
+        names[name] = name
+        checked.append({**spec, "fn": fn})
+    if checked[-1]["op"] != "output":
+        raise _refuse("has no output node")
+    return checked
 
 
 def load_graph(directory: str | Path, fp_graph: fx.GraphModule) -> fx.GraphModule:
     """The quantized GraphModule saved in ``directory`` (``graph.json`` and one of ``TENSOR_FILES``).
 
     ``fp_graph``: the model's FP trace (``frontends.trace``), whose module tree and call targets the
-    saved graph was built from; it is modified in place and becomes the root of the result.
+    saved graph was built from; it is modified in place and becomes the root of the result. Every
+    node is checked (``check_nodes``) before the tensors are read or the graph is built.
     """
     directory = Path(directory)
     graph_file = directory / "graph.json"
@@ -194,10 +334,19 @@ def load_graph(directory: str | Path, fp_graph: fx.GraphModule) -> fx.GraphModul
                             f"'python -m tools.compile --target torch' (or cuda)")
     try:
         data = json.loads(graph_file.read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise UserError(f"cannot read {graph_file}: {e}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise UserError(f"{graph_file} is not a graph written by tools.compile (format {FORMAT})")
+    try:
+        specs = check_nodes(data)
+    except RecursionError:
+        raise _refuse("nests its arguments too deeply") from None
+    leaves = {n.target for n in fp_graph.graph.nodes if n.op == "call_module"}
+    for spec in specs:
+        if spec["op"] == "call_module" and spec["target"] not in leaves:
+            raise _refuse(f"calls the module {spec['target']!r}, which the model's own step does not call")
+
     tensors = _load_tensors(tensors_file)
     if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
         raise UserError(f"{tensors_file} is not a state dict (name -> tensor)")
@@ -207,23 +356,20 @@ def load_graph(directory: str | Path, fp_graph: fx.GraphModule) -> fx.GraphModul
             raise UserError(f"{directory} was compiled from another model: {k} has shape {tuple(v.shape)} "
                             f"there, {tuple(fp_tensors[k].shape)} in this one")
         _set_tensor(fp_graph, k, v)
+    for spec in specs:
+        if spec["op"] == "get_attr" and _tensor_at(fp_graph, spec["target"]) is None:
+            raise UserError(f"{graph_file} reads {spec['target']!r}, which is no tensor of this model or of "
+                            f"{tensors_file.name}; was it compiled from this checkpoint?")
 
-    known = {target_name(n.target): n.target for n in fp_graph.graph.nodes if callable(n.target)}
     graph, nodes = fx.Graph(), {}
-    for spec in data["nodes"]:
-        op, target = spec["op"], spec["target"]
+    for spec in specs:
+        op = spec["op"]
         args, kwargs = _decode(spec["args"], nodes), _decode(spec["kwargs"], nodes)
-        if op == "call_function":
-            target = _resolve(target, known)
-        elif op == "call_method" and target.startswith("_"):
-            raise UserError(f"graph.json calls the method {target!r}; refusing private methods")
-        elif op not in ("placeholder", "get_attr", "call_module", "output", "call_method"):
-            raise UserError(f"graph.json has a node of unknown kind {op!r}")
         if op == "output":
             graph.output(args[0])
             continue
-        node = graph.create_node(op, target, tuple(args), kwargs, name=spec["name"])
-        nodes[spec["name"]] = node
+        target = spec["fn"] if op == "call_function" else spec["target"]
+        nodes[spec["name"]] = graph.create_node(op, target, tuple(args), kwargs, name=spec["name"])
     try:
         return fx.GraphModule(fp_graph, graph)
     except (AttributeError, RuntimeError) as e:

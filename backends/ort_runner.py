@@ -48,7 +48,11 @@ def make_session(path: str | Path, mode: str = "reference", *, threads: int | No
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix
     providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-    return ort.InferenceSession(str(path), so, providers=providers)
+    try:
+        return ort.InferenceSession(str(path), so, providers=providers)
+    except Exception as e:  # onnxruntime's own types (InvalidProtobuf, Fail, ...) for a file it cannot load
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"onnxruntime cannot load {path} as an ONNX model: {first[:300]}") from None
 
 
 def run(session: ort.InferenceSession, inputs: tuple) -> list[np.ndarray]:

@@ -168,7 +168,13 @@ def artefact_target(directory: Path) -> Target:
 
     report = directory / "report.json"
     if report.is_file():
-        return target(json.loads(report.read_text())["target"])
+        try:
+            name = json.loads(report.read_text())["target"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{report} is not a report of tools.compile ({type(e).__name__}: {e})") from None
+        if not isinstance(name, str):
+            raise UserError(f"{report} names no target")
+        return target(name)
     return target("torch" if (directory / "graph.json").is_file() else "onnx")
 
 

@@ -5,7 +5,10 @@ A cache directory is named by a hash of what determines its content: the model w
 chunks (`calib_key`). A chunk is any tree of tensors, numbers, strings, lists, tuples and
 dicts (captured step inputs, ``TensorObserver.state_dict()``); it is written to a temporary
 file and renamed, so a chunk file on disk is always complete, and read back with
-``torch.load(weights_only=True)``, so a cache never runs pickled code. The capture loop is::
+``torch.load(weights_only=True)``, so a cache never runs pickled code. Every chunk has a BLAKE2b
+checksum beside it (``chunk_NNNNN.pt.b2``, written before the chunk), verified on every read: a
+damaged chunk is an error that says how to rebuild the cache, never silently other statistics.
+The capture loop is::
 
     cache = CalibCache(root, calib_key(model.state_dict(), sampler, seed, n_samples), len(batches))
     for i, batch in enumerate(batches):
@@ -27,7 +30,8 @@ import torch
 from core.errors import UserError
 from core.io import atomic_path
 
-FORMAT = "arvg-quant-calib-cache/1"
+FORMAT = "arvg-quant-calib-cache/2"  # /2: a checksum beside every chunk
+CHECKSUM_SUFFIX = ".b2"
 _PLAIN = (str, int, float, bool, type(None))
 
 
@@ -48,6 +52,15 @@ def state_dict_hash(state_dict: Mapping[str, Any]) -> str:
             h.update(t.reshape(-1).view(torch.uint8).numpy().data)
         else:
             h.update(repr(value).encode())
+    return h.hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    """BLAKE2b-128 of a file's bytes, read in 4 MB blocks (a chunk is never held twice in memory)."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
     return h.hexdigest()
 
 
@@ -88,7 +101,11 @@ class CalibCache:
         self.key_hash = hashlib.sha256(text.encode()).hexdigest()[:16]
         self.n_chunks = n_chunks
         self.path = Path(root) / self.key_hash
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"calibration cache {root}: cannot create {self.path} ({e.strerror or e}); "
+                            f"pass another --calib-cache DIR") from None
         if not (self.path / "key.json").exists():
             self._write_atomic(self.path / "key.json", lambda f: f.write(json.dumps(self.key, sort_keys=True,
                                                                                       indent=1, default=str).encode()))
@@ -98,24 +115,48 @@ class CalibCache:
             raise IndexError(f"chunk {i} out of range 0..{self.n_chunks - 1}")
         return self.path / f"chunk_{i:05d}.pt"
 
+    def checksum_path(self, i: int) -> Path:
+        path = self.chunk_path(i)
+        return path.with_name(path.name + CHECKSUM_SUFFIX)
+
     def has(self, i: int) -> bool:
         return self.chunk_path(i).exists()
 
     def save(self, i: int, obj: Any) -> Path:
-        """Write chunk i atomically (temporary file, fsync, rename)."""
+        """Write chunk i atomically (temporary file, fsync, rename), its checksum first."""
         _check_plain(obj, f"chunk {i}")
         path = self.chunk_path(i)
-        self._write_atomic(path, lambda f: torch.save(obj, f))
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            digest = _file_digest(tmp)
+            self._write_atomic(self.checksum_path(i), lambda f: f.write(digest.encode()))
         return path
+
+    def _rebuild_hint(self) -> str:
+        return f"delete {self.path} (or pass another --calib-cache) and re-run to rebuild it"
 
     def load(self, i: int) -> Any:
         path = self.chunk_path(i)
         if not path.exists():
             raise UserError(f"calibration cache has no chunk {i} in {self.path}: run the capture first")
+        if not self.checksum_path(i).exists():
+            raise UserError(f"calibration chunk {path} has no checksum ({self.checksum_path(i).name}): it is damaged "
+                            f"or was not written by this tool; {self._rebuild_hint()}")
+        try:
+            expected = self.checksum_path(i).read_text().strip()
+            actual = _file_digest(path)
+        except OSError as e:
+            raise UserError(f"cannot read calibration chunk {path} or its checksum ({e.strerror or e}): "
+                            f"{self._rebuild_hint()}") from None
+        if actual != expected:
+            raise UserError(f"calibration chunk {path} is damaged (its checksum does not match): {self._rebuild_hint()}")
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # a damaged file: name it and say how to recover
-            raise UserError(f"cannot read calibration chunk {path} ({type(e).__name__}): delete it and re-run to recapture it") from e
+        except Exception as e:  # written by another version, or damaged before its checksum was taken
+            raise UserError(f"cannot read calibration chunk {path} ({type(e).__name__}): {self._rebuild_hint()}") from e
 
     def first_missing(self) -> int:
         """Index of the first chunk not on disk (``n_chunks`` when complete): where a capture resumes."""

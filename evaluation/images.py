@@ -19,6 +19,7 @@ from core.errors import UserError
 from evaluation import metrics
 
 MNIST_SIZES = {(28, 28), (32, 32)}
+MNIST_CLASSES = 10
 PR_K = 3
 
 
@@ -71,29 +72,47 @@ def load_samples(path: str | Path) -> Samples:
     if not path.is_file():
         raise UserError(f"sample file not found: {path}")
     try:
-        data = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, zipfile.BadZipFile) as e:
-        raise UserError(f"{path} is not an .npz file: {e}") from None
-    if not isinstance(data, np.lib.npyio.NpzFile):
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    if magic == b"\x93NUMPY":
         raise UserError(f"{path} is a single .npy array, expected an .npz with arr_0 (images) and arr_1 (labels)")
+    if not magic.startswith(b"PK"):  # np.load would take any other bytes for a pickle
+        raise UserError(f"{path} is not an .npz file (not a zip archive of arrays); expected what tools.generate "
+                        f"writes: arr_0 (uint8 images), arr_1 (labels)")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+        raise UserError(f"{path} is not a readable .npz file: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+    def array(k: str) -> np.ndarray:
+        try:
+            return data[k]
+        except ValueError:  # allow_pickle=False refuses object arrays
+            raise UserError(f"{path}: array {k!r} holds Python objects (dtype object), which are not read; "
+                            f"store numeric arrays (uint8 images, integer labels)") from None
+        except (OSError, zipfile.BadZipFile, EOFError) as e:
+            raise UserError(f"{path}: array {k!r} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
     with data:
         keys = set(data.files)
         key = next((k for k in ("arr_0", "images") if k in keys), None)
         if key is None:
             raise UserError(f"{path} has no image array 'arr_0' (keys: {', '.join(sorted(keys)) or 'none'})")
-        images = data[key]
+        images = array(key)
         if images.ndim == 3:
             images = images[..., None]
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
             hint = " (looks like NCHW: transpose to NHWC)" if images.ndim == 4 and images.shape[1] in (1, 3) else ""
             raise UserError(f"{path}: {key} must be uint8 [N, H, W, 3] (NHWC), got {images.dtype} "
                             f"{list(images.shape)}{hint}")
-        labels = next((data[k] for k in ("arr_1", "labels") if k in keys), None)
+        labels = next((array(k) for k in ("arr_1", "labels") if k in keys), None)
         if labels is not None and (labels.ndim != 1 or len(labels) != len(images)
                                    or not np.issubdtype(labels.dtype, np.integer)):
             raise UserError(f"{path}: labels must be integers [N={len(images)}], got {labels.dtype} {list(labels.shape)}")
-        tokens = data["tokens"] if "tokens" in keys else None
-        logits = data["logits"] if "logits" in keys else None
+        tokens = array("tokens") if "tokens" in keys else None
+        logits = array("logits") if "logits" in keys else None
     if tokens is None and (path.parent / "tokens.pt").is_file():
         tokens = torch.load(path.parent / "tokens.pt", map_location="cpu", weights_only=True)
     return Samples(path, images, labels, tokens, logits)
@@ -181,6 +200,11 @@ def evaluate(ref: Samples, sample: Samples, *, features: str = "auto", inception
     if features not in ("mnist", "inception"):
         raise UserError(f"unknown feature network {features!r} (mnist or inception)")
     mnist = sample.is_mnist_size if mnist is None else mnist
+    if mnist and sample.labels is not None:
+        bad = sorted({int(c) for c in sample.labels if not 0 <= c < MNIST_CLASSES})
+        if bad:
+            raise UserError(f"{sample.path}: labels {bad[:5]} are not MNIST classes (0..{MNIST_CLASSES - 1}), so class "
+                            f"accuracy cannot be scored; pass --no-mnist to skip the MNIST metrics")
     if paired is None:
         paired = (ref.labels is not None and sample.labels is not None and ref.images.shape == sample.images.shape
                   and np.array_equal(ref.labels, sample.labels))

@@ -17,6 +17,7 @@ import importlib
 import importlib.util
 import inspect
 import pickle
+import re
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -171,8 +172,25 @@ def strict_load(module: torch.nn.Module, state_dict: dict, what: str) -> torch.n
     problems = state_dict_problems(module, state_dict)
     if problems:
         raise UserError(f"{what} does not load strictly into {type(module).__name__}: {'; '.join(problems)}")
+    check_finite(state_dict, what, parameters={name for name, _ in module.named_parameters()})
     module.load_state_dict(state_dict, strict=True, assign=True)
     return module
+
+
+def check_finite(tensors: dict, what: str, parameters: set[str] | None = None) -> None:
+    """A NaN in any floating-point tensor of ``tensors``, or an Inf in one of its ``parameters`` (None: all),
+    is a UserError naming the tensor, raised before any work. Buffers may hold infinities by design
+    (attention masks of -inf); a weight may not."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.is_meta:
+            continue
+        bad = t.isnan() if parameters is not None and name not in parameters else ~torch.isfinite(t)
+        if bool(bad.any()):
+            values = t[bad]
+            kinds = " and ".join(k for k, has in (("NaN", bool(values.isnan().any())), ("Inf", bool(values.isinf().any())))
+                                 if has)
+            raise UserError(f"{what}: tensor {name} holds {kinds} ({int(values.numel())} of {t.numel()} values); "
+                            f"the checkpoint is damaged or was saved from a diverged run")
 
 
 def load_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> Any:
@@ -183,9 +201,11 @@ def load_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as e:
-        if "Unsupported global" in str(e):
-            raise UserError(f"{path} holds pickled Python objects (a whole module?); loading it runs code from the "
-                            f"file. If you trust it, pass --allow-pickle") from None
+        blocked = re.search(r"unsupported global:?\s*(?:GLOBAL\s+)?([\w.]+)", str(e), re.IGNORECASE)
+        if blocked:  # refused before anything ran: say what it would run, not that the file is damaged
+            raise UserError(f"{path} holds pickled Python objects (it refers to {blocked.group(1)}; a whole module?), "
+                            f"which were not loaded: loading them runs code from the file. Only if you trust it, "
+                            f"pass --allow-pickle") from None
         raise UserError(f"cannot read {path}: corrupt or not a PyTorch checkpoint") from e
     except Exception as e:  # a damaged file fails deep inside the unpickler with any error type
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -200,6 +220,7 @@ def _load_pt2(path: Path) -> ModelBundle:
     if ep.example_inputs is None:
         raise UserError(f"{path} was saved without example inputs; re-export it with torch.export.export(model, args)")
     args, _ = ep.example_inputs
+    check_finite({**ep.state_dict, **ep.constants}, str(path), parameters=set(ep.graph_signature.parameters))
     gm = ep.module()
     names = [s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
     return ModelBundle(path.stem, gm, tuple(args), input_names=names, graph=gm)
@@ -229,6 +250,7 @@ def load_model(spec: str, *, allow_pickle: bool = False, family: str | None = No
     if path.suffix in CHECKPOINT_SUFFIXES:
         obj = load_checkpoint(path, allow_pickle=allow_pickle)
         if isinstance(obj, torch.nn.Module):
+            check_finite(obj.state_dict(), str(path), parameters={name for name, _ in obj.named_parameters()})
             return _as_bundle(obj, str(path))
         if isinstance(obj, dict):
             from frontends import families

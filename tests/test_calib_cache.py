@@ -145,7 +145,7 @@ def test_damaged_or_missing_chunks_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="no chunk 1"):
         cache.load(1)
     cache.chunk_path(1).write_bytes(b"not a torch file")
-    with pytest.raises(UserError, match="delete it and re-run"):
+    with pytest.raises(UserError, match="has no checksum.*delete .* and re-run to rebuild it"):
         cache.load(1)
     with pytest.raises(IndexError):
         cache.has(N_CHUNKS)
@@ -199,3 +199,28 @@ def test_calib_batch_sets_the_generation_batches(tmp_path, capsys):
         assert report["calibration"]["batches"] == generations * scales, batch
     assert main([*args, "--calib-batch", "0", "--out", str(tmp_path / "bad")]) == 2
     assert "--calib-batch must be at least 1" in capsys.readouterr().err
+
+
+def test_corrupted_chunk_is_an_error_that_says_how_to_rebuild(tmp_path):
+    """Flipped bytes inside a chunk's tensor data (still a loadable file) are found by the chunk's checksum."""
+    cache = _cache(tmp_path)
+    _capture_all(cache)
+    path = cache.chunk_path(2)
+    data = bytearray(path.read_bytes())
+    start = data.find(b"data/0") + 200  # inside the first tensor's storage: torch.load would not notice
+    data[start:start + 64] = bytes(b ^ 0xFF for b in data[start:start + 64])
+    path.write_bytes(bytes(data))
+    assert not torch.equal(torch.load(path, weights_only=True)["x"], _capture(2)["x"])  # loads, other values
+    with pytest.raises(UserError, match=r"chunk_00002\.pt is damaged \(its checksum does not match\): "
+                                        r"delete .* \(or pass another --calib-cache\) and re-run to rebuild it"):
+        cache.load(2)
+    cache.load(1)  # the others still read
+    cache.checksum_path(3).unlink()
+    with pytest.raises(UserError, match="chunk_00003.pt has no checksum"):
+        cache.load(3)
+
+
+def test_calib_cache_that_is_a_file_is_a_user_error(tmp_path):
+    (tmp_path / "cache").write_text("not a directory")
+    with pytest.raises(UserError, match="cannot create .*another --calib-cache"):
+        _cache(tmp_path / "cache")

@@ -124,10 +124,10 @@ def test_bad_input_exit_2_one_line_nothing_written(tmp_path):
 
 def test_existing_output_needs_force(tmp_path, capsys):
     out = tmp_path / "o"
-    out.mkdir()
-    (out / "keep.txt").write_text("old")
+    assert main([f"{MODELS}:two_in_two_out", "--out", str(out)]) == 0
+    first = (out / "model.onnx").stat().st_mtime_ns
     assert main([f"{MODELS}:two_in_two_out", "--out", str(out)]) == 2
     assert "--force" in capsys.readouterr().err
-    assert (out / "keep.txt").exists()
-    assert main([f"{MODELS}:two_in_two_out", "--out", str(out), "--force"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "model.onnx").exists()
+    assert main([f"{MODELS}:two_in_two_out", "--out", str(out), "--force"]) == 0  # its own output: replaced
+    assert (out / "model.onnx").stat().st_mtime_ns != first
+    assert not list(tmp_path.glob(".o.tmp-*"))

@@ -121,8 +121,8 @@ def test_bundle_from_checkpoint_round_trip_and_trace(tiny, tmp_path):
 
 
 def test_real_gpt_b_layout_loads_strictly_and_is_detected():
-    weights = {k: torch.empty(s) for k, s in gpt_b_shapes().items()}
-    checkpoint = {"model": weights | {"freqs_cis": torch.empty(257, 32, 2)}, "args": {}}
+    weights = {k: torch.zeros(s) for k, s in gpt_b_shapes().items()}  # not empty(): garbage may be NaN, refused
+    checkpoint = {"model": weights | {"freqs_cis": torch.zeros(257, 32, 2)}, "args": {}}
     assert detect(checkpoint) == "GPT-B"
     bundle = build(checkpoint, path=None, config="GPT-B")
     model = bundle.extra["model"]

@@ -106,6 +106,26 @@ def test_graph_json_refuses_unsafe_targets(tmp_path, var_files):
             load_graph(tmp_path, trace(load_model(ckpt, tokenizer=tok)))
 
 
+def test_quantized_runs_in_a_fresh_process(tmp_path, var_files):
+    """A clean 'compile --target torch' output in a process that never imported the Q/DQ operators
+    (issue 20: 'operator arvgq.quantize.default ... not registered here')."""
+    import os
+    import subprocess
+    import sys
+
+    ckpt, tok, qdir = var_files
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "-m", "tools.generate", ckpt, "--tokenizer", tok, "--quantized", str(qdir),
+                        "--classes", "0,1", "--out", str(tmp_path / "fq")], cwd=root, capture_output=True, text=True,
+                       env={**os.environ, "ARVGQ_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}, timeout=600, check=False)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "fq" / "samples.npz").is_file()
+    # the same tokens as in this process
+    assert main([ckpt, "--tokenizer", tok, "--quantized", str(qdir), "--classes", "0,1", "--out", str(tmp_path / "here")]) == 0
+    for a, b in zip(_tokens(tmp_path / "fq"), _tokens(tmp_path / "here")):
+        assert torch.equal(a, b)
+
+
 def test_batches_shards_and_resume_keep_every_image(tmp_path, var_files, monkeypatch):
     ckpt, tok, _ = var_files
     common = [ckpt, "--tokenizer", tok, "--classes", "3,1,4,1,5"]

@@ -29,6 +29,7 @@ from backends.registry import Runner, measure, runner, runners, target
 from compiler.bench import generation, profile_table, render, workloads
 from compiler.driver import quantize
 from core.errors import UserError
+from core.io import atomic_write_text, check_writable
 from core.progress import say
 from core.qmath import PRECISIONS
 from passes.recipes import load_recipe
@@ -73,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"unknown workload {args.model!r}; choose from {', '.join(sorted(named))}")
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     specs = [runner(b) for b in backends]  # an unknown name fails here
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -80,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         batches = [int(b) for b in str(args.batch).split(",")]
     except ValueError:
         raise UserError(f"--batch must be integers separated by commas, got {args.batch!r}") from None
+    if min(batches) < 1:
+        raise UserError(f"--batch sizes must be at least 1, got {args.batch!r}")
+    if args.repeats < 1 or args.warmup < 0:
+        raise UserError(f"--repeats must be at least 1 and --warmup at least 0, got {args.repeats} and {args.warmup}")
+    if args.json:
+        check_writable(args.json, "--json", kind="file")  # before any work
     recipe = load_recipe(args.recipe)
     say(f"building {args.model}")
     bundle = named[args.model](batches[0])
@@ -124,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                 for r in timed}})
             del timed
     if args.json:
-        Path(args.json).write_text(json.dumps({"workload": args.model, "steps": args.steps, "device": device,
+        atomic_write_text(args.json, json.dumps({"workload": args.model, "steps": args.steps, "device": device,
                                                "pipeline": args.pipeline or recipe.pipeline, "bits": args.bits,
                                                "results": results}, indent=1))
     return 0

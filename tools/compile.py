@@ -15,8 +15,8 @@ from backends.registry import targets
 from compiler.config import DEFAULT_MODEL
 from compiler.driver import Compiler
 from core.errors import UserError
-from core.io import atomic_output_dir
-from tools._cli import add_model_arguments, compile_config, main_wrapper
+from core.io import atomic_output_dir, check_output_dir, check_writable
+from tools._cli import add_model_arguments, compile_config, main_wrapper, model_input_paths
 
 # The shipped MNIST VAR is the newcomer's first run: with no other choice made, compile it for
 # onnxruntime and score images from FP, the artefact and the baselines in the same run.
@@ -63,9 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     config = compile_config(args, target=args.target, stop_after=args.stop_after, disabled=args.disable_pass,
                             site_sqnr=not args.no_site_sqnr, evaluate=args.evaluate,
                             compare=parse_compare(args.compare or ""))  # a typo fails before any work
+    out, inputs = Path(args.out), model_input_paths(args)
+    check_output_dir(out, force=args.force, inputs=inputs)  # before any work: nothing is lost or half-made
+    check_writable(args.calib_cache, "--calib-cache", kind="cache")
     compiler = Compiler(config)
-    out = Path(args.out)
-    with atomic_output_dir(out, force=args.force) as tmp:
+    with atomic_output_dir(out, force=args.force, inputs=inputs) as tmp:
         report = compiler.compile(tmp)
     fid = report["fidelity"]
     lines = [
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"  ONNX: {o['QuantizeLinear']} Q / {o['DequantizeLinear']} DQ, onnxruntime vs torch max |diff| "
                      f"{o['ort_reference_max_abs_diff']:.2e} (SQNR {o['ort_reference_sqnr_db']:.0f} dB)")
         lines.append(f"  TensorRT Q/DQ lint: {sum(lint_['int8_gemms'].values())} int8 GEMMs, "
-                     f"{len(lint_['violations'])} violations" + ("" if lint_["ok"] else " (python -m tools.inspect out/model.onnx --lint)"))
+                     f"{len(lint_['violations'])} violations" + ("" if lint_["ok"] else f" (python -m tools.inspect {out}/model.onnx --lint)"))
     excluded = [n for n, site in report["sites"].items() if site["excluded_by"]]
     if excluded:
         lines.append(f"  kept in full precision: {len(excluded)} sites ({', '.join(excluded[:4])}{', ...' if len(excluded) > 4 else ''})")

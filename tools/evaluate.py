@@ -14,9 +14,10 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 
 from core.errors import UserError
-from core.io import atomic_write_bytes
+from core.io import atomic_write_bytes, check_writable
 from core.progress import progress, say
 from evaluation.images import evaluate, load_samples
 from tools._cli import main_wrapper
@@ -66,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.batch < 1:
         raise UserError(f"--batch must be at least 1, got {args.batch}")
+    if args.json:  # before any work
+        check_writable(args.json, "--json", kind="file")
+        if any(Path(args.json).resolve() == Path(p).resolve() for p in (args.ref, args.sample)):
+            raise UserError(f"--json {args.json} is an input of this run; write the results elsewhere")
     ref, sample = load_samples(args.ref), load_samples(args.sample)
     say(f"evaluating {len(sample.images)} images of {args.sample} against {len(ref.images)} of {args.ref}")
     results = evaluate(ref, sample, features=args.features, inception=args.inception, mnist=args.mnist,

@@ -32,7 +32,7 @@ from compiler.generation import (
     write_outputs,
 )
 from core.errors import UserError
-from core.io import atomic_output_dir
+from core.io import atomic_output_dir, check_output_dir
 from core.progress import progress, say
 from frontends import load_model
 from frontends.sampling import batch_seed, batches, shard
@@ -164,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     labels = parse_labels(args.classes, args.per_class)
     rank, world, local_rank = dist_env()
     out = Path(args.out)
-    if out.exists() and not args.force:
-        raise UserError(f"output directory {out} exists; pass --force to replace it")
+    inputs = [p for p in (args.model, args.tokenizer, args.onnx, args.engine, args.quantized)
+              if p and not p.startswith("builtin:")]
+    check_output_dir(out, force=args.force, inputs=inputs)  # before any work: nothing is lost or half-made
     partial = out.with_name(out.name + ".partial")
     if args.merge and not partial.is_dir():
         raise UserError(f"--merge: {partial} not found (nothing was generated into {out})")
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     elif store.missing():
         wait_for(store, 0)
     tokens, images = store.load_all()
-    with atomic_output_dir(out, force=args.force) as tmp:
+    with atomic_output_dir(out, force=args.force, inputs=inputs) as tmp:
         write_outputs(tmp, tokens, images, labels)
     shutil.rmtree(partial)
     print(f"wrote {len(images)} images to {out}/ (grid.png, samples.npz, tokens.pt)")

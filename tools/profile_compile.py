@@ -19,6 +19,7 @@ from pathlib import Path
 
 from compiler.profile import profile_one, profiled_workloads, render
 from core.errors import UserError
+from core.io import atomic_write_text, check_writable
 from core.progress import say
 from tools._cli import main_wrapper
 
@@ -77,13 +78,15 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--samples must be integers separated by commas, got {args.samples!r}") from None
     if not counts or min(counts) < 1:
         raise UserError(f"--samples must be positive integers, got {args.samples!r}")
+    if args.json:
+        check_writable(args.json, "--json", kind="file")  # before any work
     results = []
     for n in counts:
         say(f"profiling {args.model} with {n} calibration sample(s) in a fresh process")
         results.append(run_sample_count(args.model, n, pipeline, bits, not args.no_onnx))
     print(render(results))
     if args.json:
-        Path(args.json).write_text(json.dumps({"pipeline": pipeline, "bits": bits, "results": results}, indent=1))
+        atomic_write_text(args.json, json.dumps({"pipeline": pipeline, "bits": bits, "results": results}, indent=1))
     return 0
 
 

@@ -8,16 +8,17 @@ the ranking and write the worst sites as an exclusion list that ``tools.compile
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 from calib.device import default_device, inputs_to
 from compiler.driver import Compiler
 from core.errors import UserError
-from core.io import atomic_write_text
+from core.io import atomic_write_text, check_writable
 from core.progress import progress, say
 from passes.analysis import PreQDQSnapshot, rank_sites, site_sqnr
-from tools._cli import add_model_arguments, compile_config, main_wrapper
+from tools._cli import add_model_arguments, compile_config, main_wrapper, model_input_paths
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,9 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.top < 1 or args.batches < 0:
         raise UserError("--top must be at least 1 and --batches at least 0")
-    out = Path(args.out)
+    if args.threshold is not None and not math.isfinite(args.threshold):
+        raise UserError(f"--threshold must be a finite number of dB, got {args.threshold}")
+    out = check_writable(args.out, "--out", kind="file")  # before any work
     if not out.parent.is_dir():
         raise UserError(f"--out {out}: directory {out.parent} does not exist")
+    if any(Path(p).resolve() == out.resolve() for p in model_input_paths(args)):
+        raise UserError(f"--out {out} is an input of this run; write the exclusion list elsewhere")
+    check_writable(args.calib_cache, "--calib-cache", kind="cache")
     compiler = Compiler(compile_config(args, target="torch"))
     device = compiler.device
     say(f"loading {args.model}")

@@ -11,6 +11,7 @@ import sys
 
 import torch
 
+from core.io import check_writable
 from core.progress import progress, say
 from frontends import train_tiny
 from tools._cli import main_wrapper
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 @main_wrapper
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_writable(args.out, "--out", kind="cache")  # written into, stage by stage: checked before training
     if args.threads:
         torch.set_num_threads(args.threads)
     logs = train_tiny.run(args.out, data_root=args.data, seed=args.seed, only=args.only, progress=progress)
