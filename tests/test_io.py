@@ -66,7 +66,7 @@ def test_failing_pass_keeps_its_dumps_and_prints_one_error_line(tmp_path):
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         rc = main(["builtin:tiny-block", "--pipeline", "canonicalize,observe,act-quant,test-explode,insert-qdq", "--target", "torch",
                    "--out", str(out)])
-    assert rc == 1
+    assert rc == 2
     errors = [line for line in err.getvalue().splitlines() if line.startswith("error:")]
     assert len(errors) == 1
     assert "test-explode" in errors[0] and "kaboom" in errors[0] and f"{out}.failed/" in errors[0]

@@ -309,7 +309,7 @@ def test_export_exception_is_one_error_line_naming_stage_and_module(exported, ca
 
     monkeypatch.setattr(backends.ort_runner, "make_session", refuse)
     rc, err, _, _ = _compile(capsys, tmp_path, *exported["encoder"], "--bits", "W6A6")
-    assert rc == 1
+    assert rc == 2
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in err
     assert lines[0].startswith("error: export (--target onnx) failed at module layers.0.ln1 (node layer_norm_1): "
@@ -326,7 +326,7 @@ def test_pass_exception_names_the_pass_and_the_module(exported, capsys, tmp_path
 
     monkeypatch.setattr(passes.insert_qdq, "quantized_weight", boom)
     rc, err, _, _ = _compile(capsys, tmp_path, *exported["gpt"])
-    assert rc == 1
+    assert rc == 2
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in err
     assert lines[0].startswith("error: pass 'insert-qdq' failed after ['canonicalize', 'observe', 'act-quant', "

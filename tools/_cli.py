@@ -24,8 +24,9 @@ def _terminate(signum, frame):
 
 
 def main_wrapper(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
-    """Turn UserError into ``error: <message>`` on stderr and exit status 2 (PassError: 1); SIGTERM and
-    SIGHUP end the command like Ctrl-C (temporaries removed), with status 128 + the signal number."""
+    """Turn UserError and PassError (which names the pass and the module) into ``error: <message>`` on
+    stderr and exit status 2; SIGTERM and SIGHUP end the command like Ctrl-C (temporaries removed), with
+    status 128 + the signal number."""
 
     def wrapped(argv: list[str] | None = None) -> int:
         handlers = {}
@@ -34,12 +35,9 @@ def main_wrapper(main: Callable[[list[str] | None], int]) -> Callable[[list[str]
                 handlers[sig] = signal.signal(sig, _terminate)
         try:
             return main(argv)
-        except UserError as e:
+        except (UserError, PassError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        except PassError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
         except Terminated as e:
             print(f"error: terminated by {e.args[0]}; temporary files removed", file=sys.stderr)
             return 128 + e.signum
