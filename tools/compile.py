@@ -1,9 +1,10 @@
-"""``python -m tools.compile [MODEL] --target onnx|ort|torch|trt --out DIR``
+"""``python -m tools.compile [MODEL] --target onnx|ort|trt|torch|cuda|cuda-fp8 --out DIR``
 
-Load a model, trace one step to an fx graph, run the recipe's pass pipeline (dumping after
-every pass that changed the graph), export ONNX with Q/DQ, check it on onnxruntime against
-the torch fake-quant graph, and write ``report.json`` + ``report.md``. Everything is written
-to a temporary directory that becomes DIR only when the whole job succeeded.
+Load a model, trace one step to an fx graph, run the recipe's pass pipeline and the target's
+lowering passes (dumping after every pass that changed the graph), export the target's artefact
+(ONNX with Q/DQ checked on onnxruntime against the torch fake-quant graph, a TensorRT engine, the
+graph as data, or the graph on our GPU kernels), and write ``report.json`` + ``report.md``.
+Everything is written to a temporary directory that becomes DIR only when the whole job succeeded.
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
     p.add_argument("--target", choices=list(targets()),
-                   help=f"what to build (default: onnx; {SHOWCASE['target']} for the default model)")
+                   help=f"what to build (default: onnx; {SHOWCASE['target']} for the default model): "
+                        + "; ".join(f"{t.name}: {t.summary}" for t in targets().values()))
     p.add_argument("--out", default="out", help="output directory (default: out)")
     p.add_argument("--force", action="store_true", help="replace the output directory if it exists")
     p.add_argument("--stop-after", metavar="PASS", help="stop the pipeline after this pass")
