@@ -58,7 +58,10 @@ class OnnxTarget(Target):
         from backends.onnx_export import qdq_census
         from backends.ort_runner import cpu_has_vnni, make_session, run
         from backends.qdq_lint import lint
+        from passes.dynamic_quant import simulation_only_reason
 
+        if why := simulation_only_reason(job.gm):  # e.g. dtwq: per-token scales computed at run time
+            raise UserError(why)
         job.say("[3/4] exporting ONNX")
         onnx_path = export_model(job.gm, job.bundle, job.out / "model.onnx")
         model_proto = onnx.load(str(onnx_path), load_external_data=False)

@@ -1,10 +1,12 @@
 """Importing this module registers every built-in pass (``passes.infra.registered_passes`` does)."""
 from passes import (  # noqa: F401  (registration)
     canonicalize,
+    dynamic_quant,
     exclude,
     gps,
     insert_qdq,
     observe,
+    os_plus,
     quantize,
     regions,
     shift_sum,

@@ -78,3 +78,24 @@ def _onnx_dequantize(q, scale, zero_point, axis: int):
 
 
 ONNX_TRANSLATIONS = {Q: _onnx_quantize, DQ: _onnx_dequantize}
+
+
+@torch.library.custom_op("arvgq::dynamic_token_fake_quant", mutates_args=())
+def dynamic_token_fake_quant(x: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    """Per-token fake quantization with the grid computed from the live tensor (DTWQ): each row of
+    the last axis gets ``qmath.qparams_from_range(min, max)`` (widened to contain 0), then Q/DQ.
+    Simulation only: it has no ONNX translation (``passes/dynamic_quant.py``)."""
+    qmin, qmax = qmath.qrange(bits)
+    xf = x.float()
+    scale, zp = qmath.qparams_from_range(xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True), bits, symmetric)
+    z = zp.float()
+    q = torch.clamp(torch.round(xf / scale) + z, qmin, qmax)
+    return ((q - z) * scale).to(x.dtype)
+
+
+@dynamic_token_fake_quant.register_fake
+def _dynamic_token_fake_quant_fake(x, bits, symmetric):
+    return torch.empty_like(x)
+
+
+DYNAMIC_TOKEN_FQ = torch.ops.arvgq.dynamic_token_fake_quant.default
