@@ -200,7 +200,7 @@ def test_cuda_step_on_cpu_equals_the_graph(family):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("family", ["var", "llamagen"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_fp16_graph(family):
     """What the GPU runs, on the CPU: model tensors and activations fp16, grids float32, codes int8."""
     _, steps, fp, q = compiled(family, "ptq4arvg")
@@ -241,7 +241,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available() or not HAS_KERNELS,
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("family", ["var", "llamagen", "mnist-var"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_lowered_graph_on_cuda_equals_fake_quant(family, dtype):
     _, steps, fp, q = compiled(family, "ptq4arvg")
     step = CudaStep(lowered(q)[0], dtype=dtype, cuda_graphs=False)  # kernels; float GEMMs for <= 16 rows
