@@ -69,11 +69,11 @@ class OnnxTarget(Target):
         inputs = job.bundle.example_inputs
         sess = make_session(onnx_path, "reference")
         ref, got = run_outputs(job.gm, inputs), [torch.as_tensor(g) for g in run(sess, inputs)]
-        fast = [torch.as_tensor(g) for g in run(make_session(onnx_path, "fast"), inputs)]
+        fast_session = make_session(onnx_path, "fast")
+        fast = [torch.as_tensor(g) for g in run(fast_session, inputs)]
         ort_fast = {"max_rel_diff_vs_reference": max_rel_diff(got, fast), "cpu_vnni": cpu_has_vnni(),
                     "reduce_range": job.reduce_range}
         ort_fast.update(self.extra_models(job, onnx_path, got))
-        fast_session = make_session(onnx_path, "fast")
         return {"onnx": {
             "path": "model.onnx",
             "file_bytes": onnx_path.stat().st_size,

@@ -143,23 +143,23 @@ def targets() -> dict[str, Target]:
     return dict(_TARGETS)
 
 
-def target(name: str) -> Target:
-    known = targets()
-    if name not in known:
-        raise UserError(f"unknown target {name!r}; choose from {', '.join(known)}")
-    return known[name]
-
-
 def runners() -> dict[str, RunnerSpec]:
     _load_builtin()
     return dict(_RUNNERS)
 
 
-def runner(name: str) -> RunnerSpec:
-    known = runners()
+def _lookup(known: dict, name: str, what: str):
     if name not in known:
-        raise UserError(f"unknown backend {name!r}; choose from {', '.join(known)}")
+        raise UserError(f"unknown {what} {name!r}; choose from {', '.join(known)}")
     return known[name]
+
+
+def target(name: str) -> Target:
+    return _lookup(targets(), name, "target")
+
+
+def runner(name: str) -> RunnerSpec:
+    return _lookup(runners(), name, "backend")
 
 
 def artefact_target(directory: Path) -> Target:

@@ -87,10 +87,10 @@ def _int8(name: str, mode: str | None):
         cuda = torch.cuda.is_available()
         dev, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
         low = lowered(q_gm, f"fuse-attention,lower-int8-torch{{dtype={str(dtype).removeprefix('torch.')}}}")
-        counts = {k: sum(1 for n in low.graph.nodes if n.target is torch_int8.int8_linear) for k in ("int8_linears",)}
+        n_int8 = sum(1 for n in low.graph.nodes if n.target is torch_int8.int8_linear)
         low = torch_int8.to_device(low, dev, dtype)
         f = compiled(low, mode) if cuda else low
-        note = f"{counts['int8_linears']} int8 linears" + ("" if cuda else " (CPU: dequantized float fallback)")
+        note = f"{n_int8} int8 linears" + ("" if cuda else " (CPU: dequantized float fallback)")
         return Runner(name, lambda x: f(*x), converter(dev, dtype), module_bytes(low), dev, dtype, note=note)
     return prepare
 

@@ -309,7 +309,7 @@ class Compiler:
         mine = recipe is None
         recipe = recipe or self.recipe
         pipeline = (self.pipeline if lowering else (self.config.pipeline or recipe.pipeline)) if mine else recipe.pipeline
-        exclusions = self.exclusions(recipe, announce=False) if not mine else self.exclusions(announce=False)
+        exclusions = self.exclusions(recipe, announce=False)
         return quantize(self.load(), pipeline, bits or (self.bits if mine else recipe.bits), self.calibrate().inputs,
                         stop_after=self.config.stop_after if mine else None,
                         disabled=self.config.disabled if mine else (), instruments=instruments,
