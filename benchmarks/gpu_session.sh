@@ -9,8 +9,10 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 P="canonicalize,observe{histograms=false},stwq,weight-quant,insert-qdq"
 case "$1" in
-  suite)
-    python -m pytest -q -p no:cacheprovider -n 8 -rfs 2>&1 | tee "$OUT/pytest.log" | tail -40 ;;
+  suite)  # every test, one line per test in the log (a run cut short still says what passed and failed)
+    timeout ${SUITE_S:-480} python -m pytest -v -p no:cacheprovider -n 12 -rfs --durations=20 -W ignore::Warning \
+      > "$OUT/pytest.log" 2>&1
+    grep -E "FAILED|ERROR" "$OUT/pytest.log" | cut -c1-300 | tail -30; grep -E "passed|failed" "$OUT/pytest.log" | tail -3 ;;
   all)  # one call when machines are scarce: smoke, the step at batch 64 and 16, the suite, the GEMM table
     bash "$0" smoke || exit 1
     timeout 300 python -m tools.bench --model var-d16 --batch 64,16 --pipeline "$P" --repeats 15 --warmup 3 --profile \
