@@ -52,7 +52,9 @@ def make_session(path: str | Path, mode: str = "reference", *, threads: int | No
         return ort.InferenceSession(str(path), so, providers=providers)
     except Exception as e:  # onnxruntime's own types (InvalidProtobuf, Fail, ...) for a file it cannot load
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"onnxruntime cannot load {path} as an ONNX model: {first[:300]}") from None
+        # onnxruntime puts its source location first and the reason (an IR version, a bad node) last
+        reason = first if len(first) <= 300 else f"{first[:80]} ... {first[-220:]}"
+        raise UserError(f"onnxruntime cannot load {path} as an ONNX model: {reason}") from None
 
 
 def run(session: ort.InferenceSession, inputs: tuple) -> list[np.ndarray]:

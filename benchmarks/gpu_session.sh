@@ -21,6 +21,14 @@ case "$1" in
     grep -A6 "^workload" "$OUT/var_d16_last.log" | head -30
     timeout 150 python -m pytest -q -p no:cacheprovider -n 12 -rfs > "$OUT/pytest.log" 2>&1; tail -25 "$OUT/pytest.log"
     timeout 60 python benchmarks/gemm_bench.py --json "$OUT/gemm.json" 2>&1 | tail -25 ;;
+  final)  # the suite, then GPT-B decode and a whole VAR-d16 generation (fewest shapes first)
+    SUITE_S=240 bash "$0" suite
+    timeout 110 python -m tools.bench --model gpt-b-decode --batch 64 --pipeline "$P" --repeats 20 --warmup 3 \
+      --backends torch-fp16-graphs,cuda-int8 --json "$OUT/gpt_b_decode.json" > "$OUT/gpt_b_decode.log" 2>&1
+    grep -A4 "^workload" "$OUT/gpt_b_decode.log"; grep -i "error" "$OUT/gpt_b_decode.log" | tail -2
+    timeout 200 python -m tools.bench --model var-d16 --steps all --batch 16 --pipeline "$P" --repeats 3 --warmup 1 \
+      --backends torch-fp16-graphs,cuda-int8 --json "$OUT/var_d16_all.json" > "$OUT/var_d16_all.log" 2>&1
+    grep -A4 "^workload" "$OUT/var_d16_all.log"; grep -i "error" "$OUT/var_d16_all.log" | tail -2 ;;
   measure)  # the step at batch 64 and 16 with its profile (FP16 graphs, int8, fp8), then the GPU tests only
     timeout 380 python -m tools.bench --model var-d16 --batch 64,16 --pipeline "$P" --repeats 15 --warmup 3 --profile \
       --backends torch-fp16-graphs,cuda-int8,cuda-fp8 --json "$OUT/var_d16_last.json" > "$OUT/var_d16_last.log" 2>&1

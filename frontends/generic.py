@@ -288,9 +288,13 @@ def trace(bundle: ModelBundle) -> fx.GraphModule:
             f"{str(e).splitlines()[0] if str(e) else ''}. Fix: make control flow independent of tensor values "
             f"(or move it out of forward), or export with torch.export and pass the .pt2") from None
     gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
+    # The example inputs live on the CPU; a driver may have moved the model to a GPU before tracing.
+    device = next((t.device for t in (*module.parameters(), *module.buffers())), torch.device("cpu"))
+    inputs = torch.utils._pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t,
+                                          bundle.example_inputs)
     with torch.no_grad():
         try:
-            ref, got = module(*bundle.example_inputs), gm(*bundle.example_inputs)
+            ref, got = module(*inputs), gm(*inputs)
         except Exception as e:
             raise UserError(f"the traced graph of {bundle.name} fails on the example inputs: {type(e).__name__}: {e}") from None
     ref_l, got_l = tensor_outputs(ref), tensor_outputs(got)

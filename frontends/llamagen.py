@@ -45,7 +45,7 @@ from core.errors import UserError
 from frontends import vq16
 from frontends.families import Family, register_family
 from frontends.generic import ModelBundle, load_checkpoint, step_dynamic_shapes, strict_load
-from frontends.sampling import image_generators
+from frontends.sampling import image_generators, on_device
 
 CLS_TOKEN_NUM = 1  # class-conditional models condition on one token
 
@@ -325,16 +325,17 @@ def generate(model: Transformer, labels, *, cfg_scale: float, top_k: int = 0, to
     an onnxruntime session wrapper); the model's own forward by default.
     """
     step = model if step is None else step
-    labels = torch.as_tensor(labels, dtype=torch.long).view(-1)
+    device = model.output.weight.device  # a model moved to a GPU samples there, as VAR's driver
+    labels = torch.as_tensor(labels, dtype=torch.long).view(-1).to(device)
     batch, guided = labels.shape[0], cfg_scale > 1.0
     cond = torch.cat([labels, torch.full_like(labels, model.config.num_classes)]) if guided else labels
-    generators = image_generators(seed, batch, labels.device)  # per image: independent of the batch
-    tokens = torch.zeros(cond.shape[0], model.config.num_tokens, dtype=torch.long)
-    k_cache, v_cache = model.empty_cache(cond.shape[0])
+    generators = image_generators(seed, batch, device)  # per image: independent of the batch
+    tokens = torch.zeros(cond.shape[0], model.config.num_tokens, dtype=torch.long, device=device)
+    k_cache, v_cache = on_device(device, *model.empty_cache(cond.shape[0]))
     mask = model.attention_mask()
     for pos in model.schedule():
-        ids = model.sequence_ids(tokens, cond)[:, pos]
-        logits, k_cache, v_cache = step(ids, pos, mask[pos], k_cache, v_cache, model.token_groups(pos))
+        ids = model.sequence_ids(tokens, cond)[:, pos.to(device)]
+        logits, k_cache, v_cache = step(*on_device(device, ids, pos, mask[pos], k_cache, v_cache, model.token_groups(pos)))
         if guided:
             c, u = logits.chunk(2)
             logits = u + (c - u) * cfg_scale

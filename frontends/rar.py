@@ -29,7 +29,7 @@ from core.errors import UserError
 from frontends.families import Family, register_family
 from frontends.generic import ModelBundle, step_dynamic_shapes, widen_batch
 from frontends.maskgit_vq import count_indexed, load_strict, load_tokenizer
-from frontends.sampling import image_generators
+from frontends.sampling import image_generators, on_device
 
 
 @dataclass(frozen=True)
@@ -295,20 +295,21 @@ def generate(model: RAR, labels, *, guidance_scale: float, guidance_scale_pow: f
     """
     cfg = model.config
     step = RARStep(model).eval() if step is None else step
-    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    device = model.pos_embed.device  # a model moved to a GPU samples there, as VAR's driver
+    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).to(device)
     n = labels.numel()
     condition = cfg.condition_id(labels)
     if guidance_scale != 0:
         condition = torch.cat([condition, torch.full_like(condition, cfg.none_condition_id)])
-    generators = image_generators(seed, n, labels.device)
-    k_cache, v_cache = empty_cache(cfg, len(condition)), empty_cache(cfg, len(condition))
+    generators = image_generators(seed, n, device)
+    k_cache, v_cache = on_device(device, empty_cache(cfg, len(condition)), empty_cache(cfg, len(condition)))
     ids, start, tokens = prefix_ids(cfg, condition), 0, []
     for i in range(cfg.image_seq_len):
-        logits, k_cache, v_cache = step(*step_inputs(cfg, ids, condition, start, k_cache, v_cache))
+        logits, k_cache, v_cache = step(*on_device(device, *step_inputs(cfg, ids, condition, start, k_cache, v_cache)))
         logits = logits[:, -1]
         if guidance_scale != 0:
             cond, uncond = logits[:n], logits[n:]
-            logits = uncond + (cond - uncond) * cfg_scale(i, cfg.image_seq_len, guidance_scale, guidance_scale_pow)
+            logits = uncond + (cond - uncond) * cfg_scale(i, cfg.image_seq_len, guidance_scale, guidance_scale_pow).to(device)
         tokens.append(sample(logits / temperature, generators))
         start += ids.shape[1]
         ids = tokens[-1].repeat(len(condition) // n).unsqueeze(1)

@@ -26,6 +26,11 @@ def image_generators(seed: int, n: int, device: torch.device | str = "cpu") -> l
     return [torch.Generator(device=device).manual_seed(image_seed(seed, i)) for i in range(n)]
 
 
+def on_device(device: torch.device, *tensors: torch.Tensor) -> tuple:
+    """Step inputs moved to the model's device: the drivers build them on the CPU, a GPU step needs them there."""
+    return tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in tensors)
+
+
 def batch_seed(seed: int, first_image: int) -> int:
     """The seed to pass a driver for a batch starting at image ``first_image``: its images then
     draw exactly the streams they draw in one big batch (``image_seed`` is additive)."""

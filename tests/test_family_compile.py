@@ -52,7 +52,11 @@ def test_family_compiles_to_legal_onnx(tmp_path, family, recipe):
     assert r["family"] == family  # detected from the checkpoint's keys
     assert "self-generated" in r["calibration"]["source"] and r["calibration"]["batches"] > 0
     assert r["onnx"]["tensorrt_lint"]["ok"], r["onnx"]["tensorrt_lint"]["violations"]
-    assert r["onnx"]["ort_reference_max_abs_diff"] <= 1e-4
+    # onnxruntime equals torch, except where a CPU's float rounding moves a value across a quantizer's
+    # rounding boundary (seen on an AVX-512 CPU): one code's change then reaches a few outputs, while a wrong
+    # export (a scale, a zero point, a missing node) drops the SQNR far below 50 dB.
+    o = r["onnx"]
+    assert o["ort_reference_max_abs_diff"] <= 1e-4 or o["ort_reference_sqnr_db"] >= 50, o
     assert sum(r["onnx"]["tensorrt_lint"]["int8_gemms"].values()) >= 8
     assert r["fidelity"]["min_sqnr_db"] > 10
     if recipe == "ptq4arvg":

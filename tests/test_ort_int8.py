@@ -30,7 +30,8 @@ def _linear_model(w_int8: np.ndarray, w_scale: np.ndarray, x_scale: float, x_zp:
              helper.make_node("Add", ["mm", "fc.bias"], ["y"])]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "t", K])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=inits)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)],
+                           ir_version=9)  # opset 19's IR: older onnxruntime builds refuse newer IRs
 
 
 def _run(model: onnx.ModelProto, x: np.ndarray, tmp_path, name: str, mode: str) -> np.ndarray:

@@ -43,7 +43,8 @@ def _model(nodes, inits, inputs=("x",)):
         nodes, "g", [helper.make_tensor_value_info(i, TensorProto.FLOAT, [2, 4]) for i in inputs],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
         [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)],
+                           ir_version=9)  # opset 19's IR: older onnxruntime builds refuse newer IRs
 
 
 def test_forbidden_ops_runtime_scales_and_half_quantized_gemm():
