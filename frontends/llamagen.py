@@ -243,7 +243,7 @@ class Transformer(nn.Module):
 
     def to_raster(self, tokens: torch.Tensor) -> torch.Tensor:
         """Generated tokens ``[B, N]`` (model order) -> raster order, as the tokenizer wants."""
-        return tokens[:, torch.argsort(self.token_order())]
+        return tokens[:, torch.argsort(self.token_order()).to(tokens.device)]
 
     def attention_mask(self) -> torch.Tensor:
         """Additive ``[seq_len, seq_len]`` mask (0 / -inf); a step takes its rows ``input_pos``."""
@@ -333,9 +333,11 @@ def generate(model: Transformer, labels, *, cfg_scale: float, top_k: int = 0, to
     tokens = torch.zeros(cond.shape[0], model.config.num_tokens, dtype=torch.long, device=device)
     k_cache, v_cache = on_device(device, *model.empty_cache(cond.shape[0]))
     mask = model.attention_mask()
-    for pos in model.schedule():
-        ids = model.sequence_ids(tokens, cond)[:, pos.to(device)]
-        logits, k_cache, v_cache = step(*on_device(device, ids, pos, mask[pos], k_cache, v_cache, model.token_groups(pos)))
+    for pos_cpu in model.schedule():
+        pos = pos_cpu.to(device)
+        ids = model.sequence_ids(tokens, cond)[:, pos]
+        logits, k_cache, v_cache = step(*on_device(device, ids, pos, mask[pos_cpu], k_cache, v_cache,
+                                                   model.token_groups(pos)))
         if guided:
             c, u = logits.chunk(2)
             logits = u + (c - u) * cfg_scale

@@ -90,7 +90,7 @@ class PARTransformer(Transformer):
 
     def sequence_ids(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         n, first_special = self.config.ar_token_num, self.config.vocab_size + self.config.num_classes + 1
-        special = torch.arange(first_special, first_special + n - 1).expand(tokens.shape[0], -1)
+        special = torch.arange(first_special, first_special + n - 1, device=tokens.device).expand(tokens.shape[0], -1)
         return torch.cat([self.class_ids(labels), tokens[:, :n], special, tokens[:, n:]], 1)
 
     def attention_allowed(self) -> torch.Tensor:

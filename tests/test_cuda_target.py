@@ -91,7 +91,7 @@ def test_cuda_runners_need_cuda():
 def test_generate_on_gpu_keeps_token_agreement(compiled, tmp_path):
     """The artefact on the Triton kernels keeps the CPU path's token agreement with FP within 1 point (each
     against FP on its own device: CUDA draws other random streams than the CPU)."""
-    common = ["builtin:mnist-var", "--classes", ",".join(str(i % 10) for i in range(40))]
+    common = ["builtin:mnist-var", "--classes", ",".join(str(i % 10) for i in range(200))]  # 200: +-0.5 point
     for device in ("cuda", "cpu"):
         for name, extra in (("q", ["--quantized", str(compiled)]), ("fp", [])):
             rc, err = _run(generate_main, [*common, *extra, "--device", device, "--out", str(tmp_path / f"{name}_{device}")])
@@ -101,7 +101,8 @@ def test_generate_on_gpu_keeps_token_agreement(compiled, tmp_path):
         q, fp = (torch.load(tmp_path / f"{n}_{device}" / "tokens.pt") for n in ("q", "fp"))
         return sum(int((x == y).sum()) for x, y in zip(q, fp)) / sum(x.numel() for x in fp)
 
-    assert agreement("cuda") >= agreement("cpu") - 0.01
+    on_gpu, on_cpu = agreement("cuda"), agreement("cpu")
+    assert on_gpu >= on_cpu - 0.01, (on_gpu, on_cpu)
 
 
 def test_kernels_are_opaque_operators_to_torch_compile():
