@@ -75,6 +75,7 @@ def _var(config: str):
         return ModelBundle(f"var-{config.removeprefix('builtin:')}", V.VARStep(model).eval(), _var_step_inputs(model, last, 2, 0),
                            family="var", input_names=list(V.STEP_INPUT_NAMES), output_names=list(V.STEP_OUTPUT_NAMES),
                            calib_inputs=calib, extra={"model": model, "group_maps": V.group_maps(model.num_scales),
+                                                      "default_exclude": list(V.DEFAULT_EXCLUDE),
                                                       "dynamic_shapes": V.dynamic_shapes(model.config),
                                                       "inputs_for_batch": lambda b, **f: _var_step_inputs(model, last, 2 * b, 0, **f)})
     return build

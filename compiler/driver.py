@@ -106,7 +106,7 @@ class Compiler:
     """One compilation of ``config``: ``load()``, ``calibrate()``, ``quantize()``, or ``compile(out)`` for all."""
 
     def __init__(self, config: CompileConfig, *, say: Callable[[str], None] = default_say,
-                 progress: Callable = default_progress):
+                 progress: Callable = default_progress, bundle: ModelBundle | None = None):
         self.config, self.say, self.progress = config, say, progress
         self.target = registry.target(config.target)
         reason = self.target.unavailable()
@@ -131,6 +131,9 @@ class Compiler:
         check_dgc(config.calibration)
         self.device = resolve_device(config.device)  # a machine without CUDA says so at once
         self.bundle: ModelBundle | None = None
+        if bundle is not None:  # built by the caller (tools.bench's workloads): resolved like a loaded one
+            self.bundle = dataclasses.replace(bundle, graph=bundle.graph or trace(bundle))
+            self._default_recipe(bundle)
         self._sites: dict | None = None
         self._calibration: Calibration | None = None
 
@@ -142,9 +145,12 @@ class Compiler:
             c = self.config
             bundle = load_model(c.model, allow_pickle=c.allow_pickle, family=c.family, tokenizer=c.tokenizer)
             self.bundle = dataclasses.replace(bundle, graph=trace(bundle))
-            if self._recipe is None:
-                self._recipe = load_recipe("minmax" if bundle.family == "generic" else "ptq4arvg")
+            self._default_recipe(bundle)
         return self.bundle
+
+    def _default_recipe(self, bundle: ModelBundle) -> None:
+        if self._recipe is None:
+            self._recipe = load_recipe("minmax" if bundle.family == "generic" else "ptq4arvg")
 
     @property
     def recipe(self) -> Recipe:

@@ -258,6 +258,8 @@ class VARStep(nn.Module):
 
 
 # Lower-case, suffix-free names: fx keeps them as the placeholder names and ONNX as the input names.
+# The AdaLN linears run on one row per image (M = batch rows), where int8 GEMMs lose: passes/exclude.py
+DEFAULT_EXCLUDE = ("blocks.*.ada_lin.1", "head_nm.ada_lin.1")
 STEP_INPUT_NAMES = ["x", "cond", "positions", "attn_bias", "k_cache", "v_cache", "token_groups"]
 STEP_OUTPUT_NAMES = ["logits", "k_cache_out", "v_cache_out"]  # ONNX forbids an output named like an input
 
@@ -479,7 +481,7 @@ def build(state_dict: dict, path: str | Path | None = None, config: str | None =
         calib_inputs=[],
         extra={"model": var, "tokenizer": vae, "generate": generate_tokens, "group_maps": group_maps(var.num_scales),
                "dynamic_shapes": dynamic_shapes(cfg),
-               "default_exclude": ["blocks.*.ada_lin.1", "head_nm.ada_lin.1"]},  # M = batch rows: passes/exclude.py
+               "default_exclude": list(DEFAULT_EXCLUDE)},
     )
 
 

@@ -59,3 +59,24 @@ def test_bench_onnxruntime_int8_backends_and_profile(capsys):
     int8_profile = out[out.index("--- profile of ort-int8 "):out.index("--- profile of ort-int8-qdq")]
     assert "MatMulIntegerToFloat" in int8_profile and "DequantizeLinear" not in int8_profile  # every linear int8
     assert "DynamicQuantizeMatMul" in out[out.index("--- profile of ort-quant-dynamic"):]
+
+
+def test_int8_graph_is_built_as_compile_builds_it(tmp_path, capsys):
+    """The int8 backends measure what tools.compile ships: the family's default recipe and exclusions (VAR's
+    one-row AdaLN linears stay float); a --pipeline override is recorded and labelled as one."""
+    from frontends.var import DEFAULT_EXCLUDE
+
+    shipped, override = tmp_path / "a.json", tmp_path / "b.json"
+    common = ["--model", "var-tiny", "--backends", "torch-fp32,torch-int8", "--repeats", "1", "--warmup", "0"]
+    assert main([*common, "--json", str(shipped)]) == 0
+    d = json.loads(shipped.read_text())
+    assert d["recipe"] == "ptq4arvg" and not d["pipeline_override"] and d["bits"] == "W8A8"
+    assert set(d["exclude"]) == set(DEFAULT_EXCLUDE)
+    assert d["exclude"]["blocks.*.ada_lin.1"] == ["blocks.0.ada_lin.1", "blocks.1.ada_lin.1"]
+    note = d["results"][0]["backends"]["torch-int8"]["note"]
+    assert main([*common, "--pipeline", "canonicalize,observe,act-quant,weight-quant,insert-qdq", "--json", str(override)]) == 0
+    e = json.loads(override.read_text())
+    assert e["pipeline_override"] and e["recipe"] is None and e["pipeline"].startswith("canonicalize,observe,act-quant")
+    assert "pipeline override" in capsys.readouterr().out
+    # the excluded AdaLN linears are not int8 GEMMs: two blocks x 4 linears + head = 9 quantized sites of 12
+    assert note.split()[0] == "9" and e["results"][0]["backends"]["torch-int8"]["note"].split()[0] == "9"

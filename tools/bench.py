@@ -27,7 +27,8 @@ import torch
 
 from backends.registry import Runner, measure, runner, runners, target
 from compiler.bench import generation, profile_table, render, workloads
-from compiler.driver import quantize
+from compiler.config import CompileConfig
+from compiler.driver import Compiler, quantize
 from core.errors import UserError
 from core.io import atomic_write_text, check_writable
 from core.progress import say
@@ -47,9 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "(CFG doubles the rows of family workloads)")
     p.add_argument("--steps", choices=("last", "all"), default="last",
                    help="last: one step at the last scale; all: a whole generation, sampling included")
-    p.add_argument("--recipe", default="minmax", help="recipe used for the int8 backends")
-    p.add_argument("--pipeline", help="pass pipeline for the int8 backends (overrides the recipe's)")
-    p.add_argument("--bits", choices=sorted(PRECISIONS), default="W8A8")
+    p.add_argument("--recipe", help="recipe of the int8 backends (default: tools.compile's, ptq4arvg for family "
+                                     "models); its exclusions and the family's default ones apply, as in tools.compile")
+    p.add_argument("--pipeline", help="pass pipeline for the int8 backends (overrides the recipe's; labelled as an override)")
+    p.add_argument("--bits", choices=sorted(PRECISIONS), help="default: the recipe's")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, help="torch / onnxruntime CPU threads")
@@ -89,15 +91,23 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--repeats must be at least 1 and --warmup at least 0, got {args.repeats} and {args.warmup}")
     if args.json:
         check_writable(args.json, "--json", kind="file")  # before any work
-    recipe = load_recipe(args.recipe)
+    if args.recipe:
+        load_recipe(args.recipe)  # a typo fails before the workload is built
     say(f"building {args.model}")
     bundle = named[args.model](batches[0])
     calib = bundle.calib_inputs or [bundle.example_inputs]
     t0 = time.perf_counter()
     reduce_range = any(s.quantized and target(s.target).weight_reduce_range() for s in specs)
-    fp_gm, q_gm, _, _ = quantize(bundle, args.pipeline or recipe.pipeline, args.bits, calib, reduce_range=reduce_range)
-    say(f"quantized with {args.pipeline or recipe.name} ({args.bits}{', 7-bit weights' if reduce_range else ''}) "
-        f"in {time.perf_counter() - t0:.1f} s")
+    # The int8 graph is built as tools.compile builds it: the recipe, its bits and exclusions, the family's
+    # default exclusions (one-row AdaLN linears stay in float).
+    build = Compiler(CompileConfig(model=f"workload:{args.model}", recipe=args.recipe, pipeline=args.pipeline,
+                                   bits=args.bits), bundle=bundle, say=lambda msg: None)
+    exclusions = build.exclusions(announce=False)
+    pipeline = args.pipeline or build.recipe.pipeline
+    how = (f"pipeline override {pipeline!r}" if args.pipeline else f"recipe {build.recipe.name}") + \
+        (f", {sum(map(len, exclusions.values()))} sites excluded ({', '.join(exclusions)})" if exclusions else "")
+    fp_gm, q_gm, _, _ = quantize(bundle, pipeline, build.bits, calib, exclude=list(exclusions), reduce_range=reduce_range)
+    say(f"quantized with {how} ({build.bits}{', 7-bit weights' if reduce_range else ''}) in {time.perf_counter() - t0:.1f} s")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     results = []
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
@@ -125,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             what = ("full generation" if args.steps == "all" else
                     "one decode step" if bundle.family == "llamagen" else "one last-scale step")
             print(f"workload {args.model} ({what}), batch {batch}, {args.repeats} interleaved repeats after "
-                  f"{args.warmup} warm-up; {device}")
+                  f"{args.warmup} warm-up; {device}; int8 graph: {how}, {build.bits}")
             print(table)
             print(f"speedup_vs_fp32={speedup:.3f}" if speedup else "speedup_vs_fp32=n/a", flush=True)
             results.append({"batch": batch, "speedup_vs_fp32": speedup, "backends": {
@@ -134,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
             del timed
     if args.json:
         atomic_write_text(args.json, json.dumps({"workload": args.model, "steps": args.steps, "device": device,
-                                               "pipeline": args.pipeline or recipe.pipeline, "bits": args.bits,
+                                               "recipe": None if args.pipeline else build.recipe.name,
+                                               "pipeline": pipeline, "pipeline_override": bool(args.pipeline),
+                                               "exclude": exclusions, "bits": build.bits,
                                                "results": results}, indent=1))
     return 0
 
