@@ -318,11 +318,57 @@ def _sample(probs_BTV: torch.Tensor, generators: list[torch.Generator]) -> torch
     return torch.stack([torch.multinomial(p, 1, replacement=True, generator=g)[:, 0] for p, g in zip(probs_BTV, generators)])
 
 
+def edit_mask(patch_nums: tuple[int, ...], box: tuple[float, float, float, float], *, inpainting: bool) -> torch.Tensor:
+    """The keep-mask of a zero-shot edit, ``[pn, pn]`` at the last scale (the official ``get_edit_mask``).
+
+    ``box = (y0, x0, y1, x1)`` in fractions of the image. 1 = keep the input's token, 0 = generate.
+    Outpainting keeps the box; inpainting (also class-conditional editing) regenerates it. The
+    box edges are rounded with Python's ``round`` (half to even), as the official code does.
+    """
+    y0, x0, y1, x1 = box
+    pn = patch_nums[-1]
+    mask = torch.zeros(pn, pn)
+    mask[round(y0 * pn):round(y1 * pn), round(x0 * pn):round(x1 * pn)] = 1
+    return 1 - mask if inpainting else mask
+
+
+def scale_keep_masks(keep_mask: torch.Tensor, patch_nums: tuple[int, ...], batch: int) -> list[torch.Tensor]:
+    """Per scale, which tokens of ``[B, pn*pn]`` take the input's token (the official ``replace_embedding``).
+
+    ``keep_mask`` ``[h, w]`` (all images) or ``[B, h, w]`` is resized to each scale bilinearly
+    (``align_corners=False``) and thresholded at > 0.5; scales of at most 3 tokens (the 1x1 one)
+    keep everything, so even an all-zero mask keeps the input's first token.
+    """
+    mask = torch.as_tensor(keep_mask).float()
+    if mask.ndim == 2:
+        mask = mask.expand(batch, *mask.shape)
+    if mask.ndim != 3 or mask.shape[0] != batch:
+        raise UserError(f"edit keep-mask must be [h, w] or [B={batch}, h, w], got {tuple(mask.shape)}")
+    keeps = []
+    for pn in patch_nums:
+        keep = F.interpolate(mask[:, None], size=(pn, pn), mode="bilinear", align_corners=False) > 0.5
+        keeps.append(keep.flatten(1) | (pn * pn <= 3))
+    return keeps
+
+
+def _check_edit(edit_tokens, keep_mask, patch_nums: tuple[int, ...], batch: int) -> None:
+    if (edit_tokens is None) != (keep_mask is None):
+        raise UserError("an edit needs both the input's tokens and the keep-mask")
+    if edit_tokens is None:
+        return
+    want = [(batch, pn * pn) for pn in patch_nums]
+    got = [tuple(t.shape) for t in edit_tokens]
+    if got != want:
+        raise UserError(f"edit input tokens must be one [B, pn*pn] tensor per scale, {want}; got {got}")
+
+
 @torch.no_grad()
 def sample_tokens(model: VAR, labels, *, quantizer: MultiScaleQuantizer | None = None, cfg: float = 1.5,
                   top_k: int = 900, top_p: float = 0.96, seed: int = 0, step: Callable | None = None,
                   fixed_tokens: list[torch.Tensor] | None = None,
-                  on_probs: Callable[[int, torch.Tensor], None] | None = None) -> list[torch.Tensor]:
+                  on_probs: Callable[[int, torch.Tensor], None] | None = None,
+                  edit_tokens: list[torch.Tensor] | None = None,
+                  keep_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Sample token pyramids for ``labels`` (negative = unconditional), the official ``autoregressive_infer_cfg`` loop.
 
     CFG runs the batch twice (conditional, then class ``num_classes``) and mixes the logits of
@@ -337,9 +383,17 @@ def sample_tokens(model: VAR, labels, *, quantizer: MultiScaleQuantizer | None =
     ``fixed_tokens[si] [B, pn²]`` instead of sampling (calibration resampling, method.md §12.3).
     ``on_probs(si, probs [B, pn², V])``: sees each scale's sampling distribution (CFG-mixed,
     top-k/top-p filtered, softmaxed).
+    ``edit_tokens`` (the input images' ``VQVAE.img_to_idxBl``) and ``keep_mask`` (``edit_mask``):
+    zero-shot editing, the official ``autoregressive_infer_cfg_with_mask``. After each scale is
+    sampled, its tokens where ``scale_keep_masks`` is true become the input's, before the next
+    scale's input is built. The official code swaps the code vectors; swapping the tokens gives
+    the same vectors and returns tokens that decode to the edited image. Every token is still
+    drawn, so the random streams stay those of plain generation. Labels ``-1`` (unconditional)
+    give in/outpainting, a class gives class-conditional editing.
     """
     labels = _labels(labels, model.config.num_classes)
     B, SN, last_pn = labels.numel(), model.num_scales, model.config.patch_nums[-1]
+    _check_edit(edit_tokens, keep_mask, model.config.patch_nums, B)
     step = step if step is not None else VARStep(model).eval()
     device = model.pos_1LC.device
     # the stand-in follows the model to its device and dtype (a GPU benchmark drives fp16 steps)
@@ -350,6 +404,7 @@ def sample_tokens(model: VAR, labels, *, quantizer: MultiScaleQuantizer | None =
     x_BTC = model.sos(cond_BD)
     k_cache, v_cache = model.new_kv_cache(2 * B)
     f_hat = cond_BD.new_zeros(B, model.config.cvae, last_pn, last_pn)
+    keeps = None if keep_mask is None else [k.to(device) for k in scale_keep_masks(keep_mask, model.config.patch_nums, B)]
     tokens = []
     for si in range(SN):
         logits, k_cache, v_cache = step(*model.step_inputs(si, x_BTC, cond_BD, k_cache, v_cache))
@@ -359,6 +414,8 @@ def sample_tokens(model: VAR, labels, *, quantizer: MultiScaleQuantizer | None =
         if on_probs is not None:
             on_probs(si, probs)
         idx_Bl = _sample(probs, generators) if fixed_tokens is None else fixed_tokens[si].to(device)
+        if keeps is not None:
+            idx_Bl = torch.where(keeps[si], edit_tokens[si].to(device), idx_Bl)
         tokens.append(idx_Bl)
         f_hat, next_map = quantizer.get_next_autoregressive_input(si, f_hat, quantizer.token_map(idx_Bl))
         if next_map is not None:
@@ -478,7 +535,7 @@ def build(state_dict: dict, path: str | Path | None = None, config: str | None =
         output_names=list(STEP_OUTPUT_NAMES),
         calib_inputs=[],
         extra={"model": var, "tokenizer": vae, "generate": generate_tokens, "group_maps": group_maps(var.num_scales),
-               "dynamic_shapes": dynamic_shapes(cfg),
+               "dynamic_shapes": dynamic_shapes(cfg), "edits": True,  # generate takes edit_tokens/keep_mask
                "default_exclude": ["blocks.*.ada_lin.1", "head_nm.ada_lin.1"]},  # M = batch rows: passes/exclude.py
     )
 
