@@ -270,6 +270,12 @@ def dynamic_shapes(cfg: VARConfig) -> tuple:
 
 # ----------------------------------------------------------------------------- driver
 
+class VAREdit(NamedTuple):
+    tokens: list[torch.Tensor]        # the edited pyramids, per scale [B, pn*pn]
+    input_tokens: list[torch.Tensor]  # the inputs' pyramids (``img_to_idxBl``), per scale
+    keep_pixels: torch.Tensor         # [S, S] bool: pixels under the last scale's kept tokens
+
+
 class VARSamples(NamedTuple):
     tokens: list[torch.Tensor]  # per scale, [B, pn*pn] int64
     images: torch.Tensor | None  # [B, 3, H, W] in [0, 1] when a VQVAE was given
@@ -432,6 +438,27 @@ def generate(model: VAR, labels, *, cfg: float = 1.5, top_k: int = 900, top_p: f
     return VARSamples(tokens, None if vae is None else vae.decode(tokens))
 
 
+def edit_images(model: VAR, vae: VQVAE, labels, images: torch.Tensor, box: tuple[float, float, float, float], *,
+                inpainting: bool, seed: int = 0, step: Callable | None = None, **sampling) -> VAREdit:
+    """Zero-shot edit of ``images [B, 3, S, S]`` in [0, 1]: tokenize, build the official keep-mask
+    of ``box`` (fractions), and sample around it (``sample_tokens``). Each image is tokenized
+    alone, so its tokens do not depend on its batch (a convolution's rounding does)."""
+    device = model.pos_1LC.device
+    images = images.to(device, model.pos_1LC.dtype)
+    per_image = [vae.img_to_idxBl(images[i:i + 1]) for i in range(len(images))]
+    input_tokens = [torch.cat(scale) for scale in zip(*per_image)]
+    mask = edit_mask(model.config.patch_nums, box, inpainting=inpainting)
+    pn, size = model.config.patch_nums[-1], vae.config.image_size
+    keep = scale_keep_masks(mask, model.config.patch_nums, 1)[-1].reshape(pn, pn)
+    if keep.all() or not keep.any():
+        raise UserError(f"the edit box {tuple(round(v, 4) for v in box)} (fractions y0,x0,y1,x1) "
+                        f"{'keeps' if keep.all() else 'regenerates'} every token of the {pn}x{pn} token grid "
+                        f"({size // pn} px per token): widen or shrink it")
+    tokens = sample_tokens(model, labels, quantizer=vae.quantize, seed=seed, step=step, edit_tokens=input_tokens,
+                           keep_mask=mask, **sampling)
+    return VAREdit(tokens, input_tokens, keep.repeat_interleave(size // pn, 0).repeat_interleave(size // pn, 1))
+
+
 # ----------------------------------------------------------------------------- family
 
 _MARKER_KEYS = ("pos_1LC", "lvl_1L", "blocks.0.ada_lin.1.weight", "blocks.0.attn.mat_qkv.weight")
@@ -526,6 +553,11 @@ def build(state_dict: dict, path: str | Path | None = None, config: str | None =
     def generate_tokens(labels, seed: int = 0, step: Callable | None = None, **forcing) -> list[torch.Tensor]:
         return sample_tokens(var, labels, quantizer=quantizer, seed=seed, step=step, **forcing)
 
+    def edit(labels, images, box, *, inpainting: bool, seed: int = 0, step: Callable | None = None) -> VAREdit:
+        if vae is None:
+            raise UserError("editing images needs the VQVAE (--tokenizer) to tokenize them")
+        return edit_images(var, vae, labels, images, box, inpainting=inpainting, seed=seed, step=step)
+
     return ModelBundle(
         name=Path(path).stem if path else f"var-{config or 'custom'}",
         module=VARStep(var).eval(),
@@ -535,7 +567,7 @@ def build(state_dict: dict, path: str | Path | None = None, config: str | None =
         output_names=list(STEP_OUTPUT_NAMES),
         calib_inputs=[],
         extra={"model": var, "tokenizer": vae, "generate": generate_tokens, "group_maps": group_maps(var.num_scales),
-               "dynamic_shapes": dynamic_shapes(cfg), "edits": True,  # generate takes edit_tokens/keep_mask
+               "dynamic_shapes": dynamic_shapes(cfg), "edit": edit,
                "default_exclude": ["blocks.*.ada_lin.1", "head_nm.ada_lin.1"]},  # M = batch rows: passes/exclude.py
     )
 
