@@ -10,6 +10,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -134,6 +135,13 @@ def wait_for(store: BatchStore, seconds: float) -> None:
 
 # ----------------------------------------------------------------------------- zero-shot edits
 
+class EditJob(NamedTuple):
+    task: str
+    box: tuple[float, float, float, float]  # fractions
+    inputs: np.ndarray                      # uint8 [N, H, W, 3], the input of every output image
+    recorded: list[int]                     # the label written to samples.npz
+
+
 def load_edit_images(spec: str, max_images: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Images to edit as uint8 ``[N, H, W, 3]`` and their classes when known (else None).
 
@@ -144,6 +152,8 @@ def load_edit_images(spec: str, max_images: int | None = None) -> tuple[np.ndarr
     if max_images is not None and max_images < 1:
         raise UserError(f"--max-images must be at least 1, got {max_images}")
     labels = None
+    if spec != MNIST_INPUTS and not Path(spec).exists():
+        raise UserError(f"--images not found: {spec}")
     if spec == MNIST_INPUTS:
         from evaluation.mnist import heldout_rgb
 
@@ -166,10 +176,8 @@ def load_edit_images(spec: str, max_images: int | None = None) -> tuple[np.ndarr
         samples = load_samples(spec)
         images, labels = samples.images[:max_images], samples.labels
         labels = None if labels is None else labels[:max_images]
-    elif Path(spec).exists():
-        raise UserError(f"--images {spec}: expected an .npz (arr_0 uint8 images), a folder of PNGs or {MNIST_INPUTS}")
     else:
-        raise UserError(f"--images not found: {spec}")
+        raise UserError(f"--images {spec}: expected an .npz (arr_0 uint8 images), a folder of PNGs or {MNIST_INPUTS}")
     images = nhwc_uint8(images).numpy()
     if images.shape[-1] == 1:
         images = np.repeat(images, 3, axis=-1)

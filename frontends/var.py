@@ -438,25 +438,34 @@ def generate(model: VAR, labels, *, cfg: float = 1.5, top_k: int = 900, top_p: f
     return VARSamples(tokens, None if vae is None else vae.decode(tokens))
 
 
-def edit_images(model: VAR, vae: VQVAE, labels, images: torch.Tensor, box: tuple[float, float, float, float], *,
-                inpainting: bool, seed: int = 0, step: Callable | None = None, **sampling) -> VAREdit:
-    """Zero-shot edit of ``images [B, 3, S, S]`` in [0, 1]: tokenize, build the official keep-mask
-    of ``box`` (fractions), and sample around it (``sample_tokens``). Each image is tokenized
-    alone, so its tokens do not depend on its batch (a convolution's rounding does)."""
-    device = model.pos_1LC.device
-    images = images.to(device, model.pos_1LC.dtype)
-    per_image = [vae.img_to_idxBl(images[i:i + 1]) for i in range(len(images))]
-    input_tokens = [torch.cat(scale) for scale in zip(*per_image)]
-    mask = edit_mask(model.config.patch_nums, box, inpainting=inpainting)
+def edit_keep_pixels(model: VAR, vae: VQVAE, box: tuple[float, float, float, float], *, inpainting: bool,
+                     image_hw: tuple[int, int] | None = None) -> torch.Tensor:
+    """``[S, S]`` bool: the pixels under the last scale's kept tokens. A box that keeps or regenerates
+    every token, or images (``image_hw``) of another size than the tokenizer's, are errors."""
     pn, size = model.config.patch_nums[-1], vae.config.image_size
+    if image_hw is not None and tuple(image_hw) != (size, size):
+        raise UserError(f"VQVAE expects {size}x{size} images, got {tuple(image_hw)}")
+    mask = edit_mask(model.config.patch_nums, box, inpainting=inpainting)
     keep = scale_keep_masks(mask, model.config.patch_nums, 1)[-1].reshape(pn, pn)
     if keep.all() or not keep.any():
         raise UserError(f"the edit box {tuple(round(v, 4) for v in box)} (fractions y0,x0,y1,x1) "
                         f"{'keeps' if keep.all() else 'regenerates'} every token of the {pn}x{pn} token grid "
                         f"({size // pn} px per token): widen or shrink it")
+    return keep.repeat_interleave(size // pn, 0).repeat_interleave(size // pn, 1)
+
+
+def edit_images(model: VAR, vae: VQVAE, labels, images: torch.Tensor, box: tuple[float, float, float, float], *,
+                inpainting: bool, seed: int = 0, step: Callable | None = None, **sampling) -> VAREdit:
+    """Zero-shot edit of ``images [B, 3, S, S]`` in [0, 1]: tokenize, build the official keep-mask
+    of ``box`` (fractions), and sample around it (``sample_tokens``). Each image is tokenized
+    alone, so its tokens do not depend on its batch (a convolution's rounding does)."""
+    keep = edit_keep_pixels(model, vae, box, inpainting=inpainting, image_hw=images.shape[-2:])
+    images = images.to(model.pos_1LC.device, model.pos_1LC.dtype)
+    per_image = [vae.img_to_idxBl(images[i:i + 1]) for i in range(len(images))]
+    input_tokens = [torch.cat(scale) for scale in zip(*per_image)]
     tokens = sample_tokens(model, labels, quantizer=vae.quantize, seed=seed, step=step, edit_tokens=input_tokens,
-                           keep_mask=mask, **sampling)
-    return VAREdit(tokens, input_tokens, keep.repeat_interleave(size // pn, 0).repeat_interleave(size // pn, 1))
+                           keep_mask=edit_mask(model.config.patch_nums, box, inpainting=inpainting), **sampling)
+    return VAREdit(tokens, input_tokens, keep)
 
 
 # ----------------------------------------------------------------------------- family
@@ -558,6 +567,10 @@ def build(state_dict: dict, path: str | Path | None = None, config: str | None =
             raise UserError("editing images needs the VQVAE (--tokenizer) to tokenize them")
         return edit_images(var, vae, labels, images, box, inpainting=inpainting, seed=seed, step=step)
 
+    def edit_check(image_hw, box, *, inpainting: bool) -> None:  # bad boxes and sizes fail before any work
+        if vae is not None:
+            edit_keep_pixels(var, vae, box, inpainting=inpainting, image_hw=image_hw)
+
     return ModelBundle(
         name=Path(path).stem if path else f"var-{config or 'custom'}",
         module=VARStep(var).eval(),
@@ -567,7 +580,7 @@ def build(state_dict: dict, path: str | Path | None = None, config: str | None =
         output_names=list(STEP_OUTPUT_NAMES),
         calib_inputs=[],
         extra={"model": var, "tokenizer": vae, "generate": generate_tokens, "group_maps": group_maps(var.num_scales),
-               "dynamic_shapes": dynamic_shapes(cfg), "edit": edit,
+               "dynamic_shapes": dynamic_shapes(cfg), "edit": edit, "edit_check": edit_check,
                "default_exclude": ["blocks.*.ada_lin.1", "head_nm.ada_lin.1"]},  # M = batch rows: passes/exclude.py
     )
 

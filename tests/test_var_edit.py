@@ -153,7 +153,7 @@ def test_driver_equals_official_procedure(tiny, task):
 def test_all_ones_mask_reproduces_the_input_and_all_zeros_is_plain_generation(tiny):
     var, vae = tiny
     gt = _inputs(vae)
-    kw = dict(quantizer=vae.quantize, seed=4, top_k=TOP_K, top_p=TOP_P)
+    kw = {"quantizer": vae.quantize, "seed": 4, "top_k": TOP_K, "top_p": TOP_P}
     kept = sample_tokens(var, [-1, 2, 5], edit_tokens=gt, keep_mask=torch.ones(4, 4), **kw)
     assert all(torch.equal(a, b) for a, b in zip(kept, gt))
     # all zeros: only the 1x1 scale is forced (official). With the plain run's own first token as
@@ -178,7 +178,7 @@ def test_edit_runs_on_a_traced_graph(tiny):
     gm = trace(bundle)
     gt = _inputs(vae)
     mask = edit_mask(TINY.patch_nums, (0.25, 0.25, 0.75, 0.75), inpainting=True)
-    kw = dict(quantizer=vae.quantize, seed=2, top_k=TOP_K, top_p=TOP_P, edit_tokens=gt, keep_mask=mask)
+    kw = {"quantizer": vae.quantize, "seed": 2, "top_k": TOP_K, "top_p": TOP_P, "edit_tokens": gt, "keep_mask": mask}
     eager = sample_tokens(var, [1, 2, 3], **kw)
     traced = sample_tokens(bundle.extra["model"], [1, 2, 3], step=gm, **kw)
     assert all(torch.equal(a, b) for a, b in zip(eager, traced))

@@ -19,7 +19,6 @@ import argparse
 import shutil
 import sys
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -28,6 +27,7 @@ from compiler.generation import (
     EDIT_TASKS,
     MNIST_INPUTS,
     BatchStore,
+    EditJob,
     decode_each,
     dist_env,
     edit_jobs,
@@ -148,13 +148,6 @@ def check_inputs(args: argparse.Namespace) -> None:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
 
 
-class EditJob(NamedTuple):
-    task: str
-    box: tuple[float, float, float, float]  # fractions
-    inputs: np.ndarray                      # uint8 [N, H, W, 3], the input of every output image
-    recorded: list[int]                     # the label written to samples.npz
-
-
 def plan_edit(args: argparse.Namespace) -> tuple[list[int], EditJob | None]:
     """The class of every output image, and the edit job (None for plain generation)."""
     if not args.task:
@@ -179,6 +172,8 @@ def generate_batches(args, store: BatchStore, todo: list[tuple[int, range]], lab
         raise UserError(f"{args.model} needs --tokenizer (the family's tokenizer checkpoint) to make images")
     if job is not None and "edit" not in bundle.extra:
         raise UserError(f"--task {job.task}: zero-shot edits are implemented for VAR, not {bundle.family}")
+    if job is not None:
+        bundle.extra["edit_check"](job.inputs.shape[1:3], job.box, inpainting=EDIT_TASKS[job.task])
     n_classes = bundle.extra["model"].config.num_classes
     bad = sorted({c for c in labels if c >= n_classes or c < -1})
     if bad:
