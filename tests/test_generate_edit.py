@@ -118,7 +118,7 @@ def test_edit_with_a_quantized_step(tmp_path):
               .clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     np.savez(tmp_path / "in.npz", images)
     common = [*args, "--task", "inpaint", "--images", str(tmp_path / "in.npz"), "--box", "0.25,0,1,0.75",
-              "--per-class", "2"]
+              "--per-class", "4"]
     assert main([*common, "--out", str(tmp_path / "fp")]) == 0
     assert main([*common, "--quantized", str(tmp_path / "q"), "--out", str(tmp_path / "fq")]) == 0
     fp, fq = (torch.load(tmp_path / d / "tokens.pt", weights_only=True) for d in ("fp", "fq"))
@@ -129,14 +129,14 @@ def test_edit_with_a_quantized_step(tmp_path):
     keeps = scale_keep_masks(edit_mask(pn, (0.25, 0, 1, 0.75), inpainting=True), pn, 1)
     vae = bundle.extra["tokenizer"]
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-    gt = [torch.cat(s).repeat_interleave(2, 0) for s in zip(*[vae.img_to_idxBl(x[i:i + 1]) for i in range(3)])]
+    gt = [torch.cat(s).repeat_interleave(4, 0) for s in zip(*[vae.img_to_idxBl(x[i:i + 1]) for i in range(3)])]
     same = total = 0
     for a, b, g, k in zip(fp, fq, gt, keeps):
         k = k.expand_as(a)
         assert torch.equal(a[k], g[k]) and torch.equal(b[k], g[k])
         same, total = same + int((a[~k] == b[~k]).sum()), total + int((~k).sum())
-    assert 0.3 < same / total < 1.0
-    assert np.load(tmp_path / "fq" / "samples.npz")["arr_1"].tolist() == [-1] * 6
+    assert 0.3 < same / total < 1.0  # 186 of 192 sampled tokens agree here
+    assert np.load(tmp_path / "fq" / "samples.npz")["arr_1"].tolist() == [-1] * 12
 
 
 def test_bad_edit_inputs(tmp_path, capsys):
