@@ -12,6 +12,10 @@ quantized images share their seeds, and no image depends on its batch or on the 
 made it. Images are made in batches saved to ``DIR.partial/``: an interrupted run resumes there,
 and ``torchrun --nproc_per_node K -m tools.generate ...`` splits the batches over K processes
 (one GPU each); rank 0 waits for the others' batches and writes DIR.
+
+VAR models also edit images (``--task inpaint|outpaint|edit --images SRC --box Y0,X0,Y1,X1``),
+the official zero-shot procedure; ``DIR/edit.npz``, ``edit.json`` and ``edit_grid.png`` add the
+inputs, their reconstructions, the kept pixels and the scores.
 """
 from __future__ import annotations
 
