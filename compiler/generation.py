@@ -101,15 +101,16 @@ def pick_device(choice: str, local_rank: int, uses_torch: bool) -> torch.device:
     return torch.device("cpu")
 
 
-def write_edit_outputs(out: Path, inputs: np.ndarray, recon: np.ndarray, keep: np.ndarray, info: dict) -> None:
+def write_edit_outputs(out: Path, inputs: np.ndarray, recon: np.ndarray, images: np.ndarray, keep: np.ndarray,
+                       info: dict) -> None:
     """``edit.npz`` (per output image: ``inputs`` and ``recon``, the input's tokenizer reconstruction;
-    ``keep``: the kept pixels) and ``edit.json`` (task, box, scores), beside ``samples.npz``."""
+    ``keep``: the kept pixels), ``edit_grid.png`` and ``edit.json`` (task, box, scores)."""
     from PIL import Image
 
     np.savez(out / "edit.npz", inputs=inputs, recon=recon, keep=keep)
     # one row per output: input | reconstruction | edit, so a glance shows what was kept
-    Image.fromarray(grid(np.stack([inputs, recon, np.load(out / "samples.npz")["arr_0"]], 1).reshape(-1, *inputs.shape[1:]),
-                         cols=3)).save(out / "edit_grid.png")
+    rows = np.stack([inputs, recon, images], 1).reshape(-1, *inputs.shape[1:])
+    Image.fromarray(grid(rows, cols=3)).save(out / "edit_grid.png")
     atomic_write_text(out / "edit.json", json.dumps(info, indent=1))
 
 

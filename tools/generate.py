@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     with atomic_output_dir(out, force=args.force, inputs=inputs) as tmp:
         write_outputs(tmp, tokens, images, job.recorded if job is not None else labels)
         if job is not None:
-            write_edit_outputs(tmp, job.inputs, recon, keep, {"task": job.task, "box": list(job.box), **scores})
+            write_edit_outputs(tmp, job.inputs, recon, images, keep, {"task": job.task, "box": list(job.box), **scores})
     shutil.rmtree(partial)
     if job is not None:
         acc = "n/a" if scores["class_accuracy"] is None else f"{100 * scores['class_accuracy']:.1f}%"
