@@ -183,6 +183,22 @@ def fidelity(ref: Samples, sample: Samples) -> dict:
     return out
 
 
+def edit_scores(edited: np.ndarray, recon: np.ndarray, keep: np.ndarray, labels: np.ndarray | None = None) -> dict:
+    """How a zero-shot edit treated its input: PSNR of the kept pixels and of the regenerated ones
+    against the input's reconstruction (the kept tokens are the input's, so the first is high but
+    not infinite: the decoder and the coarse scales mix across the box's edge), and for MNIST-size
+    images with labels 0-9, the share the classifier puts in ``labels`` (the target class of a
+    class-conditional edit; the input's own class for in/outpainting)."""
+    keep = np.asarray(keep, bool)
+    out = {"psnr_kept_db": metrics.masked_psnr(edited, recon, keep),
+           "psnr_generated_db": metrics.masked_psnr(edited, recon, ~keep), "class_accuracy": None}
+    if (labels is not None and tuple(edited.shape[1:3]) in MNIST_SIZES
+            and all(0 <= int(c) < MNIST_CLASSES for c in labels)):
+        _, probs = mnist_extractor()(edited)
+        out["class_accuracy"] = metrics.class_accuracy(probs, labels)
+    return out
+
+
 def evaluate(ref: Samples, sample: Samples, *, features: str = "auto", inception: str | Path | None = None,
              mnist: bool | None = None, paired: bool | None = None, batch: int = 250, progress=None) -> dict:
     """FID, IS, precision/recall of ``sample`` against ``ref`` in the chosen feature space; MNIST-FID

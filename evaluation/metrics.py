@@ -144,6 +144,20 @@ def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> np.ndarray:
         return 10 * np.log10(data_range ** 2 / mse)
 
 
+def masked_psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray, data_range: float = 255.0) -> float:
+    """PSNR in dB of two NHWC (or NHW) batches over the pixels where ``mask [H, W]`` is true, all
+    images and channels pooled into one MSE (inf where identical, nan for an empty mask). Edits
+    score their kept region against the input's reconstruction with it."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    mask = np.asarray(mask, bool)
+    if a.shape != b.shape or a.shape[1:3] != mask.shape:
+        raise ValueError(f"shapes differ: {a.shape}, {b.shape}, mask {mask.shape}")
+    if not mask.any():
+        return float("nan")
+    mse = float(((a - b) ** 2)[:, mask].mean())
+    return float(10 * np.log10(data_range ** 2 / mse)) if mse > 0 else float("inf")
+
+
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     g = torch.exp(-((torch.arange(size, dtype=torch.float64) - (size - 1) / 2) ** 2) / (2 * sigma ** 2))
     g = g / g.sum()

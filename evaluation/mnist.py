@@ -61,3 +61,12 @@ def to_unit_range(images: torch.Tensor, size: int = 32) -> torch.Tensor:
     if pad < 0 or pad % 2:
         raise ValueError(f"cannot pad 28x28 digits to {size}x{size}")
     return torch.nn.functional.pad(x, (pad // 2,) * 4, value=-1.0)
+
+
+def heldout_rgb(limit: int | None = None, root: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The held-out digits (in split order, the first ``limit``) as uint8 ``[N, 32, 32, 3]`` (padded,
+    grey repeated over RGB: the shipped tokenizers' input) and their labels."""
+    images, labels = load_mnist(root)
+    held = train_holdout_split(len(images))[1][:limit]
+    x = ((to_unit_range(images[held]) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).expand(-1, -1, -1, 3).contiguous(), labels[held]

@@ -272,6 +272,12 @@ def dynamic_shapes(cfg: VARConfig) -> tuple:
 
 # ----------------------------------------------------------------------------- driver
 
+class VAREdit(NamedTuple):
+    tokens: list[torch.Tensor]        # the edited pyramids, per scale [B, pn*pn]
+    input_tokens: list[torch.Tensor]  # the inputs' pyramids (``img_to_idxBl``), per scale
+    keep_pixels: torch.Tensor         # [S, S] bool: pixels under the last scale's kept tokens
+
+
 class VARSamples(NamedTuple):
     tokens: list[torch.Tensor]  # per scale, [B, pn*pn] int64
     images: torch.Tensor | None  # [B, 3, H, W] in [0, 1] when a VQVAE was given
@@ -320,11 +326,57 @@ def _sample(probs_BTV: torch.Tensor, generators: list[torch.Generator]) -> torch
     return torch.stack([torch.multinomial(p, 1, replacement=True, generator=g)[:, 0] for p, g in zip(probs_BTV, generators)])
 
 
+def edit_mask(patch_nums: tuple[int, ...], box: tuple[float, float, float, float], *, inpainting: bool) -> torch.Tensor:
+    """The keep-mask of a zero-shot edit, ``[pn, pn]`` at the last scale (the official ``get_edit_mask``).
+
+    ``box = (y0, x0, y1, x1)`` in fractions of the image. 1 = keep the input's token, 0 = generate.
+    Outpainting keeps the box; inpainting (also class-conditional editing) regenerates it. The
+    box edges are rounded with Python's ``round`` (half to even), as the official code does.
+    """
+    y0, x0, y1, x1 = box
+    pn = patch_nums[-1]
+    mask = torch.zeros(pn, pn)
+    mask[round(y0 * pn):round(y1 * pn), round(x0 * pn):round(x1 * pn)] = 1
+    return 1 - mask if inpainting else mask
+
+
+def scale_keep_masks(keep_mask: torch.Tensor, patch_nums: tuple[int, ...], batch: int) -> list[torch.Tensor]:
+    """Per scale, which tokens of ``[B, pn*pn]`` take the input's token (the official ``replace_embedding``).
+
+    ``keep_mask`` ``[h, w]`` (all images) or ``[B, h, w]`` is resized to each scale bilinearly
+    (``align_corners=False``) and thresholded at > 0.5; scales of at most 3 tokens (the 1x1 one)
+    keep everything, so even an all-zero mask keeps the input's first token.
+    """
+    mask = torch.as_tensor(keep_mask).float()
+    if mask.ndim == 2:
+        mask = mask.expand(batch, *mask.shape)
+    if mask.ndim != 3 or mask.shape[0] != batch:
+        raise UserError(f"edit keep-mask must be [h, w] or [B={batch}, h, w], got {tuple(mask.shape)}")
+    keeps = []
+    for pn in patch_nums:
+        keep = F.interpolate(mask[:, None], size=(pn, pn), mode="bilinear", align_corners=False) > 0.5
+        keeps.append(keep.flatten(1) | (pn * pn <= 3))
+    return keeps
+
+
+def _check_edit(edit_tokens, keep_mask, patch_nums: tuple[int, ...], batch: int) -> None:
+    if (edit_tokens is None) != (keep_mask is None):
+        raise UserError("an edit needs both the input's tokens and the keep-mask")
+    if edit_tokens is None:
+        return
+    want = [(batch, pn * pn) for pn in patch_nums]
+    got = [tuple(t.shape) for t in edit_tokens]
+    if got != want:
+        raise UserError(f"edit input tokens must be one [B, pn*pn] tensor per scale, {want}; got {got}")
+
+
 @torch.no_grad()
 def sample_tokens(model: VAR, labels, *, quantizer: MultiScaleQuantizer | None = None, cfg: float = 1.5,
                   top_k: int = 900, top_p: float = 0.96, seed: int = 0, step: Callable | None = None,
                   fixed_tokens: list[torch.Tensor] | None = None,
-                  on_probs: Callable[[int, torch.Tensor], None] | None = None) -> list[torch.Tensor]:
+                  on_probs: Callable[[int, torch.Tensor], None] | None = None,
+                  edit_tokens: list[torch.Tensor] | None = None,
+                  keep_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Sample token pyramids for ``labels`` (negative = unconditional), the official ``autoregressive_infer_cfg`` loop.
 
     CFG runs the batch twice (conditional, then class ``num_classes``) and mixes the logits of
@@ -339,9 +391,17 @@ def sample_tokens(model: VAR, labels, *, quantizer: MultiScaleQuantizer | None =
     ``fixed_tokens[si] [B, pn²]`` instead of sampling (calibration resampling, method.md §12.3).
     ``on_probs(si, probs [B, pn², V])``: sees each scale's sampling distribution (CFG-mixed,
     top-k/top-p filtered, softmaxed).
+    ``edit_tokens`` (the input images' ``VQVAE.img_to_idxBl``) and ``keep_mask`` (``edit_mask``):
+    zero-shot editing, the official ``autoregressive_infer_cfg_with_mask``. After each scale is
+    sampled, its tokens where ``scale_keep_masks`` is true become the input's, before the next
+    scale's input is built. The official code swaps the code vectors; swapping the tokens gives
+    the same vectors and returns tokens that decode to the edited image. Every token is still
+    drawn, so the random streams stay those of plain generation. Labels ``-1`` (unconditional)
+    give in/outpainting, a class gives class-conditional editing.
     """
     labels = _labels(labels, model.config.num_classes)
     B, SN, last_pn = labels.numel(), model.num_scales, model.config.patch_nums[-1]
+    _check_edit(edit_tokens, keep_mask, model.config.patch_nums, B)
     step = step if step is not None else VARStep(model).eval()
     device = model.pos_1LC.device
     # the stand-in follows the model to its device and dtype (a GPU benchmark drives fp16 steps)
@@ -352,6 +412,7 @@ def sample_tokens(model: VAR, labels, *, quantizer: MultiScaleQuantizer | None =
     x_BTC = model.sos(cond_BD)
     k_cache, v_cache = model.new_kv_cache(2 * B)
     f_hat = cond_BD.new_zeros(B, model.config.cvae, last_pn, last_pn)
+    keeps = None if keep_mask is None else [k.to(device) for k in scale_keep_masks(keep_mask, model.config.patch_nums, B)]
     tokens = []
     for si in range(SN):
         logits, k_cache, v_cache = step(*model.step_inputs(si, x_BTC, cond_BD, k_cache, v_cache))
@@ -361,6 +422,8 @@ def sample_tokens(model: VAR, labels, *, quantizer: MultiScaleQuantizer | None =
         if on_probs is not None:
             on_probs(si, probs)
         idx_Bl = _sample(probs, generators) if fixed_tokens is None else fixed_tokens[si].to(device)
+        if keeps is not None:
+            idx_Bl = torch.where(keeps[si], edit_tokens[si].to(device), idx_Bl)
         tokens.append(idx_Bl)
         f_hat, next_map = quantizer.get_next_autoregressive_input(si, f_hat, quantizer.token_map(idx_Bl))
         if next_map is not None:
@@ -375,6 +438,36 @@ def generate(model: VAR, labels, *, cfg: float = 1.5, top_k: int = 900, top_p: f
     tokens = sample_tokens(model, labels, quantizer=None if vae is None else vae.quantize, cfg=cfg,
                            top_k=top_k, top_p=top_p, seed=seed, step=step)
     return VARSamples(tokens, None if vae is None else vae.decode(tokens))
+
+
+def edit_keep_pixels(model: VAR, vae: VQVAE, box: tuple[float, float, float, float], *, inpainting: bool,
+                     image_hw: tuple[int, int] | None = None) -> torch.Tensor:
+    """``[S, S]`` bool: the pixels under the last scale's kept tokens. A box that keeps or regenerates
+    every token, or images (``image_hw``) of another size than the tokenizer's, are errors."""
+    pn, size = model.config.patch_nums[-1], vae.config.image_size
+    if image_hw is not None and tuple(image_hw) != (size, size):
+        raise UserError(f"VQVAE expects {size}x{size} images, got {tuple(image_hw)}")
+    mask = edit_mask(model.config.patch_nums, box, inpainting=inpainting)
+    keep = scale_keep_masks(mask, model.config.patch_nums, 1)[-1].reshape(pn, pn)
+    if keep.all() or not keep.any():
+        raise UserError(f"the edit box {tuple(round(v, 4) for v in box)} (fractions y0,x0,y1,x1) "
+                        f"{'keeps' if keep.all() else 'regenerates'} every token of the {pn}x{pn} token grid "
+                        f"({size // pn} px per token): widen or shrink it")
+    return keep.repeat_interleave(size // pn, 0).repeat_interleave(size // pn, 1)
+
+
+def edit_images(model: VAR, vae: VQVAE, labels, images: torch.Tensor, box: tuple[float, float, float, float], *,
+                inpainting: bool, seed: int = 0, step: Callable | None = None, **sampling) -> VAREdit:
+    """Zero-shot edit of ``images [B, 3, S, S]`` in [0, 1]: tokenize, build the official keep-mask
+    of ``box`` (fractions), and sample around it (``sample_tokens``). Each image is tokenized
+    alone, so its tokens do not depend on its batch (a convolution's rounding does)."""
+    keep = edit_keep_pixels(model, vae, box, inpainting=inpainting, image_hw=images.shape[-2:])
+    images = images.to(model.pos_1LC.device, model.pos_1LC.dtype)
+    per_image = [vae.img_to_idxBl(images[i:i + 1]) for i in range(len(images))]
+    input_tokens = [torch.cat(scale) for scale in zip(*per_image)]
+    tokens = sample_tokens(model, labels, quantizer=vae.quantize, seed=seed, step=step, edit_tokens=input_tokens,
+                           keep_mask=edit_mask(model.config.patch_nums, box, inpainting=inpainting), **sampling)
+    return VAREdit(tokens, input_tokens, keep)
 
 
 # ----------------------------------------------------------------------------- family
@@ -471,6 +564,15 @@ def build(state_dict: dict, path: str | Path | None = None, config: str | None =
     def generate_tokens(labels, seed: int = 0, step: Callable | None = None, **forcing) -> list[torch.Tensor]:
         return sample_tokens(var, labels, quantizer=quantizer, seed=seed, step=step, **forcing)
 
+    def edit(labels, images, box, *, inpainting: bool, seed: int = 0, step: Callable | None = None) -> VAREdit:
+        if vae is None:
+            raise UserError("editing images needs the VQVAE (--tokenizer) to tokenize them")
+        return edit_images(var, vae, labels, images, box, inpainting=inpainting, seed=seed, step=step)
+
+    def edit_check(image_hw, box, *, inpainting: bool) -> None:  # bad boxes and sizes fail before any work
+        if vae is not None:
+            edit_keep_pixels(var, vae, box, inpainting=inpainting, image_hw=image_hw)
+
     return ModelBundle(
         name=Path(path).stem if path else f"var-{config or 'custom'}",
         module=VARStep(var).eval(),
@@ -480,7 +582,7 @@ def build(state_dict: dict, path: str | Path | None = None, config: str | None =
         output_names=list(STEP_OUTPUT_NAMES),
         calib_inputs=[],
         extra={"model": var, "tokenizer": vae, "generate": generate_tokens, "group_maps": group_maps(var.num_scales),
-               "dynamic_shapes": dynamic_shapes(cfg),
+               "dynamic_shapes": dynamic_shapes(cfg), "edit": edit, "edit_check": edit_check,
                "default_exclude": list(DEFAULT_EXCLUDE)},
     )
 

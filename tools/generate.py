@@ -12,6 +12,10 @@ quantized images share their seeds, and no image depends on its batch or on the 
 made it. Images are made in batches saved to ``DIR.partial/``: an interrupted run resumes there,
 and ``torchrun --nproc_per_node K -m tools.generate ...`` splits the batches over K processes
 (one GPU each); rank 0 waits for the others' batches and writes DIR.
+
+VAR models also edit images (``--task inpaint|outpaint|edit --images SRC --box Y0,X0,Y1,X1``),
+the official zero-shot procedure; ``DIR/edit.npz``, ``edit.json`` and ``edit_grid.png`` add the
+inputs, their reconstructions, the kept pixels and the scores.
 """
 from __future__ import annotations
 
@@ -20,20 +24,30 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from compiler.generation import (
+    EDIT_TASKS,
+    MNIST_INPUTS,
     BatchStore,
+    EditJob,
     decode_each,
     dist_env,
+    edit_jobs,
     fingerprint,
+    load_edit_images,
+    parse_box,
     pick_device,
+    to_unit_images,
     wait_for,
+    write_edit_outputs,
     write_outputs,
 )
 from core.errors import UserError
 from core.io import atomic_output_dir, check_output_dir
 from core.progress import progress, say
+from evaluation.images import edit_scores
 from frontends import load_model
 from frontends.sampling import batch_seed, batches, shard
 from tools._cli import main_wrapper
@@ -54,8 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--engine", metavar="FILE", help="run the step from this TensorRT engine (needs TensorRT and a GPU)")
     p.add_argument("--ort-mode", choices=("reference", "fast"), default="reference",
                    help="onnxruntime: reference = Q/DQ kept as written (equals torch fake-quant), fast = fused int8")
-    p.add_argument("--classes", default="0,1,2,3", help="comma-separated class labels (default: 0,1,2,3)")
+    p.add_argument("--classes", help="comma-separated class labels (default: 0,1,2,3; with --task edit: the target classes)")
     p.add_argument("--per-class", type=int, default=1, metavar="N", help="images per class label (default: 1)")
+    edit = p.add_argument_group("zero-shot edits (VAR)")
+    edit.add_argument("--task", choices=tuple(EDIT_TASKS),
+                      help="inpaint: regenerate the box; outpaint: keep only the box; edit: regenerate the box "
+                           "as each --classes class (class-conditional editing)")
+    edit.add_argument("--images", metavar="SRC",
+                      help=f"images to edit: an .npz (arr_0 uint8 [N, H, W, 3], arr_1 labels), a folder of PNGs, "
+                           f"or {MNIST_INPUTS} (the held-out MNIST digits)")
+    edit.add_argument("--box", metavar="Y0,X0,Y1,X1", help="the edit box: fractions in [0, 1] or integer pixels")
+    edit.add_argument("--max-images", type=int, metavar="N", help="edit only the first N input images")
     p.add_argument("--seed", type=int, default=0, help="image i draws from a generator seeded by (seed, i)")
     p.add_argument("--batch-size", type=int, default=16, metavar="B", help="images per batch (default: 16)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -129,11 +152,32 @@ def check_inputs(args: argparse.Namespace) -> None:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
 
 
-def generate_batches(args, store: BatchStore, todo: list[tuple[int, range]], labels: list[int], local_rank: int) -> bool:
+def plan_edit(args: argparse.Namespace) -> tuple[list[int], EditJob | None]:
+    """The class of every output image, and the edit job (None for plain generation)."""
+    if not args.task:
+        for flag in ("images", "box", "max_images"):
+            if getattr(args, flag) is not None:
+                raise UserError(f"--{flag.replace('_', '-')} needs --task inpaint|outpaint|edit")
+        return parse_labels(args.classes or "0,1,2,3", args.per_class), None
+    if not args.images or not args.box:
+        raise UserError(f"--task {args.task} needs --images and --box")
+    images, own = load_edit_images(args.images, args.max_images)
+    box = parse_box(args.box, *images.shape[1:3])
+    classes = None if args.classes is None else parse_labels(args.classes, args.per_class)
+    sources, labels, recorded = edit_jobs(args.task, len(images), classes, own, args.per_class)
+    return labels, EditJob(args.task, box, images[sources], recorded)
+
+
+def generate_batches(args, store: BatchStore, todo: list[tuple[int, range]], labels: list[int], local_rank: int,
+                     job: EditJob | None = None) -> bool:
     """Make the batches ``todo`` into ``store``; False when --max-batches stopped it early."""
     bundle = load_model(args.model, family=args.family, tokenizer=args.tokenizer)
     if bundle.extra.get("tokenizer") is None or "generate" not in bundle.extra:
         raise UserError(f"{args.model} needs --tokenizer (the family's tokenizer checkpoint) to make images")
+    if job is not None and "edit" not in bundle.extra:
+        raise UserError(f"--task {job.task}: zero-shot edits are implemented for VAR, not {bundle.family}")
+    if job is not None:
+        bundle.extra["edit_check"](job.inputs.shape[1:3], job.box, inpainting=EDIT_TASKS[job.task])
     n_classes = bundle.extra["model"].config.num_classes
     bad = sorted({c for c in labels if c >= n_classes or c < -1})
     if bad:
@@ -149,22 +193,30 @@ def generate_batches(args, store: BatchStore, todo: list[tuple[int, range]], lab
     for made, (k, idx) in enumerate(progress(todo, desc="generating", unit="batch")):
         if args.max_batches is not None and made >= args.max_batches:
             return False
+        extra = None
         with torch.no_grad():
-            tokens = bundle.extra["generate"](torch.tensor(labels[idx.start: idx.stop]), batch_seed(args.seed, idx.start),
-                                              step=step)
+            batch_labels, seed = torch.tensor(labels[idx.start: idx.stop]), batch_seed(args.seed, idx.start)
+            if job is None:
+                tokens = bundle.extra["generate"](batch_labels, seed, step=step)
+            else:
+                tokens, input_tokens, keep = bundle.extra["edit"](
+                    batch_labels, to_unit_images(job.inputs[idx.start: idx.stop]), job.box,
+                    inpainting=EDIT_TASKS[job.task], seed=seed, step=step)
+                extra = {"recon": torch.from_numpy(decode_each(bundle.extra["tokenizer"], input_tokens)),
+                         "keep": keep.cpu()}
             images = decode_each(bundle.extra["tokenizer"], tokens)
         tokens = [t.cpu() for t in tokens] if isinstance(tokens, (list, tuple)) else tokens.cpu()
-        store.save(k, tokens, images)
+        store.save(k, tokens, images, extra)
     return True
 
 
 @main_wrapper
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    labels = parse_labels(args.classes, args.per_class)
+    labels, job = plan_edit(args)
     rank, world, local_rank = dist_env()
     out = Path(args.out)
-    inputs = [p for p in (args.model, args.tokenizer, args.onnx, args.engine, args.quantized)
+    inputs = [p for p in (args.model, args.tokenizer, args.onnx, args.engine, args.quantized, args.images)
               if p and not p.startswith("builtin:")]
     check_output_dir(out, force=args.force, inputs=inputs)  # before any work: nothing is lost or half-made
     partial = out.with_name(out.name + ".partial")
@@ -176,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
                 "step": [k for k in ("quantized", "onnx", "engine") if getattr(args, k)],
                 "step_file": fingerprint(args.onnx or args.engine) or args.quantized, "ort_mode": args.ort_mode,
                 "labels": labels, "seed": args.seed, "batch_size": args.batch_size, "device": args.device}
+    if job is not None:  # plain runs keep their settings, so their partial batches stay valid
+        images_file = args.images if Path(args.images).is_file() else None
+        settings.update(task=job.task, box=list(job.box), images=fingerprint(images_file) or args.images,
+                        max_images=args.max_images)
     plan = batches(len(labels), args.batch_size)
     store = BatchStore(partial, settings, len(plan))
     if not args.merge:
@@ -183,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         todo = [(k, idx) for k, idx in mine if not store.path(k).is_file()]
         if len(todo) < len(mine):
             say(f"resuming: {len(mine) - len(todo)} of {len(mine)} batches already in {partial}")
-        if todo and not generate_batches(args, store, todo, labels, local_rank):
+        if todo and not generate_batches(args, store, todo, labels, local_rank, job):
             say(f"stopped after {args.max_batches} batches (--max-batches); run the same command again to resume")
             return 0
         if rank != 0:
@@ -193,10 +249,19 @@ def main(argv: list[str] | None = None) -> int:
     elif store.missing():
         wait_for(store, 0)
     tokens, images = store.load_all()
+    if job is not None:
+        recon, keep = store.load_extra("recon").numpy(), torch.load(store.path(0), weights_only=True)["keep"].numpy()
+        scores = edit_scores(images, recon, keep, None if min(job.recorded) < 0 else np.asarray(job.recorded))
     with atomic_output_dir(out, force=args.force, inputs=inputs) as tmp:
-        write_outputs(tmp, tokens, images, labels)
+        write_outputs(tmp, tokens, images, job.recorded if job is not None else labels)
+        if job is not None:
+            write_edit_outputs(tmp, job.inputs, recon, images, keep, {"task": job.task, "box": list(job.box), **scores})
     shutil.rmtree(partial)
-    print(f"wrote {len(images)} images to {out}/ (grid.png, samples.npz, tokens.pt)")
+    if job is not None:
+        acc = "n/a" if scores["class_accuracy"] is None else f"{100 * scores['class_accuracy']:.1f}%"
+        print(f"{job.task}: PSNR to the input's reconstruction {scores['psnr_kept_db']:.1f} dB where kept, "
+              f"{scores['psnr_generated_db']:.1f} dB where generated; class accuracy {acc}")
+    print(f"wrote {len(images)} images to {out}/ (grid.png, samples.npz, tokens.pt{', edit.npz' if job else ''})")
     return 0
 
 
