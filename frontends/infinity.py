@@ -578,3 +578,82 @@ def group_maps(num_scales: int) -> dict[str, list[int]]:
     return {"*.sa.mat_qkv": per_scale, "*.ca.mat_q": per_scale, "*.ffn.fc1": per_scale,
             "*.sa.proj": first_vs_rest, "*.ca.proj": first_vs_rest, "*.ffn.fc2": first_vs_rest,
             "head": [0] * num_scales}
+
+
+DEFAULT_PROMPTS = Path(__file__).resolve().parent / "prompts" / "infinity_calibration.txt"
+
+
+def standin_text(cfg: InfinityConfig, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed random T5-like features (half the tokens valid) for runs without a text encoder: tracing
+    and random-weight benchmarks. Calibration needs the real encoder (``--text-encoder``)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        features = torch.randn(batch, cfg.text_maxlen, cfg.text_channels)
+    mask = torch.arange(cfg.text_maxlen)[None].expand(batch, -1) < max(1, cfg.text_maxlen // 2)
+    return features, mask
+
+
+def _last_step_inputs(model: Infinity, features, mask) -> tuple:
+    """Inputs of the last scale's step (ratio 1, CFG batch 2), its KV cache filled by real sampling."""
+    step, seen = InfinityStep(model).eval(), []
+
+    def recording_step(*inputs):
+        seen.append(inputs)
+        return step(*inputs)
+
+    sample_bits(model, features, mask, seed=0, step=recording_step)
+    return seen[-1]
+
+
+def build(state_dict: dict, path: str | Path | None = None, config: str | None = None,
+          tokenizer: str | Path | None = None, text_encoder: str | Path | None = None,
+          prompts: list[str] | None = None, **_other_options) -> ModelBundle:
+    """ModelBundle of one Infinity step. ``text_encoder``: a local T5 directory (prompts need it);
+    ``prompts``: the calibration prompts (default: the shipped file). The BSQ VAE is not supported yet."""
+    if tokenizer:
+        raise UserError("Infinity: the BSQ VAE (--tokenizer) is not supported yet; generation stops at the bits "
+                        "(tokens.pt), so compile without --tokenizer")
+    cfg = CONFIGS[config] if config in CONFIGS else config_from_state_dict(state_dict)
+    model = load_infinity(state_dict, cfg, f"Infinity checkpoint {path or ''}".strip())
+    encoder = None
+    if text_encoder:
+        from frontends.t5_text import T5TextEncoder
+
+        encoder = T5TextEncoder(text_encoder, cfg.text_maxlen)
+        if encoder.channels != cfg.text_channels:
+            raise UserError(f"--text-encoder {text_encoder}: its width is {encoder.channels}, the Infinity checkpoint "
+                            f"takes {cfg.text_channels}-channel text features")
+    if prompts is None:
+        from frontends.t5_text import read_prompts
+
+        prompts = read_prompts(DEFAULT_PROMPTS)
+    example_text = encoder([prompts[0]]) if encoder is not None else standin_text(cfg)
+
+    def generate_bits(labels, seed: int = 0, step: Callable | None = None, fixed_tokens=None) -> list[torch.Tensor]:
+        """``labels``: indices into ``prompts`` (the calibration driver's sample ids)."""
+        if encoder is None:
+            raise UserError("Infinity generates from prompts: pass --text-encoder DIR (a local T5 encoder, e.g. flan-t5-xl)")
+        idx = torch.as_tensor(labels).flatten().tolist()
+        features, mask = encoder([prompts[i % len(prompts)] for i in idx])
+        return sample_bits(model, features, mask, seed=seed, step=step, fixed_bits=fixed_tokens).bits
+
+    import hashlib
+
+    return ModelBundle(
+        name=Path(path).stem if path else f"infinity-{config or 'custom'}",
+        module=InfinityStep(model).eval(),
+        example_inputs=_last_step_inputs(model, *example_text),
+        family="infinity",
+        input_names=list(STEP_INPUT_NAMES),
+        output_names=list(STEP_OUTPUT_NAMES),
+        calib_inputs=[],
+        extra={"model": model, "tokenizer": None, "text_encoder": encoder, "prompts": list(prompts),
+               "generate": generate_bits, "group_maps": group_maps(cfg.scales),
+               "sampling": {"prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16],
+                            "text_encoder": str(text_encoder) if text_encoder else None},
+               "dynamic_shapes": dynamic_shapes(cfg),
+               "default_exclude": ["shared_ada_lin.1", "head_nm.ada_lin.1"]},  # M = batch rows: passes/exclude.py
+    )
+
+
+register_family(Family("infinity", detect, build))

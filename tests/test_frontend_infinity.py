@@ -1,0 +1,242 @@
+"""Infinity family on tiny random configs: the official key layout, step-wise == teacher-forced full
+forward, the text path (a tiny random T5 saved to a temp dir), the bitwise sampler, and tools.compile
+with every recipe to TensorRT-legal ONNX that onnxruntime runs like torch."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from core.errors import UserError
+from frontends.infinity import (
+    CONFIGS,
+    Infinity,
+    InfinityStep,
+    apply_rope,
+    build,
+    detect,
+    rope_table,
+    sample_bits,
+)
+
+transformers = pytest.importorskip("transformers", reason="the T5 text encoder needs transformers (dev extra)")
+
+TINY = CONFIGS["tiny"]
+WORDS = "a an the of on in with at red fox cat dog photo painting style sky city tree night light".split()
+
+
+def random_infinity(seed: int = 0) -> Infinity:
+    """Tiny Infinity with every parameter random (ada_gss, biases, cfg_uncond ... not at their init)."""
+    torch.manual_seed(seed)
+    model = Infinity(TINY).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model
+
+
+def save_tiny_t5(directory, d_model: int = TINY.text_channels) -> None:
+    """A random T5 encoder and a word-level tokenizer (``tokenizers``), saved as a local directory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>").save_pretrained(directory)
+    torch.manual_seed(1)
+    cfg = T5Config(vocab_size=len(vocab), d_model=d_model, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
+                   pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    T5EncoderModel(cfg).eval().save_pretrained(directory)
+
+
+@pytest.fixture(scope="module")
+def t5_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("t5")
+    save_tiny_t5(d)
+    return d
+
+
+def _text(batch=2):
+    torch.manual_seed(5)
+    feats = torch.randn(batch, TINY.text_maxlen, TINY.text_channels)
+    mask = torch.zeros(batch, TINY.text_maxlen, dtype=torch.bool)
+    for i in range(batch):
+        mask[i, : 3 + 2 * i] = True
+    return feats, mask
+
+
+# -- layout ---------------------------------------------------------------------------------------
+
+OFFICIAL_2B_KEYS = {  # from the released infinity_2b_reg.pth (block_chunks=8, 4 blocks each)
+    "cfg_uncond": (512, 2048), "text_norm.weight": (2048,), "text_proj_for_sos.ca.mat_q": (1, 16, 128),
+    "text_proj_for_sos.ca.mat_kv.weight": (4096, 2048), "text_proj_for_ca.0.weight": (2048, 2048),
+    "text_proj_for_ca.2.weight": (2048, 2048), "pos_start": (1, 1, 2048), "lvl_embed.weight": (15, 2048),
+    "word_embed.weight": (2048, 32), "shared_ada_lin.1.weight": (12288, 2048),
+    "block_chunks.7.module.3.ada_gss": (1, 1, 6, 2048), "block_chunks.0.module.0.sa.scale_mul_1H11": (1, 16, 1, 1),
+    "block_chunks.0.module.0.sa.mat_qkv.weight": (6144, 2048), "block_chunks.0.module.0.sa.zero_k_bias": (2048,),
+    "block_chunks.0.module.0.ca.mat_q.weight": (2048, 2048), "block_chunks.0.module.0.ca.mat_kv.weight": (4096, 2048),
+    "block_chunks.0.module.0.ca.v_bias": (2048,), "block_chunks.0.module.0.ca_norm.weight": (2048,),
+    "block_chunks.0.module.0.ffn.fc1.weight": (8192, 2048), "head_nm.ada_lin.1.weight": (4096, 2048),
+    "head.weight": (64, 2048),
+}
+
+
+def test_2b_layout_has_the_official_names_and_shapes():
+    from frontends.infinity import _layout
+
+    layout = _layout("2b")
+    for key, shape in OFFICIAL_2B_KEYS.items():
+        assert layout[key] == shape, key
+    assert not any(k.startswith("blocks.") for k in layout)
+    assert sum(k.endswith(".ada_gss") for k in layout) == 32
+    n = sum(math.prod(s) for s in layout.values())
+    assert 2.0e9 < n < 2.4e9  # "Infinity-2B"
+
+
+def test_strict_load_detection_and_mismatch_message():
+    sd = random_infinity().state_dict()
+    assert detect(sd) == "tiny"
+    bundle = build(sd, config="tiny")
+    assert bundle.family == "infinity"
+    for k, v in bundle.extra["model"].state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    bad = dict(sd)
+    bad.pop("block_chunks.1.module.0.ca.mat_kv.weight")
+    bad["block_chunks.0.module.0.sa.extra"] = torch.zeros(1)
+    with pytest.raises(UserError, match=r"missing keys: block_chunks\.1\.module\.0\.ca\.mat_kv\.weight.*unexpected keys"):
+        build(bad, config="tiny")
+    assert detect({"pos_1LC": torch.zeros(1)}) is None
+
+
+# -- numerics -------------------------------------------------------------------------------------
+
+def test_rope_matches_a_direct_rotation():
+    """Pair (x0, x1) of head dim 2m at grid point (i, j) rotates by angle pos * 10000^(-2m'/half)."""
+    cfg = TINY
+    table = rope_table(cfg, 1.0)  # schedule 1x1, 2x2, 3x3 on a full 3x3 grid
+    assert table.shape == (1 + 4 + 9, 2, cfg.head_dim // 2)
+    half = cfg.head_dim // 2
+    inv = [10000 ** (-(2 * m) / half) for m in range(half // 2)]
+    # token 1 + 3 = scale 1 (2x2), (i, j) = (1, 1): grid point round(1 * 3/2) = 2 for both axes
+    expect = torch.tensor([2 * f for f in inv] + [2 * f for f in inv])
+    torch.testing.assert_close(table[4, 0], expect.cos())
+    torch.testing.assert_close(table[4, 1], expect.sin())
+    x = torch.randn(1, 1, 14, cfg.head_dim)
+    y = apply_rope(x, table)
+    c, s = table[:, 0], table[:, 1]
+    torch.testing.assert_close(y[..., 0::2], c * x[..., 0::2] - s * x[..., 1::2])
+    torch.testing.assert_close(y[..., 1::2], s * x[..., 0::2] + c * x[..., 1::2])
+    torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))  # a rotation
+
+
+def test_cross_attention_masks_padding_like_varlen_attention():
+    model = random_infinity()
+    block = model.block_chunks[0].module[0]
+    x = torch.randn(2, 5, TINY.width)
+    text = torch.randn(2, TINY.text_maxlen, TINY.width)
+    bias = torch.zeros(2, TINY.text_maxlen)
+    bias[0, 3:], bias[1, 6:] = -torch.inf, -torch.inf
+    out = block.ca(x, text, bias)
+    ca = block.ca
+    for b, n in ((0, 3), (1, 6)):  # each sample attends to its own n tokens only (official flash varlen)
+        kv = F.linear(text[b, :n], ca.mat_kv.weight, torch.cat((ca.zero_k_bias, ca.v_bias))).view(n, 2, 2, 32)
+        q = ca.mat_q(x[b]).view(5, 2, 32).transpose(0, 1)
+        o = F.scaled_dot_product_attention(q, kv[:, 0].transpose(0, 1), kv[:, 1].transpose(0, 1))
+        torch.testing.assert_close(out[b], ca.proj(o.transpose(0, 1).reshape(5, 64)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.5])
+def test_stepwise_equals_teacher_forced_full_forward(ratio):
+    model = random_infinity()
+    feats, mask = _text()
+    first = sample_bits(model, feats, mask, ratio=ratio, cfg=1.0, tau=1.0, seed=3)
+    assert [tuple(b.shape) for b in first.bits] == [(2, h * w, TINY.codebook_dim) for h, w in TINY.schedule(ratio)]
+    seen = []
+
+    def recording(*inputs):
+        out = InfinityStep(model)(*inputs)
+        seen.append(out[0][:2])  # the conditional half
+        return out
+
+    again = sample_bits(model, feats, mask, ratio=ratio, cfg=1.0, tau=1.0, seed=3, step=recording, fixed_bits=first.bits)
+    full = model(feats, mask, first.bits, ratio)
+    assert full.shape == (2, sum(h * w for h, w in TINY.schedule(ratio)), 2 * TINY.codebook_dim)
+    torch.testing.assert_close(torch.cat(seen, dim=1), full, rtol=1e-4, atol=1e-4)
+    assert all(torch.equal(a, b) for a, b in zip(first.bits, again.bits))
+
+
+def test_sampler_cfg_seeds_and_codes():
+    model = random_infinity()
+    feats, mask = _text(3)
+    a = sample_bits(model, feats, mask, seed=7)
+    b = sample_bits(model, feats[1:], mask[1:], seed=7 + 0x9E3779B1)  # image 1 alone, with its own seed
+    assert all(torch.equal(x[1:2], y[:1]) for x, y in zip(a.bits, b.bits))  # batch-independent
+    assert all(((x == 0) | (x == 1)).all() for x in a.bits)
+    # the summed codes are the upsampled +-1/sqrt(d) codes of every scale
+    d, (H, W) = TINY.codebook_dim, TINY.schedule(1.0)[-1]
+    s = 1 / math.sqrt(d)
+    expect = sum(F.interpolate((bits.float() * 2 * s - s).unflatten(1, (h, w)).permute(0, 3, 1, 2)[:, :, None],
+                               size=(1, H, W), mode="trilinear")
+                 for bits, (h, w) in zip(a.bits, TINY.schedule(1.0)))
+    torch.testing.assert_close(a.codes, expect)
+    # CFG mixes the tau-scaled logits as cfg * cond + (1 - cfg) * uncond
+    probs, logits = [], []
+
+    def recording(*inputs):
+        out = InfinityStep(model)(*inputs)
+        logits.append(out[0])
+        return out
+
+    sample_bits(model, feats, mask, seed=7, cfg=4.0, tau=0.5, top_k=0, top_p=0.0, step=recording,
+                on_probs=lambda si, p: probs.append(p))
+    mixed = (4.0 * logits[0][:3] - 3.0 * logits[0][3:]) / 0.5
+    torch.testing.assert_close(probs[0], mixed.reshape(3, -1, 2).softmax(-1))
+
+
+def test_text_encoder_from_a_local_directory(t5_dir):
+    from frontends.t5_text import T5TextEncoder
+
+    enc = T5TextEncoder(t5_dir, TINY.text_maxlen)
+    feats, mask = enc(["a red fox", "the city at night with light"])
+    assert feats.shape == (2, TINY.text_maxlen, TINY.text_channels)
+    assert mask.sum(1).tolist() == [4, 7]  # words + </s>
+    direct = enc.model(input_ids=enc.tokenizer(["a red fox"], return_tensors="pt").input_ids).last_hidden_state
+    torch.testing.assert_close(feats[0, :4], direct[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(UserError, match="not a directory"):
+        T5TextEncoder(t5_dir / "nope", 8)
+
+
+def test_bundle_generates_from_prompts(t5_dir):
+    sd = random_infinity().state_dict()
+    bundle = build(sd, config="tiny", text_encoder=str(t5_dir), prompts=["a red fox", "a cat photo"])
+    bits = bundle.extra["generate"](torch.tensor([0, 1]), 0)
+    assert [tuple(b.shape) for b in bits] == [(2, 1, 4), (2, 4, 4), (2, 9, 4)]
+    no_text = build(sd, config="tiny")
+    with pytest.raises(UserError, match="--text-encoder"):
+        no_text.extra["generate"](torch.tensor([0]), 0)
+
+
+# -- compile --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("recipe", ["minmax", "smoothquant", "ptq4arvg", "shiftsum"])
+def test_compiles_to_legal_onnx(tmp_path, t5_dir, recipe):
+    from tools.compile import main
+
+    torch.save(random_infinity().state_dict(), tmp_path / "infinity.pth")
+    (tmp_path / "prompts.txt").write_text("a red fox\n# comment\nthe city at night\na cat photo\na dog painting\n")
+    out = tmp_path / "out"
+    rc = main([str(tmp_path / "infinity.pth"), "--text-encoder", str(t5_dir), "--prompts", str(tmp_path / "prompts.txt"),
+               "--recipe", recipe, "--out", str(out), "--calib-samples", "2", "--calib-cache", str(tmp_path / "cache")])
+    assert rc == 0
+    r = json.loads((out / "report.json").read_text())
+    assert r["family"] == "infinity"
+    assert "self-generated" in r["calibration"]["source"]
+    o = r["onnx"]
+    assert o["tensorrt_lint"]["ok"], o["tensorrt_lint"]["violations"]
+    assert o["ort_reference_max_abs_diff"] <= 1e-4 or o["ort_reference_sqnr_db"] >= 50, o
+    gemms = o["tensorrt_lint"]["int8_gemms"]
+    assert sum(gemms.values()) >= 12
+    assert r["fidelity"]["min_sqnr_db"] > 10
