@@ -364,7 +364,7 @@ class Infinity(nn.Module):
     def forward(self, features_BLT, mask_BL, bits: list[torch.Tensor], ratio: float = 1.0) -> torch.Tensor:
         """Teacher-forced logits ``[B, L, 2d]`` of a whole schedule in one pass (block-causal mask, no CFG).
 
-        ``bits[si] [B, h*w, d]``: the tokens of every scale (the last is not an input).
+        ``bits[si] [B, h, w, d]``: the tokens of every scale (the last is not an input).
         """
         cond, text, text_bias = self.encode_text(features_BLT, mask_BL, cfg=False)
         sched = self.config.schedule(ratio)
@@ -424,8 +424,9 @@ def _upsample(codes_Bd1hw: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return F.interpolate(codes_Bd1hw, size=(1, h, w), mode="trilinear")  # the quantizer's z_interplote_up
 
 
-def _as_map(bits_BTd: torch.Tensor, h: int, w: int, d: int) -> torch.Tensor:
-    return bits_to_codes(bits_BTd, d).unflatten(1, (h, w)).permute(0, 3, 1, 2)[:, :, None]  # B, d, 1, h, w
+def _as_map(bits: torch.Tensor, h: int, w: int, d: int) -> torch.Tensor:
+    """``[B, h, w, d]`` (or ``[B, h*w, d]``) bits -> codes ``[B, d, 1, h, w]``."""
+    return bits_to_codes(bits.reshape(bits.shape[0], h, w, d), d).permute(0, 3, 1, 2)[:, :, None]
 
 
 class CodeAccumulator:
@@ -457,7 +458,7 @@ def next_scale_inputs(cfg: InfinityConfig, ratio: float, bits: list[torch.Tensor
 # ----------------------------------------------------------------------------- driver
 
 class InfinitySamples(NamedTuple):
-    bits: list[torch.Tensor]  # per scale, [B, h*w, d] int64
+    bits: list[torch.Tensor]  # per scale, [B, h, w, d] int64 (0/1)
     codes: torch.Tensor  # summed BSQ codes [B, d, 1, H, W]: what the VAE decodes
 
 
@@ -509,12 +510,28 @@ def sample_bits(model: Infinity, features_BLT: torch.Tensor, mask_BL: torch.Tens
             b = torch.stack([torch.multinomial(p, 1, replacement=True, generator=g)[:, 0] for p, g in zip(probs, generators)])
         else:
             b = fixed_bits[si].to(device).reshape(B, -1)
-        b = b.reshape(B, T, c.codebook_dim)
+        h, w = c.schedule(ratio)[si]
+        b = b.reshape(B, h, w, c.codebook_dim)
         bits.append(b)
         nxt = acc.add(si, b)
         if nxt is not None:
             x = model.embed_codes(nxt.to(x.dtype), si + 1).repeat(2, 1, 1)
     return InfinitySamples(bits, acc.summed)
+
+
+class ImageDecoder(nn.Module):
+    """The ``tokenizer`` of an Infinity bundle: bits of every scale (``[B, h, w, d]``, the grid read from
+    the shapes, so any aspect ratio) -> images ``[B, 3, H, W]`` in [0, 1] through the BSQ VAE decoder."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def decode(self, bits: list[torch.Tensor]) -> torch.Tensor:
+        _, H, W, d = bits[-1].shape
+        summed = sum(_upsample(_as_map(b.to(self.vae.decoder.conv_in.conv.weight.device), *b.shape[1:3], d), H, W)
+                     for b in bits)
+        return (self.vae(summed[:, :, 0]) + 1) / 2
 
 
 # ----------------------------------------------------------------------------- family
@@ -609,12 +626,15 @@ def build(state_dict: dict, path: str | Path | None = None, config: str | None =
           tokenizer: str | Path | None = None, text_encoder: str | Path | None = None,
           prompts: list[str] | None = None, **_other_options) -> ModelBundle:
     """ModelBundle of one Infinity step. ``text_encoder``: a local T5 directory (prompts need it);
-    ``prompts``: the calibration prompts (default: the shipped file). The BSQ VAE is not supported yet."""
-    if tokenizer:
-        raise UserError("Infinity: the BSQ VAE (--tokenizer) is not supported yet; generation stops at the bits "
-                        "(tokens.pt), so compile without --tokenizer")
+    ``prompts``: the calibration prompts, or the images' prompts (default: the shipped file);
+    ``tokenizer``: the BSQ VAE file, whose decoder makes images."""
     cfg = CONFIGS[config] if config in CONFIGS else config_from_state_dict(state_dict)
     model = load_infinity(state_dict, cfg, f"Infinity checkpoint {path or ''}".strip())
+    decoder = None
+    if tokenizer:
+        from frontends.bsq_vae import load_bsq_decoder
+
+        decoder = ImageDecoder(load_bsq_decoder(tokenizer, cfg.codebook_dim)).eval()
     encoder = None
     if text_encoder:
         from frontends.t5_text import T5TextEncoder
@@ -647,7 +667,7 @@ def build(state_dict: dict, path: str | Path | None = None, config: str | None =
         input_names=list(STEP_INPUT_NAMES),
         output_names=list(STEP_OUTPUT_NAMES),
         calib_inputs=[],
-        extra={"model": model, "tokenizer": None, "text_encoder": encoder, "prompts": list(prompts),
+        extra={"model": model, "tokenizer": decoder, "text_encoder": encoder, "prompts": list(prompts),
                "generate": generate_bits, "group_maps": group_maps(cfg.scales),
                "sampling": {"prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16],
                             "text_encoder": str(text_encoder) if text_encoder else None},

@@ -153,7 +153,7 @@ def test_stepwise_equals_teacher_forced_full_forward(ratio):
     model = random_infinity()
     feats, mask = _text()
     first = sample_bits(model, feats, mask, ratio=ratio, cfg=1.0, tau=1.0, seed=3)
-    assert [tuple(b.shape) for b in first.bits] == [(2, h * w, TINY.codebook_dim) for h, w in TINY.schedule(ratio)]
+    assert [tuple(b.shape) for b in first.bits] == [(2, h, w, TINY.codebook_dim) for h, w in TINY.schedule(ratio)]
     seen = []
 
     def recording(*inputs):
@@ -178,7 +178,7 @@ def test_sampler_cfg_seeds_and_codes():
     # the summed codes are the upsampled +-1/sqrt(d) codes of every scale
     d, (H, W) = TINY.codebook_dim, TINY.schedule(1.0)[-1]
     s = 1 / math.sqrt(d)
-    expect = sum(F.interpolate((bits.float() * 2 * s - s).unflatten(1, (h, w)).permute(0, 3, 1, 2)[:, :, None],
+    expect = sum(F.interpolate((bits.float() * 2 * s - s).permute(0, 3, 1, 2)[:, :, None],
                                size=(1, H, W), mode="trilinear")
                  for bits, (h, w) in zip(a.bits, TINY.schedule(1.0)))
     torch.testing.assert_close(a.codes, expect)
@@ -213,7 +213,7 @@ def test_bundle_generates_from_prompts(t5_dir):
     sd = random_infinity().state_dict()
     bundle = build(sd, config="tiny", text_encoder=str(t5_dir), prompts=["a red fox", "a cat photo"])
     bits = bundle.extra["generate"](torch.tensor([0, 1]), 0)
-    assert [tuple(b.shape) for b in bits] == [(2, 1, 4), (2, 4, 4), (2, 9, 4)]
+    assert [tuple(b.shape) for b in bits] == [(2, 1, 1, 4), (2, 2, 2, 4), (2, 3, 3, 4)]
     no_text = build(sd, config="tiny")
     with pytest.raises(UserError, match="--text-encoder"):
         no_text.extra["generate"](torch.tensor([0]), 0)
