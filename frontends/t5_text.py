@@ -23,8 +23,10 @@ class T5TextEncoder:
             raise UserError(f"--text-encoder {directory}: not a directory (a T5 encoder saved with save_pretrained)")
         try:
             from transformers import AutoTokenizer, T5EncoderModel
+            from transformers.utils import logging as hf_logging
         except ImportError:
             raise UserError("the T5 text encoder needs the transformers package: pip install transformers") from None
+        hf_logging.disable_progress_bar()  # our tools print their own progress; a bar per load clutters it
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
             self.model = T5EncoderModel.from_pretrained(directory, local_files_only=True).float().eval()

@@ -240,3 +240,76 @@ def test_compiles_to_legal_onnx(tmp_path, t5_dir, recipe):
     gemms = o["tensorrt_lint"]["int8_gemms"]
     assert sum(gemms.values()) >= 12
     assert r["fidelity"]["min_sqnr_db"] > 10
+
+
+# -- BSQ VAE decoder and tools.generate --------------------------------------------------------------
+
+def tiny_vae_file(path, wrapped: bool = True):
+    """A random tiny BSQ VAE checkpoint as the official files hold it: {"vae": state_dict}, with an
+    encoder part generation never reads; ``wrapped=False`` spells convs/norms without the wrapper."""
+    from frontends.bsq_vae import VAE_CONFIGS, BSQDecoder
+
+    torch.manual_seed(2)
+    dec = BSQDecoder(VAE_CONFIGS["tiny"])
+    with torch.no_grad():
+        for p in dec.parameters():
+            p.normal_(0, 0.2)
+    sd = dec.state_dict()
+    if not wrapped:
+        sd = {k.replace(".conv.weight", ".weight").replace(".conv.bias", ".bias").replace(".norm.", "."): v
+              for k, v in sd.items()}
+    torch.save({"vae": {**sd, "encoder.conv_in.conv.weight": torch.zeros(32, 3, 3, 3)}}, path)
+    return dec
+
+
+def test_bsq_decoder_loads_both_spellings_and_decodes(tmp_path):
+    from frontends.bsq_vae import load_bsq_decoder
+
+    ref = tiny_vae_file(tmp_path / "a.pth", wrapped=True)
+    tiny_vae_file(tmp_path / "b.pth", wrapped=False)
+    a, b = load_bsq_decoder(tmp_path / "a.pth", 4), load_bsq_decoder(tmp_path / "b.pth", 4)
+    assert "decoder.up.1.upsample.conv.conv.weight" in a.state_dict()  # the official nesting
+    z = torch.randn(2, 4, 3, 3)
+    torch.testing.assert_close(a(z), ref(z))
+    torch.testing.assert_close(b(z), ref(z))
+    assert a(z).shape == (2, 3, 6, 6) and a(z).abs().max() <= 1
+    # the decoder's first layers, directly: conv_in then a GroupNorm/SiLU/conv residual block
+    d = ref.decoder
+    h = d.conv_in.conv(z)
+    r = d.mid.block_1
+    h1 = h + r.conv2.conv(F.silu(r.norm2.norm(r.conv1.conv(F.silu(F.group_norm(h, 32, r.norm1.norm.weight, r.norm1.norm.bias, 1e-6))))))
+    torch.testing.assert_close(r(h), h1)
+    with pytest.raises(UserError, match="4-bit codes; the model makes 32-bit"):
+        load_bsq_decoder(tmp_path / "a.pth", 32)
+    torch.save({"vae": {"encoder.x": torch.zeros(1)}}, tmp_path / "c.pth")
+    with pytest.raises(UserError, match="no decoder"):
+        load_bsq_decoder(tmp_path / "c.pth", 4)
+
+
+def test_generate_from_a_prompt_writes_images(tmp_path, t5_dir, capsys):
+    import numpy as np
+
+    from tools.generate import main
+
+    torch.save(random_infinity().state_dict(), tmp_path / "infinity.pth")
+    vae = tiny_vae_file(tmp_path / "vae.pth")
+    out = tmp_path / "out"
+    args = [str(tmp_path / "infinity.pth"), "--tokenizer", str(tmp_path / "vae.pth"), "--text-encoder", str(t5_dir),
+            "--prompt", "a red fox", "--prompt", "the city at night", "--device", "cpu"]
+    assert main([*args, "--out", str(out)]) == 0
+    images = np.load(out / "samples.npz")["arr_0"]
+    assert images.shape == (2, 6, 6, 3)
+    tokens = torch.load(out / "tokens.pt", weights_only=True)
+    bits = tokens if isinstance(tokens, list) else tokens["tokens"]
+    # the images are the decoder's output for the sampled bits (summed codes of every scale)
+    s = 0.5
+    H, W = 3, 3
+    summed = sum(F.interpolate((b[:1].float() * 2 * s - s).permute(0, 3, 1, 2)[:, :, None], size=(1, H, W),
+                               mode="trilinear") for b in bits)
+    expect = ((vae(summed[:, :, 0]) + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    assert np.abs(images[0].astype(int) - expect[0].numpy().astype(int)).max() <= 1
+    # a class-conditional option on a text-to-image model, and a prompt without a text encoder, fail cleanly
+    assert main([str(tmp_path / "infinity.pth"), "--tokenizer", str(tmp_path / "vae.pth"), "--device", "cpu",
+                 "--out", str(tmp_path / "o2")]) == 2
+    assert "text-to-image model (infinity): pass --prompt" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()

@@ -1,5 +1,7 @@
 """``python -m tools.generate CKPT --tokenizer TOK [--onnx F | --quantized DIR | --engine F] --classes 0,1,2,3 --out DIR``
-(or ``python -m tools.generate builtin:mnist-var --out DIR``: a shipped model carries its tokenizer)
+(or ``python -m tools.generate builtin:mnist-var --out DIR``: a shipped model carries its tokenizer;
+text-to-image: ``python -m tools.generate infinity_2b_reg.pth --tokenizer infinity_vae_d32reg.pth
+--text-encoder flan-t5-xl --prompt "a red fox" --out DIR``)
 
 Sample images with the family's own driver (its official CFG and sampling settings) and write
 ``DIR/grid.png``, ``DIR/<i>_class<c>.png``, ``DIR/samples.npz`` (``arr_0``: uint8 ``[N, H, W, 3]``,
@@ -55,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ort-mode", choices=("reference", "fast"), default="reference",
                    help="onnxruntime: reference = Q/DQ kept as written (equals torch fake-quant), fast = fused int8")
     p.add_argument("--classes", default="0,1,2,3", help="comma-separated class labels (default: 0,1,2,3)")
-    p.add_argument("--per-class", type=int, default=1, metavar="N", help="images per class label (default: 1)")
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                   help="text-to-image families (Infinity): a prompt, instead of --classes (repeatable)")
+    p.add_argument("--text-encoder", metavar="DIR", help="text-to-image families: a local T5 encoder directory")
+    p.add_argument("--per-class", type=int, default=1, metavar="N", help="images per class label or prompt (default: 1)")
     p.add_argument("--seed", type=int, default=0, help="image i draws from a generator seeded by (seed, i)")
     p.add_argument("--batch-size", type=int, default=16, metavar="B", help="images per batch (default: 16)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -109,6 +114,8 @@ def check_inputs(args: argparse.Namespace) -> None:
                        ("--engine", args.engine)):
         if path and ":" not in path.split("/")[0] and not Path(path).is_file():
             raise UserError(f"{flag} file not found: {path}")
+    if args.text_encoder and not Path(args.text_encoder).is_dir():
+        raise UserError(f"--text-encoder directory not found: {args.text_encoder}")
     if args.quantized:
         q = Path(args.quantized)
         if not q.is_dir():
@@ -131,13 +138,21 @@ def check_inputs(args: argparse.Namespace) -> None:
 
 def generate_batches(args, store: BatchStore, todo: list[tuple[int, range]], labels: list[int], local_rank: int) -> bool:
     """Make the batches ``todo`` into ``store``; False when --max-batches stopped it early."""
-    bundle = load_model(args.model, family=args.family, tokenizer=args.tokenizer)
+    bundle = load_model(args.model, family=args.family, tokenizer=args.tokenizer, text_encoder=args.text_encoder,
+                        prompts=args.prompt or None)
     if bundle.extra.get("tokenizer") is None or "generate" not in bundle.extra:
         raise UserError(f"{args.model} needs --tokenizer (the family's tokenizer checkpoint) to make images")
-    n_classes = bundle.extra["model"].config.num_classes
-    bad = sorted({c for c in labels if c >= n_classes or c < -1})
-    if bad:
-        raise UserError(f"class ids {bad} are out of range: the model has {n_classes} classes (0..{n_classes - 1}; -1 unconditional)")
+    if "prompts" in bundle.extra:  # text-to-image: the labels index the prompts
+        if not args.prompt:
+            raise UserError(f"{args.model} is a text-to-image model ({bundle.family}): pass --prompt TEXT")
+    elif args.prompt:
+        raise UserError(f"--prompt: {args.model} is a class-conditional model ({bundle.family}); use --classes")
+    else:
+        n_classes = bundle.extra["model"].config.num_classes
+        bad = sorted({c for c in labels if c >= n_classes or c < -1})
+        if bad:
+            raise UserError(f"class ids {bad} are out of range: the model has {n_classes} classes "
+                            f"(0..{n_classes - 1}; -1 unconditional)")
     source = step_source(args)
     runs_on = "torch" if source is None else source[0].runs_on_for(source[1])
     device = pick_device("cuda" if runs_on == "cuda" else args.device, local_rank,  # CUDA runtimes return CUDA tensors
@@ -161,10 +176,10 @@ def generate_batches(args, store: BatchStore, todo: list[tuple[int, range]], lab
 @main_wrapper
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    labels = parse_labels(args.classes, args.per_class)
+    labels = parse_labels(",".join(str(i) for i in range(len(args.prompt))) if args.prompt else args.classes, args.per_class)
     rank, world, local_rank = dist_env()
     out = Path(args.out)
-    inputs = [p for p in (args.model, args.tokenizer, args.onnx, args.engine, args.quantized)
+    inputs = [p for p in (args.model, args.tokenizer, args.text_encoder, args.onnx, args.engine, args.quantized)
               if p and not p.startswith("builtin:")]
     check_output_dir(out, force=args.force, inputs=inputs)  # before any work: nothing is lost or half-made
     partial = out.with_name(out.name + ".partial")
@@ -175,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                 "tokenizer": fingerprint(args.tokenizer), "family": args.family,
                 "step": [k for k in ("quantized", "onnx", "engine") if getattr(args, k)],
                 "step_file": fingerprint(args.onnx or args.engine) or args.quantized, "ort_mode": args.ort_mode,
-                "labels": labels, "seed": args.seed, "batch_size": args.batch_size, "device": args.device}
+                "labels": labels, "prompts": args.prompt, "text_encoder": args.text_encoder, "seed": args.seed, "batch_size": args.batch_size, "device": args.device}
     plan = batches(len(labels), args.batch_size)
     store = BatchStore(partial, settings, len(plan))
     if not args.merge:
