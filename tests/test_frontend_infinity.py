@@ -313,3 +313,47 @@ def test_generate_from_a_prompt_writes_images(tmp_path, t5_dir, capsys):
                  "--out", str(tmp_path / "o2")]) == 2
     assert "text-to-image model (infinity): pass --prompt" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
+
+
+# -- folding ----------------------------------------------------------------------------------------
+
+def test_folds_leave_fp_outputs_unchanged_and_fire():
+    """smooth, sym-shift and gps on the traced step (every scale's inputs as calibration data): each
+    changes its sinks' weights and leaves the float outputs as they were. The regions are the
+    cross-attention's ca_norm -> ca.mat_q of every block and head_nm -> head; the self-attention and
+    FFN inputs are modulated by the shared AdaLN (shared_ada_lin output + each block's ada_gss), which
+    no per-block parameter can absorb, so they are quantized without a fold (README)."""
+    import copy as _copy
+
+    from core.numerics import relative_error, run_outputs
+    from core.qmath import Precision
+    from frontends import trace
+    from passes import gps, smooth, sym_shift  # noqa: F401  (registers the passes)
+    from passes.infra import PassContext, PassManager, QuantConfig, get_attr
+
+    bundle = build(random_infinity().state_dict(), config="tiny")
+    steps = []
+    step = bundle.module
+
+    def recording(*inputs):
+        steps.append(inputs)
+        return step(*inputs)
+
+    sample_bits(bundle.extra["model"], *_text(2), seed=1, step=recording)
+    bundle.calib_inputs = steps
+    gm = trace(bundle)
+    fp = _copy.deepcopy(gm)
+    ctx = PassContext(config=QuantConfig(Precision("W8A8", 8, 8)), calib_inputs=steps, probe_inputs=bundle.example_inputs)
+    gm = PassManager("canonicalize,observe").run(gm, ctx)
+    sinks = ["block_chunks.0.module.0.ca.mat_q", "block_chunks.1.module.0.ca.mat_q", "head"]
+    for fold, changes in (("smooth", "weight"), ("sym-shift", "bias"), ("gps", "weight")):
+        before = _copy.deepcopy(gm)
+        pm = PassManager(f"{fold},observe")
+        gm = pm.run(gm, ctx)
+        assert pm.records[0]["stats"]["regions"] == 3, fold
+        assert pm.records[0]["probe_rel_err"] < 1e-5, fold
+        for site in sinks:
+            new = get_attr(gm, f"{site}.{changes}")
+            old = dict(before.state_dict()).get(f"{site}.{changes}", torch.zeros_like(new))
+            assert not torch.allclose(new, old), (fold, site)
+    assert max(relative_error(run_outputs(fp, x), run_outputs(gm, x)) for x in steps) < 1e-5
