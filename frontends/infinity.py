@@ -292,6 +292,7 @@ class Infinity(nn.Module):
         if cfg.depth % cfg.block_chunks:
             raise UserError(f"Infinity: depth {cfg.depth} is not a multiple of block_chunks {cfg.block_chunks}")
         self.config = cfg
+        self._rope_tables: dict[float, torch.Tensor] = {}  # per aspect ratio, on the CPU
         C, Ct5 = cfg.width, cfg.text_channels
         self.cfg_uncond = nn.Parameter(torch.randn(cfg.text_maxlen, Ct5) / Ct5 ** 0.5)
         self.text_norm = RMSNorm(Ct5, cfg.norm_eps)
@@ -345,9 +346,10 @@ class Infinity(nn.Module):
     def blocks(self) -> list[CrossAttnBlock]:
         return [b for chunk in self.block_chunks for b in chunk.module]
 
-    @functools.cache
     def _rope(self, ratio: float) -> torch.Tensor:
-        return rope_table(self.config, ratio)
+        if ratio not in self._rope_tables:
+            self._rope_tables[ratio] = rope_table(self.config, ratio)
+        return self._rope_tables[ratio]
 
     def step_inputs(self, si: int, ratio: float, x, cond, text, text_bias, k_cache, v_cache) -> tuple:
         """The ``InfinityStep`` arguments of scale ``si`` of ``ratio``'s schedule."""
@@ -502,7 +504,6 @@ def sample_bits(model: Infinity, features_BLT: torch.Tensor, mask_BL: torch.Tens
         logits, k_cache, v_cache = step(*model.step_inputs(si, ratio, x, cond, text, text_bias, k_cache, v_cache))
         logits = torch.as_tensor(logits).to(device) / tau
         mixed = cfg * logits[:B] - (cfg - 1) * logits[B:]
-        T = mixed.shape[1]
         probs = _filter_top_k_top_p(mixed.reshape(B, -1, 2), top_k, top_p).softmax(dim=-1)
         if on_probs is not None:
             on_probs(si, probs)

@@ -23,7 +23,8 @@ from frontends.infinity import (
 transformers = pytest.importorskip("transformers", reason="the T5 text encoder needs transformers (dev extra)")
 
 TINY = CONFIGS["tiny"]
-WORDS = "a an the of on in with at red fox cat dog photo painting style sky city tree night light".split()
+WORDS = ["a", "an", "the", "of", "on", "in", "with", "at", "red", "fox", "cat", "dog", "photo", "painting", "style",
+         "sky", "city", "tree", "night", "light"]
 
 
 def random_infinity(seed: int = 0) -> Infinity:
