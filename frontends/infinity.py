@@ -537,6 +537,8 @@ class ImageDecoder(nn.Module):
 
 # ----------------------------------------------------------------------------- family
 
+# Masks that some official checkpoints carry and the official loader drops (the code rebuilds them).
+DERIVED_KEYS = ("lvl_1L", "attn_bias_for_masking", "Infinity_visible_kvlen", "Infinity_invisible_qlen")
 _MARKER_KEYS = ("cfg_uncond", "text_proj_for_sos.ca.mat_q", "shared_ada_lin.1.weight", "block_chunks.0.module.0.ada_gss")
 
 
@@ -576,14 +578,14 @@ def detect(state_dict: dict) -> str | None:
     """``"2b"``/``"tiny"`` when the keys and shapes are exactly a known config's, ``"custom"`` for other Infinity layouts."""
     if not all(k in state_dict for k in _MARKER_KEYS):
         return None
-    shapes = {k: tuple(v.shape) for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items() if isinstance(v, torch.Tensor) and k not in DERIVED_KEYS}
     return next((name for name in CONFIGS if _layout(name) == shapes), "custom")
 
 
 def load_infinity(state_dict: dict, cfg: InfinityConfig, source: str = "Infinity checkpoint") -> Infinity:
     """Build on the meta device and adopt the checkpoint's tensors (strict; UserError lists every mismatch)."""
     model = _meta(cfg)
-    strict_load(model, state_dict, source)
+    strict_load(model, {k: v for k, v in state_dict.items() if k not in DERIVED_KEYS}, source)
     return model.float().eval()
 
 

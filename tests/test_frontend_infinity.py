@@ -110,6 +110,15 @@ def test_strict_load_detection_and_mismatch_message():
     with pytest.raises(UserError, match=r"missing keys: block_chunks\.1\.module\.0\.ca\.mat_kv\.weight.*unexpected keys"):
         build(bad, config="tiny")
     assert detect({"pos_1LC": torch.zeros(1)}) is None
+    # masks some official files carry are dropped, as the official loader does
+    assert detect({**sd, "lvl_1L": torch.zeros(1, 14)}) == "tiny"
+    build({**sd, "attn_bias_for_masking": torch.zeros(1, 1, 14, 14)}, config="tiny")
+    # a checkpoint of no known size: the configuration is read from its shapes
+    from frontends.infinity import config_from_state_dict
+
+    cfg = config_from_state_dict(sd)
+    assert (cfg.depth, cfg.width, cfg.heads, cfg.block_chunks, cfg.text_channels, cfg.text_maxlen, cfg.pool_heads,
+            cfg.codebook_dim, cfg.ffn_hidden) == (2, 64, 2, 2, 32, 8, 2, 4, 256)
 
 
 # -- numerics -------------------------------------------------------------------------------------
