@@ -337,6 +337,9 @@ class Compiler:
         bundle = self.load()
         if c.evaluate and (bundle.family == "generic" or "generate" not in bundle.extra):
             raise UserError("--evaluate needs a family model that generates images (VAR, LlamaGen, RAR, PAR)")
+        if c.evaluate and "prompts" in bundle.extra:  # the quality rows draw class labels in turn
+            raise UserError(f"--evaluate scores class-conditional families; {bundle.family} is text-to-image: "
+                            f"compare images with tools.generate --prompt and tools.evaluate")
         exclusions = self.exclusions()
         names = [p.name for p in parse_pipeline(self.pipeline)]
         # a pipeline cut before its quantization on purpose (--stop-after, --disable-pass): warn, do not refuse

@@ -367,3 +367,18 @@ def test_folds_leave_fp_outputs_unchanged_and_fire():
             old = dict(before.state_dict()).get(f"{site}.{changes}", torch.zeros_like(new))
             assert not torch.allclose(new, old), (fold, site)
     assert max(relative_error(run_outputs(fp, x), run_outputs(gm, x)) for x in steps) < 1e-5
+
+
+def test_compile_without_text_encoder_or_with_evaluate_is_one_error_line(tmp_path, capsys):
+    from tools.compile import main
+
+    torch.save(random_infinity().state_dict(), tmp_path / "infinity.pth")
+    common = [str(tmp_path / "infinity.pth"), "--calib-samples", "2", "--calib-cache", str(tmp_path / "cache")]
+    assert main([*common, "--out", str(tmp_path / "a")]) == 2
+    assert "pass --text-encoder DIR" in capsys.readouterr().err
+    assert main([*common, "--evaluate", "4", "--out", str(tmp_path / "b")]) == 2
+    assert "text-to-image" in capsys.readouterr().err
+    (tmp_path / "empty.txt").write_text("# nothing\n\n")
+    assert main([*common, "--prompts", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "c")]) == 2
+    assert "no prompts" in capsys.readouterr().err
+    assert not any((tmp_path / d).exists() for d in "abc")
