@@ -382,3 +382,20 @@ def test_compile_without_text_encoder_or_with_evaluate_is_one_error_line(tmp_pat
     assert main([*common, "--prompts", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "c")]) == 2
     assert "no prompts" in capsys.readouterr().err
     assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def test_2b_schedules_and_rope_cover_every_official_aspect_ratio():
+    """The official templates (h/w and w/h), 13 scales at 1M (1024 px for 1:1); the cache holds the
+    longest; at the last scale a token (i, j) takes the angles of grid point (i, j)."""
+    cfg = CONFIGS["2b"]
+    assert len(cfg.ratios) == 15 and cfg.schedule(1.0)[-1] == (64, 64) and cfg.schedule(0.5)[-1] == (45, 90)
+    assert cfg.schedule(1.9)[-1] == (90, 45)  # nearest template, as the official h_div_w_template
+    assert cfg.seq_len == max(sum(h * w for h, w in hws) for _, hws in cfg.ratios) == 11269
+    table = rope_table(cfg, 3.0)
+    hws = cfg.schedule(3.0)
+    assert table.shape == (sum(h * w for h, w in hws), 2, 64)
+    H, W = hws[-1]
+    i, j = 100, 30
+    row = table[table.shape[0] - H * W + i * W + j]
+    inv = 10000.0 ** (-torch.arange(0, 64, 2).double() / 64)
+    torch.testing.assert_close(row[0].double(), torch.cat((i * inv, j * inv)).cos(), rtol=1e-4, atol=1e-4)
