@@ -1,4 +1,4 @@
-"""Model families (VAR, LlamaGen, RAR, PAR): detection from checkpoint keys and bundle builders.
+"""Model families (VAR, LlamaGen, RAR, PAR, Infinity): detection from checkpoint keys and bundle builders.
 
 Each family module registers a ``Family``. ``detect`` looks at the keys (and shapes) of a
 state_dict and returns the name of the matching config, or None; ``build`` turns the
