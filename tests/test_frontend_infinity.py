@@ -225,6 +225,8 @@ def test_bundle_generates_from_prompts(t5_dir):
     bits = bundle.extra["generate"](torch.tensor([0, 1]), 0)
     assert [tuple(b.shape) for b in bits] == [(2, 1, 1, 4), (2, 2, 2, 4), (2, 3, 3, 4)]
     no_text = build(sd, config="tiny")
+    shipped = no_text.extra["prompts"]  # frontends/prompts/infinity_calibration.txt, comments dropped
+    assert len(shipped) == 52 and len(set(shipped)) == 52 and not any(p.startswith("#") for p in shipped)
     with pytest.raises(UserError, match="--text-encoder"):
         no_text.extra["generate"](torch.tensor([0]), 0)
 
@@ -399,3 +401,17 @@ def test_2b_schedules_and_rope_cover_every_official_aspect_ratio():
     row = table[table.shape[0] - H * W + i * W + j]
     inv = 10000.0 ** (-torch.arange(0, 64, 2).double() / 64)
     torch.testing.assert_close(row[0].double(), torch.cat((i * inv, j * inv)).cos(), rtol=1e-4, atol=1e-4)
+
+
+def test_prompt_on_a_class_conditional_model_is_refused(tmp_path, capsys):
+    from frontends.var import CONFIGS as VAR_CONFIGS
+    from frontends.var import VAR
+    from frontends.var_vqvae import VQVAE, VQVAE_CONFIGS
+    from tools.generate import main
+
+    torch.manual_seed(0)
+    torch.save(VAR(VAR_CONFIGS["tiny"]).state_dict(), tmp_path / "var.pth")
+    torch.save(VQVAE(VQVAE_CONFIGS["tiny"]).state_dict(), tmp_path / "vae.pth")
+    assert main([str(tmp_path / "var.pth"), "--tokenizer", str(tmp_path / "vae.pth"), "--prompt", "a fox",
+                 "--device", "cpu", "--out", str(tmp_path / "o")]) == 2
+    assert "class-conditional model (var); use --classes" in capsys.readouterr().err
