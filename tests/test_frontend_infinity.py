@@ -415,3 +415,23 @@ def test_prompt_on_a_class_conditional_model_is_refused(tmp_path, capsys):
     assert main([str(tmp_path / "var.pth"), "--tokenizer", str(tmp_path / "vae.pth"), "--prompt", "a fox",
                  "--device", "cpu", "--out", str(tmp_path / "o")]) == 2
     assert "class-conditional model (var); use --classes" in capsys.readouterr().err
+
+
+def test_bench_infinity_step_and_generation(capsys):
+    """tools.bench's Infinity workloads (the 2B one is a GPU job; its tiny twin runs here): the last-scale
+    step on onnxruntime int8 vs FP, and a whole generation through the runner's step."""
+    from compiler.bench import workloads
+    from tools.bench import main
+
+    b = workloads()["infinity-tiny"](1)
+    assert len(b.calib_inputs) == 3 and b.calib_inputs[2][0].shape == (2, 9, TINY.width)  # every scale, lazily
+    step = b.calib_inputs[2]
+    assert step[5].tolist() == list(range(5, 14)) and step[-1].tolist() == [2] * 9  # positions, token groups
+    bias = b.calib_inputs[1][6]  # scale 1 (2x2) sees the 5 tokens written so far, not the rest of the cache
+    assert bias.shape == (4, 14) and (bias[:, :5] == 0).all() and torch.isinf(bias[:, 5:]).all()
+    assert main(["--model", "infinity-tiny", "--backends", "torch-fp32,ort-fp32,ort-int8", "--batch", "1",
+                 "--repeats", "1", "--warmup", "0"]) == 0
+    assert float(capsys.readouterr().out.strip().splitlines()[-1].split("=")[1]) > 0
+    assert main(["--model", "infinity-tiny", "--steps", "all", "--backends", "torch-fp32,torch-int8",
+                 "--repeats", "1", "--warmup", "0"]) == 0
+    assert "full generation" in capsys.readouterr().out
