@@ -627,11 +627,14 @@ def _last_step_inputs(model: Infinity, features, mask) -> tuple:
 
 def build(state_dict: dict, path: str | Path | None = None, config: str | None = None,
           tokenizer: str | Path | None = None, text_encoder: str | Path | None = None,
-          prompts: list[str] | None = None, **_other_options) -> ModelBundle:
+          prompts: list[str] | None = None, aspect_ratio: float | None = None, **_other_options) -> ModelBundle:
     """ModelBundle of one Infinity step. ``text_encoder``: a local T5 directory (prompts need it);
     ``prompts``: the calibration prompts, or the images' prompts (default: the shipped file);
-    ``tokenizer``: the BSQ VAE file, whose decoder makes images."""
+    ``tokenizer``: the BSQ VAE file, whose decoder makes images; ``aspect_ratio`` (h/w, default 1):
+    the images' template (the nearest official one)."""
     cfg = CONFIGS[config] if config in CONFIGS else config_from_state_dict(state_dict)
+    ratio = 1.0 if aspect_ratio is None else float(aspect_ratio)
+    cfg.schedule(ratio)  # a bad ratio fails before the weights load
     model = load_infinity(state_dict, cfg, f"Infinity checkpoint {path or ''}".strip())
     decoder = None
     if tokenizer:
@@ -658,7 +661,7 @@ def build(state_dict: dict, path: str | Path | None = None, config: str | None =
             raise UserError("Infinity generates from prompts: pass --text-encoder DIR (a local T5 encoder, e.g. flan-t5-xl)")
         idx = torch.as_tensor(labels).flatten().tolist()
         features, mask = encoder([prompts[i % len(prompts)] for i in idx])
-        return sample_bits(model, features, mask, seed=seed, step=step, fixed_bits=fixed_tokens).bits
+        return sample_bits(model, features, mask, ratio=ratio, seed=seed, step=step, fixed_bits=fixed_tokens).bits
 
     import hashlib
 
@@ -672,7 +675,7 @@ def build(state_dict: dict, path: str | Path | None = None, config: str | None =
         calib_inputs=[],
         extra={"model": model, "tokenizer": decoder, "text_encoder": encoder, "prompts": list(prompts),
                "generate": generate_bits, "group_maps": group_maps(cfg.scales),
-               "sampling": {"prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16],
+               "sampling": {"prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16], "ratio": ratio,
                             "text_encoder": str(text_encoder) if text_encoder else None},
                "dynamic_shapes": dynamic_shapes(cfg),
                "default_exclude": ["shared_ada_lin.1", "head_nm.ada_lin.1"]},  # M = batch rows: passes/exclude.py

@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                    help="text-to-image families (Infinity): a prompt, instead of --classes (repeatable)")
     p.add_argument("--text-encoder", metavar="DIR", help="text-to-image families: a local T5 encoder directory")
+    p.add_argument("--aspect-ratio", type=float, metavar="H/W",
+                   help="text-to-image families: image height / width (the nearest official template; default 1)")
     p.add_argument("--per-class", type=int, default=1, metavar="N", help="images per class label or prompt (default: 1)")
     p.add_argument("--seed", type=int, default=0, help="image i draws from a generator seeded by (seed, i)")
     p.add_argument("--batch-size", type=int, default=16, metavar="B", help="images per batch (default: 16)")
@@ -139,14 +141,15 @@ def check_inputs(args: argparse.Namespace) -> None:
 def generate_batches(args, store: BatchStore, todo: list[tuple[int, range]], labels: list[int], local_rank: int) -> bool:
     """Make the batches ``todo`` into ``store``; False when --max-batches stopped it early."""
     bundle = load_model(args.model, family=args.family, tokenizer=args.tokenizer, text_encoder=args.text_encoder,
-                        prompts=args.prompt or None)
+                        prompts=args.prompt or None, aspect_ratio=args.aspect_ratio)
     if bundle.extra.get("tokenizer") is None or "generate" not in bundle.extra:
         raise UserError(f"{args.model} needs --tokenizer (the family's tokenizer checkpoint) to make images")
     if "prompts" in bundle.extra:  # text-to-image: the labels index the prompts
         if not args.prompt:
             raise UserError(f"{args.model} is a text-to-image model ({bundle.family}): pass --prompt TEXT")
-    elif args.prompt:
-        raise UserError(f"--prompt: {args.model} is a class-conditional model ({bundle.family}); use --classes")
+    elif args.prompt or args.aspect_ratio:
+        raise UserError(f"--prompt and --aspect-ratio: {args.model} is a class-conditional model ({bundle.family}); "
+                        f"use --classes")
     else:
         n_classes = bundle.extra["model"].config.num_classes
         bad = sorted({c for c in labels if c >= n_classes or c < -1})
@@ -190,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
                 "tokenizer": fingerprint(args.tokenizer), "family": args.family,
                 "step": [k for k in ("quantized", "onnx", "engine") if getattr(args, k)],
                 "step_file": fingerprint(args.onnx or args.engine) or args.quantized, "ort_mode": args.ort_mode,
-                "labels": labels, "prompts": args.prompt, "text_encoder": args.text_encoder, "seed": args.seed, "batch_size": args.batch_size, "device": args.device}
+                "labels": labels, "prompts": args.prompt, "text_encoder": args.text_encoder,
+                "aspect_ratio": args.aspect_ratio, "seed": args.seed, "batch_size": args.batch_size, "device": args.device}
     plan = batches(len(labels), args.batch_size)
     store = BatchStore(partial, settings, len(plan))
     if not args.merge:
