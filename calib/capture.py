@@ -146,7 +146,7 @@ def _resampled_maps(bundle, classes, seed, batch, cache_dir, key, progress) -> t
 # -- DGC selection over captured steps (method.md §5.2) --
 
 CACHE_INPUTS = ("k_cache", "v_cache")  # [depth, B, ...]: batch at dim 1 in every family
-UNBATCHED_INPUTS = ("positions", "input_pos", "attn_bias", "attn_mask", "token_groups")  # no batch axis
+UNBATCHED_INPUTS = ("positions", "input_pos", "attn_bias", "attn_mask", "token_groups", "rope")  # no batch axis
 BLOCK_LISTS = ("blocks", "layers")  # VAR/RAR ``blocks``, LlamaGen/PAR ``layers``
 
 
@@ -162,6 +162,9 @@ def slice_rows(inputs: tuple, dims: list[int | None], rows: torch.Tensor) -> tup
 
 
 def last_block(module: torch.nn.Module) -> torch.nn.Module:
+    chunks = getattr(module, "block_chunks", None)  # Infinity: block_chunks.c.module.j
+    if isinstance(chunks, torch.nn.ModuleList) and len(chunks):
+        return chunks[-1].module[-1]
     for attr in BLOCK_LISTS:
         blocks = getattr(module, attr, None)
         if isinstance(blocks, torch.nn.ModuleList) and len(blocks):

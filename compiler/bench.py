@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import statistics
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -128,6 +128,58 @@ def _gpt_decode(config: str):
     return build
 
 
+def _infinity_step_inputs(model, si: int, rows: int, seed: int, device="cpu", dtype=torch.float32) -> tuple:
+    """Infinity step inputs of scale ``si`` (1:1) for ``rows`` sequences, random but well scaled as VAR's:
+    the stand-in text through the model's text path, unit-norm keys in the whole cache."""
+    from frontends import infinity as I
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    c = model.config
+    h, w = c.schedule(1.0)[si]
+    f = {"device": device, "dtype": dtype}
+    with torch.no_grad():
+        cond, text, text_bias = model.encode_text(*I.standin_text(c, rows), cfg=False)
+    x = torch.randn(rows, h * w, c.width, generator=g, **f)
+    shape = (c.depth, rows, c.heads, c.seq_len, c.head_dim)
+    k = torch.nn.functional.normalize(torch.randn(shape, generator=g, **f), dim=-1)
+    v = torch.randn(shape, generator=g, **f)
+    inputs = model.step_inputs(si, 1.0, x, cond, text, text_bias, k, v)
+    return tuple(t.to(device) if t.dtype == torch.long else t.to(**f) for t in inputs)
+
+
+class _LazySteps(Sequence):
+    """Calibration steps built on access: at Infinity-2B one step's KV caches take 6 GB."""
+
+    def __init__(self, make: Callable[[int], tuple], n: int):
+        self.make, self.n = make, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.make(i)
+
+
+def _infinity(config: str):
+    """Infinity at ``config`` with random weights, 1:1: the last-scale step (64x64 = 4096 tokens at 2B,
+    1024 px), calibrated on every scale of ``samples`` images (stand-in text, batch 1 + its CFG twin)."""
+    def build(batch: int, samples: int = 1) -> ModelBundle:
+        from frontends import infinity as I
+
+        torch.manual_seed(0)
+        model = I.Infinity(I.CONFIGS[config]).eval().requires_grad_(False)
+        n = len(model.config.schedule(1.0))
+        calib = _LazySteps(lambda j: _infinity_step_inputs(model, j % n, 2, seed=100 * (j // n + 1) + j % n), samples * n)
+        return ModelBundle(f"infinity-{config}", I.InfinityStep(model).eval(), _infinity_step_inputs(model, n - 1, 2, 0),
+                           family="infinity", input_names=list(I.STEP_INPUT_NAMES), output_names=list(I.STEP_OUTPUT_NAMES),
+                           calib_inputs=calib, extra={"model": model, "group_maps": I.group_maps(n),
+                                                      "dynamic_shapes": I.dynamic_shapes(model.config),
+                                                      "inputs_for_batch": lambda b, **f: _infinity_step_inputs(model, n - 1, 2 * b, 0, **f)})
+    return build
+
+
 def workloads() -> dict[str, Callable[[int], ModelBundle]]:
     return {
         "tiny-block": _block(64, 16, 4),
@@ -139,23 +191,30 @@ def workloads() -> dict[str, Callable[[int], ModelBundle]]:
         # LlamaGen decode step: one token per sequence at position 128 of 256, KV cache filled
         "gpt-tiny-decode": _gpt_decode("tiny"),
         "gpt-b-decode": _gpt_decode("GPT-B"),
+        # Infinity at 1:1: the last scale (2B: 4096 tokens, 1024 px) over an 11,269-position cache
+        "infinity-tiny": _infinity("tiny"),
+        "infinity-2b": _infinity("2b"),
     }
 
 
 def generation(runner: Runner, bundle: ModelBundle, images: int) -> Callable[[tuple], object]:
     """A full generation (every step, sampling included) driven through the runner's step."""
+    from frontends import infinity as I
     from frontends import var as V
 
-    if bundle.family != "var":
-        raise UserError("--steps all is implemented for VAR workloads")
+    if bundle.family not in ("var", "infinity"):
+        raise UserError("--steps all is implemented for VAR and Infinity workloads")
     model = copy.deepcopy(bundle.extra["model"]).to(runner.device, runner.dtype)
-    labels = torch.arange(images) % model.config.num_classes
 
     run_step, convert = runner.fn, runner.convert  # bound now: the caller replaces runner.fn by this generation
 
     def step(*inputs):
         return run_step(convert(inputs))
 
+    if bundle.family == "infinity":  # 1:1 from the stand-in text: the sampler and BSQ code updates included
+        features, mask = I.standin_text(model.config, images)
+        return lambda _: I.sample_bits(model, features, mask, step=step, seed=0)
+    labels = torch.arange(images) % model.config.num_classes
     return lambda _: V.sample_tokens(model, labels, step=step, seed=0)
 
 

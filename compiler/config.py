@@ -49,6 +49,8 @@ class CompileConfig:
     allow_pickle: bool = False
     family: str | None = None
     tokenizer: str | None = None
+    text_encoder: str | None = None  # text-to-image families: a local T5 directory
+    prompts: list[str] | None = None  # their calibration prompts (None: the family's shipped file)
     stop_after: str | None = None
     disabled: list[str] = field(default_factory=list)
     site_sqnr: bool = True

@@ -143,7 +143,8 @@ class Compiler:
         """Load and trace the model (once); the recipe default depends on its family."""
         if self.bundle is None:
             c = self.config
-            bundle = load_model(c.model, allow_pickle=c.allow_pickle, family=c.family, tokenizer=c.tokenizer)
+            bundle = load_model(c.model, allow_pickle=c.allow_pickle, family=c.family, tokenizer=c.tokenizer,
+                                text_encoder=c.text_encoder, prompts=c.prompts)
             self.bundle = dataclasses.replace(bundle, graph=trace(bundle))
             self._default_recipe(bundle)
         return self.bundle
@@ -244,7 +245,9 @@ class Compiler:
             self.say(f"DGC {method} (set by {origin}) skipped: it needs at least 2 generated images, "
                      f"--calib-samples {n_keep} gives {n}")
             method, origin = "none", f"{origin}, skipped: {n} generated image, DGC needs 2"
-        classes = [(i * 37) % bundle.extra["model"].config.num_classes for i in range(n)]  # spread over classes
+        # spread over classes; text-to-image families: indices into their prompt list
+        n_conditions = len(bundle.extra["prompts"]) if "prompts" in bundle.extra else bundle.extra["model"].config.num_classes
+        classes = [(i * 37) % n_conditions for i in range(n)]
         steps = capture(bundle, classes=classes, seed=c.seed, cache_dir=c.cache, progress=self.progress,
                         resample=c.resample, device=self.device, batch=c.batch)
         source = f"{n} self-generated images (classes {classes[:8]}{'...' if n > 8 else ''}, seed {c.seed}, CFG)"
@@ -340,6 +343,9 @@ class Compiler:
         bundle = self.load()
         if c.evaluate and (bundle.family == "generic" or "generate" not in bundle.extra):
             raise UserError("--evaluate needs a family model that generates images (VAR, LlamaGen, RAR, PAR)")
+        if c.evaluate and "prompts" in bundle.extra:  # the quality rows draw class labels in turn
+            raise UserError(f"--evaluate scores class-conditional families; {bundle.family} is text-to-image: "
+                            f"compare images with tools.generate --prompt and tools.evaluate")
         exclusions = self.exclusions()
         names = [p.name for p in parse_pipeline(self.pipeline)]
         # a pipeline cut before its quantization on purpose (--stop-after, --disable-pass): warn, do not refuse

@@ -1,4 +1,4 @@
-"""Model families (VAR, LlamaGen, RAR, PAR): detection from checkpoint keys and bundle builders.
+"""Model families (VAR, LlamaGen, RAR, PAR, Infinity): detection from checkpoint keys and bundle builders.
 
 Each family module registers a ``Family``. ``detect`` looks at the keys (and shapes) of a
 state_dict and returns the name of the matching config, or None; ``build`` turns the
@@ -29,7 +29,7 @@ def register_family(family: Family) -> Family:
     return family
 
 
-FAMILY_MODULES = ("frontends.var", "frontends.llamagen", "frontends.rar", "frontends.par")
+FAMILY_MODULES = ("frontends.var", "frontends.llamagen", "frontends.rar", "frontends.par", "frontends.infinity")
 
 
 def _load_builtin_families() -> None:

@@ -56,8 +56,8 @@ class ModelBundle:
 # token and condition inputs and is axis 1 of the [depth, B, heads, L, head_dim] caches;
 # the step's token count leads positions, masks and token groups.
 _BATCH_TOKENS = {"x", "tokens", "input_ids"}
-_BATCH = {"cond", "condition"}
-_TOKENS = {"positions", "input_pos", "token_groups", "attn_bias", "attn_mask"}
+_BATCH = {"cond", "condition", "text", "text_bias"}  # text: Infinity's padded memory
+_TOKENS = {"positions", "input_pos", "token_groups", "attn_bias", "attn_mask", "rope"}
 
 
 def step_dynamic_shapes(input_names: list[str], max_tokens: int, *, tokens: bool = True) -> tuple:
@@ -227,14 +227,16 @@ def _load_pt2(path: Path) -> ModelBundle:
 
 
 def load_model(spec: str, *, allow_pickle: bool = False, family: str | None = None,
-               tokenizer: str | None = None) -> ModelBundle:
+               tokenizer: str | None = None, **family_options: Any) -> ModelBundle:
     """Resolve a model argument of the command line into a ModelBundle (see module docstring).
 
     ``family`` overrides detection from a checkpoint's keys; ``tokenizer`` is the family's
-    tokenizer checkpoint (VAR's VQVAE, LlamaGen's VQ-16, RAR's MaskGIT-VQ).
+    tokenizer checkpoint (VAR's VQVAE, LlamaGen's VQ-16, RAR's MaskGIT-VQ). ``family_options`` that
+    are not None go to the family's builder (Infinity: ``text_encoder``, ``prompts``).
     """
-    if (family or tokenizer) and Path(spec).suffix not in CHECKPOINT_SUFFIXES:
-        raise UserError("--family and --tokenizer apply to model checkpoints (.pt/.pth/.bin/.ckpt)")
+    family_options = {k: v for k, v in family_options.items() if v is not None}
+    if (family or tokenizer or family_options) and Path(spec).suffix not in CHECKPOINT_SUFFIXES:
+        raise UserError("--family, --tokenizer, --text-encoder and --prompts apply to model checkpoints (.pt/.pth/.bin/.ckpt)")
     if spec.startswith("builtin:"):
         from frontends import examples
 
@@ -255,7 +257,8 @@ def load_model(spec: str, *, allow_pickle: bool = False, family: str | None = No
         if isinstance(obj, dict):
             from frontends import families
 
-            return families.bundle_from_state_dict(obj, path, family, **({"tokenizer": tokenizer} if tokenizer else {}))
+            return families.bundle_from_state_dict(obj, path, family, **({"tokenizer": tokenizer} if tokenizer else {}),
+                                                 **family_options)
         raise UserError(f"{path} holds a {type(obj).__name__}, not a state_dict or module")
     if ":" in spec:
         return _load_factory(spec)

@@ -58,7 +58,7 @@ def model_input_paths(args: argparse.Namespace) -> list[str]:
         model = model.rpartition(":")[0]  # file.py:factory
     paths = [] if model.startswith("builtin:") else [model]
     recipe = getattr(args, "recipe", None)
-    paths += [args.tokenizer, args.calib_data, args.calib_cache, *args.exclude_file,
+    paths += [args.tokenizer, args.text_encoder, args.prompts, args.calib_data, args.calib_cache, *args.exclude_file,
               recipe if recipe and recipe.endswith(".toml") else None]
     return [p for p in paths if p]
 
@@ -91,8 +91,13 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-samples", type=int, metavar="N",
                    help="family models: generate N images to calibrate on (default 8); others: use at most N batches")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickled modules (runs code from the file)")
-    p.add_argument("--family", help="model family of a checkpoint (var, llamagen, rar, par), overriding detection")
+    p.add_argument("--family", help="model family of a checkpoint (var, llamagen, rar, par, infinity), overriding detection")
     p.add_argument("--tokenizer", metavar="CKPT", help="the family's tokenizer checkpoint (e.g. vae_ch160v4096z32.pth)")
+    p.add_argument("--text-encoder", metavar="DIR",
+                   help="text-to-image families (Infinity): a local T5 encoder directory (tokenizer + weights); never downloaded")
+    p.add_argument("--prompts", metavar="FILE",
+                   help="text-to-image families: calibration prompts, one per line (default: the shipped "
+                        "frontends/prompts/infinity_calibration.txt)")
     p.add_argument("--calib-batch", type=int, default=4, metavar="N",
                    help="images generated together during self-generated calibration (default 4); on a GPU a "
                         "larger N calibrates faster. Generation batch i is seeded seed+i, so another N draws "
@@ -124,6 +129,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 def compile_config(args: argparse.Namespace, **overrides):
     """The CompileConfig of ``add_model_arguments``' options (plus any the command adds as overrides)."""
     from compiler.config import CalibrationConfig, CompileConfig
+    from frontends.t5_text import read_prompts
 
     calibration = CalibrationConfig(data=args.calib_data, samples=args.calib_samples, batch=args.calib_batch,
                                     cache=args.calib_cache, seed=args.seed, dgc=args.dgc, resample=args.resample)
@@ -131,4 +137,5 @@ def compile_config(args: argparse.Namespace, **overrides):
     return CompileConfig(model=args.model, recipe=args.recipe, pipeline=args.pipeline, bits=args.bits,
                          calibration=calibration, exclude=exclude, default_exclude=not args.no_default_exclude,
                          device=args.device, allow_pickle=args.allow_pickle, family=args.family,
-                         tokenizer=args.tokenizer, **overrides)
+                         tokenizer=args.tokenizer, text_encoder=args.text_encoder,
+                         prompts=read_prompts(args.prompts) if args.prompts else None, **overrides)

@@ -1,5 +1,7 @@
 """``python -m tools.generate CKPT --tokenizer TOK [--onnx F | --quantized DIR | --engine F] --classes 0,1,2,3 --out DIR``
-(or ``python -m tools.generate builtin:mnist-var --out DIR``: a shipped model carries its tokenizer)
+(or ``python -m tools.generate builtin:mnist-var --out DIR``: a shipped model carries its tokenizer;
+text-to-image: ``python -m tools.generate infinity_2b_reg.pth --tokenizer infinity_vae_d32reg.pth
+--text-encoder flan-t5-xl --prompt "a red fox" --out DIR``)
 
 Sample images with the family's own driver (its official CFG and sampling settings) and write
 ``DIR/grid.png``, ``DIR/<i>_class<c>.png``, ``DIR/samples.npz`` (``arr_0``: uint8 ``[N, H, W, 3]``,
@@ -56,7 +58,7 @@ from tools._cli import main_wrapper
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tools.generate", description=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="family checkpoint (VAR, LlamaGen, RAR, PAR), or builtin:mnist-var / builtin:mnist-gpt")
+    p.add_argument("model", help="family checkpoint (VAR, LlamaGen, RAR, PAR, Infinity), or builtin:mnist-var / builtin:mnist-gpt")
     p.add_argument("--tokenizer", metavar="CKPT",
                    help="the family's tokenizer checkpoint (decodes tokens); required for checkpoints")
     p.add_argument("--family", help="override detection from the checkpoint's keys")
@@ -69,7 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ort-mode", choices=("reference", "fast"), default="reference",
                    help="onnxruntime: reference = Q/DQ kept as written (equals torch fake-quant), fast = fused int8")
     p.add_argument("--classes", help="comma-separated class labels (default: 0,1,2,3; with --task edit: the target classes)")
-    p.add_argument("--per-class", type=int, default=1, metavar="N", help="images per class label (default: 1)")
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                   help="text-to-image families (Infinity): a prompt, instead of --classes (repeatable)")
+    p.add_argument("--text-encoder", metavar="DIR", help="text-to-image families: a local T5 encoder directory")
+    p.add_argument("--aspect-ratio", type=float, metavar="H/W",
+                   help="text-to-image families: image height / width (the nearest official template; default 1)")
+    p.add_argument("--per-class", type=int, default=1, metavar="N", help="images per class label or prompt (default: 1)")
     edit = p.add_argument_group("zero-shot edits (VAR)")
     edit.add_argument("--task", choices=tuple(EDIT_TASKS),
                       help="inpaint: regenerate the box; outpaint: keep only the box; edit: regenerate the box "
@@ -132,6 +139,8 @@ def check_inputs(args: argparse.Namespace) -> None:
                        ("--engine", args.engine)):
         if path and ":" not in path.split("/")[0] and not Path(path).is_file():
             raise UserError(f"{flag} file not found: {path}")
+    if args.text_encoder and not Path(args.text_encoder).is_dir():
+        raise UserError(f"--text-encoder directory not found: {args.text_encoder}")
     if args.quantized:
         q = Path(args.quantized)
         if not q.is_dir():
@@ -158,6 +167,8 @@ def plan_edit(args: argparse.Namespace) -> tuple[list[int], EditJob | None]:
         for flag in ("images", "box", "max_images"):
             if getattr(args, flag) is not None:
                 raise UserError(f"--{flag.replace('_', '-')} needs --task inpaint|outpaint|edit")
+        if args.prompt:  # text-to-image: the labels index the prompts
+            return parse_labels(",".join(str(i) for i in range(len(args.prompt))), args.per_class), None
         return parse_labels(args.classes or "0,1,2,3", args.per_class), None
     if not args.images or not args.box:
         raise UserError(f"--task {args.task} needs --images and --box")
@@ -171,17 +182,26 @@ def plan_edit(args: argparse.Namespace) -> tuple[list[int], EditJob | None]:
 def generate_batches(args, store: BatchStore, todo: list[tuple[int, range]], labels: list[int], local_rank: int,
                      job: EditJob | None = None) -> bool:
     """Make the batches ``todo`` into ``store``; False when --max-batches stopped it early."""
-    bundle = load_model(args.model, family=args.family, tokenizer=args.tokenizer)
+    bundle = load_model(args.model, family=args.family, tokenizer=args.tokenizer, text_encoder=args.text_encoder,
+                        prompts=args.prompt or None, aspect_ratio=args.aspect_ratio)
     if bundle.extra.get("tokenizer") is None or "generate" not in bundle.extra:
         raise UserError(f"{args.model} needs --tokenizer (the family's tokenizer checkpoint) to make images")
     if job is not None and "edit" not in bundle.extra:
         raise UserError(f"--task {job.task}: zero-shot edits are implemented for VAR, not {bundle.family}")
     if job is not None:
         bundle.extra["edit_check"](job.inputs.shape[1:3], job.box, inpainting=EDIT_TASKS[job.task])
-    n_classes = bundle.extra["model"].config.num_classes
-    bad = sorted({c for c in labels if c >= n_classes or c < -1})
-    if bad:
-        raise UserError(f"class ids {bad} are out of range: the model has {n_classes} classes (0..{n_classes - 1}; -1 unconditional)")
+    if "prompts" in bundle.extra:  # text-to-image: the labels index the prompts
+        if not args.prompt:
+            raise UserError(f"{args.model} is a text-to-image model ({bundle.family}): pass --prompt TEXT")
+    elif args.prompt or args.aspect_ratio:
+        raise UserError(f"--prompt and --aspect-ratio: {args.model} is a class-conditional model ({bundle.family}); "
+                        f"use --classes")
+    else:
+        n_classes = bundle.extra["model"].config.num_classes
+        bad = sorted({c for c in labels if c >= n_classes or c < -1})
+        if bad:
+            raise UserError(f"class ids {bad} are out of range: the model has {n_classes} classes "
+                            f"(0..{n_classes - 1}; -1 unconditional)")
     source = step_source(args)
     runs_on = "torch" if source is None else source[0].runs_on_for(source[1])
     device = pick_device("cuda" if runs_on == "cuda" else args.device, local_rank,  # CUDA runtimes return CUDA tensors
@@ -216,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     labels, job = plan_edit(args)
     rank, world, local_rank = dist_env()
     out = Path(args.out)
-    inputs = [p for p in (args.model, args.tokenizer, args.onnx, args.engine, args.quantized, args.images)
+    inputs = [p for p in (args.model, args.tokenizer, args.text_encoder, args.onnx, args.engine, args.quantized,
+                          args.images)
               if p and not p.startswith("builtin:")]
     check_output_dir(out, force=args.force, inputs=inputs)  # before any work: nothing is lost or half-made
     partial = out.with_name(out.name + ".partial")
@@ -227,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                 "tokenizer": fingerprint(args.tokenizer), "family": args.family,
                 "step": [k for k in ("quantized", "onnx", "engine") if getattr(args, k)],
                 "step_file": fingerprint(args.onnx or args.engine) or args.quantized, "ort_mode": args.ort_mode,
-                "labels": labels, "seed": args.seed, "batch_size": args.batch_size, "device": args.device}
+                "labels": labels, "prompts": args.prompt, "text_encoder": args.text_encoder,
+                "aspect_ratio": args.aspect_ratio, "seed": args.seed, "batch_size": args.batch_size, "device": args.device}
     if job is not None:  # plain runs keep their settings, so their partial batches stay valid
         images_file = args.images if Path(args.images).is_file() else None
         settings.update(task=job.task, box=list(job.box), images=fingerprint(images_file) or args.images,
