@@ -12,5 +12,6 @@ from passes import (  # noqa: F401  (registration)
     shift_sum,
     smooth,
     stwq,
+    svdquant,
     sym_shift,
 )
