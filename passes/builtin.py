@@ -9,6 +9,7 @@ from passes import (  # noqa: F401  (registration)
     os_plus,
     quantize,
     regions,
+    repq,
     shift_sum,
     smooth,
     stwq,

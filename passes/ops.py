@@ -13,6 +13,8 @@ first (Clip for a per-tensor grid, Max/Min per channel), then quantizes to int8:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from onnxscript import opset19 as op
 
@@ -158,3 +160,40 @@ def _onnx_dynamic_tensor_fake_quant_u8(x):
 
 ONNX_TRANSLATIONS[DYNAMIC_TOKEN_FQ] = _onnx_dynamic_token_fake_quant
 ONNX_TRANSLATIONS[DYNAMIC_TENSOR_FQ_U8] = _onnx_dynamic_tensor_fake_quant_u8
+
+
+_LOG2_SCALE = -2.0 / math.log(2.0)  # -log_sqrt2(t) = -2 ln(t) / ln 2
+
+
+@torch.library.custom_op("arvgq::log_sqrt2_fake_quant", mutates_args=())
+def log_sqrt2_fake_quant(x: torch.Tensor, delta: torch.Tensor, bits: int) -> torch.Tensor:
+    """RepQ-ViT's log-sqrt(2) quantizer of non-negative values (softmax outputs), in float::
+
+        q = round(-2 log2(x / delta)),  x' = delta * 2^(-clamp(q, 0, 2^b - 1) / 2),  x' = 0 where q >= 2^b
+
+    ``2^(-q/2)`` is RepQ-ViT's ``2^(-ceil(q/2)) * (sqrt(2) if q is odd else 1)``. There is no integer
+    ONNX form: the translation is the same float arithmetic (Log, Round, Clip, Pow, Where)."""
+    levels = 2 ** bits
+    xf = x.float()
+    q = torch.round(torch.log(xf / delta.float()) * _LOG2_SCALE)
+    out = delta.float() * torch.pow(2.0, torch.clamp(q, 0, levels - 1) * -0.5)
+    return torch.where(q >= levels, torch.zeros_like(out), out).to(x.dtype)
+
+
+@log_sqrt2_fake_quant.register_fake
+def _log_sqrt2_fake_quant_fake(x, delta, bits):
+    return torch.empty_like(x)
+
+
+LOG_SQRT2_FQ = torch.ops.arvgq.log_sqrt2_fake_quant.default
+
+
+def _onnx_log_sqrt2_fake_quant(x, delta, bits: int):
+    levels = float(2 ** bits)
+    q = op.Round(op.Mul(op.Log(op.Div(x, delta)), op.Constant(value_float=_LOG2_SCALE)))
+    clipped = op.Clip(q, op.Constant(value_float=0.0), op.Constant(value_float=levels - 1))
+    out = op.Mul(delta, op.Pow(op.Constant(value_float=2.0), op.Mul(clipped, op.Constant(value_float=-0.5))))
+    return op.Where(op.GreaterOrEqual(q, op.Constant(value_float=levels)), op.Constant(value_float=0.0), out)
+
+
+ONNX_TRANSLATIONS[LOG_SQRT2_FQ] = _onnx_log_sqrt2_fake_quant
