@@ -7,6 +7,7 @@ from passes import (  # noqa: F401  (registration)
     insert_qdq,
     observe,
     os_plus,
+    quarot,
     quantize,
     regions,
     repq,
