@@ -7,10 +7,13 @@ from passes import (  # noqa: F401  (registration)
     insert_qdq,
     observe,
     os_plus,
+    quarot,
     quantize,
     regions,
+    repq,
     shift_sum,
     smooth,
     stwq,
+    svdquant,
     sym_shift,
 )

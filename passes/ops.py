@@ -13,6 +13,8 @@ first (Clip for a per-tensor grid, Max/Min per channel), then quantizes to int8:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from onnxscript import opset19 as op
 
@@ -84,7 +86,7 @@ ONNX_TRANSLATIONS = {Q: _onnx_quantize, DQ: _onnx_dequantize}
 def dynamic_token_fake_quant(x: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
     """Per-token fake quantization with the grid computed from the live tensor (DTWQ): each row of
     the last axis gets ``qmath.qparams_from_range(min, max)`` (widened to contain 0), then Q/DQ.
-    Simulation only: it has no ONNX translation (``passes/dynamic_quant.py``)."""
+    Exported by ``_onnx_dynamic_token_fake_quant`` (QuantizeLinear with a scale computed per row)."""
     qmin, qmax = qmath.qrange(bits)
     xf = x.float()
     scale, zp = qmath.qparams_from_range(xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True), bits, symmetric)
@@ -99,3 +101,99 @@ def _dynamic_token_fake_quant_fake(x, bits, symmetric):
 
 
 DYNAMIC_TOKEN_FQ = torch.ops.arvgq.dynamic_token_fake_quant.default
+
+
+def _onnx_dynamic_token_fake_quant(x, bits: int, symmetric: bool):
+    """DTWQ in ONNX: the rows of the last axis become the rows of a ``[N, C]`` view, each row's grid
+    is computed the way ``qmath.qparams_from_range`` does (ReduceMin/ReduceMax widened to contain 0),
+    and a per-axis (axis 0) QuantizeLinear/DequantizeLinear takes those run-time scales. TensorRT
+    needs build-time scales, so its Q/DQ lint flags these nodes (``constant-scale``)."""
+    qmin, qmax = qmath.qrange(bits)
+    shape = op.Shape(x)
+    rows = op.Reshape(x, op.Concat(op.Constant(value_ints=[-1]), op.Shape(x, start=-1), axis=0))
+    zero = op.Constant(value_float=0.0)
+    lo = op.Min(op.ReduceMin(rows, op.Constant(value_ints=[1]), keepdims=0), zero)
+    hi = op.Max(op.ReduceMax(rows, op.Constant(value_ints=[1]), keepdims=0), zero)
+    eps = op.Constant(value_float=qmath._EPS)
+    if symmetric:
+        scale = op.Max(op.Div(op.Max(op.Neg(lo), hi), op.Constant(value_float=float(qmax))), eps)
+        zp = op.Cast(op.Mul(lo, zero), to=3)  # int8 zeros, one per row
+    else:
+        scale = op.Max(op.Div(op.Sub(hi, lo), op.Constant(value_float=float(qmax - qmin))), eps)
+        zp = op.Cast(op.Clip(op.Round(op.Sub(op.Constant(value_float=float(qmin)), op.Div(lo, scale))),
+                             op.Constant(value_float=float(qmin)), op.Constant(value_float=float(qmax))), to=3)
+    if qmin > -128 or qmax < 127:  # the b-bit grid's float bounds per row, as in _onnx_quantize
+        zpf, col = op.Cast(zp, to=1), op.Constant(value_ints=[1])
+        rows = op.Min(op.Max(rows, op.Unsqueeze(op.Mul(op.Sub(op.Constant(value_float=float(qmin)), zpf), scale), col)),
+                      op.Unsqueeze(op.Mul(op.Sub(op.Constant(value_float=float(qmax)), zpf), scale), col))
+    q = op.QuantizeLinear(rows, scale, zp, axis=0)
+    return op.Reshape(op.DequantizeLinear(q, scale, zp, axis=0), shape)
+
+
+@torch.library.custom_op("arvgq::dynamic_tensor_fake_quant_u8", mutates_args=())
+def dynamic_tensor_fake_quant_u8(x: torch.Tensor) -> torch.Tensor:
+    """ONNX ``DynamicQuantizeLinear`` then ``DequantizeLinear``: one uint8 asymmetric grid per tensor
+    from the live range widened to contain 0, ``scale = (max - min) / 255``,
+    ``zp = clamp(round(-min / scale), 0, 255)`` (the operator's definition)."""
+    xf = x.float()
+    lo, hi = torch.clamp(xf.amin(), max=0.0), torch.clamp(xf.amax(), min=0.0)
+    scale = (hi - lo) / 255.0
+    if float(scale) == 0.0:  # an all-zero tensor: every code is the zero point
+        return torch.zeros_like(x)
+    zp = torch.clamp(torch.round(-lo / scale), 0, 255)
+    q = torch.clamp(torch.round(xf / scale) + zp, 0, 255)
+    return ((q - zp) * scale).to(x.dtype)
+
+
+@dynamic_tensor_fake_quant_u8.register_fake
+def _dynamic_tensor_fake_quant_u8_fake(x):
+    return torch.empty_like(x)
+
+
+DYNAMIC_TENSOR_FQ_U8 = torch.ops.arvgq.dynamic_tensor_fake_quant_u8.default
+
+
+def _onnx_dynamic_tensor_fake_quant_u8(x):
+    y, scale, zp = op.DynamicQuantizeLinear(x)
+    return op.DequantizeLinear(y, scale, zp)
+
+
+ONNX_TRANSLATIONS[DYNAMIC_TOKEN_FQ] = _onnx_dynamic_token_fake_quant
+ONNX_TRANSLATIONS[DYNAMIC_TENSOR_FQ_U8] = _onnx_dynamic_tensor_fake_quant_u8
+
+
+_LOG2_SCALE = -2.0 / math.log(2.0)  # -log_sqrt2(t) = -2 ln(t) / ln 2
+
+
+@torch.library.custom_op("arvgq::log_sqrt2_fake_quant", mutates_args=())
+def log_sqrt2_fake_quant(x: torch.Tensor, delta: torch.Tensor, bits: int) -> torch.Tensor:
+    """RepQ-ViT's log-sqrt(2) quantizer of non-negative values (softmax outputs), in float::
+
+        q = round(-2 log2(x / delta)),  x' = delta * 2^(-clamp(q, 0, 2^b - 1) / 2),  x' = 0 where q >= 2^b
+
+    ``2^(-q/2)`` is RepQ-ViT's ``2^(-ceil(q/2)) * (sqrt(2) if q is odd else 1)``. There is no integer
+    ONNX form: the translation is the same float arithmetic (Log, Round, Clip, Pow, Where)."""
+    levels = 2 ** bits
+    xf = x.float()
+    q = torch.round(torch.log(xf / delta.float()) * _LOG2_SCALE)
+    out = delta.float() * torch.pow(2.0, torch.clamp(q, 0, levels - 1) * -0.5)
+    return torch.where(q >= levels, torch.zeros_like(out), out).to(x.dtype)
+
+
+@log_sqrt2_fake_quant.register_fake
+def _log_sqrt2_fake_quant_fake(x, delta, bits):
+    return torch.empty_like(x)
+
+
+LOG_SQRT2_FQ = torch.ops.arvgq.log_sqrt2_fake_quant.default
+
+
+def _onnx_log_sqrt2_fake_quant(x, delta, bits: int):
+    levels = float(2 ** bits)
+    q = op.Round(op.Mul(op.Log(op.Div(x, delta)), op.Constant(value_float=_LOG2_SCALE)))
+    clipped = op.Clip(q, op.Constant(value_float=0.0), op.Constant(value_float=levels - 1))
+    out = op.Mul(delta, op.Pow(op.Constant(value_float=2.0), op.Mul(clipped, op.Constant(value_float=-0.5))))
+    return op.Where(op.GreaterOrEqual(q, op.Constant(value_float=levels)), op.Constant(value_float=0.0), out)
+
+
+ONNX_TRANSLATIONS[LOG_SQRT2_FQ] = _onnx_log_sqrt2_fake_quant
