@@ -1,5 +1,6 @@
 """Importing this module registers every built-in pass (``passes.infra.registered_passes`` does)."""
 from passes import (  # noqa: F401  (registration)
+    brecq,
     canonicalize,
     dynamic_quant,
     exclude,
