@@ -37,7 +37,8 @@ def block_of(path: str) -> str:
 
 
 def _in_block(path: str | None, block: str) -> bool:
-    return path is not None and (path == block or path.startswith(block + "."))
+    """``block`` may join several with ``+`` (blocks learned together)."""
+    return path is not None and any(path == b or path.startswith(b + ".") for b in block.split("+"))
 
 
 @dataclass

@@ -7,6 +7,7 @@ from passes import (  # noqa: F401  (registration)
     gps,
     insert_qdq,
     observe,
+    omniquant,
     os_plus,
     quantize,
     regions,
