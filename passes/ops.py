@@ -74,7 +74,25 @@ def _is_scalar(value) -> bool:
 
 
 def _onnx_dequantize(q, scale, zero_point, axis: int):
+    shape = getattr(scale, "shape", None)
+    if shape is not None and len(shape) > 1:
+        return _blocked_dequantize(q, scale, zero_point, axis)
     return op.DequantizeLinear(q, scale, zero_point, axis=axis)
+
+
+def _blocked_dequantize(q, scale, zero_point, axis: int):
+    """Group-wise weights (scale ``[out, in / g]`` on the last axis) at opset 19: the codes reshaped to
+    ``[out * in / g, g]`` take a per-axis DequantizeLinear on axis 0, then the original shape. The
+    same numbers as opset 21's blocked DequantizeLinear (``block_size=g``), which would need the
+    whole model at opset 21."""
+    rank = len(scale.shape)
+    if axis % rank != rank - 1:
+        raise ValueError(f"blocked dequantization is only exported along the last axis, got axis {axis}")
+    block = int(q.shape[-1]) // int(scale.shape[-1])
+    flat = op.Reshape(q, op.Constant(value_ints=[-1, block]))
+    one_d = op.Constant(value_ints=[-1])
+    dq = op.DequantizeLinear(flat, op.Reshape(scale, one_d), op.Reshape(zero_point, one_d), axis=0)
+    return op.Reshape(dq, op.Shape(q))
 
 
 ONNX_TRANSLATIONS = {Q: _onnx_quantize, DQ: _onnx_dequantize}
