@@ -1,8 +1,8 @@
 """Blocks of a step graph for reconstruction passes (``brecq``, ``omniquant``).
 
 A *block* is the set of graph nodes whose module path (``passes.infra.node_module``) lies under
-one prefix: the path up to and including its first integer component (``blocks.3`` of
-``blocks.3.attn.mat_qkv``), else its first component (``head``). Each quantized linear site
+one prefix: the path up to and including its first integer component that is not its last
+(``blocks.3`` of ``blocks.3.attn.mat_qkv``), else its first component (``head``). Each quantized linear site
 belongs to one block; a block's reconstruction target is every value the block hands to the rest
 of the graph (the residual stream, and anything else computed inside it and read outside).
 
@@ -28,9 +28,10 @@ _INDEX = re.compile(r"^\d+$")
 
 
 def block_of(path: str) -> str:
-    """``blocks.3.attn.mat_qkv`` -> ``blocks.3``; ``head.linear`` -> ``head``."""
+    """``blocks.3.attn.mat_qkv`` -> ``blocks.3``; ``head.linear`` -> ``head``; an index that ends the
+    path is a layer of a Sequential, not a block: ``block.ada_lin.1`` -> ``block``."""
     parts = path.split(".")
-    for i, p in enumerate(parts):
+    for i, p in enumerate(parts[:-1]):
         if _INDEX.match(p):
             return ".".join(parts[: i + 1])
     return parts[0]

@@ -63,8 +63,8 @@ class _Rounded:
 
     def __init__(self, w: torch.Tensor, qp: qmath.QParams):
         self.w = w.detach().float()
-        self.s = qmath._broadcast(qp.scale.float().to(w.device), w.dim(), qp.axis)
-        self.z = qmath._broadcast(qp.zero_point.float().to(w.device), w.dim(), qp.axis)
+        self.s = qmath.broadcast_like(qp.scale.float().to(w.device), w, qp.axis)  # per channel or per group
+        self.z = qmath.broadcast_like(qp.zero_point.float().to(w.device), w, qp.axis)
         self.qmin, self.qmax = qp.qmin, qp.qmax
         self.floor = torch.floor(self.w / self.s)
         self.v = init_rounding(self.w, self.s).requires_grad_(True)
