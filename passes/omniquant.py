@@ -63,15 +63,23 @@ def let_init(lo: torch.Tensor, hi: torch.Tensor, w: torch.Tensor, alpha: float =
 
 
 class LWC(nn.Module):
-    """Learned clipping of one weight's rows; ``scale(w)`` and ``forward(w)`` (fake-quantized)."""
+    """Learned clipping of one weight's rows (or, with ``group``, of each group of ``group`` input
+    channels of a row: ``--bits W4A4``); ``qparams(w)`` and ``forward(w)`` (fake-quantized)."""
 
-    def __init__(self, rows: int, bits: int, symmetric: bool, device):
+    def __init__(self, rows: int, bits: int, symmetric: bool, device, group: int = 0):
         super().__init__()
-        self.bits, self.symmetric = bits, symmetric
+        self.bits, self.symmetric, self.group = bits, symmetric, group
         self.gamma = nn.Parameter(torch.full((rows,), LWC_INIT, device=device))
         self.beta = nn.Parameter(torch.full((rows,), LWC_INIT, device=device)) if not symmetric else None
 
     def qparams(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and zero point per row ``[out]``, or per group ``[out, in / group]``."""
+        if self.group:
+            scale, zp = self._qparams(w.reshape(-1, self.group))
+            return scale.reshape(w.shape[0], -1), zp.reshape(w.shape[0], -1)
+        return self._qparams(w)
+
+    def _qparams(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         qmin, qmax = qmath.qrange(self.bits)
         if self.symmetric:
             scale = (torch.sigmoid(self.gamma) * w.abs().amax(1) / qmax).clamp(min=1e-8)
@@ -84,7 +92,8 @@ class LWC(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         qmin, qmax = qmath.qrange(self.bits)
         scale, zp = self.qparams(w)
-        s, z = scale[:, None], zp[:, None]
+        s, z = qmath.broadcast_like(scale, w, 1) if self.group else scale[:, None], \
+            qmath.broadcast_like(zp, w, 1) if self.group else zp[:, None]
         return (torch.clamp(_round_ste(w / s) + z, qmin, qmax) - z) * s
 
 
@@ -164,24 +173,18 @@ class OmniQuant(FoldingPass):
                 lets[s], region_of[s] = let, region
         weight_of = {n.meta["site"]: n.args[1].target for n in gm.graph.nodes
                      if n.meta.get("site") in sites and getattr(n.args[1], "op", None) == "get_attr"}
-        lwcs = {s: LWC(get_attr(gm, t).shape[0], w_bits, self.symmetric, get_attr(gm, t).device)
-                for s, t in weight_of.items()}
+        group = ctx.config.precision.groups(w_bits)
+        lwcs = {}
+        for s, t in weight_of.items():
+            out, width = get_attr(gm, t).shape
+            size = qmath.group_size(width, group) if group else 0
+            lwcs[s] = LWC(out * (width // size if size else 1), w_bits, self.symmetric, get_attr(gm, t).device, size)
         generator = torch.Generator().manual_seed(self.seed)
         losses = {}
         with frozen_parameters(gm):
             for name, members in _merge_shared(group_by_block(sites), regions).items():
                 losses[name] = self._learn(gm, ctx, name, members, lets, lwcs, a_bits, generator)
-        # the weights' grids, from the weights as the fold will leave them: W·diag(s)
-        for site, lwc in lwcs.items():
-            w = get_attr(gm, weight_of[site]).detach().float()
-            with torch.no_grad():
-                if site in lets:
-                    w = w * lets[site].safe_scale()
-                scale, zp = lwc.qparams(w)
-            ctx.qparams[f"{site}.weight"] = QParams(scale.detach().clone(), zp.detach().to(torch.int8), w_bits,
-                                                    self.symmetric, "channel", 0)
-            ctx.stats.setdefault(site, {})["omniquant_clip"] = torch.sigmoid(lwc.gamma.detach()).float()
-        self._losses = losses
+        self._learned = {"lwcs": lwcs, "weight_of": weight_of, "losses": losses, "w_bits": w_bits}
         return {"lets": lets}
 
     def _learn(self, gm, ctx, name, members, lets, lwcs, a_bits, generator) -> dict:
@@ -229,7 +232,17 @@ class OmniQuant(FoldingPass):
         return let.safe_scale().detach().double(), let.shift.detach().double()
 
     def __call__(self, gm, ctx: PassContext):
-        result = super().__call__(gm, ctx)
-        result.stats["blocks"] = getattr(self, "_losses", {})
-        result.stats["weights"] = sum(k.endswith(".weight") for k in ctx.qparams)
+        result = super().__call__(gm, ctx)  # learns (prepare), then folds every region's LET
+        learned, self._learned = self._learned, None
+        # the weights' grids from the folded weights (a linear may be a sink, W·diag(s), and a source,
+        # rows / s': the clipping ratio is per row or per group of a row, so either scaling keeps it)
+        for site, lwc in learned["lwcs"].items():
+            w = get_attr(gm, learned["weight_of"][site]).detach().float()
+            with torch.no_grad():
+                scale, zp = lwc.qparams(w)
+            ctx.qparams[f"{site}.weight"] = QParams(scale.detach().clone(), zp.detach().to(torch.int8), learned["w_bits"],
+                                                    self.symmetric, *(("block", 1) if lwc.group else ("channel", 0)))
+            ctx.stats.setdefault(site, {})["omniquant_clip"] = torch.sigmoid(lwc.gamma.detach()).float()
+        result.stats["blocks"] = learned["losses"]
+        result.stats["weights"] = len(learned["lwcs"])
         return result

@@ -19,7 +19,7 @@ from tests.test_folding import MODELS, compile_graph, worst_rel_err
 from tools.compile import main
 
 
-@pytest.mark.parametrize("model", ["tiny-block", "var", "rar", "llamagen"])
+@pytest.mark.parametrize("model", ["tiny-block", "var", "rar", "llamagen", "linear-linear"])
 def test_let_fold_keeps_the_float_model(model):
     factory, expected = MODELS[model]
     bundle = factory()
@@ -61,3 +61,21 @@ def test_omniquant_recipe_compiles_tiny_var(tmp_path):
     assert rc == 0
     r = json.loads((out / "report.json").read_text())
     assert r["onnx"]["tensorrt_lint"]["ok"] and r["onnx"]["ort_reference_max_abs_diff"] <= 1e-4
+
+
+def test_lwc_is_per_group_at_w4a4():
+    from core.qmath import Precision
+    from frontends import trace
+    from passes.infra import PassContext, QuantConfig
+    import models_folding as M
+
+    bundle = M.norm_mlp()
+    ctx = PassContext(config=QuantConfig(Precision("W4A4", 4, 4, 8)), calib_inputs=list(bundle.calib_inputs),
+                      probe_inputs=bundle.example_inputs)
+    gm = PassManager("canonicalize,observe,omniquant{iters=5}").run(trace(bundle), ctx)
+    for site in ("fc1", "fc2"):
+        qp = ctx.qparams[f"{site}.weight"]
+        w = get_attr(gm, f"{site}.weight").detach().float()
+        assert qp.granularity == "block" and qp.scale.shape == (w.shape[0], w.shape[1] // 8)
+        clip = ctx.stats[site]["omniquant_clip"].reshape(w.shape[0], -1)
+        torch.testing.assert_close(qp.scale, clip * w.reshape(w.shape[0], -1, 8).abs().amax(-1) / 7, rtol=1e-5, atol=1e-8)
