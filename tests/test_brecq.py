@@ -83,3 +83,27 @@ def test_brecq_recipe_compiles_tiny_var(tmp_path):
     assert rc == 0
     r = json.loads((out / "report.json").read_text())
     assert r["onnx"]["ort_reference_max_abs_diff"] <= 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("pipeline", ["canonicalize,weight-quant,brecq{iters=100,lr=0.01}",
+                                      "canonicalize,observe,omniquant{iters=50}"])
+def test_reconstruction_runs_on_the_gpu(pipeline):
+    from calib.device import inputs_to
+    from core.qmath import Precision
+    from frontends import trace
+    from passes.infra import PassContext, QuantConfig
+
+    bundle = M.var_tiny()
+    cuda = torch.device("cuda")
+    gm = trace(bundle).to(cuda)
+    ctx = PassContext(config=QuantConfig(Precision("W4A8", 4, 8)), calib_inputs=[inputs_to(x, cuda) for x in bundle.calib_inputs],
+                      probe_inputs=inputs_to(bundle.example_inputs, cuda))
+    with torch.device(cuda):  # as calib/device.py runs the passes
+        pm = PassManager(pipeline)
+        gm = pm.run(gm, ctx)
+    stats = pm.records[-1]["stats"]
+    for block in stats.get("per_block", stats.get("blocks", {})).values():
+        assert block["learned_err"] < block.get("nearest_err", block.get("initial_err"))
+    assert all(p.device.type == "cuda" for p in gm.parameters())
+    assert {q.scale.device.type for k, q in ctx.qparams.items() if k.endswith(".weight")} == {"cuda"}
