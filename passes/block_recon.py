@@ -91,6 +91,12 @@ def extract(gm: fx.GraphModule, block: str, sites: list[str]) -> Block:
                 inputs.append(a)
     for w in weight_nodes:
         env[w] = g.placeholder(f"w_{len(env)}")
+    for n in members:  # an in-place op on an input would change the kept calibration data: copy it first
+        first = n.args[0] if n.args else None
+        if (n.op == "call_method" and n.target.endswith("_") and not n.target.endswith("__")
+                and isinstance(first, fx.Node) and first in inputs and env[first].op == "placeholder"):
+            with g.inserting_after(env[first]):
+                env[first] = g.call_method("clone", (env[first],))
     for n in members:
         env[n] = g.node_copy(n, lambda a: env[a])
     outputs = [n for n in members if any(u not in member_set for u in n.users)]

@@ -107,3 +107,37 @@ def test_reconstruction_runs_on_the_gpu(pipeline):
         assert block["learned_err"] < block.get("nearest_err", block.get("initial_err"))
     assert all(p.device.type == "cuda" for p in gm.parameters())
     assert {q.scale.device.type for k, q in ctx.qparams.items() if k.endswith(".weight")} == {"cuda"}
+
+
+def test_extracted_block_does_not_mutate_its_inputs():
+    from torch import fx
+
+    from passes.block_recon import extract
+
+    class Blk(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return x.add_(self.fc(x))  # VAR-style in-place residual on the block's input
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([Blk()])
+
+        def forward(self, x):
+            return self.blocks[0](x * 2)
+
+    from passes.canonicalize import Canonicalize
+    from passes.infra import PassContext
+
+    gm = Canonicalize()(fx.symbolic_trace(Net()), PassContext()).gm
+    block = extract(gm, "blocks.0", ["blocks.0.fc"])
+    x = torch.randn(2, 4)
+    kept = x.clone()
+    w = get_attr(gm, "blocks.0.fc.weight").detach()
+    first = block.run((x,), [w])[0]
+    torch.testing.assert_close(x, kept)  # the input is unchanged, so a second run gives the same output
+    torch.testing.assert_close(block.run((x,), [w])[0], first)
