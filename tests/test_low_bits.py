@@ -106,3 +106,17 @@ def test_targets_without_groups_refuse_w4a4(tmp_path, target, capsys):
     assert rc == 2 and not out.exists()
     line = [l for l in err.splitlines() if l.startswith("error:")]
     assert len(line) == 1 and "W4A4" in line[0] and "group" in line[0], err
+
+
+def test_torch_int8_lowering_keeps_grouped_weights_exact():
+    """``lower_to_int8`` (the torch-int8 runner) leaves group-wise linears in float, dequantized per group."""
+    import copy
+
+    from backends.torch_int8 import lower_to_int8
+
+    bundle, fp, gm, ctx = _grouped("canonicalize,observe,act-quant,weight-quant,insert-qdq", Precision("W4A6", 4, 6, 8))
+    lowered, counts = lower_to_int8(copy.deepcopy(gm), dtype=torch.float32)
+    assert counts["int8_linears"] == 0 and counts["float_linears"] >= 2
+    for x in [bundle.example_inputs, *bundle.calib_inputs]:
+        for a, b in zip(run_outputs(gm, x), run_outputs(lowered, x)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
