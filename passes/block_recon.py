@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from core.errors import UserError
 from passes.infra import PassContext, node_module

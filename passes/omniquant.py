@@ -163,14 +163,13 @@ class OmniQuant(FoldingPass):
                  and not ctx.sites[n.meta["site"]].excluded_by]
         if not sites:
             raise UserError("omniquant: no linear site to quantize: run 'canonicalize' first")
-        lets: dict[str, LET] = {}
-        region_of: dict[str, Region] = {}
+        lets: dict[str, LET] = {}  # sink site -> its region's LET (sinks of one region share it)
         for region in regions:
             obs = self.input_stats(ctx, region)
             scale, shift = let_init(obs.min.double(), obs.max.double(), region.sink_weights(gm).double(), self.alpha)
             let = LET(scale, shift).to(get_attr(gm, region.sinks[0].args[1].target).device)
             for s in region.sink_sites:
-                lets[s], region_of[s] = let, region
+                lets[s] = let
         weight_of = {n.meta["site"]: n.args[1].target for n in gm.graph.nodes
                      if n.meta.get("site") in sites and getattr(n.args[1], "op", None) == "get_attr"}
         group = ctx.config.precision.groups(w_bits)

@@ -43,7 +43,7 @@ def _grouped(pipeline: str, precision: Precision):
 
 def test_grouped_weights_and_activations_are_direct_per_group_grids():
     precision = Precision("W4A4", 4, 4, 8)
-    bundle, fp, gm, ctx = _grouped("canonicalize,observe,act-quant,weight-quant", precision)
+    _, _, gm, ctx = _grouped("canonicalize,observe,act-quant,weight-quant", precision)
     linears = [s for s, site in ctx.sites.items() if site.kind == "linear"]
     assert linears
     for site in linears:
@@ -67,7 +67,7 @@ def test_grouped_weights_and_activations_are_direct_per_group_grids():
 
 
 def test_grouped_onnx_matches_torch_on_onnxruntime(tmp_path):
-    bundle, fp, gm, ctx = _grouped("canonicalize,observe,act-quant,weight-quant,insert-qdq", Precision("W4A4", 4, 4, 8))
+    bundle, fp, gm, _ = _grouped("canonicalize,observe,act-quant,weight-quant,insert-qdq", Precision("W4A4", 4, 4, 8))
     path = export_onnx(gm, bundle.example_inputs, tmp_path / "m.onnx")
     model = onnx.load(str(path))
     assert {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")} == {19}
@@ -114,7 +114,7 @@ def test_torch_int8_lowering_keeps_grouped_weights_exact():
 
     from backends.torch_int8 import lower_to_int8
 
-    bundle, fp, gm, ctx = _grouped("canonicalize,observe,act-quant,weight-quant,insert-qdq", Precision("W4A6", 4, 6, 8))
+    bundle, _, gm, _ = _grouped("canonicalize,observe,act-quant,weight-quant,insert-qdq", Precision("W4A6", 4, 6, 8))
     lowered, counts = lower_to_int8(copy.deepcopy(gm), dtype=torch.float32)
     assert counts["int8_linears"] == 0 and counts["float_linears"] >= 2
     for x in [bundle.example_inputs, *bundle.calib_inputs]:

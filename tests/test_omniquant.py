@@ -64,10 +64,11 @@ def test_omniquant_recipe_compiles_tiny_var(tmp_path):
 
 
 def test_lwc_is_per_group_at_w4a4():
+    import models_folding as M
+
     from core.qmath import Precision
     from frontends import trace
     from passes.infra import PassContext, QuantConfig
-    import models_folding as M
 
     bundle = M.norm_mlp()
     ctx = PassContext(config=QuantConfig(Precision("W4A4", 4, 4, 8)), calib_inputs=list(bundle.calib_inputs),

@@ -4,7 +4,6 @@ pieces firing on a tiny VAR, and the ONNX targets refusing it in one line."""
 from __future__ import annotations
 
 import models_folding as M
-import pytest
 import torch
 
 from core.qmath import Precision
