@@ -114,6 +114,13 @@ class OrtTarget(OnnxTarget):
     name = "ort"
     summary = "onnxruntime int8 CPU kernels (model.ort.onnx) beside the Q/DQ model"
 
+    def precision_blocker(self, precision) -> str | None:
+        if precision.group:
+            return (f"--bits {precision.name}: onnxruntime's int8 kernels (MatMulIntegerToFloat) take one weight "
+                    f"scale per output channel, not one per group of {precision.group} input channels; "
+                    "use --target onnx (Q/DQ, onnxruntime reference mode) or --target torch")
+        return None
+
     def weight_reduce_range(self) -> bool:
         from backends.ort_runner import cpu_has_vnni
 

@@ -63,6 +63,10 @@ class Target(abc.ABC):
         written and the export reports ``incomplete`` (the run then ends with an error). None: all of it."""
         return None
 
+    def precision_blocker(self, precision) -> str | None:
+        """Why this target cannot take ``precision`` (a ``core.qmath.Precision``), or None when it can."""
+        return None
+
     def weight_reduce_range(self) -> bool:
         """Whether weights must use 7 bits on this machine (onnxruntime's u8 x s8 kernels without VNNI)."""
         return False

@@ -35,7 +35,10 @@ def quantize_inline(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
 
 
 def dequantize_inline(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int) -> torch.Tensor:
-    if scale.numel() > 1:
+    if scale.dim() > 1 and scale.dim() == q.dim():  # group-wise weights (--bits W4A4): blocked along axis
+        scale = scale.repeat_interleave(q.shape[axis] // scale.shape[axis], dim=axis)
+        zero_point = zero_point.repeat_interleave(q.shape[axis] // zero_point.shape[axis], dim=axis)
+    elif scale.numel() > 1:
         shape = [1] * q.dim()
         shape[axis] = -1
         scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
@@ -98,7 +101,8 @@ def lower_to_int8(gm: fx.GraphModule, *, dtype: torch.dtype = torch.float16, min
         bias = node.args[2] if len(node.args) > 2 else None
         if not (x.op == "call_function" and x.target is ops.DQ and _per_tensor_q(x.args[0])
                 and w.op == "call_function" and w.target is ops.DQ and w.args[0].op == "get_attr"
-                and int(get_attr(gm, x.args[1].target).numel()) == 1):
+                and int(get_attr(gm, x.args[1].target).numel()) == 1
+                and get_attr(gm, w.args[1].target).dim() <= 1):  # not group-wise weights: one scale per row
             counts["float_linears"] += 1
             continue
         q = x.args[0]

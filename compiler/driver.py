@@ -116,8 +116,8 @@ class Compiler:
         self._recipe = load_recipe(config.recipe) if config.recipe else None
         if config.pipeline:
             parse_pipeline(config.pipeline)
-        if config.bits:
-            precision(config.bits)
+        if config.bits and (blocked := self.target.precision_blocker(precision(config.bits))):
+            raise UserError(blocked)
         if config.calibration.batch < 1:
             raise UserError(f"--calib-batch must be at least 1, got {config.calibration.batch}")
         if config.stop_after is not None and config.stop_after in config.disabled:
@@ -341,6 +341,8 @@ class Compiler:
             say(missing)
         say(f"[1/4] loading {c.model}")
         bundle = self.load()
+        if blocked := self.target.precision_blocker(precision(self.bits)):  # the recipe's bits
+            raise UserError(blocked)
         if c.evaluate and (bundle.family == "generic" or "generate" not in bundle.extra):
             raise UserError("--evaluate needs a family model that generates images (VAR, LlamaGen, RAR, PAR)")
         if c.evaluate and "prompts" in bundle.extra:  # the quality rows draw class labels in turn

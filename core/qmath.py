@@ -84,15 +84,24 @@ def _broadcast(t: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
     return t.reshape(shape)
 
 
+def broadcast_like(t: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
+    """A scale or zero point shaped to broadcast against ``x``: 0-d (per tensor), 1-d along ``axis``
+    (per channel), or blocked, with ``x``'s rank and each entry covering ``x.shape[axis] / t.shape[axis]``
+    consecutive elements along ``axis`` (ONNX's ``block_size``; group-wise 4-bit weights)."""
+    if t.dim() > 1 and t.dim() == x.dim():
+        return t.repeat_interleave(x.shape[axis] // t.shape[axis], dim=axis)
+    return _broadcast(t, x.dim(), axis)
+
+
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int, qmin: int, qmax: int) -> torch.Tensor:
-    s = _broadcast(scale, x.dim(), axis).to(x.dtype)
-    z = _broadcast(zero_point, x.dim(), axis).to(x.dtype)
+    s = broadcast_like(scale, x, axis).to(x.dtype)
+    z = broadcast_like(zero_point, x, axis).to(x.dtype)
     return torch.clamp(torch.round(x / s) + z, qmin, qmax).to(torch.int8)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int) -> torch.Tensor:
-    s = _broadcast(scale, q.dim(), axis).float()
-    z = _broadcast(zero_point, q.dim(), axis).float()
+    s = broadcast_like(scale, q, axis).float()
+    z = broadcast_like(zero_point, q, axis).float()
     return (q.float() - z) * s
 
 
@@ -103,14 +112,31 @@ def fake_quant(x: torch.Tensor, qp: QParams) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Precision:
-    """A compilation's bit widths, e.g. ``W8A8``: weights and activations (the deployed kernels are int8)."""
+    """A compilation's bit widths, e.g. ``W8A8``: weights and activations (the deployed kernels are int8).
+
+    ``group``: at 4 bits or fewer, a tensor gets one scale per ``group`` consecutive input channels
+    (Shift-and-Sum's groups of 128; ``group_size`` shrinks it for narrow layers); 0: per channel
+    (weights) or per tensor / token group (activations), as at 6 and 8 bits.
+    """
 
     name: str
     weight: int
     act: int
+    group: int = 0
+
+    def groups(self, bits: int) -> int:
+        """The group size for a ``bits``-bit tensor of this compilation (0: no channel groups)."""
+        return self.group if self.group and bits <= 4 else 0
 
 
-PRECISIONS = {p.name: p for p in (Precision("W8A8", 8, 8), Precision("W6A6", 6, 6), Precision("W4A8", 4, 8))}
+PRECISIONS = {p.name: p for p in (Precision("W8A8", 8, 8), Precision("W6A6", 6, 6), Precision("W4A8", 4, 8),
+                                  Precision("W4A6", 4, 6, 128), Precision("W4A4", 4, 4, 128))}
+
+
+def group_size(width: int, group: int) -> int:
+    """``group`` when it divides ``width``, else the largest divisor of ``width`` below it (a tiny
+    model's 96 channels get groups of 96, 48 of 48, 80 of 40)."""
+    return max(d for d in range(1, min(group, width) + 1) if width % d == 0)
 
 
 def precision(name: str, where: str = "--bits") -> Precision:

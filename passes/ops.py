@@ -76,7 +76,25 @@ def _is_scalar(value) -> bool:
 
 
 def _onnx_dequantize(q, scale, zero_point, axis: int):
+    shape = getattr(scale, "shape", None)
+    if shape is not None and len(shape) > 1:
+        return _blocked_dequantize(q, scale, zero_point, axis)
     return op.DequantizeLinear(q, scale, zero_point, axis=axis)
+
+
+def _blocked_dequantize(q, scale, zero_point, axis: int):
+    """Group-wise weights (scale ``[out, in / g]`` on the last axis) at opset 19: the codes reshaped to
+    ``[out * in / g, g]`` take a per-axis DequantizeLinear on axis 0, then the original shape. The
+    same numbers as opset 21's blocked DequantizeLinear (``block_size=g``), which would need the
+    whole model at opset 21."""
+    rank = len(scale.shape)
+    if axis % rank != rank - 1:
+        raise ValueError(f"blocked dequantization is only exported along the last axis, got axis {axis}")
+    block = int(q.shape[-1]) // int(scale.shape[-1])
+    flat = op.Reshape(q, op.Constant(value_ints=[-1, block]))
+    one_d = op.Constant(value_ints=[-1])
+    dq = op.DequantizeLinear(flat, op.Reshape(scale, one_d), op.Reshape(zero_point, one_d), axis=0)
+    return op.Reshape(dq, op.Shape(q))
 
 
 ONNX_TRANSLATIONS = {Q: _onnx_quantize, DQ: _onnx_dequantize}
@@ -87,12 +105,7 @@ def dynamic_token_fake_quant(x: torch.Tensor, bits: int, symmetric: bool) -> tor
     """Per-token fake quantization with the grid computed from the live tensor (DTWQ): each row of
     the last axis gets ``qmath.qparams_from_range(min, max)`` (widened to contain 0), then Q/DQ.
     Exported by ``_onnx_dynamic_token_fake_quant`` (QuantizeLinear with a scale computed per row)."""
-    qmin, qmax = qmath.qrange(bits)
-    xf = x.float()
-    scale, zp = qmath.qparams_from_range(xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True), bits, symmetric)
-    z = zp.float()
-    q = torch.clamp(torch.round(xf / scale) + z, qmin, qmax)
-    return ((q - z) * scale).to(x.dtype)
+    return dynamic_fake_quant(x, bits, symmetric)
 
 
 @dynamic_token_fake_quant.register_fake
@@ -197,3 +210,64 @@ def _onnx_log_sqrt2_fake_quant(x, delta, bits: int):
 
 
 ONNX_TRANSLATIONS[LOG_SQRT2_FQ] = _onnx_log_sqrt2_fake_quant
+
+
+def dynamic_fake_quant(x: torch.Tensor, bits: int, symmetric: bool, group: int = 0, split: bool = False,
+                       dim: int = -1) -> torch.Tensor:
+    """Fake quantization with one grid per row of ``dim`` (a token), computed from the live values.
+
+    ``group``: one grid per ``group`` consecutive entries of the row instead (4-bit groups).
+    ``split``: signed, with separate scales for the negative and positive parts (Shift-and-Sum's fc2
+    input, after GELU): ``x >= 0`` on ``max / qmax``, ``x < 0`` on ``-min / -qmin``.
+    """
+    if dim not in (-1, x.dim() - 1):
+        return dynamic_fake_quant(x.transpose(dim, -1), bits, symmetric, group, split).transpose(dim, -1)
+    qmin, qmax = qmath.qrange(bits)
+    xf = x.float()
+    if group:
+        xf = xf.reshape(*xf.shape[:-1], -1, group)
+    lo, hi = xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True)
+    if split:
+        pos = (hi.clamp(min=0) / qmax).clamp(min=1e-8)
+        neg = (lo.clamp(max=0) / qmin).clamp(min=1e-8)
+        out = torch.where(xf >= 0, torch.clamp(torch.round(xf / pos), 0, qmax) * pos,
+                          torch.clamp(torch.round(xf / neg), qmin, 0) * neg)
+    else:
+        scale, zp = qmath.qparams_from_range(lo, hi, bits, symmetric)
+        z = zp.float()
+        out = (torch.clamp(torch.round(xf / scale) + z, qmin, qmax) - z) * scale
+    return out.reshape(x.shape).to(x.dtype)
+
+
+@torch.library.custom_op("arvgq::dynamic_group_fake_quant", mutates_args=())
+def dynamic_group_fake_quant(x: torch.Tensor, bits: int, symmetric: bool, group: int, split: bool, dim: int) -> torch.Tensor:
+    """``dynamic_fake_quant`` as an operator (Shift-and-Sum's activations); simulation only."""
+    return dynamic_fake_quant(x, bits, symmetric, group, split, dim)
+
+
+@dynamic_group_fake_quant.register_fake
+def _dynamic_group_fake_quant_fake(x, bits, symmetric, group, split, dim):
+    return torch.empty_like(x)
+
+
+DYNAMIC_GROUP_FQ = torch.ops.arvgq.dynamic_group_fake_quant.default
+
+
+@torch.library.custom_op("arvgq::log2_fake_quant", mutates_args=())
+def log2_fake_quant(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Log2 quantization of non-negative rows (attention probabilities), per row of the last axis with
+    ``delta`` = the row's max: ``q = round(-log2(x / delta))``, ``x' = delta * 2^-q``, and 0 where
+    ``q >= 2^bits`` (Shift-and-Sum's softmax quantizer, method.md §12.1). Simulation only."""
+    xf = x.float()
+    delta = xf.amax(-1, keepdim=True).clamp(min=1e-12)
+    q = torch.round(-torch.log2((xf / delta).clamp(min=1e-30)))
+    out = torch.where((q >= 2 ** bits) | (xf <= 0), torch.zeros_like(xf), delta * torch.exp2(-q))
+    return out.to(x.dtype)
+
+
+@log2_fake_quant.register_fake
+def _log2_fake_quant_fake(x, bits):
+    return torch.empty_like(x)
+
+
+LOG2_FQ = torch.ops.arvgq.log2_fake_quant.default

@@ -36,6 +36,9 @@ class ActQuant(Pass):
     (TensorRT accepts per-channel scales on weights only). ``matmuls`` also quantizes both
     operands of attention matmuls per tensor. It fills in only what no earlier pass decided,
     so ``stwq,act-quant{matmuls=true}`` keeps the token-wise linears and adds the matmuls.
+    At a 4-bit grid of a grouped precision (``--bits W4A4``), a linear's per-tensor grid becomes
+    one grid per group of input channels (``Precision.group``, ``qmath.group_size``), stored per
+    channel: exportable as a per-axis Q/DQ, but not TensorRT-legal (the lint says so).
     """
 
     name = "act-quant"
@@ -57,7 +60,15 @@ class ActQuant(Pass):
                     continue
                 if obs.min is None or f"{name}.{role}" in ctx.qparams:  # decided by an earlier pass (stwq)
                     continue
-                if self.granularity == "tensor" or site.kind == "matmul":
+                group = site.kind == "linear" and ctx.config.precision.groups(bits)
+                if group and self.granularity == "tensor":
+                    # 4-bit groups of input channels (--bits W4A4): one range per group, stored per channel
+                    # so the Q/DQ is the per-axis one (entries repeat within a group)
+                    g = qmath.group_size(obs.min.numel(), group)
+                    lo = obs.min.reshape(-1, g).amin(1).repeat_interleave(g)
+                    hi = obs.max.reshape(-1, g).amax(1).repeat_interleave(g)
+                    gran = "channel"
+                elif self.granularity == "tensor" or site.kind == "matmul":
                     lo, hi, gran = obs.min.min(), obs.max.max(), "tensor"
                 else:
                     lo, hi, gran = obs.min, obs.max, "channel"
@@ -84,6 +95,8 @@ class WeightQuant(Pass):
     ``reduce_range=true`` (or ``ctx.config.weight_reduce_range``, set by ``tools.compile --target
     ort`` on a CPU without VNNI) caps weights at 7 bits, [-64, 63] stored in int8: onnxruntime's
     u8 x s8 kernels on x86 without VNNI saturate int16 pair sums with full-range weights.
+    At 4 bits with a grouped precision (``--bits W4A6|W4A4``), each row gets one grid per group of
+    input channels (granularity ``block``, scales ``[out, in / group]`` on axis 1).
     """
 
     name = "weight-quant"
@@ -98,16 +111,24 @@ class WeightQuant(Pass):
         bits = weight_bits(self.bits, ctx)
         if self.reduce_range or ctx.config.weight_reduce_range:
             bits = min(bits, 7)
-        decided = 0
+        decided = groups = 0
         for name, site in ctx.sites.items():
             if site.kind != "linear" or site.excluded_by:
                 continue
             w = get_attr(gm, site.weight or f"{name}.weight").detach().float()
-            lo, hi = mse_row_ranges(w, bits, self.symmetric) if self.method == "mse" else (w.amin(1), w.amax(1))
+            group = ctx.config.precision.groups(bits) and qmath.group_size(w.shape[1], ctx.config.precision.group)
+            rows = w.reshape(-1, group) if group else w  # group-wise: each group of a row is a row here
+            lo, hi = mse_row_ranges(rows, bits, self.symmetric) if self.method == "mse" else (rows.amin(1), rows.amax(1))
             scale, zp = qmath.qparams_from_range(lo, hi, bits, self.symmetric)
-            ctx.qparams[f"{name}.weight"] = QParams(scale, zp, bits, self.symmetric, "channel", 0)
+            if group:  # blocked along the input axis: [out, in / group]
+                ctx.qparams[f"{name}.weight"] = QParams(scale.reshape(w.shape[0], -1), zp.reshape(w.shape[0], -1),
+                                                        bits, self.symmetric, "block", 1)
+            else:
+                ctx.qparams[f"{name}.weight"] = QParams(scale, zp, bits, self.symmetric, "channel", 0)
+            groups = max(groups, group)
             decided += 1
-        return PassResult(gm, False, {"weights": decided, "bits": bits, "method": self.method})
+        return PassResult(gm, False, {"weights": decided, "bits": bits, "method": self.method,
+                                      **({"group": groups} if groups else {})})
 
 
 PERCENTILES = (0.999, 0.9999, 0.99999)  # the reference's candidates (method.md §2.1)
@@ -132,4 +153,5 @@ def mse_row_ranges(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.T
 
 
 def quantized_weight(w: torch.Tensor, qp: QParams) -> torch.Tensor:
+    """The int8 codes of ``w`` on its grid (per tensor, per channel or blocked)."""
     return qmath.quantize(w.detach().float(), qp.scale, qp.zero_point, qp.axis, qp.qmin, qp.qmax)

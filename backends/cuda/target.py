@@ -45,6 +45,12 @@ class _CudaTarget(Target):
     format = "int8"
     runs_on = "torch"  # follows --device: a GPU, or the CPU with the kernels' torch reference (a check, not fast)
 
+    def precision_blocker(self, precision) -> str | None:
+        if precision.group:
+            return (f"--bits {precision.name}: the {self.name} kernels take one weight scale per output channel, not "
+                    f"groups of {precision.group} input channels; use --target onnx or --target torch")
+        return None
+
     def export(self, job: ExportJob) -> dict:
         from backends.fx_graph import save_graph
 

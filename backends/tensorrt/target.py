@@ -24,6 +24,13 @@ class TrtTarget(OnnxTarget):
         reason = availability()
         return f"no TensorRT engine can be built here ({reason}); the ONNX model will still be written" if reason else None
 
+    def precision_blocker(self, precision) -> str | None:
+        if precision.group:
+            return (f"--bits {precision.name}: TensorRT's INT8 GEMMs take one weight scale per output channel and "
+                    f"one activation scale per tensor, not groups of {precision.group} channels; "
+                    "use --target onnx or --target torch")
+        return None
+
     def export(self, job: ExportJob) -> dict:
         sections = super().export(job)
         sections["tensorrt"] = self.build(job, sections["onnx"]["inputs"])
