@@ -29,7 +29,7 @@ def register_family(family: Family) -> Family:
     return family
 
 
-FAMILY_MODULES = ("frontends.var", "frontends.llamagen", "frontends.rar", "frontends.par")
+FAMILY_MODULES = ("frontends.var", "frontends.llamagen", "frontends.rar", "frontends.par", "frontends.mar")
 
 
 def _load_builtin_families() -> None:
