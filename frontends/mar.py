@@ -97,6 +97,7 @@ SAMPLING = {
     "mar_base": Sampling(256, 2.9),
     "mar_large": Sampling(256, 3.0),
     "mar_huge": Sampling(256, 3.2),
+    "tiny": Sampling(4, 2.0, num_sampling_steps="10"),  # tests: CFG on (calibration's cond/uncond rows), few steps
 }
 
 STEP_INPUT_NAMES = ["tokens", "condition", "order", "attn_mask", "token_groups"]
@@ -465,6 +466,7 @@ def generate(model: MAR, labels, *, num_iter: int = 64, cfg: float = 1.0, cfg_sc
     head = DiffusionHead(model.diffloss.net).eval() if head is None else head
     device = model.mask_token.device
     labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).to(device)
+    labels = labels.masked_fill(labels < 0, c.num_classes)  # -1: unconditional (fake_latent), as tools.generate's
     bsz = labels.numel()
     guided = cfg != 1.0
     condition = torch.cat([labels, torch.full_like(labels, c.num_classes)]) if guided else labels

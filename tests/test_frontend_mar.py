@@ -208,3 +208,84 @@ def test_official_shapes_detect_and_load_strictly(name, dim, depth, dl_d, dl_w, 
     loaded = load_mar(sd, CONFIGS[name])
     assert list(loaded.state_dict()) == list(sd)
     assert sum(p.numel() for p in loaded.parameters()) == pytest.approx(params, rel=3e-3)  # the README's sizes
+
+
+def official_kl16_shapes() -> dict:
+    """The key list of LDM's AutoencoderKL as MAR builds it (embed_dim 16, ch 128, ch_mult (1,1,2,2,4),
+    2 ResNet blocks, encoder attention at 16 px, none in the decoder's levels), written out independently."""
+    s, ch, mult = {}, 128, (1, 1, 2, 2, 4)
+
+    def res(p, cin, cout):
+        out = {p + "norm1.weight": [cin], p + "norm1.bias": [cin], p + "conv1.weight": [cout, cin, 3, 3],
+               p + "conv1.bias": [cout], p + "norm2.weight": [cout], p + "norm2.bias": [cout],
+               p + "conv2.weight": [cout, cout, 3, 3], p + "conv2.bias": [cout]}
+        if cin != cout:
+            out |= {p + "nin_shortcut.weight": [cout, cin, 1, 1], p + "nin_shortcut.bias": [cout]}
+        return out
+
+    def attn(p, c):
+        out = {p + "norm.weight": [c], p + "norm.bias": [c]}
+        for conv in ("q", "k", "v", "proj_out"):
+            out |= {p + f"{conv}.weight": [c, c, 1, 1], p + f"{conv}.bias": [c]}
+        return out
+
+    s |= {"encoder.conv_in.weight": [ch, 3, 3, 3], "encoder.conv_in.bias": [ch]}
+    cin = ch
+    for i, m in enumerate(mult):
+        for j in range(2):
+            s |= res(f"encoder.down.{i}.block.{j}.", cin, ch * m)
+            cin = ch * m
+            if i == 4:
+                s |= attn(f"encoder.down.{i}.attn.{j}.", cin)
+        if i != 4:
+            s |= {f"encoder.down.{i}.downsample.conv.weight": [cin, cin, 3, 3], f"encoder.down.{i}.downsample.conv.bias": [cin]}
+    for part in ("encoder", "decoder"):
+        mid = {}
+        mid |= res(f"{part}.mid.block_1.", 512, 512) | attn(f"{part}.mid.attn_1.", 512) | res(f"{part}.mid.block_2.", 512, 512)
+        if part == "encoder":
+            s |= mid | {"encoder.norm_out.weight": [512], "encoder.norm_out.bias": [512],
+                        "encoder.conv_out.weight": [32, 512, 3, 3], "encoder.conv_out.bias": [32]}
+        else:
+            s |= {"decoder.conv_in.weight": [512, 16, 3, 3], "decoder.conv_in.bias": [512]} | mid
+    cin = 512
+    for i in reversed(range(5)):
+        for j in range(3):
+            s |= res(f"decoder.up.{i}.block.{j}.", cin, ch * mult[i])
+            cin = ch * mult[i]
+        if i != 0:
+            s |= {f"decoder.up.{i}.upsample.conv.weight": [cin, cin, 3, 3], f"decoder.up.{i}.upsample.conv.bias": [cin]}
+    s |= {"decoder.norm_out.weight": [ch], "decoder.norm_out.bias": [ch], "decoder.conv_out.weight": [3, ch, 3, 3],
+          "decoder.conv_out.bias": [3], "quant_conv.weight": [32, 32, 1, 1], "quant_conv.bias": [32],
+          "post_quant_conv.weight": [16, 16, 1, 1], "post_quant_conv.bias": [16]}
+    return {k: torch.zeros(v) for k, v in s.items()}
+
+
+def test_kl16_layout_loads_strictly_and_decodes():
+    from frontends.kl_vae import KL_CONFIGS, build_vae
+
+    sd = official_kl16_shapes()
+    vae = build_vae({"model": sd, }, "kl16")  # kl16.ckpt nests the weights under "model"
+    assert vae.config == KL_CONFIGS["kl16"] and set(vae.state_dict()) == set(sd)
+    with pytest.raises(UserError, match="missing keys: decoder.conv_out.bias"):
+        build_vae({k: v for k, v in sd.items() if k != "decoder.conv_out.bias"})
+
+
+def test_kl_attention_and_decode_follow_ldm():
+    from frontends.kl_vae import LATENT_SCALE, AttnBlock, AutoencoderKL, KL_CONFIGS
+
+    torch.manual_seed(0)
+    blk = AttnBlock(32)
+    x = torch.randn(2, 32, 3, 3)
+    with torch.no_grad():
+        h = blk.norm(x)
+        q, k, v = blk.q(h).reshape(2, 32, 9).permute(0, 2, 1), blk.k(h).reshape(2, 32, 9), blk.v(h).reshape(2, 32, 9)
+        w = torch.softmax(torch.bmm(q, k) * 32 ** -0.5, dim=2).permute(0, 2, 1)  # models/vae.py, step by step
+        ref = x + blk.proj_out(torch.bmm(v, w).reshape(2, 32, 3, 3))
+        assert torch.allclose(blk(x), ref, atol=1e-6)
+        vae = AutoencoderKL(KL_CONFIGS["tiny"]).eval()
+        tokens = torch.randn(2, 16, 4)
+        img = vae.decode(tokens)
+        z = tokens.transpose(1, 2).reshape(2, 4, 4, 4) / LATENT_SCALE  # unpatchify, then vae.decode(tokens / 0.2325)
+        direct = (vae.decoder(vae.post_quant_conv(z)).clamp(-1, 1) + 1) / 2
+    assert img.shape == (2, 3, 8, 8) and torch.equal(img, direct)
+    assert vae.encode(img).shape == (2, 16, 4)
