@@ -92,7 +92,9 @@ def capture(bundle, *, classes: list[int], seed: int, cache_dir: str | Path, bat
     step = bundle.module.eval()
     batches = [classes[i:i + batch] for i in range(0, len(classes), batch)]
     sampler = {k: v for k, v in (bundle.extra.get("sampling") or {}).items()}
-    key = calib_key(bundle.module.state_dict(), {"family": bundle.family, "classes": classes, "batch": batch, **sampler},
+    last_only = bundle.extra.get("calib_steps") == "last"  # MAR: PTQ4ARVG records the last iteration only
+    key = calib_key(bundle.module.state_dict(), {"family": bundle.family, "classes": classes, "batch": batch, **sampler,
+                                                 **({"steps": "last"} if last_only else {})},
                     seed, len(classes))
     device = torch.device(device)
     if device.type != "cpu":  # CPU caches keep the key they had before devices existed
@@ -121,6 +123,8 @@ def capture(bundle, *, classes: list[int], seed: int, cache_dir: str | Path, bat
                     m.to(device)
                 with torch.no_grad(), default_device(device):
                     generate(torch.tensor(labels), seed + i, step=recording_step, **forcing)
+                if last_only:
+                    del recorded[:-1]
                 cache.save(i, {"steps": [t for t, _ in recorded], "lengths": [n for _, n in recorded]})
             counts.append(len(cache.load(i)["steps"]))
     finally:
@@ -147,7 +151,7 @@ def _resampled_maps(bundle, classes, seed, batch, cache_dir, key, progress) -> t
 
 CACHE_INPUTS = ("k_cache", "v_cache")  # [depth, B, ...]: batch at dim 1 in every family
 UNBATCHED_INPUTS = ("positions", "input_pos", "attn_bias", "attn_mask", "token_groups")  # no batch axis
-BLOCK_LISTS = ("blocks", "layers")  # VAR/RAR ``blocks``, LlamaGen/PAR ``layers``
+BLOCK_LISTS = ("blocks", "layers", "encoder_blocks")  # VAR/RAR ``blocks``, LlamaGen/PAR ``layers``, MAR's encoder (as PTQ4ARVG's reference)
 
 
 def batch_dims(input_names: list[str]) -> list[int | None]:

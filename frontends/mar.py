@@ -25,12 +25,18 @@ to-be-predicted token's decoder output ``z`` into a token by DDPM sampling.
   iteration, CFG with its ``linear``/``constant`` schedule, temperature on the diffusion noise),
   with the order and every noise drawn from the image's own generator.
 
-STWQ token groups (``TOKEN_GROUPS``): 0 = the ``buffer_size`` class-conditioned buffer tokens
-(one class embedding + position: a narrow, class-dependent distribution, the "sink" the other
-families have in their class token), 1 = known image tokens (encoder: projected latents;
-decoder: encoder outputs), 2 = masked tokens (decoder: the learned mask token + position, the
-rows whose outputs feed the head; encoder: filler rows the reference drops, kept out of the
-other groups' ranges).
+STWQ token groups (``token_group_ids``): PTQ4ARVG's MAR map gives each of the ``buffer_size``
+class-conditioned buffer tokens its own group (one class embedding + that position's embedding:
+the "sink" rows, method.md §4.2) and the image tokens one shared group. We split the image tokens
+in two, ``buffer_size`` = known tokens (encoder: projected latents; decoder: encoder outputs) and
+``buffer_size + 1`` = masked tokens (decoder: the learned mask token + position, the rows whose
+outputs feed the head; encoder: filler rows the reference drops), because the two spans carry
+different distributions and the masked span's share changes from all to a few tokens over a
+generation; a shared grid would be set by whichever dominates calibration.
+
+Calibration (``calib_iterations``): PTQ4ARVG records the inputs of the LAST iteration of each
+generation (``main_mar_cali.py``); ``"all"`` records every iteration instead. The head is not
+quantized by the reference and not compiled here (see ``DiffusionHead``).
 """
 from __future__ import annotations
 
@@ -104,8 +110,16 @@ STEP_INPUT_NAMES = ["tokens", "condition", "order", "attn_mask", "token_groups"]
 STEP_OUTPUT_NAMES = ["z"]
 HEAD_INPUT_NAMES = ["x", "t", "c"]
 HEAD_OUTPUT_NAMES = ["eps", "var"]
-BUFFER_GROUP, KNOWN_GROUP, MASKED_GROUP = 0, 1, 2
-TOKEN_GROUPS = {"buffer": BUFFER_GROUP, "known": KNOWN_GROUP, "masked": MASKED_GROUP}
+
+
+def token_group_ids(config: "MARConfig", n_masked: int) -> torch.Tensor:
+    """``[buffer + L]``: buffer position p -> group p, the masked span -> ``buffer + 1``, known tokens ->
+    ``buffer`` (module docstring), in the step's order layout."""
+    buf = config.buffer_size
+    groups = torch.full((config.total_len,), buf, dtype=torch.long)
+    groups[:buf] = torch.arange(buf)
+    groups[buf:buf + n_masked] = buf + 1
+    return groups
 
 
 # ----------------------------------------------------------------------------- transformer (timm Block names)
@@ -426,11 +440,8 @@ def sample_head(head, diffusion: Diffusion, z, cfg_scale: float, temperature: fl
 
 def step_inputs(config: MARConfig, tokens, condition, order, n_masked: int) -> tuple:
     """Arguments of ``MARStep.forward`` at an iteration where the first ``n_masked`` of ``order`` are unknown."""
-    buf = config.buffer_size
-    groups = torch.full((config.total_len,), KNOWN_GROUP, dtype=torch.long)
-    groups[:buf] = BUFFER_GROUP
-    groups[buf:buf + n_masked] = MASKED_GROUP
-    attn_mask = torch.zeros(config.total_len).masked_fill(groups == MASKED_GROUP, float("-inf"))
+    groups = token_group_ids(config, n_masked)
+    attn_mask = torch.zeros(config.total_len).masked_fill(groups == config.buffer_size + 1, float("-inf"))
     return tokens, condition, order, attn_mask, groups
 
 
@@ -595,8 +606,15 @@ def load_mar(state_dict: dict, config: MARConfig, what: str = "MAR checkpoint") 
     return load_strict(model, state_dict, what)
 
 
-def build(state_dict: dict, path=None, config: str | None = None, tokenizer=None, **options) -> ModelBundle:
-    """Strict-load a MAR checkpoint (``model_ema`` of a training checkpoint, or a plain state_dict)."""
+CALIB_ITERATIONS = ("last", "all")
+
+
+def build(state_dict: dict, path=None, config: str | None = None, tokenizer=None, calib_iterations: str = "last",
+          **options) -> ModelBundle:
+    """Strict-load a MAR checkpoint (``model_ema`` of a training checkpoint, or a plain state_dict).
+    ``calib_iterations``: ``last`` (PTQ4ARVG) or ``all`` iterations of each calibration generation."""
+    if calib_iterations not in CALIB_ITERATIONS:
+        raise UserError(f"calib_iterations must be one of {', '.join(CALIB_ITERATIONS)}, got {calib_iterations!r}")
     if options:
         raise UserError(f"the mar frontend has no option {', '.join(sorted(options))}")
     weights = unwrap_state_dict(state_dict)
@@ -626,7 +644,10 @@ def build(state_dict: dict, path=None, config: str | None = None, tokenizer=None
                "head": ModelBundle(name=f"{Path(path).stem if path else 'mar'}-head", module=head,
                                    example_inputs=head_example_inputs(model), family="mar-head",
                                    input_names=list(HEAD_INPUT_NAMES), output_names=list(HEAD_OUTPUT_NAMES)),
-               "default_exclude": [],  # the step has no per-image linears; the head is a separate graph
+               # PTQ4ARVG's MAR map: only the blocks' qkv/proj/fc1/fc2; z_proj and decoder_embed stay FP
+               # (--no-default-exclude quantizes them); the head is a separate graph, FP here
+               "default_exclude": ["z_proj", "decoder_embed"],
+               "calib_steps": calib_iterations,  # calib/capture.py
                # batch 3 so the exporter ties the batch axis to no other size
                "export_inputs": example_inputs(step, batch=3),
                "dynamic_shapes": dynamic_shapes()},

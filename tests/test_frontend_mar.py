@@ -57,7 +57,7 @@ def test_token_groups_and_mask_follow_the_order_layout():
     tokens, condition, order, attn_mask, groups = step_inputs(TINY, torch.zeros(1, 16, 4), torch.tensor([0]),
                                                               torch.arange(16)[None], 6)
     buf = TINY.buffer_size
-    assert groups.tolist() == [0] * buf + [2] * 6 + [1] * 10
+    assert groups.tolist() == list(range(buf)) + [buf + 1] * 6 + [buf] * 10  # per-position buffer, masked, known
     assert torch.isinf(attn_mask[buf:buf + 6]).all() and not attn_mask[:buf].any() and not attn_mask[buf + 6:].any()
 
 
@@ -289,3 +289,21 @@ def test_kl_attention_and_decode_follow_ldm():
         direct = (vae.decoder(vae.post_quant_conv(z)).clamp(-1, 1) + 1) / 2
     assert img.shape == (2, 3, 8, 8) and torch.equal(img, direct)
     assert vae.encode(img).shape == (2, 16, 4)
+
+
+@pytest.mark.parametrize("iterations", ["last", "all"])
+def test_calibration_records_the_reference_iterations(tmp_path, model, iterations):
+    from calib.capture import capture
+
+    bundle = build(model.state_dict(), config="tiny", calib_iterations=iterations)
+    steps = capture(bundle, classes=[1, 2, 3], seed=0, cache_dir=tmp_path, batch=2)
+    sched = [s for s in mask_schedule(TINY, bundle.extra["sampling"]["num_iter"]) if s[0] != s[1]]
+    per_batch = 1 if iterations == "last" else len(sched)
+    assert steps.counts == [per_batch, per_batch]
+    buf = TINY.buffer_size
+    # the masked span of each recorded step: the last iteration's only, or every iteration's in turn
+    masked = [int((steps[i][4] == buf + 1).sum()) for i in range(per_batch)]
+    assert masked == ([sched[-1][0]] if iterations == "last" else [n for n, _, _ in sched])
+    assert steps[0][0].shape[0] == 4  # CFG: 2 images + 2 null rows
+    with pytest.raises(UserError, match="calib_iterations"):
+        build(model.state_dict(), config="tiny", calib_iterations="first")
