@@ -491,6 +491,7 @@ def generate(model: MAR, labels, *, num_iter: int = 64, cfg: float = 1.0, cfg_sc
             continue
         doubled = torch.cat([tokens, tokens]) if guided else tokens
         z = step(*on_device(device, *step_inputs(c, doubled, condition, rows_order, n_masked)))
+        z = z[0] if isinstance(z, (tuple, list)) else z  # runners (onnxruntime, TensorRT) return every output
         z = z[:, n_next:n_masked]  # [rows, k, D]: the tokens this iteration predicts, in order
         k = n_masked - n_next
         scale = cfg if cfg_schedule == "constant" else 1 + (cfg - 1) * (c.seq_len - mask_len) / c.seq_len
