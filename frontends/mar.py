@@ -343,26 +343,24 @@ class MARStep(nn.Module):
 
 
 def step_forward(m, tokens, condition, order, attn_mask):
-    cfg = m.config
-    buf, d = cfg.buffer_size, cfg.embed_dim
-    bsz, length = order.shape
-    flat = (order + torch.arange(bsz).unsqueeze(1).to(order.device) * length).flatten()
-    x = m.z_proj(tokens.flatten(0, 1).index_select(0, flat).unflatten(0, (bsz, length)))
-    x = torch.cat([class_embedding(m, condition).unsqueeze(1).expand(-1, buf, -1), x], dim=1)
-    enc_pos = torch.cat([m.encoder_pos_embed_learned[0, :buf].expand(bsz, -1, -1),
-                         m.encoder_pos_embed_learned[0, buf:].index_select(0, order.flatten()).unflatten(0, (bsz, length))], 1)
-    x = m.z_proj_ln(x + enc_pos)
+    """The step on ``m`` (MAR's parameters under their names). Written without shape or device reads
+    and with broadcasting instead of ``expand``, so the graph saved by ``--target torch`` rebuilds
+    from the allowed functions (``backends/fx_graph.py``)."""
+    buf = m.config.buffer_size
+    cls = class_embedding(m, condition).unsqueeze(1)
+    image = m.z_proj(torch.take_along_dim(tokens, order.unsqueeze(-1), dim=1))  # [B, L, D] in order layout
+    x = torch.cat([cls + m.encoder_pos_embed_learned[:, :buf],
+                   image + F.embedding(order, m.encoder_pos_embed_learned[0, buf:])], dim=1)
+    x = m.z_proj_ln(x)
     for block in m.encoder_blocks:
         x = block(x, attn_mask)
     x = m.decoder_embed(m.encoder_norm(x))
-    x = torch.where(attn_mask.unsqueeze(-1) < 0, m.mask_token, x)  # the masked rows: the reference pads them
-    dec_pos = torch.cat([m.decoder_pos_embed_learned[0, :buf].expand(bsz, -1, -1),
-                         m.decoder_pos_embed_learned[0, buf:].index_select(0, order.flatten()).unflatten(0, (bsz, length))], 1)
-    x = x + dec_pos
+    x = torch.where(attn_mask.unsqueeze(-1) >= 0, x, m.mask_token)  # the masked rows: the reference pads them
+    x = torch.cat([x[:, :buf] + m.decoder_pos_embed_learned[:, :buf],
+                   x[:, buf:] + F.embedding(order, m.decoder_pos_embed_learned[0, buf:])], dim=1)
     for block in m.decoder_blocks:
         x = block(x)
-    diff_pos = m.diffusion_pos_embed_learned[0].index_select(0, order.flatten()).unflatten(0, (bsz, length))
-    return m.decoder_norm(x)[:, buf:] + diff_pos
+    return m.decoder_norm(x)[:, buf:] + F.embedding(order, m.diffusion_pos_embed_learned[0])
 
 
 # ----------------------------------------------------------------------------- diffusion (respaced cosine DDPM)
