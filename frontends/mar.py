@@ -348,7 +348,8 @@ def step_forward(m, tokens, condition, order, attn_mask):
     from the allowed functions (``backends/fx_graph.py``)."""
     buf = m.config.buffer_size
     cls = class_embedding(m, condition).unsqueeze(1)
-    image = m.z_proj(torch.take_along_dim(tokens, order.unsqueeze(-1), dim=1))  # [B, L, D] in order layout
+    index = order.unsqueeze(-1).expand(-1, -1, m.config.token_dim)
+    image = m.z_proj(torch.gather(tokens, 1, index))  # [B, L, D] in order layout
     x = torch.cat([cls + m.encoder_pos_embed_learned[:, :buf],
                    image + F.embedding(order, m.encoder_pos_embed_learned[0, buf:])], dim=1)
     x = m.z_proj_ln(x)
