@@ -14,7 +14,7 @@ to-be-predicted token's decoder output ``z`` into a token by DDPM sampling.
   ``(tokens, condition, order, attn_mask, token_groups) -> z``. It lays the sequence out in
   generation order, ``[buffer | order[0], order[1], ...]``: the tokens still masked at this
   iteration are always the first ``n`` of the order and the known ones the rest, so one
-  unbatched ``attn_mask [T]`` (``-inf`` on the masked span) stands for the reference's drop (an
+  unbatched ``attn_mask [1, T]`` (``-inf`` on the masked span) stands for the reference's drop (an
   encoder key that is masked gets zero weight; the masked rows' own outputs are replaced by the
   mask token before the decoder) and one unbatched ``token_groups [T]`` marks the spans.
   ``z [B, L, D]`` is in the same layout, so the rows to predict are one contiguous slice.
@@ -335,7 +335,7 @@ class MARStep(nn.Module):
 
     def forward(self, tokens, condition, order, attn_mask, token_groups):
         """``tokens [B, L, C]`` raster order (zeros where unknown), ``condition [B]`` labels
-        (``num_classes``: null), ``order [B, L]`` the generation order, ``attn_mask [T]`` additive
+        (``num_classes``: null), ``order [B, L]`` the generation order, ``attn_mask [1, T]`` additive
         (``T = buffer + L``; ``-inf`` on the masked span ``buffer .. buffer + n``), ``token_groups [T]``
         (STWQ groups; not used by the float math). Returns ``z [B, L, D]`` in order layout: row j
         is token ``order[:, j]``."""
@@ -356,7 +356,7 @@ def step_forward(m, tokens, condition, order, attn_mask):
     for block in m.encoder_blocks:
         x = block(x, attn_mask)
     x = m.decoder_embed(m.encoder_norm(x))
-    x = torch.where(attn_mask.unsqueeze(-1) >= 0, x, m.mask_token)  # the masked rows: the reference pads them
+    x = torch.where(attn_mask.transpose(0, 1) >= 0, x, m.mask_token)  # the masked rows: the reference pads them
     x = torch.cat([x[:, :buf] + m.decoder_pos_embed_learned[:, :buf],
                    x[:, buf:] + F.embedding(order, m.decoder_pos_embed_learned[0, buf:])], dim=1)
     for block in m.decoder_blocks:
@@ -440,7 +440,8 @@ def sample_head(head, diffusion: Diffusion, z, cfg_scale: float, temperature: fl
 def step_inputs(config: MARConfig, tokens, condition, order, n_masked: int) -> tuple:
     """Arguments of ``MARStep.forward`` at an iteration where the first ``n_masked`` of ``order`` are unknown."""
     groups = token_group_ids(config, n_masked)
-    attn_mask = torch.zeros(config.total_len).masked_fill(groups == config.buffer_size + 1, float("-inf"))
+    # one row [1, T], broadcast over the queries (SDPA, which the GPU lowering calls, wants a 2-D mask)
+    attn_mask = torch.zeros(1, config.total_len).masked_fill(groups == config.buffer_size + 1, float("-inf"))
     return tokens, condition, order, attn_mask, groups
 
 

@@ -58,6 +58,8 @@ def test_token_groups_and_mask_follow_the_order_layout():
                                                               torch.arange(16)[None], 6)
     buf = TINY.buffer_size
     assert groups.tolist() == list(range(buf)) + [buf + 1] * 6 + [buf] * 10  # per-position buffer, masked, known
+    assert attn_mask.shape == (1, buf + 16)
+    attn_mask = attn_mask[0]
     assert torch.isinf(attn_mask[buf:buf + 6]).all() and not attn_mask[:buf].any() and not attn_mask[buf + 6:].any()
 
 
