@@ -135,6 +135,33 @@ def capture(bundle, *, classes: list[int], seed: int, cache_dir: str | Path, bat
     return steps
 
 
+def capture_head(bundle, *, classes: list[int], seed: int, batch: int = 4, every: int = 1,
+                 progress: Callable = no_progress) -> list[tuple]:
+    """The inputs of a family's second graph, ``bundle.extra["head"]`` (MAR's diffusion head), along the
+    denoising chains of self-generated images (FP step and head, CFG): every ``every``-th call, as
+    CPU tensors in memory. A head call sees every to-be-predicted token of one denoising step, so the
+    calls cover all timesteps of the respaced chain; ``every`` thins them (MAR-B: 100 calls per iteration).
+    """
+    head_bundle, generate = bundle.extra.get("head"), bundle.extra.get("generate")
+    if head_bundle is None or generate is None:
+        raise UserError(f"{bundle.name}: the {bundle.family} family has no second graph to calibrate")
+    if every < 1:
+        raise UserError(f"every must be at least 1, got {every}")
+    head, recorded, calls = head_bundle.module.eval(), [], [0]
+
+    def recording_head(*inputs):
+        if calls[0] % every == 0:
+            recorded.append(tuple(t.detach().to("cpu", copy=True) for t in inputs))
+        calls[0] += 1
+        return head(*inputs)
+
+    batches = [classes[i:i + batch] for i in range(0, len(classes), batch)]
+    for i, labels in enumerate(progress(batches, desc="capturing head inputs", unit="batch")):
+        with torch.no_grad():
+            generate(torch.tensor(labels), seed + i, head=recording_head)
+    return recorded
+
+
 def _resampled_maps(bundle, classes, seed, batch, cache_dir, key, progress) -> tuple[list[torch.Tensor], list[dict]]:
     """The resampled token maps and per-scale summaries, cached as one chunk (a resumed run skips the sampling)."""
     from calib.resample import resample_generations

@@ -533,6 +533,12 @@ def dynamic_shapes() -> tuple:
     return ({0: batch}, {0: batch}, {0: batch}, None, None)
 
 
+def head_dynamic_shapes() -> tuple:
+    """The head's rows (tokens x CFG halves of one denoising step) vary; nothing else does."""
+    rows = torch.export.Dim("rows", min=2, max=1 << 20)
+    return ({0: rows}, {0: rows}, {0: rows})
+
+
 def random_mar(config: MARConfig | str = "tiny", seed: int = 0) -> MAR:
     """A MAR with random weights that exercise every path (the official init zeroes the head's
     adaLN and output layers: the head would predict a constant)."""
@@ -644,7 +650,8 @@ def build(state_dict: dict, path=None, config: str | None = None, tokenizer=None
         extra={"model": model, "tokenizer": vae, "generate": generate_fn, "group_maps": {}, "sampling": sampling,
                "head": ModelBundle(name=f"{Path(path).stem if path else 'mar'}-head", module=head,
                                    example_inputs=head_example_inputs(model), family="mar-head",
-                                   input_names=list(HEAD_INPUT_NAMES), output_names=list(HEAD_OUTPUT_NAMES)),
+                                   input_names=list(HEAD_INPUT_NAMES), output_names=list(HEAD_OUTPUT_NAMES),
+                                   extra={"dynamic_shapes": head_dynamic_shapes()}),
                # PTQ4ARVG's MAR map: only the blocks' qkv/proj/fc1/fc2; z_proj and decoder_embed stay FP
                # (--no-default-exclude quantizes them); the head is a separate graph, FP here
                "default_exclude": ["z_proj", "decoder_embed"],
