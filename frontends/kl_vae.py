@@ -67,7 +67,7 @@ class AutoencoderKL(nn.Module):
     def __init__(self, cfg: KLConfig = KLConfig()):
         super().__init__()
         self.config = cfg
-        base = dict(ch=cfg.ch, ch_mult=cfg.ch_mult, num_res_blocks=cfg.num_res_blocks, using_mid_sa=True)
+        base = {"ch": cfg.ch, "ch_mult": cfg.ch_mult, "num_res_blocks": cfg.num_res_blocks, "using_mid_sa": True}
         self.encoder = _ldm_attention(Encoder(VQVAEConfig(z_channels=2 * cfg.embed_dim, using_sa=True, **base)))
         self.decoder = _ldm_attention(Decoder(VQVAEConfig(z_channels=cfg.embed_dim, using_sa=False, **base)))
         self.quant_conv = nn.Conv2d(2 * cfg.embed_dim, 2 * cfg.embed_dim, 1)
@@ -83,7 +83,7 @@ class AutoencoderKL(nn.Module):
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """MAR tokens ``[B, h*w, C]`` (raster) -> images ``[B, 3, H, W]`` in [0, 1]."""
         b, n, c = tokens.shape
-        side = int(round(n ** 0.5))
+        side = round(n ** 0.5)
         z = tokens.transpose(1, 2).reshape(b, c, side, side) / LATENT_SCALE
         return (self.decoder(self.post_quant_conv(z)).clamp(-1, 1) + 1) / 2
 

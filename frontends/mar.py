@@ -41,12 +41,12 @@ quantized by the reference and not compiled here (see ``DiffusionHead``).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from core.errors import UserError
 from frontends.families import Family, register_family
@@ -112,7 +112,7 @@ HEAD_INPUT_NAMES = ["x", "t", "c"]
 HEAD_OUTPUT_NAMES = ["eps", "var"]
 
 
-def token_group_ids(config: "MARConfig", n_masked: int) -> torch.Tensor:
+def token_group_ids(config: MARConfig, n_masked: int) -> torch.Tensor:
     """``[buffer + L]``: buffer position p -> group p, the masked span -> ``buffer + 1``, known tokens ->
     ``buffer`` (module docstring), in the step's order layout."""
     buf = config.buffer_size
@@ -388,7 +388,7 @@ class Diffusion:
     Tables in float64 as the official numpy code, gathered to float32 per step as it does."""
 
     def __init__(self, num_sampling_steps: str = "100", diffusion_steps: int = 1000):
-        alpha_bar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+        alpha_bar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
         base = torch.tensor([min(1 - alpha_bar((i + 1) / diffusion_steps) / alpha_bar(i / diffusion_steps), 0.999)
                              for i in range(diffusion_steps)], dtype=torch.float64)
         cumprod = torch.cumprod(1 - base, 0)
@@ -496,7 +496,7 @@ def generate(model: MAR, labels, *, num_iter: int = 64, cfg: float = 1.0, cfg_sc
         k = n_masked - n_next
         scale = cfg if cfg_schedule == "constant" else 1 + (cfg - 1) * (c.seq_len - mask_len) / c.seq_len
 
-        def noise():
+        def noise(k=k):
             return torch.cat([torch.randn(k, c.token_dim, generator=g, device=device) for g in generators])
 
         latents = sample_head(head, diffusion, z.flatten(0, 1), scale, temperature, noise).unflatten(0, (bsz, k))

@@ -4,11 +4,12 @@ import math
 
 import pytest
 import torch
-import torch.fx as fx
+from torch import fx
 
 from core.errors import UserError
 from frontends import trace
-from frontends.families import FAMILIES, detect as detect_family
+from frontends.families import FAMILIES
+from frontends.families import detect as detect_family
 from frontends.mar import (
     CONFIGS,
     Diffusion,
@@ -54,7 +55,7 @@ def test_step_graph_equals_official_drop_and_pad_forward(model, n_masked):
 
 
 def test_token_groups_and_mask_follow_the_order_layout():
-    tokens, condition, order, attn_mask, groups = step_inputs(TINY, torch.zeros(1, 16, 4), torch.tensor([0]),
+    *_, attn_mask, groups = step_inputs(TINY, torch.zeros(1, 16, 4), torch.tensor([0]),
                                                               torch.arange(16)[None], 6)
     buf = TINY.buffer_size
     assert groups.tolist() == list(range(buf)) + [buf + 1] * 6 + [buf] * 10  # per-position buffer, masked, known
@@ -128,7 +129,7 @@ def test_mask_schedule_is_the_official_cosine():
 
 
 def test_generate_is_deterministic_per_seed_and_batch_independent(model):
-    kw = dict(num_iter=4, cfg=2.5, num_sampling_steps="5", temperature=0.9)
+    kw = {"num_iter": 4, "cfg": 2.5, "num_sampling_steps": "5", "temperature": 0.9}
     full = generate(model, [1, 2, 3], seed=7, **kw)
     assert full.shape == (3, TINY.seq_len, TINY.token_dim) and torch.isfinite(full).all()
     again = generate(model, [1, 2, 3], seed=7, **kw)
@@ -273,7 +274,7 @@ def test_kl16_layout_loads_strictly_and_decodes():
 
 
 def test_kl_attention_and_decode_follow_ldm():
-    from frontends.kl_vae import LATENT_SCALE, AttnBlock, AutoencoderKL, KL_CONFIGS
+    from frontends.kl_vae import KL_CONFIGS, LATENT_SCALE, AttnBlock, AutoencoderKL
 
     torch.manual_seed(0)
     blk = AttnBlock(32)

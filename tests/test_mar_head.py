@@ -10,7 +10,7 @@ from backends.qdq_lint import lint
 from calib.capture import capture_head
 from compiler.driver import quantize
 from core.numerics import sqnr_db
-from frontends.mar import CONFIGS, Diffusion, build, random_mar
+from frontends.mar import Diffusion, build, random_mar
 
 MINMAX = "canonicalize,observe,act-quant,weight-quant,insert-qdq"
 SMOOTH = "canonicalize,observe,smooth,observe,act-quant,weight-quant,insert-qdq"
