@@ -334,6 +334,9 @@ class Compiler:
         bundle = self.load()
         if c.evaluate and (bundle.family == "generic" or "generate" not in bundle.extra):
             raise UserError("--evaluate needs a family model that generates images (VAR, LlamaGen, RAR, PAR)")
+        if self.recipe.head_pipeline and "head" not in bundle.extra:
+            raise UserError(f"recipe {self.recipe.name} quantizes a second graph (its [head] table), which the "
+                            f"{bundle.family} family does not have (MAR's diffusion head)")
         exclusions = self.exclusions()
         names = [p.name for p in parse_pipeline(self.pipeline)]
         # a pipeline cut before its quantization on purpose (--stop-after, --disable-pass): warn, do not refuse
@@ -408,12 +411,61 @@ class Compiler:
         report.update(sections)
         with torch.no_grad():  # a sanity figure for the report; tools.bench measures speed properly
             report["speed"] = {"FP torch graph": registry.median_ms(lambda: fp_gm(*bundle.example_inputs)), **speed}
+        if self.recipe.head_pipeline:
+            report["head"] = self.compile_head(out, calibration)
         if c.evaluate:
             report["quality"] = self.image_quality(fp_gm, gm, out, reduce_range)
         say("[4/4] writing report and plots")
         report["plots"] = write_plots(out, history, report["site_sqnr_db"], {n: s.kind for n, s in ctx.sites.items()})
         write_reports(out, report)
         return report
+
+    def compile_head(self, out: Path, calibration: Calibration) -> dict:
+        """The recipe's ``[head]`` pipeline on the family's second graph (MAR's diffusion head), calibrated on
+        its inputs along the denoising chains of the calibration images (even calls; odd calls score it),
+        exported as ``head.onnx``, linted and run on onnxruntime. Returns the report's ``head`` section."""
+        import onnx
+
+        from backends.onnx_export import export_onnx, qdq_census
+        from backends.ort_runner import make_session, run
+        from backends.qdq_lint import lint
+        from calib.capture import capture_head
+        from compiler.report import fidelity
+        from core.numerics import max_abs_diff, min_sqnr_db, run_outputs
+
+        c, bundle = self.config, self.load()
+        head = bundle.extra["head"]
+        classes = calibration.extra.get("classes")
+        if not classes:
+            raise UserError("quantizing the diffusion head needs self-generated calibration (no --calib-data)")
+        # about 10 denoising steps per iteration: all of MAR-B's 100 would hold some 160 MB per image
+        every = max(1, head.extra.get("calls_per_iteration", 1) // 10)
+        self.say(f"capturing the head's inputs (one denoising step in {every}) and quantizing it: {self.recipe.head_pipeline}")
+        inputs = capture_head(bundle, classes=classes, seed=c.calibration.seed, batch=c.calibration.batch, every=every,
+                              progress=self.progress)
+        calib, held_out = inputs[::2], inputs[1::2] or inputs[:1]
+        fp_gm, gm, ctx, pm = quantize(head, self.recipe.head_pipeline, self.bits, calib, progress=self.progress)
+        path = export_onnx(gm, head.example_inputs, out / "head.onnx", input_names=head.input_names,
+                           output_names=head.output_names, dynamic_shapes=head.extra.get("dynamic_shapes"))
+        proto = onnx.load(str(path), load_external_data=False)
+        census, lint_report = qdq_census(proto), lint(proto)
+        sess = make_session(path, "reference")
+        ref, got = run_outputs(gm, held_out[0]), [torch.as_tensor(g) for g in run(sess, held_out[0])]
+        section = {
+            "pipeline": str(pm), "bits": self.bits, "calibration_calls": len(calib), "held_out_calls": len(held_out),
+            "denoising_stride": every, "fidelity": fidelity(fp_gm, gm, held_out),
+            "qparams": {k: v.describe() for k, v in sorted(ctx.qparams.items())},
+            "onnx": {"path": "head.onnx", "QuantizeLinear": census.get("QuantizeLinear", 0),
+                     "DequantizeLinear": census.get("DequantizeLinear", 0),
+                     "ort_reference_max_abs_diff": max_abs_diff(got, ref),
+                     "ort_reference_sqnr_db": min_sqnr_db([r.float() for r in ref], [g.float() for g in got]),
+                     "tensorrt_lint": {"ok": lint_report.ok, "int8_gemms": lint_report.quantized_gemms,
+                                       "violations": [str(v) for v in lint_report.violations]}},
+        }
+        self.say(f"  head: output SQNR vs FP {section['fidelity']['min_sqnr_db']:.1f} dB on held-out denoising steps, "
+                 f"{sum(lint_report.quantized_gemms.values())} int8 GEMMs in head.onnx, "
+                 f"onnxruntime vs torch max |diff| {section['onnx']['ort_reference_max_abs_diff']:.2e}")
+        return section
 
     def image_quality(self, fp_gm, gm, out: Path, reduce_range: bool) -> dict:
         """FP, the compiled model on its target and the ``compare`` recipes draw the same images;

@@ -651,7 +651,8 @@ def build(state_dict: dict, path=None, config: str | None = None, tokenizer=None
                "head": ModelBundle(name=f"{Path(path).stem if path else 'mar'}-head", module=head,
                                    example_inputs=head_example_inputs(model), family="mar-head",
                                    input_names=list(HEAD_INPUT_NAMES), output_names=list(HEAD_OUTPUT_NAMES),
-                                   extra={"dynamic_shapes": head_dynamic_shapes()}),
+                                   extra={"dynamic_shapes": head_dynamic_shapes(),  # compiler/driver.py: compile_head
+                                          "calls_per_iteration": Diffusion(sampling["num_sampling_steps"]).num_timesteps}),
                # PTQ4ARVG's MAR map: only the blocks' qkv/proj/fc1/fc2; z_proj and decoder_embed stay FP
                # (--no-default-exclude quantizes them); the head is a separate graph, FP here
                "default_exclude": ["z_proj", "decoder_embed"],

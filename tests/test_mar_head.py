@@ -75,3 +75,28 @@ def test_generation_with_both_graphs_quantized(setup):
     fp, q_step, q_both = gen([5, 6], seed=1), gen([5, 6], seed=1, step=step_gm), gen([5, 6], seed=1, step=step_gm, head=head_gm)
     cos = [torch.nn.functional.cosine_similarity(fp.flatten(1), q.flatten(1)) for q in (q_step, q_both)]
     assert all((c > 0.95).all() for c in cos) and not torch.equal(q_step, q_both)
+
+
+def test_compile_with_the_head_recipe(tmp_path, capsys):
+    import json
+
+    from tests.test_family_compile import _mar, _rar
+    from tools.compile import main
+
+    args = _mar(tmp_path)
+    calib = ["--calib-samples", "2", "--calib-cache", str(tmp_path / "cache"), "--no-site-sqnr"]
+    assert main([*args, "--recipe", "ptq4arvg-head", "--out", str(tmp_path / "h"), *calib]) == 0
+    r = json.loads((tmp_path / "h" / "report.json").read_text())
+    h = r["head"]
+    assert (tmp_path / "h" / "head.onnx").is_file() and h["onnx"]["tensorrt_lint"]["ok"]
+    assert sum(h["onnx"]["tensorrt_lint"]["int8_gemms"].values()) == 12
+    assert h["onnx"]["ort_reference_max_abs_diff"] <= 1e-4 or h["onnx"]["ort_reference_sqnr_db"] >= 50
+    assert h["fidelity"]["min_sqnr_db"] > 15 and h["calibration_calls"] > 0
+    assert "smooth" in h["pipeline"] and r["onnx"]["tensorrt_lint"]["ok"]  # the transformer still compiled as ptq4arvg
+    # the paper's map: the head stays FP, no second graph is written
+    assert main([*args, "--recipe", "ptq4arvg", "--out", str(tmp_path / "p"), *calib]) == 0
+    assert "head" not in json.loads((tmp_path / "p" / "report.json").read_text())
+    assert not (tmp_path / "p" / "head.onnx").exists()
+    capsys.readouterr()
+    assert main([*_rar(tmp_path), "--recipe", "ptq4arvg-head", "--out", str(tmp_path / "r"), *calib]) == 2
+    assert "rar family does not have" in capsys.readouterr().err and not (tmp_path / "r").exists()
