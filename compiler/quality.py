@@ -71,7 +71,8 @@ def score(fp, sample) -> dict:
     if not fp.is_mnist_size:
         return fidelity(fp, sample)
     r = evaluate(fp, sample, features="mnist", mnist=True, paired=sample is not fp)
-    keep = ("mnist_fid", "class_accuracy", "token_agreement", "psnr_db", "identical_images", "ssim")
+    keep = ("mnist_fid", "class_accuracy", "token_agreement", "token_cosine", "token_rel_mse", "psnr_db",
+            "identical_images", "ssim")
     return {k: r[k] for k in keep if k in r}
 
 
@@ -87,7 +88,8 @@ def evaluate_rows(bundle, rows: list[Row], n: int, seed: int, progress) -> tuple
         metrics = score(fp, samples[row.name])
         if row is rows[0]:  # fidelity of FP to itself is trivially perfect: leave it blank
             metrics = {k: v for k, v in metrics.items()
-                       if k not in ("token_agreement", "psnr_db", "identical_images", "ssim")}
+                       if k not in ("token_agreement", "token_cosine", "token_rel_mse", "psnr_db", "identical_images",
+                                    "ssim")}
         table.append({"name": row.name, "recipe": row.recipe, "bits": row.bits, "backend": row.backend,
                       "generation_s": seconds, **metrics})
     return table, samples
@@ -110,6 +112,7 @@ def write_grids(out: Path, samples: dict, columns: int) -> dict[str, str]:
 
 
 COLUMNS = (("model", "name", "{}"), ("runs on", "backend", "{}"), ("tokens = FP", "token_agreement", "{:.1%}"),
+           ("token cos vs FP", "token_cosine", "{:.4f}"), ("token rel. MSE", "token_rel_mse", "{:.2e}"),
            ("images = FP", "identical_images", "{:.0%}"), ("PSNR vs FP", "psnr_db", "{:.1f} dB"),
            ("MNIST-FID", "mnist_fid", "{:.1f}"), ("class accuracy", "class_accuracy", "{:.1%}"))
 

@@ -50,3 +50,26 @@ def test_quantized_mar_on_torch_graph_and_onnxruntime(tmp_path, mar_files):
     # random (untrained) head amplify (a trained head predicts the noise; a random one's x0 estimate is large)
     assert (torch.nn.functional.cosine_similarity(ft, fo) > 0.9999).all()
     assert (ft - fo).abs().max() <= 1e-2 * fp.abs().max()
+
+
+def test_continuous_token_fidelity_closed_form():
+    from evaluation.metrics import continuous_token_fidelity
+
+    r = continuous_token_fidelity(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 1.0], [0.0, 2.0]]))
+    assert r["token_cosine"] == pytest.approx((2 ** -0.5 + 1) / 2, abs=1e-12)
+    assert r["token_rel_mse"] == pytest.approx(1.0, abs=1e-12)  # mean (0, 1, 0, 1) over mean (1, 0, 0, 1)
+    with pytest.raises(ValueError, match="shapes differ"):
+        continuous_token_fidelity(torch.zeros(2, 3), torch.zeros(3, 3))
+
+
+def test_evaluate_scores_continuous_tokens(tmp_path, mar_files):
+    import json
+
+    args = [str(mar_files / "mar.pth"), "--tokenizer", str(mar_files / "kl16.ckpt"), "--recipe", "minmax",
+            "--calib-samples", "2", "--calib-cache", str(tmp_path / "cache"), "--no-site-sqnr",
+            "--evaluate", "3", "--compare", "minmax:W6A6", "--out", str(tmp_path / "o")]
+    assert compile_main(args) == 0
+    rows = {r["name"]: r for r in json.loads((tmp_path / "o" / "report.json").read_text())["quality"]["rows"]}
+    assert "token_cosine" not in rows["FP"] and "token_agreement" not in rows["minmax W6A6"]
+    w8, w6 = rows["minmax W8A8, compiled"], rows["minmax W6A6"]
+    assert 0.9 < w6["token_cosine"] < w8["token_cosine"] < 1.0 and w8["token_rel_mse"] < w6["token_rel_mse"]
