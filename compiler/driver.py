@@ -432,6 +432,7 @@ class Compiler:
         from calib.capture import capture_head
         from compiler.report import fidelity
         from core.numerics import max_abs_diff, min_sqnr_db, run_outputs
+        from passes.analysis import PreQDQSnapshot, site_sqnr
 
         c, bundle = self.config, self.load()
         head = bundle.extra["head"]
@@ -444,7 +445,12 @@ class Compiler:
         inputs = capture_head(bundle, classes=classes, seed=c.calibration.seed, batch=c.calibration.batch, every=every,
                               progress=self.progress)
         calib, held_out = inputs[::2], inputs[1::2] or inputs[:1]
-        fp_gm, gm, ctx, pm = quantize(head, self.recipe.head_pipeline, self.bits, calib, progress=self.progress)
+        pre_qdq = PreQDQSnapshot()
+        fp_gm, gm, ctx, pm = quantize(head, self.recipe.head_pipeline, self.bits, calib, instruments=[pre_qdq],
+                                      progress=self.progress)
+        # which of the head's linears hurts: its output with only that site quantized, on held-out steps
+        per_site = site_sqnr(fp_gm, pre_qdq.gm, ctx, held_out[:4], all_but_one=False, progress=self.progress) \
+            if pre_qdq.gm is not None and c.site_sqnr else {}
         path = export_onnx(gm, head.example_inputs, out / "head.onnx", input_names=head.input_names,
                            output_names=head.output_names, dynamic_shapes=head.extra.get("dynamic_shapes"))
         proto = onnx.load(str(path), load_external_data=False)
@@ -454,6 +460,7 @@ class Compiler:
         section = {
             "pipeline": str(pm), "bits": self.bits, "calibration_calls": len(calib), "held_out_calls": len(held_out),
             "denoising_stride": every, "fidelity": fidelity(fp_gm, gm, held_out),
+            "site_sqnr_db": {k: v["only"] for k, v in per_site.items()},
             "qparams": {k: v.describe() for k, v in sorted(ctx.qparams.items())},
             "onnx": {"path": "head.onnx", "QuantizeLinear": census.get("QuantizeLinear", 0),
                      "DequantizeLinear": census.get("DequantizeLinear", 0),

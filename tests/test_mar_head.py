@@ -85,13 +85,15 @@ def test_compile_with_the_head_recipe(tmp_path, capsys):
 
     args = _mar(tmp_path)
     calib = ["--calib-samples", "2", "--calib-cache", str(tmp_path / "cache"), "--no-site-sqnr"]
-    assert main([*args, "--recipe", "ptq4arvg-head", "--out", str(tmp_path / "h"), *calib]) == 0
+    assert main([*args, "--recipe", "ptq4arvg-head", "--out", str(tmp_path / "h"), *calib[:-1]]) == 0  # site SQNR on
     r = json.loads((tmp_path / "h" / "report.json").read_text())
     h = r["head"]
     assert (tmp_path / "h" / "head.onnx").is_file() and h["onnx"]["tensorrt_lint"]["ok"]
     assert sum(h["onnx"]["tensorrt_lint"]["int8_gemms"].values()) == 12
     assert h["onnx"]["ort_reference_max_abs_diff"] <= 1e-4 or h["onnx"]["ort_reference_sqnr_db"] >= 50
     assert h["fidelity"]["min_sqnr_db"] > 15 and h["calibration_calls"] > 0
+    # per-site SQNR of every head linear; one site alone costs less than all of them together
+    assert len(h["site_sqnr_db"]) == 12 and min(h["site_sqnr_db"].values()) > h["fidelity"]["min_sqnr_db"] - 1
     assert "smooth" in h["pipeline"] and r["onnx"]["tensorrt_lint"]["ok"]  # the transformer still compiled as ptq4arvg
     # the paper's map: the head stays FP, no second graph is written
     assert main([*args, "--recipe", "ptq4arvg", "--out", str(tmp_path / "p"), *calib]) == 0
