@@ -91,7 +91,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-samples", type=int, metavar="N",
                    help="family models: generate N images to calibrate on (default 8); others: use at most N batches")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickled modules (runs code from the file)")
-    p.add_argument("--family", help="model family of a checkpoint (var, llamagen, rar, par), overriding detection")
+    p.add_argument("--family", help="model family of a checkpoint (var, llamagen, rar, par, mar), overriding detection")
     p.add_argument("--tokenizer", metavar="CKPT", help="the family's tokenizer checkpoint (e.g. vae_ch160v4096z32.pth)")
     p.add_argument("--calib-batch", type=int, default=4, metavar="N",
                    help="images generated together during self-generated calibration (default 4); on a GPU a "
