@@ -102,3 +102,23 @@ def test_compile_with_the_head_recipe(tmp_path, capsys):
     capsys.readouterr()
     assert main([*_rar(tmp_path), "--recipe", "ptq4arvg-head", "--out", str(tmp_path / "r"), *calib]) == 2
     assert "rar family does not have" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_generate_runs_the_compiled_head(tmp_path):
+    from frontends.kl_vae import KL_CONFIGS, AutoencoderKL
+    from tests.test_family_compile import _mar
+    from tools.compile import main as compile_main
+    from tools.generate import main
+
+    args = _mar(tmp_path)
+    torch.manual_seed(0)
+    torch.save({"model": AutoencoderKL(KL_CONFIGS["tiny"]).state_dict()}, tmp_path / "kl.ckpt")
+    calib = ["--calib-samples", "2", "--calib-cache", str(tmp_path / "cache"), "--no-site-sqnr"]
+    assert compile_main([*args, "--recipe", "ptq4arvg-head", "--out", str(tmp_path / "h"), *calib]) == 0
+    assert compile_main([*args, "--recipe", "ptq4arvg", "--out", str(tmp_path / "p"), *calib]) == 0
+    common = [*args, "--tokenizer", str(tmp_path / "kl.ckpt"), "--classes", "0,1", "--device", "cpu"]
+    for name, extra in (("fp", []), ("p", ["--quantized", str(tmp_path / "p")]), ("h", ["--quantized", str(tmp_path / "h")])):
+        assert main([*common, *extra, "--out", str(tmp_path / f"g{name}")]) == 0
+    fp, p, h = (torch.load(tmp_path / f"g{n}" / "tokens.pt", weights_only=True).flatten(1) for n in ("fp", "p", "h"))
+    # same step graph (same calibration): the quantized head is the only difference between p and h
+    assert not torch.equal(p, h) and (torch.nn.functional.cosine_similarity(fp, h) > 0.95).all()

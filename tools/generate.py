@@ -145,13 +145,19 @@ def generate_batches(args, store: BatchStore, todo: list[tuple[int, range]], lab
     for part in ("model", "tokenizer"):
         bundle.extra[part].to(device)
     step, what = make_step(args, bundle, device)
+    extra = {}  # a compiled second graph (MAR's diffusion head, a recipe's [head]) runs on onnxruntime
+    if args.quantized and (Path(args.quantized) / "head.onnx").is_file() and "head" in bundle.extra:
+        from backends.ort_runner import OrtStep
+
+        extra["head"] = OrtStep(Path(args.quantized) / "head.onnx", args.ort_mode)
+        what += " + head.onnx on onnxruntime"
     say(f"generating {len(todo)} batches with {what} ({bundle.family}, {device})")
     for made, (k, idx) in enumerate(progress(todo, desc="generating", unit="batch")):
         if args.max_batches is not None and made >= args.max_batches:
             return False
         with torch.no_grad():
             tokens = bundle.extra["generate"](torch.tensor(labels[idx.start: idx.stop]), batch_seed(args.seed, idx.start),
-                                              step=step)
+                                              step=step, **extra)
             images = decode_each(bundle.extra["tokenizer"], tokens)
         tokens = [t.cpu() for t in tokens] if isinstance(tokens, (list, tuple)) else tokens.cpu()
         store.save(k, tokens, images)
