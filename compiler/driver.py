@@ -211,6 +211,10 @@ class Compiler:
         bundle, c = self.load(), self.config.calibration
         if c.resample and (c.data or bundle.calib_inputs or "generate" not in bundle.extra):
             raise UserError("--resample applies to self-generated calibration of a family model (it redraws sampled tokens)")
+        if c.iterations is not None:
+            if "calib_steps" not in bundle.extra:
+                raise UserError(f"--calib-iterations applies to MAR (iterative generation), not to {bundle.family}")
+            bundle.extra["calib_steps"] = c.iterations  # read by calib.capture
         method, candidates, origin = self.dgc_setting()
         if c.data:
             calib = load_calib_data(c.data, len(bundle.example_inputs))
@@ -243,6 +247,8 @@ class Compiler:
                         resample=c.resample, device=self.device, batch=c.batch)
         source = f"{n} self-generated images (classes {classes[:8]}{'...' if n > 8 else ''}, seed {c.seed}, CFG)"
         extra: dict = {"classes": classes}
+        if "calib_steps" in bundle.extra:  # MAR: which iterations were recorded
+            extra["iterations"] = bundle.extra["calib_steps"]
         if c.resample:
             scales = steps.resample_summary
             moved, tokens = sum(s["reassigned"] for s in scales), sum(s["tokens"] for s in scales)

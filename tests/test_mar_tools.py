@@ -73,3 +73,21 @@ def test_evaluate_scores_continuous_tokens(tmp_path, mar_files):
     assert "token_cosine" not in rows["FP"] and "token_agreement" not in rows["minmax W6A6"]
     w8, w6 = rows["minmax W8A8, compiled"], rows["minmax W6A6"]
     assert 0.9 < w6["token_cosine"] < w8["token_cosine"] < 1.0 and w8["token_rel_mse"] < w6["token_rel_mse"]
+
+
+def test_calib_iterations_option(tmp_path, mar_files, capsys):
+    import json
+
+    from tests.test_family_compile import _rar
+
+    common = [str(mar_files / "mar.pth"), "--recipe", "minmax", "--calib-samples", "2", "--no-site-sqnr",
+              "--calib-cache", str(tmp_path / "cache")]
+    reports = {}
+    for it in ("last", "all"):
+        assert compile_main([*common, "--calib-iterations", it, "--out", str(tmp_path / it)]) == 0
+        reports[it] = json.loads((tmp_path / it / "report.json").read_text())["calibration"]
+    assert reports["last"]["iterations"] == "last" and reports["all"]["iterations"] == "all"
+    assert reports["last"]["batches"] == 1 and reports["all"]["batches"] == 4  # tiny: 4 iterations, one batch
+    capsys.readouterr()
+    assert compile_main([*_rar(tmp_path), "--calib-iterations", "all", "--out", str(tmp_path / "r")]) == 2
+    assert "applies to MAR" in capsys.readouterr().err

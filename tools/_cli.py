@@ -108,6 +108,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resample", action="store_true",
                    help="resample the self-generated token maps per scale so code counts match the model's "
                         "predicted frequencies (Shift-and-Sum, VAR), then replay them teacher-forced; composes with --dgc")
+    p.add_argument("--calib-iterations", choices=("last", "all"),
+                   help="MAR: record the last iteration of each calibration generation (default, as PTQ4ARVG) or all")
     p.add_argument("--exclude", metavar="PATTERN", action="append", default=[],
                    help="keep these sites in full precision (repeatable): a module-path glob such as "
                         "'blocks.*.ada_lin.1' or 'head', or an op type 'op:linear' / 'op:matmul'; "
@@ -126,7 +128,8 @@ def compile_config(args: argparse.Namespace, **overrides):
     from compiler.config import CalibrationConfig, CompileConfig
 
     calibration = CalibrationConfig(data=args.calib_data, samples=args.calib_samples, batch=args.calib_batch,
-                                    cache=args.calib_cache, seed=args.seed, dgc=args.dgc, resample=args.resample)
+                                    cache=args.calib_cache, seed=args.seed, dgc=args.dgc, resample=args.resample,
+                                    iterations=args.calib_iterations)
     exclude = [*args.exclude, *(p for f in args.exclude_file for p in read_exclude_file(f))]
     return CompileConfig(model=args.model, recipe=args.recipe, pipeline=args.pipeline, bits=args.bits,
                          calibration=calibration, exclude=exclude, default_exclude=not args.no_default_exclude,
