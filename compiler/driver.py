@@ -133,6 +133,7 @@ class Compiler:
         self.bundle: ModelBundle | None = None
         self._sites: dict | None = None
         self._calibration: Calibration | None = None
+        self._head_inputs: tuple[list[tuple], int] | None = None
 
     # -- what the run resolves once ---------------------------------------------------------
 
@@ -418,7 +419,7 @@ class Compiler:
         with torch.no_grad():  # a sanity figure for the report; tools.bench measures speed properly
             report["speed"] = {"FP torch graph": registry.median_ms(lambda: fp_gm(*bundle.example_inputs)), **speed}
         if self.recipe.head_pipeline:
-            report["head"] = self.compile_head(out, calibration)
+            report["head"] = self.compile_head(out)
         if c.evaluate:
             report["quality"] = self.image_quality(fp_gm, gm, out, reduce_range)
         say("[4/4] writing report and plots")
@@ -426,7 +427,30 @@ class Compiler:
         write_reports(out, report)
         return report
 
-    def compile_head(self, out: Path, calibration: Calibration) -> dict:
+    def head_inputs(self) -> tuple[list[tuple], int]:
+        """(the head's recorded input tuples, the denoising stride): MAR's diffusion head run along the
+        denoising chains of the calibration images, one denoising step in ``stride``. Computed once."""
+        from calib.capture import capture_head
+
+        if self._head_inputs is None:
+            c, bundle = self.config, self.load()
+            classes = self.calibrate().extra.get("classes")
+            if not classes:
+                raise UserError("quantizing the diffusion head needs self-generated calibration (no --calib-data)")
+            # about 10 denoising steps per iteration: all of MAR-B's 100 would hold some 160 MB per image
+            every = max(1, bundle.extra["head"].extra.get("calls_per_iteration", 1) // 10)
+            self.say(f"capturing the diffusion head's inputs (one denoising step in {every})")
+            self._head_inputs = (capture_head(bundle, classes=classes, seed=c.calibration.seed,
+                                              batch=c.calibration.batch, every=every, progress=self.progress), every)
+        return self._head_inputs
+
+    def quantized_head(self, pipeline: str, bits: str):
+        """The diffusion head fake-quantized by ``pipeline`` at ``bits`` on ``head_inputs``' even calls."""
+        if "head" not in self.load().extra:
+            raise UserError(f"a recipe's [head] quantizes MAR's diffusion head; the {self.load().family} family has none")
+        return quantize(self.load().extra["head"], pipeline, bits, self.head_inputs()[0][::2], progress=self.progress).gm
+
+    def compile_head(self, out: Path) -> dict:
         """The recipe's ``[head]`` pipeline on the family's second graph (MAR's diffusion head), calibrated on
         its inputs along the denoising chains of the calibration images (even calls; odd calls score it),
         exported as ``head.onnx``, linted and run on onnxruntime. Returns the report's ``head`` section."""
@@ -435,21 +459,14 @@ class Compiler:
         from backends.onnx_export import export_onnx, qdq_census
         from backends.ort_runner import make_session, run
         from backends.qdq_lint import lint
-        from calib.capture import capture_head
         from compiler.report import fidelity
         from core.numerics import max_abs_diff, min_sqnr_db, run_outputs
         from passes.analysis import PreQDQSnapshot, site_sqnr
 
         c, bundle = self.config, self.load()
         head = bundle.extra["head"]
-        classes = calibration.extra.get("classes")
-        if not classes:
-            raise UserError("quantizing the diffusion head needs self-generated calibration (no --calib-data)")
-        # about 10 denoising steps per iteration: all of MAR-B's 100 would hold some 160 MB per image
-        every = max(1, head.extra.get("calls_per_iteration", 1) // 10)
-        self.say(f"capturing the head's inputs (one denoising step in {every}) and quantizing it: {self.recipe.head_pipeline}")
-        inputs = capture_head(bundle, classes=classes, seed=c.calibration.seed, batch=c.calibration.batch, every=every,
-                              progress=self.progress)
+        inputs, every = self.head_inputs()
+        self.say(f"quantizing the diffusion head: {self.recipe.head_pipeline}")
         calib, held_out = inputs[::2], inputs[1::2] or inputs[:1]
         pre_qdq = PreQDQSnapshot()
         fp_gm, gm, ctx, pm = quantize(head, self.recipe.head_pipeline, self.bits, calib, instruments=[pre_qdq],
@@ -490,14 +507,20 @@ class Compiler:
         c, bundle = self.config, self.load()
         recipe, bits = self.recipe, self.bits
         step, runs_on = self.target.compiled_step(out, gm, bundle, reduce_range)
+        head = None
+        if recipe.head_pipeline:  # the compiled head.onnx, on onnxruntime beside the compiled step
+            from backends.ort_runner import OrtStep
+
+            head = OrtStep(out / "head.onnx", "reference")
         rows = [quality.Row("FP", None, None, "torch fp32", None),
-                quality.Row(f"{recipe.name} {bits}, compiled", recipe.name, bits, runs_on, step)]
+                quality.Row(f"{recipe.name} {bits}, compiled", recipe.name, bits, runs_on, step, head)]
         for name, cmp_bits in c.compare:
             cmp_recipe = load_recipe(name)
             self.exclusions(cmp_recipe)  # says what the comparison keeps in full precision
             self.say(f"quantizing {name} {cmp_bits} for the comparison")
             cmp_gm = self.quantize(recipe=cmp_recipe, bits=cmp_bits, reduce_range=False, device="cpu").gm
-            rows.append(quality.Row(f"{name} {cmp_bits}", name, cmp_bits, "torch fake-quant", cmp_gm))
+            cmp_head = self.quantized_head(cmp_recipe.head_pipeline, cmp_bits) if cmp_recipe.head_pipeline else None
+            rows.append(quality.Row(f"{name} {cmp_bits}", name, cmp_bits, "torch fake-quant", cmp_gm, cmp_head))
         table, samples = quality.evaluate_rows(bundle, rows, c.evaluate, c.calibration.seed, self.progress)
         section = {"images": c.evaluate, "seed": c.calibration.seed, "rows": table,
                    "grids": quality.write_grids(out, samples, columns=bundle.extra["model"].config.num_classes)}

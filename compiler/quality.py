@@ -31,6 +31,7 @@ class Row:
     bits: str | None
     backend: str        # "torch fp32", "onnxruntime int8", "torch fake-quant"
     step: object        # the step callable the family driver runs (None: the eager FP model)
+    head: object = None  # MAR: the diffusion head callable (None: the FP head)
 
 
 def parse_compare(text: str) -> list[tuple[str, str]]:
@@ -53,12 +54,12 @@ def fixed_labels(num_classes: int, n: int) -> torch.Tensor:
     return torch.arange(n) % num_classes
 
 
-def draw(bundle, step, labels: torch.Tensor, seed: int, name: str):
+def draw(bundle, step, labels: torch.Tensor, seed: int, name: str, head=None):
     """Generate and decode ``labels`` with ``step``; returns ``evaluation.images.Samples``."""
     from evaluation.images import Samples, to_uint8
 
     with torch.no_grad():
-        tokens = bundle.extra["generate"](labels, seed, step=step)
+        tokens = bundle.extra["generate"](labels, seed, step=step, **({"head": head} if head is not None else {}))
         # one batch for every row: the rows pair image by image and decode the same way
         images = to_uint8(bundle.extra["tokenizer"].decode(tokens))
     return Samples(Path(name), images, labels.numpy(), tokens)
@@ -82,7 +83,7 @@ def evaluate_rows(bundle, rows: list[Row], n: int, seed: int, progress) -> tuple
     samples, table = {}, []
     for row in progress(rows, desc="generating and scoring", unit="model"):
         t0 = time.perf_counter()
-        samples[row.name] = draw(bundle, row.step, labels, seed, row.name)
+        samples[row.name] = draw(bundle, row.step, labels, seed, row.name, row.head)
         seconds = time.perf_counter() - t0
         fp = samples[rows[0].name]
         metrics = score(fp, samples[row.name])

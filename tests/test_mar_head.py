@@ -124,3 +124,24 @@ def test_generate_runs_the_compiled_head(tmp_path):
     fp, p, h = (torch.load(tmp_path / f"g{n}" / "tokens.pt", weights_only=True).flatten(1) for n in ("fp", "p", "h"))
     # same step graph (same calibration): the quantized head is the only difference between p and h
     assert not torch.equal(p, h) and (torch.nn.functional.cosine_similarity(fp, h) > 0.95).all()
+
+
+def test_evaluate_rows_run_their_quantized_head(tmp_path):
+    import json
+
+    from tests.test_family_compile import _mar
+    from tools.compile import main as compile_main
+
+    from frontends.kl_vae import KL_CONFIGS, AutoencoderKL
+
+    args = _mar(tmp_path)
+    torch.manual_seed(0)
+    torch.save({"model": AutoencoderKL(KL_CONFIGS["tiny"]).state_dict()}, tmp_path / "kl.ckpt")
+    assert compile_main([*args, "--tokenizer", str(tmp_path / "kl.ckpt"), "--recipe", "ptq4arvg-head",
+                         "--calib-samples", "2", "--calib-cache", str(tmp_path / "cache"), "--no-site-sqnr",
+                         "--evaluate", "3", "--compare", "ptq4arvg:W8A8,ptq4arvg-head:W6A6",
+                         "--out", str(tmp_path / "o")]) == 0
+    rows = {r["name"]: r for r in json.loads((tmp_path / "o" / "report.json").read_text())["quality"]["rows"]}
+    both, step_only, both6 = rows["ptq4arvg-head W8A8, compiled"], rows["ptq4arvg W8A8"], rows["ptq4arvg-head W6A6"]
+    # the same quantized step; the head quantized too adds its error, and 6 bits more
+    assert step_only["token_rel_mse"] < both["token_rel_mse"] < both6["token_rel_mse"]
