@@ -129,10 +129,9 @@ def test_generate_runs_the_compiled_head(tmp_path):
 def test_evaluate_rows_run_their_quantized_head(tmp_path):
     import json
 
+    from frontends.kl_vae import KL_CONFIGS, AutoencoderKL
     from tests.test_family_compile import _mar
     from tools.compile import main as compile_main
-
-    from frontends.kl_vae import KL_CONFIGS, AutoencoderKL
 
     args = _mar(tmp_path)
     torch.manual_seed(0)
