@@ -36,7 +36,7 @@ generation; a shared grid would be set by whichever dominates calibration.
 
 Calibration (``calib_iterations``): PTQ4ARVG records the inputs of the LAST iteration of each
 generation (``main_mar_cali.py``); ``"all"`` records every iteration instead. The head is not
-quantized by the reference and not compiled here (see ``DiffusionHead``).
+quantized by the reference; a recipe's ``[head]`` table compiles it as its own graph (``compiler/driver.py``).
 """
 from __future__ import annotations
 
