@@ -43,10 +43,11 @@ _FUNCTIONS = (
     torch.add, torch.sub, torch.mul, torch.matmul, torch.mean, torch.rsqrt, torch.stack, torch.where, torch.index_select,
     F.linear, F.gelu, F.silu, F.softmax, F.normalize, F.pad, F.scaled_dot_product_attention,
     torch.addcmul,  # passes/regions.py: a folded tensor restored for its other users
+    torch.cat, torch.gather, F.embedding,  # MAR's step: buffer + image rows, gathers by the generation order
     shift_sum_values,  # passes/shift_sum.py, shift-sum{mode=dynamic}: pure tensor arithmetic
 )
 ALLOWED_METHODS = frozenset((
-    "__getitem__", "chunk", "clamp", "clamp_max", "exp", "flatten", "float", "index_copy", "index_select", "mean",
+    "__getitem__", "chunk", "clamp", "clamp_max", "exp", "expand", "flatten", "float", "index_copy", "index_select", "mean",
     "permute", "pow", "softmax", "transpose", "type_as", "unbind", "unflatten", "unsqueeze", "view",
 ))
 # this project's operator namespaces (``ops:<namespace>.<op>.<overload>`` in graph.json) -> the module registering them

@@ -92,7 +92,9 @@ def capture(bundle, *, classes: list[int], seed: int, cache_dir: str | Path, bat
     step = bundle.module.eval()
     batches = [classes[i:i + batch] for i in range(0, len(classes), batch)]
     sampler = {k: v for k, v in (bundle.extra.get("sampling") or {}).items()}
-    key = calib_key(bundle.module.state_dict(), {"family": bundle.family, "classes": classes, "batch": batch, **sampler},
+    last_only = bundle.extra.get("calib_steps") == "last"  # MAR: PTQ4ARVG records the last iteration only
+    key = calib_key(bundle.module.state_dict(), {"family": bundle.family, "classes": classes, "batch": batch, **sampler,
+                                                 **({"steps": "last"} if last_only else {})},
                     seed, len(classes))
     device = torch.device(device)
     if device.type != "cpu":  # CPU caches keep the key they had before devices existed
@@ -121,6 +123,8 @@ def capture(bundle, *, classes: list[int], seed: int, cache_dir: str | Path, bat
                     m.to(device)
                 with torch.no_grad(), default_device(device):
                     generate(torch.tensor(labels), seed + i, step=recording_step, **forcing)
+                if last_only:
+                    del recorded[:-1]
                 cache.save(i, {"steps": [t for t, _ in recorded], "lengths": [n for _, n in recorded]})
             counts.append(len(cache.load(i)["steps"]))
     finally:
@@ -129,6 +133,33 @@ def capture(bundle, *, classes: list[int], seed: int, cache_dir: str | Path, bat
     steps = CachedSteps(cache, counts)
     steps.resample_summary = None if fixed is None else fixed[1]
     return steps
+
+
+def capture_head(bundle, *, classes: list[int], seed: int, batch: int = 4, every: int = 1,
+                 progress: Callable = no_progress) -> list[tuple]:
+    """The inputs of a family's second graph, ``bundle.extra["head"]`` (MAR's diffusion head), along the
+    denoising chains of self-generated images (FP step and head, CFG): every ``every``-th call, as
+    CPU tensors in memory. A head call sees every to-be-predicted token of one denoising step, so the
+    calls cover all timesteps of the respaced chain; ``every`` thins them (MAR-B: 100 calls per iteration).
+    """
+    head_bundle, generate = bundle.extra.get("head"), bundle.extra.get("generate")
+    if head_bundle is None or generate is None:
+        raise UserError(f"{bundle.name}: the {bundle.family} family has no second graph to calibrate")
+    if every < 1:
+        raise UserError(f"every must be at least 1, got {every}")
+    head, recorded, calls = head_bundle.module.eval(), [], [0]
+
+    def recording_head(*inputs):
+        if calls[0] % every == 0:
+            recorded.append(tuple(t.detach().to("cpu", copy=True) for t in inputs))
+        calls[0] += 1
+        return head(*inputs)
+
+    batches = [classes[i:i + batch] for i in range(0, len(classes), batch)]
+    for i, labels in enumerate(progress(batches, desc="capturing head inputs", unit="batch")):
+        with torch.no_grad():
+            generate(torch.tensor(labels), seed + i, head=recording_head)
+    return recorded
 
 
 def _resampled_maps(bundle, classes, seed, batch, cache_dir, key, progress) -> tuple[list[torch.Tensor], list[dict]]:
@@ -147,7 +178,7 @@ def _resampled_maps(bundle, classes, seed, batch, cache_dir, key, progress) -> t
 
 CACHE_INPUTS = ("k_cache", "v_cache")  # [depth, B, ...]: batch at dim 1 in every family
 UNBATCHED_INPUTS = ("positions", "input_pos", "attn_bias", "attn_mask", "token_groups", "rope")  # no batch axis
-BLOCK_LISTS = ("blocks", "layers")  # VAR/RAR ``blocks``, LlamaGen/PAR ``layers``
+BLOCK_LISTS = ("blocks", "layers", "encoder_blocks")  # VAR/RAR ``blocks``, LlamaGen/PAR ``layers``, MAR's encoder (as PTQ4ARVG's reference)
 
 
 def batch_dims(input_names: list[str]) -> list[int | None]:

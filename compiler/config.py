@@ -14,7 +14,8 @@ class CalibrationConfig:
     self-generated images, ``batch`` at a time, cached in ``cache``, from ``seed``; ``dgc`` selects among
     the generated sequences (none | reference | ranked; None: the recipe's ``[calibration]`` setting),
     generating ``dgc_candidates`` sequences per kept one (None: the recipe's; with DGC, ``samples`` is
-    the number of kept sequences); ``resample`` redraws tokens per scale (VAR).
+    the number of kept sequences); ``resample`` redraws tokens per scale (VAR); ``iterations`` (MAR):
+    which iterations of each generation are recorded, ``last`` (PTQ4ARVG) or ``all``.
     """
 
     data: str | None = None
@@ -25,6 +26,7 @@ class CalibrationConfig:
     dgc: str | None = None
     dgc_candidates: float | None = None
     resample: bool = False
+    iterations: str | None = None  # MAR: calibrate on the last iteration (PTQ4ARVG) or all; None: the family's default
 
 
 @dataclass

@@ -136,6 +136,7 @@ class Compiler:
             self._default_recipe(bundle)
         self._sites: dict | None = None
         self._calibration: Calibration | None = None
+        self._head_inputs: tuple[list[tuple], int] | None = None
 
     # -- what the run resolves once ---------------------------------------------------------
 
@@ -218,6 +219,10 @@ class Compiler:
         bundle, c = self.load(), self.config.calibration
         if c.resample and (c.data or bundle.calib_inputs or "generate" not in bundle.extra):
             raise UserError("--resample applies to self-generated calibration of a family model (it redraws sampled tokens)")
+        if c.iterations is not None:
+            if "calib_steps" not in bundle.extra:
+                raise UserError(f"--calib-iterations applies to MAR (iterative generation), not to {bundle.family}")
+            bundle.extra["calib_steps"] = c.iterations  # read by calib.capture
         method, candidates, origin = self.dgc_setting()
         if c.data:
             calib = load_calib_data(c.data, len(bundle.example_inputs))
@@ -252,6 +257,8 @@ class Compiler:
                         resample=c.resample, device=self.device, batch=c.batch)
         source = f"{n} self-generated images (classes {classes[:8]}{'...' if n > 8 else ''}, seed {c.seed}, CFG)"
         extra: dict = {"classes": classes}
+        if "calib_steps" in bundle.extra:  # MAR: which iterations were recorded
+            extra["iterations"] = bundle.extra["calib_steps"]
         if c.resample:
             scales = steps.resample_summary
             moved, tokens = sum(s["reassigned"] for s in scales), sum(s["tokens"] for s in scales)
@@ -348,6 +355,9 @@ class Compiler:
         if c.evaluate and "prompts" in bundle.extra:  # the quality rows draw class labels in turn
             raise UserError(f"--evaluate scores class-conditional families; {bundle.family} is text-to-image: "
                             f"compare images with tools.generate --prompt and tools.evaluate")
+        if self.recipe.head_pipeline and "head" not in bundle.extra:
+            raise UserError(f"recipe {self.recipe.name} quantizes a second graph (its [head] table), which the "
+                            f"{bundle.family} family does not have (MAR's diffusion head)")
         exclusions = self.exclusions()
         names = [p.name for p in parse_pipeline(self.pipeline)]
         # a pipeline cut before its quantization on purpose (--stop-after, --disable-pass): warn, do not refuse
@@ -422,12 +432,84 @@ class Compiler:
         report.update(sections)
         with torch.no_grad():  # a sanity figure for the report; tools.bench measures speed properly
             report["speed"] = {"FP torch graph": registry.median_ms(lambda: fp_gm(*bundle.example_inputs)), **speed}
+        if self.recipe.head_pipeline:
+            report["head"] = self.compile_head(out)
         if c.evaluate:
             report["quality"] = self.image_quality(fp_gm, gm, out, reduce_range)
         say("[4/4] writing report and plots")
         report["plots"] = write_plots(out, history, report["site_sqnr_db"], {n: s.kind for n, s in ctx.sites.items()})
         write_reports(out, report)
         return report
+
+    def head_inputs(self) -> tuple[list[tuple], int]:
+        """(the head's recorded input tuples, the denoising stride): MAR's diffusion head run along the
+        denoising chains of the calibration images, one denoising step in ``stride``. Computed once."""
+        from calib.capture import capture_head
+
+        if self._head_inputs is None:
+            c, bundle = self.config, self.load()
+            classes = self.calibrate().extra.get("classes")
+            if not classes:
+                raise UserError("quantizing the diffusion head needs self-generated calibration (no --calib-data)")
+            # about 10 denoising steps per iteration: all of MAR-B's 100 would hold some 160 MB per image
+            every = max(1, bundle.extra["head"].extra.get("calls_per_iteration", 1) // 10)
+            self.say(f"capturing the diffusion head's inputs (one denoising step in {every})")
+            self._head_inputs = (capture_head(bundle, classes=classes, seed=c.calibration.seed,
+                                              batch=c.calibration.batch, every=every, progress=self.progress), every)
+        return self._head_inputs
+
+    def quantized_head(self, pipeline: str, bits: str):
+        """The diffusion head fake-quantized by ``pipeline`` at ``bits`` on ``head_inputs``' even calls."""
+        if "head" not in self.load().extra:
+            raise UserError(f"a recipe's [head] quantizes MAR's diffusion head; the {self.load().family} family has none")
+        return quantize(self.load().extra["head"], pipeline, bits, self.head_inputs()[0][::2], progress=self.progress).gm
+
+    def compile_head(self, out: Path) -> dict:
+        """The recipe's ``[head]`` pipeline on the family's second graph (MAR's diffusion head), calibrated on
+        its inputs along the denoising chains of the calibration images (even calls; odd calls score it),
+        exported as ``head.onnx``, linted and run on onnxruntime. Returns the report's ``head`` section."""
+        import onnx
+
+        from backends.onnx_export import export_onnx, qdq_census
+        from backends.ort_runner import make_session, run
+        from backends.qdq_lint import lint
+        from compiler.report import fidelity
+        from core.numerics import max_abs_diff, min_sqnr_db, run_outputs
+        from passes.analysis import PreQDQSnapshot, site_sqnr
+
+        c, bundle = self.config, self.load()
+        head = bundle.extra["head"]
+        inputs, every = self.head_inputs()
+        self.say(f"quantizing the diffusion head: {self.recipe.head_pipeline}")
+        calib, held_out = inputs[::2], inputs[1::2] or inputs[:1]
+        pre_qdq = PreQDQSnapshot()
+        fp_gm, gm, ctx, pm = quantize(head, self.recipe.head_pipeline, self.bits, calib, instruments=[pre_qdq],
+                                      progress=self.progress)
+        # which of the head's linears hurts: its output with only that site quantized, on held-out steps
+        per_site = site_sqnr(fp_gm, pre_qdq.gm, ctx, held_out[:4], all_but_one=False, progress=self.progress) \
+            if pre_qdq.gm is not None and c.site_sqnr else {}
+        path = export_onnx(gm, head.example_inputs, out / "head.onnx", input_names=head.input_names,
+                           output_names=head.output_names, dynamic_shapes=head.extra.get("dynamic_shapes"))
+        proto = onnx.load(str(path), load_external_data=False)
+        census, lint_report = qdq_census(proto), lint(proto)
+        sess = make_session(path, "reference")
+        ref, got = run_outputs(gm, held_out[0]), [torch.as_tensor(g) for g in run(sess, held_out[0])]
+        section = {
+            "pipeline": str(pm), "bits": self.bits, "calibration_calls": len(calib), "held_out_calls": len(held_out),
+            "denoising_stride": every, "fidelity": fidelity(fp_gm, gm, held_out),
+            "site_sqnr_db": {k: v["only"] for k, v in per_site.items()},
+            "qparams": {k: v.describe() for k, v in sorted(ctx.qparams.items())},
+            "onnx": {"path": "head.onnx", "QuantizeLinear": census.get("QuantizeLinear", 0),
+                     "DequantizeLinear": census.get("DequantizeLinear", 0),
+                     "ort_reference_max_abs_diff": max_abs_diff(got, ref),
+                     "ort_reference_sqnr_db": min_sqnr_db([r.float() for r in ref], [g.float() for g in got]),
+                     "tensorrt_lint": {"ok": lint_report.ok, "int8_gemms": lint_report.quantized_gemms,
+                                       "violations": [str(v) for v in lint_report.violations]}},
+        }
+        self.say(f"  head: output SQNR vs FP {section['fidelity']['min_sqnr_db']:.1f} dB on held-out denoising steps, "
+                 f"{sum(lint_report.quantized_gemms.values())} int8 GEMMs in head.onnx, "
+                 f"onnxruntime vs torch max |diff| {section['onnx']['ort_reference_max_abs_diff']:.2e}")
+        return section
 
     def image_quality(self, fp_gm, gm, out: Path, reduce_range: bool) -> dict:
         """FP, the compiled model on its target and the ``compare`` recipes draw the same images;
@@ -439,14 +521,20 @@ class Compiler:
         c, bundle = self.config, self.load()
         recipe, bits = self.recipe, self.bits
         step, runs_on = self.target.compiled_step(out, gm, bundle, reduce_range)
+        head = None
+        if recipe.head_pipeline:  # the compiled head.onnx, on onnxruntime beside the compiled step
+            from backends.ort_runner import OrtStep
+
+            head = OrtStep(out / "head.onnx", "reference")
         rows = [quality.Row("FP", None, None, "torch fp32", None),
-                quality.Row(f"{recipe.name} {bits}, compiled", recipe.name, bits, runs_on, step)]
+                quality.Row(f"{recipe.name} {bits}, compiled", recipe.name, bits, runs_on, step, head)]
         for name, cmp_bits in c.compare:
             cmp_recipe = load_recipe(name)
             self.exclusions(cmp_recipe)  # says what the comparison keeps in full precision
             self.say(f"quantizing {name} {cmp_bits} for the comparison")
             cmp_gm = self.quantize(recipe=cmp_recipe, bits=cmp_bits, reduce_range=False, device="cpu").gm
-            rows.append(quality.Row(f"{name} {cmp_bits}", name, cmp_bits, "torch fake-quant", cmp_gm))
+            cmp_head = self.quantized_head(cmp_recipe.head_pipeline, cmp_bits) if cmp_recipe.head_pipeline else None
+            rows.append(quality.Row(f"{name} {cmp_bits}", name, cmp_bits, "torch fake-quant", cmp_gm, cmp_head))
         table, samples = quality.evaluate_rows(bundle, rows, c.evaluate, c.calibration.seed, self.progress)
         section = {"images": c.evaluate, "seed": c.calibration.seed, "rows": table,
                    "grids": quality.write_grids(out, samples, columns=bundle.extra["model"].config.num_classes)}

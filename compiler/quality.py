@@ -31,6 +31,7 @@ class Row:
     bits: str | None
     backend: str        # "torch fp32", "onnxruntime int8", "torch fake-quant"
     step: object        # the step callable the family driver runs (None: the eager FP model)
+    head: object = None  # MAR: the diffusion head callable (None: the FP head)
 
 
 def parse_compare(text: str) -> list[tuple[str, str]]:
@@ -53,12 +54,12 @@ def fixed_labels(num_classes: int, n: int) -> torch.Tensor:
     return torch.arange(n) % num_classes
 
 
-def draw(bundle, step, labels: torch.Tensor, seed: int, name: str):
+def draw(bundle, step, labels: torch.Tensor, seed: int, name: str, head=None):
     """Generate and decode ``labels`` with ``step``; returns ``evaluation.images.Samples``."""
     from evaluation.images import Samples, to_uint8
 
     with torch.no_grad():
-        tokens = bundle.extra["generate"](labels, seed, step=step)
+        tokens = bundle.extra["generate"](labels, seed, step=step, **({"head": head} if head is not None else {}))
         # one batch for every row: the rows pair image by image and decode the same way
         images = to_uint8(bundle.extra["tokenizer"].decode(tokens))
     return Samples(Path(name), images, labels.numpy(), tokens)
@@ -71,7 +72,8 @@ def score(fp, sample) -> dict:
     if not fp.is_mnist_size:
         return fidelity(fp, sample)
     r = evaluate(fp, sample, features="mnist", mnist=True, paired=sample is not fp)
-    keep = ("mnist_fid", "class_accuracy", "token_agreement", "psnr_db", "identical_images", "ssim")
+    keep = ("mnist_fid", "class_accuracy", "token_agreement", "token_cosine", "token_rel_mse", "psnr_db",
+            "identical_images", "ssim")
     return {k: r[k] for k in keep if k in r}
 
 
@@ -81,13 +83,14 @@ def evaluate_rows(bundle, rows: list[Row], n: int, seed: int, progress) -> tuple
     samples, table = {}, []
     for row in progress(rows, desc="generating and scoring", unit="model"):
         t0 = time.perf_counter()
-        samples[row.name] = draw(bundle, row.step, labels, seed, row.name)
+        samples[row.name] = draw(bundle, row.step, labels, seed, row.name, row.head)
         seconds = time.perf_counter() - t0
         fp = samples[rows[0].name]
         metrics = score(fp, samples[row.name])
         if row is rows[0]:  # fidelity of FP to itself is trivially perfect: leave it blank
             metrics = {k: v for k, v in metrics.items()
-                       if k not in ("token_agreement", "psnr_db", "identical_images", "ssim")}
+                       if k not in ("token_agreement", "token_cosine", "token_rel_mse", "psnr_db", "identical_images",
+                                    "ssim")}
         table.append({"name": row.name, "recipe": row.recipe, "bits": row.bits, "backend": row.backend,
                       "generation_s": seconds, **metrics})
     return table, samples
@@ -110,6 +113,7 @@ def write_grids(out: Path, samples: dict, columns: int) -> dict[str, str]:
 
 
 COLUMNS = (("model", "name", "{}"), ("runs on", "backend", "{}"), ("tokens = FP", "token_agreement", "{:.1%}"),
+           ("token cos vs FP", "token_cosine", "{:.4f}"), ("token rel. MSE", "token_rel_mse", "{:.2e}"),
            ("images = FP", "identical_images", "{:.0%}"), ("PSNR vs FP", "psnr_db", "{:.1f} dB"),
            ("MNIST-FID", "mnist_fid", "{:.1f}"), ("class accuracy", "class_accuracy", "{:.1%}"))
 

@@ -140,6 +140,18 @@ def render_markdown(r: dict) -> str:
                 f"int8 GEMMs: {', '.join(f'`{k}`' for k in o['tensorrt_lint']['int8_gemms']) or 'none'}; "
                 f"{o['tensorrt_lint']['float_gemms']} float GEMMs")]
         out += [f"- {v}" for v in o["tensorrt_lint"]["violations"]]
+    if "head" in r:  # the recipe's [head]: MAR's diffusion head as its own graph
+        h, ho = r["head"], r["head"]["onnx"]
+        out += ["", "## Diffusion head", "",
+                (f"`{h['pipeline']}` at {h['bits']}, calibrated on {h['calibration_calls']} head calls (one denoising "
+                 f"step in {h['denoising_stride']}); output SQNR vs FP {h['fidelity']['min_sqnr_db']:.1f} dB on "
+                 f"{h['held_out_calls']} held-out calls. `{ho['path']}`: TensorRT Q/DQ lint "
+                 f"{'passes' if ho['tensorrt_lint']['ok'] else 'FAILS'}, "
+                 f"{sum(ho['tensorrt_lint']['int8_gemms'].values())} int8 GEMMs; onnxruntime vs torch max |diff| "
+                 f"{ho['ort_reference_max_abs_diff']:.2e}."), ""]
+        if h["site_sqnr_db"]:
+            out += [_md_table(["head site", "SQNR alone (dB)"],
+                              [[f"`{k}`", f"{v:.1f}"] for k, v in sorted(h["site_sqnr_db"].items(), key=lambda kv: kv[1])])]
     out += ["", "## Passes", "", _md_table(
         ["#", "pass", "changed", "seconds", "probe SQNR vs previous (dB)", "dump"],
         [[p["index"], f"`{p['spec']}`", "skipped" if p.get("skipped") else ("yes" if p.get("modified") else "no"),

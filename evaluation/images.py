@@ -172,7 +172,10 @@ def fidelity(ref: Samples, sample: Samples) -> dict:
            "ssim": float(np.mean(metrics.ssim(ref.images, sample.images)))}
     if ref.tokens is not None and sample.tokens is not None:
         try:
-            out["token_agreement"] = metrics.token_agreement(ref.tokens, sample.tokens)
+            if isinstance(ref.tokens, torch.Tensor) and ref.tokens.is_floating_point():  # continuous (MAR)
+                out.update(metrics.continuous_token_fidelity(ref.tokens, sample.tokens))
+            else:
+                out["token_agreement"] = metrics.token_agreement(ref.tokens, sample.tokens)
         except ValueError as e:
             raise UserError(f"tokens of {ref.path} and {sample.path} do not pair up: {e}") from None
     if ref.logits is not None and sample.logits is not None:

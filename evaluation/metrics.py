@@ -200,6 +200,16 @@ def token_agreement(tokens_a, tokens_b) -> float:
     return float((a == b).double().mean())
 
 
+def continuous_token_fidelity(tokens_ref, tokens_test) -> dict:
+    """Continuous tokens ``[..., C]`` (MAR's latents): ``token_cosine``, the mean cosine similarity of
+    paired token vectors, and ``token_rel_mse``, the MSE relative to the reference's mean square."""
+    a, b = (torch.as_tensor(np.asarray(t), dtype=torch.float64) for t in (tokens_ref, tokens_test))
+    if a.shape != b.shape:
+        raise ValueError(f"token shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+    cos = torch.nn.functional.cosine_similarity(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), dim=-1)
+    return {"token_cosine": float(cos.mean()), "token_rel_mse": float(((a - b) ** 2).mean() / (a ** 2).mean())}
+
+
 def logit_kl(logits_ref, logits_test) -> float:
     """Mean over positions of ``KL(softmax(ref) || softmax(test))`` over the last (vocabulary) axis, nats."""
     p = torch.as_tensor(np.asarray(logits_ref), dtype=torch.float64).log_softmax(-1)

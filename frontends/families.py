@@ -29,7 +29,8 @@ def register_family(family: Family) -> Family:
     return family
 
 
-FAMILY_MODULES = ("frontends.var", "frontends.llamagen", "frontends.rar", "frontends.par", "frontends.infinity")
+FAMILY_MODULES = ("frontends.var", "frontends.llamagen", "frontends.rar", "frontends.par", "frontends.infinity",
+                  "frontends.mar")
 
 
 def _load_builtin_families() -> None:

@@ -36,7 +36,14 @@ def _rar(tmp):
     return [str(tmp / "rar.bin")]
 
 
-FAMILIES = {"var": _var, "llamagen": _llamagen, "par": lambda t: _llamagen(t, par=True), "rar": _rar}
+def _mar(tmp):
+    from frontends.mar import random_mar
+
+    torch.save({"model_ema": random_mar("tiny").state_dict()}, tmp / "mar.pth")  # main_mar.py's checkpoint layout
+    return [str(tmp / "mar.pth")]
+
+
+FAMILIES = {"var": _var, "llamagen": _llamagen, "par": lambda t: _llamagen(t, par=True), "rar": _rar, "mar": _mar}
 
 
 

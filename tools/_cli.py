@@ -91,7 +91,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-samples", type=int, metavar="N",
                    help="family models: generate N images to calibrate on (default 8); others: use at most N batches")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickled modules (runs code from the file)")
-    p.add_argument("--family", help="model family of a checkpoint (var, llamagen, rar, par, infinity), overriding detection")
+    p.add_argument("--family", help="model family of a checkpoint (var, llamagen, rar, par, infinity, mar), overriding detection")
     p.add_argument("--tokenizer", metavar="CKPT", help="the family's tokenizer checkpoint (e.g. vae_ch160v4096z32.pth)")
     p.add_argument("--text-encoder", metavar="DIR",
                    help="text-to-image families (Infinity): a local T5 encoder directory (tokenizer + weights); never downloaded")
@@ -113,6 +113,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resample", action="store_true",
                    help="resample the self-generated token maps per scale so code counts match the model's "
                         "predicted frequencies (Shift-and-Sum, VAR), then replay them teacher-forced; composes with --dgc")
+    p.add_argument("--calib-iterations", choices=("last", "all"),
+                   help="MAR: record the last iteration of each calibration generation (default, as PTQ4ARVG) or all")
     p.add_argument("--exclude", metavar="PATTERN", action="append", default=[],
                    help="keep these sites in full precision (repeatable): a module-path glob such as "
                         "'blocks.*.ada_lin.1' or 'head', or an op type 'op:linear' / 'op:matmul'; "
@@ -132,7 +134,8 @@ def compile_config(args: argparse.Namespace, **overrides):
     from frontends.t5_text import read_prompts
 
     calibration = CalibrationConfig(data=args.calib_data, samples=args.calib_samples, batch=args.calib_batch,
-                                    cache=args.calib_cache, seed=args.seed, dgc=args.dgc, resample=args.resample)
+                                    cache=args.calib_cache, seed=args.seed, dgc=args.dgc, resample=args.resample,
+                                    iterations=args.calib_iterations)
     exclude = [*args.exclude, *(p for f in args.exclude_file for p in read_exclude_file(f))]
     return CompileConfig(model=args.model, recipe=args.recipe, pipeline=args.pipeline, bits=args.bits,
                          calibration=calibration, exclude=exclude, default_exclude=not args.no_default_exclude,

@@ -209,6 +209,12 @@ def generate_batches(args, store: BatchStore, todo: list[tuple[int, range]], lab
     for part in ("model", "tokenizer"):
         bundle.extra[part].to(device)
     step, what = make_step(args, bundle, device)
+    graphs = {}  # a compiled second graph (MAR's diffusion head, a recipe's [head]) runs on onnxruntime
+    if args.quantized and (Path(args.quantized) / "head.onnx").is_file() and "head" in bundle.extra:
+        from backends.ort_runner import OrtStep
+
+        graphs["head"] = OrtStep(Path(args.quantized) / "head.onnx", args.ort_mode)
+        what += " + head.onnx on onnxruntime"
     say(f"generating {len(todo)} batches with {what} ({bundle.family}, {device})")
     for made, (k, idx) in enumerate(progress(todo, desc="generating", unit="batch")):
         if args.max_batches is not None and made >= args.max_batches:
@@ -217,7 +223,7 @@ def generate_batches(args, store: BatchStore, todo: list[tuple[int, range]], lab
         with torch.no_grad():
             batch_labels, seed = torch.tensor(labels[idx.start: idx.stop]), batch_seed(args.seed, idx.start)
             if job is None:
-                tokens = bundle.extra["generate"](batch_labels, seed, step=step)
+                tokens = bundle.extra["generate"](batch_labels, seed, step=step, **graphs)
             else:
                 tokens, input_tokens, keep = bundle.extra["edit"](
                     batch_labels, to_unit_images(job.inputs[idx.start: idx.stop]), job.box,

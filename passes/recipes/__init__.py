@@ -58,6 +58,7 @@ class Recipe:
     exclude: list[str] = field(default_factory=list)
     source: str = ""
     calibration: RecipeCalibration = field(default_factory=RecipeCalibration)
+    head_pipeline: str | None = None  # [head] pipeline: a family's second graph (MAR's diffusion head); None: FP
 
     @property
     def precision(self) -> Precision:
@@ -81,7 +82,7 @@ def load_recipe(name_or_path: str) -> Recipe:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"recipe {path} is not valid TOML: {e}") from None
-    unknown = set(data) - {"pipeline", "bits", "description", "exclude", "calibration"}
+    unknown = set(data) - {"pipeline", "bits", "description", "exclude", "calibration", "head"}
     if unknown:
         raise UserError(f"recipe {path}: unknown field(s) {', '.join(sorted(unknown))}")
     if "pipeline" not in data:
@@ -90,5 +91,10 @@ def load_recipe(name_or_path: str) -> Recipe:
     precision(bits, f"recipe {path}: bits")
     parse_pipeline(data["pipeline"])  # fail now, not halfway through a compile
     calibration = RecipeCalibration.parse(data.get("calibration", {}), f"recipe {path}")
+    head = data.get("head", {})
+    if not isinstance(head, dict) or set(head) - {"pipeline"} or ("pipeline" not in head and head):
+        raise UserError(f"recipe {path}: [head] must be a table with one field, pipeline")
+    if head:
+        parse_pipeline(head["pipeline"])
     return Recipe(path.stem, data["pipeline"], bits, data.get("description", ""), list(data.get("exclude", [])), str(path),
-                  calibration)
+                  calibration, head.get("pipeline"))
