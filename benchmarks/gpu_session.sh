@@ -29,6 +29,12 @@ case "$1" in
     timeout 200 python -m tools.bench --model var-d16 --steps all --batch 16 --pipeline "$P" --repeats 3 --warmup 1 \
       --backends torch-fp16-graphs,cuda-int8 --json "$OUT/var_d16_all.json" > "$OUT/var_d16_all.log" 2>&1
     grep -A4 "^workload" "$OUT/var_d16_all.log"; grep -i "error" "$OUT/var_d16_all.log" | tail -2 ;;
+  gputests)  # every test file with GPU-gated tests, and the generation tests that run on the GPU by default
+    timeout ${SUITE_S:-230} python -m pytest -v -p no:cacheprovider -n 12 -rfs -W ignore::Warning \
+      tests/test_cuda_kernels.py tests/test_cuda_lower.py tests/test_cuda_target.py tests/test_device.py \
+      tests/test_frontend_infinity.py tests/test_brecq.py tests/test_generate.py tests/test_generate_edit.py \
+      tests/test_frontend_mar.py tests/test_mar_tools.py tests/test_torch_int8.py > "$OUT/pytest_gpu.log" 2>&1
+    grep -E "FAILED|ERROR" "$OUT/pytest_gpu.log" | cut -c1-300 | tail -20; grep -E "passed|failed" "$OUT/pytest_gpu.log" | tail -2 ;;
   measure)  # the step at batch 64 and 16 with its profile (FP16 graphs, int8, fp8), then the GPU tests only
     timeout 380 python -m tools.bench --model var-d16 --batch 64,16 --pipeline "$P" --repeats 15 --warmup 3 --profile \
       --backends torch-fp16-graphs,cuda-int8,cuda-fp8 --json "$OUT/var_d16_last.json" > "$OUT/var_d16_last.log" 2>&1
