@@ -125,7 +125,7 @@ class Brecq(Pass):
                               for x, t in zip(data, targets)) / len(data)
         opt = torch.optim.Adam([r.v for r in rounded], lr=self.lr)
         for it in ctx.progress(range(self.iters), desc=f"brecq {name}", unit="it"):
-            i = int(torch.randint(len(data), (1,), generator=generator))
+            i = int(torch.randint(len(data), (1,), generator=generator, device="cpu"))  # a CPU draw under any default device
             loss = output_loss(block.run(data[i], [r.soft() for r in rounded]), targets[i])
             beta = beta_at(it, self.iters, self.warmup)
             if beta is not None:

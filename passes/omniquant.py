@@ -219,7 +219,7 @@ class OmniQuant(FoldingPass):
         if self.iters:
             opt = torch.optim.Adam(groups)
             for _ in ctx.progress(range(self.iters), desc=f"omniquant {name}", unit="it"):
-                i = int(torch.randint(len(data), (1,), generator=generator))
+                i = int(torch.randint(len(data), (1,), generator=generator, device="cpu"))  # a CPU draw under any default device
                 loss = output_loss(block.run(data[i], weights), targets[i])
                 opt.zero_grad()
                 loss.backward()

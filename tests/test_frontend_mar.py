@@ -135,8 +135,11 @@ def test_generate_is_deterministic_per_seed_and_batch_independent(model):
     again = generate(model, [1, 2, 3], seed=7, **kw)
     assert torch.equal(full, again)
     alone = generate(model, [2], seed=batch_seed(7, 1), **kw)  # image 1 of the batch, generated alone
-    assert torch.allclose(alone[0], full[1], atol=1e-5)
-    assert (generate(model, [1, 2, 3], seed=8, **kw) - full).abs().max() > 1e-2
+    # Relative to the tokens' scale: the random head's chain grows them to ~5e4, and a CPU whose GEMMs block a
+    # batch of 1 differently moves them by ~1e-7 of that (a batch-dependent draw or order would move them by O(1)).
+    scale = full[1].abs().max()
+    assert (alone[0] - full[1]).abs().max() <= 1e-5 * scale
+    assert (generate(model, [1, 2, 3], seed=8, **kw) - full).abs().max() > 1e-2 * full.abs().max()
     # every token was written (no zeros left), and the traced step and head give the same tokens
     assert (full.abs().sum(-1) > 0).all()
     gm = fx.symbolic_trace(MARStep(model).eval())
