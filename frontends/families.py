@@ -24,6 +24,29 @@ class Family:
 FAMILIES: dict[str, Family] = {}
 
 
+def meta_model(cls: Callable, cfg: Any):
+    """``cls(cfg)`` on the meta device: its parameter names and shapes, no memory, no init."""
+    import torch
+
+    with torch.device("meta"):
+        return cls(cfg)
+
+
+def layout(cls: Callable, cfg: Any) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape of ``cls(cfg)``: what a checkpoint of that configuration holds."""
+    return {k: tuple(v.shape) for k, v in meta_model(cls, cfg).state_dict().items()}
+
+
+def tensor_shape(state_dict: dict, key: str, family: str) -> tuple[int, ...]:
+    """The shape of a checkpoint tensor a family reads its configuration from, or a one-line error."""
+    import torch
+
+    value = state_dict.get(key)
+    if not isinstance(value, torch.Tensor):
+        raise UserError(f"{family} checkpoint has no tensor {key!r}: cannot infer its configuration")
+    return tuple(value.shape)
+
+
 def register_family(family: Family) -> Family:
     FAMILIES[family.name] = family
     return family

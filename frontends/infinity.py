@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.errors import UserError
-from frontends.families import Family, register_family
+from frontends.families import Family, layout, meta_model, register_family, tensor_shape
 from frontends.generic import ModelBundle, step_dynamic_shapes, strict_load
 from frontends.sampling import image_generators
 
@@ -542,21 +542,13 @@ DERIVED_KEYS = ("lvl_1L", "attn_bias_for_masking", "Infinity_visible_kvlen", "In
 _MARKER_KEYS = ("cfg_uncond", "text_proj_for_sos.ca.mat_q", "shared_ada_lin.1.weight", "block_chunks.0.module.0.ada_gss")
 
 
-def _meta(cfg: InfinityConfig) -> Infinity:
-    with torch.device("meta"):
-        return Infinity(cfg)
-
-
 @functools.cache
 def _layout(name: str) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in _meta(CONFIGS[name]).state_dict().items()}
+    return layout(Infinity, CONFIGS[name])
 
 
 def _shape(state_dict: dict, key: str) -> tuple[int, ...]:
-    value = state_dict.get(key)
-    if not isinstance(value, torch.Tensor):
-        raise UserError(f"Infinity checkpoint has no tensor {key!r}: cannot infer its configuration")
-    return tuple(value.shape)
+    return tensor_shape(state_dict, key, "Infinity")
 
 
 def config_from_state_dict(state_dict: dict, scales: int | None = None) -> InfinityConfig:
@@ -584,7 +576,7 @@ def detect(state_dict: dict) -> str | None:
 
 def load_infinity(state_dict: dict, cfg: InfinityConfig, source: str = "Infinity checkpoint") -> Infinity:
     """Build on the meta device and adopt the checkpoint's tensors (strict; UserError lists every mismatch)."""
-    model = _meta(cfg)
+    model = meta_model(Infinity, cfg)
     strict_load(model, {k: v for k, v in state_dict.items() if k not in DERIVED_KEYS}, source)
     return model.float().eval()
 

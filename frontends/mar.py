@@ -52,6 +52,7 @@ from core.errors import UserError
 from frontends.families import Family, register_family
 from frontends.generic import ModelBundle
 from frontends.maskgit_vq import count_indexed, load_strict
+from frontends.rar import Mlp  # timm's Mlp (fc1, erf GELU, fc2): the same module in both checkpoints
 from frontends.sampling import image_generators, on_device
 
 
@@ -143,16 +144,6 @@ class Attention(nn.Module):
             scores = scores + attn_mask
         out = torch.matmul(scores.softmax(-1), v)
         return self.proj(out.transpose(1, 2).flatten(2))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class Block(nn.Module):

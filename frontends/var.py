@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.errors import UserError
-from frontends.families import Family, register_family
+from frontends.families import Family, layout, meta_model, register_family, tensor_shape
 from frontends.generic import ModelBundle, step_dynamic_shapes, strict_load
 from frontends.sampling import image_generators
 from frontends.var_vqvae import VQVAE, MultiScaleQuantizer, VQVAEConfig, load_vqvae
@@ -475,21 +475,13 @@ def edit_images(model: VAR, vae: VQVAE, labels, images: torch.Tensor, box: tuple
 _MARKER_KEYS = ("pos_1LC", "lvl_1L", "blocks.0.ada_lin.1.weight", "blocks.0.attn.mat_qkv.weight")
 
 
-def _meta_var(cfg: VARConfig) -> VAR:
-    with torch.device("meta"):
-        return VAR(cfg)
-
-
 @functools.cache
 def _layout(name: str) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in _meta_var(CONFIGS[name]).state_dict().items()}
+    return layout(VAR, CONFIGS[name])
 
 
 def _shape(state_dict: dict, key: str) -> tuple[int, ...]:
-    value = state_dict.get(key)
-    if not isinstance(value, torch.Tensor):
-        raise UserError(f"VAR checkpoint has no tensor {key!r}: cannot infer its configuration")
-    return tuple(value.shape)
+    return tensor_shape(state_dict, key, "VAR")
 
 
 def config_from_state_dict(state_dict: dict) -> VARConfig:
@@ -524,7 +516,7 @@ def detect(state_dict: dict) -> str | None:
 
 def load_var(state_dict: dict, cfg: VARConfig, source: str = "VAR checkpoint") -> VAR:
     """Build on the meta device and adopt the checkpoint's tensors (strict; UserError lists every mismatch)."""
-    var = _meta_var(cfg)
+    var = meta_model(VAR, cfg)
     strict_load(var, state_dict, source)
     return var.float().eval()
 
