@@ -351,7 +351,7 @@ class Compiler:
         if blocked := self.target.precision_blocker(precision(self.bits)):  # the recipe's bits
             raise UserError(blocked)
         if c.evaluate and (bundle.family == "generic" or "generate" not in bundle.extra):
-            raise UserError("--evaluate needs a family model that generates images (VAR, LlamaGen, RAR, PAR)")
+            raise UserError("--evaluate needs a family model that generates images (VAR, LlamaGen, RAR, PAR, MAR)")
         if c.evaluate and "prompts" in bundle.extra:  # the quality rows draw class labels in turn
             raise UserError(f"--evaluate scores class-conditional families; {bundle.family} is text-to-image: "
                             f"compare images with tools.generate --prompt and tools.evaluate")

@@ -58,7 +58,7 @@ from tools._cli import main_wrapper
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tools.generate", description=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="family checkpoint (VAR, LlamaGen, RAR, PAR, Infinity), or builtin:mnist-var / builtin:mnist-gpt")
+    p.add_argument("model", help="family checkpoint (VAR, LlamaGen, RAR, PAR, MAR, Infinity), or builtin:mnist-var / builtin:mnist-gpt")
     p.add_argument("--tokenizer", metavar="CKPT",
                    help="the family's tokenizer checkpoint (decodes tokens); required for checkpoints")
     p.add_argument("--family", help="override detection from the checkpoint's keys")
