@@ -46,6 +46,7 @@ from core.errors import UserError
 from frontends.families import Family, layout, meta_model, register_family, tensor_shape
 from frontends.generic import ModelBundle, step_dynamic_shapes, strict_load
 from frontends.sampling import image_generators
+from frontends.var import AdaLNBeforeHead  # VAR's head norm: same names, same math (width, norm_eps)
 
 MAX_SCALE_MUL = math.log(100)  # clamp of the learnt attention temperature, as the official model
 ROPE_GRID = 2048 // 16  # the official RoPE grid: 128 x 128 positions (2048 px at stride 16)
@@ -270,18 +271,6 @@ class BlockChunk(nn.Module):
     def __init__(self, blocks):
         super().__init__()
         self.module = nn.ModuleList(blocks)
-
-
-class AdaLNBeforeHead(nn.Module):
-    def __init__(self, cfg: InfinityConfig):
-        super().__init__()
-        self.width = cfg.width
-        self.ln_wo_grad = nn.LayerNorm(cfg.width, eps=cfg.norm_eps, elementwise_affine=False)
-        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 2 * cfg.width))
-
-    def forward(self, x_BTC, cond_BD):
-        scale, shift = self.ada_lin(cond_BD).view(-1, 1, 2, self.width).unbind(2)
-        return self.ln_wo_grad(x_BTC) * (1 + scale) + shift
 
 
 class Infinity(nn.Module):

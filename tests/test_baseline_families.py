@@ -1,12 +1,9 @@
 """The issue-19 recipes quarot, svdquant, repq and dtwq on every family's tiny model: they compile to
 ONNX that onnxruntime runs like the torch fake-quant graph, and the TensorRT lint finds exactly what
 each recipe's docs say it cannot deploy (nothing for quarot and svdquant)."""
-import json
-
 import pytest
 
-from tests.test_family_compile import FAMILIES
-from tools.compile import main
+from tests.test_family_compile import FAMILIES, compile_family
 
 # recipe -> the lint rules its ONNX may break (and why): none, or its documented limits
 ALLOWED = {"quarot": set(), "svdquant": set(),
@@ -17,12 +14,7 @@ ALLOWED = {"quarot": set(), "svdquant": set(),
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("recipe", sorted(ALLOWED))
 def test_recipe_compiles_every_family_to_onnx(tmp_path, family, recipe):
-    args = FAMILIES[family](tmp_path)
-    out = tmp_path / "out"
-    rc = main([*args, "--recipe", recipe, "--out", str(out), "--calib-samples", "2",
-               "--calib-cache", str(tmp_path / "cache")])
-    assert rc == 0
-    r = json.loads((out / "report.json").read_text())
+    r = compile_family(tmp_path, family, recipe)
     o = r["onnx"]
     # as tests/test_family_compile.py: equal, except for a value on a rounding boundary
     assert o["ort_reference_max_abs_diff"] <= 1e-4 or o["ort_reference_sqnr_db"] >= 50, o

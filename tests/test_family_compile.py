@@ -47,15 +47,20 @@ FAMILIES = {"var": _var, "llamagen": _llamagen, "par": lambda t: _llamagen(t, pa
 
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("recipe", ["ptq4arvg", "smoothquant", "minmax"])
-def test_family_compiles_to_legal_onnx(tmp_path, family, recipe):
+def compile_family(tmp_path, family: str, recipe: str) -> dict:
+    """``tools.compile`` of the family's tiny checkpoint with ``recipe`` (2 calibration images); its report."""
     args = FAMILIES[family](tmp_path)
     out = tmp_path / "out"
     rc = main([*args, "--recipe", recipe, "--out", str(out), "--calib-samples", "2",
                "--calib-cache", str(tmp_path / "cache")])
     assert rc == 0
-    r = json.loads((out / "report.json").read_text())
+    return json.loads((out / "report.json").read_text())
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("recipe", ["ptq4arvg", "smoothquant", "minmax"])
+def test_family_compiles_to_legal_onnx(tmp_path, family, recipe):
+    r = compile_family(tmp_path, family, recipe)
     assert r["family"] == family  # detected from the checkpoint's keys
     assert "self-generated" in r["calibration"]["source"] and r["calibration"]["batches"] > 0
     assert r["onnx"]["tensorrt_lint"]["ok"], r["onnx"]["tensorrt_lint"]["violations"]
