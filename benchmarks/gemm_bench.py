@@ -83,27 +83,29 @@ def _compile_only():
 
 
 def _compile(job):
-    M, K, N, epilogue, dtype, config = job
+    M, K, N, epilogue, dtype, (kwargs, warps, stages) = job
     try:
-        kernels.qgemm(**operands(M, K, N, epilogue, DTYPES[dtype]), config=kernels.tile_config(*config))
+        config = triton.Config(kwargs, num_warps=warps, num_stages=stages)
+        kernels.qgemm(**operands(M, K, N, epilogue, DTYPES[dtype]), config=config)
     except Exception as e:  # noqa: BLE001 - too much shared memory etc.: the autotuner skips it too
         return error(e)
     return None
 
 
-def precompile():
+def precompile(shapes=None, configs=None):
     """The autotuner compiles its candidates one by one (threads don't help: compiling holds the GIL).
-    Compile each (epilogue, dtype, candidate) once in parallel processes; the tuner loads them from disk."""
+    Compile each (epilogue, dtype, candidate) once in parallel processes; the tuner loads them from disk.
+    ``shapes``: (M, K, N, epilogue) tuples (default: every GEMM of ``blocks()``); ``configs``: the candidates
+    (default: the autotuner's)."""
     jobs = {}
-    for _, M, gemms in blocks():
-        for _, K, N, epilogue in gemms:
-            args = {"M_BUCKET": triton.next_power_of_2(M), "K": K, "a_ptr": torch.empty(0, device="cuda")}
-            for c in kernels._prune(kernels.QGEMM_CONFIGS, args):
-                kw = c.kwargs
-                config = (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], c.num_warps, c.num_stages,
-                          kw["PERSISTENT"], kw["TMA"], kw["GROUP_M"])
-                for dtype in DTYPES:
-                    jobs.setdefault((M <= 256, epilogue, dtype, config), (M, K, N, epilogue, dtype, config))
+    shapes = shapes or [(M, K, N, epilogue) for _, M, gemms in blocks() for _, K, N, epilogue in gemms]
+    for M, K, N, epilogue in shapes:
+        args = {"M_BUCKET": triton.next_power_of_2(M), "K": K, "a_ptr": torch.empty(0, device="cuda")}
+        for c in kernels._prune(configs or kernels.QGEMM_CONFIGS, args):
+            config = (tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages)
+            for dtype in DTYPES:
+                jobs.setdefault((M <= 256, epilogue, dtype, config),
+                                (M, K, N, epilogue, dtype, (dict(config[0]), config[1], config[2])))
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(min(16, os.cpu_count()), mp_context=spawn, initializer=_compile_only) as pool:
         failed = [e for e in pool.map(_compile, jobs.values()) if e]

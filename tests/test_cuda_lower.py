@@ -274,10 +274,15 @@ def test_cuda_graphs_equal_eager(family):
     _, steps, _, q = compiled(family, "ptq4arvg")
     low, _ = lowered(q)
     eager, graphed = CudaStep(copy.deepcopy(low), cuda_graphs=False), CudaStep(low)
+    assert len(graphed.state) == 2  # the K and V caches, updated in place
+    caches = set()
     for inputs in steps + steps[::-1]:  # every signature captured once, replayed with other values
-        for a, b in zip(eager(*inputs), graphed(*inputs), strict=True):
-            torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3)
+        got = graphed(*inputs)
+        for a, b in zip(eager(*inputs), got, strict=True):
+            torch.testing.assert_close(b.float(), a, rtol=1e-3, atol=1e-3)
+        caches |= {got[j].data_ptr() for j in graphed.state.values()}
     assert len(graphed._graphs) == len({tuple(t.shape for t in inputs) for inputs in steps})
+    assert len(caches) == 2  # one buffer per cache, shared by every captured graph
 
 
 @gpu

@@ -94,16 +94,19 @@ def _qgemm_kernel(a_ptr, w_ptr, out_ptr, w_scale_ptr, colsum_ptr, a_scale_ptr, a
                   HAS_BIAS: tl.constexpr, HAS_GROUPS: tl.constexpr, GELU: tl.constexpr,
                   QUANT_OUT: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                  PERSISTENT: tl.constexpr, TMA: tl.constexpr, EVEN_K: tl.constexpr):
+                  PERSISTENT: tl.constexpr, TMA: tl.constexpr, EVEN_K: tl.constexpr, FLATTEN: tl.constexpr,
+                  WS_TILES: tl.constexpr, WS_K: tl.constexpr, OCCUPANCY: tl.constexpr):
     FP8: tl.constexpr = a_ptr.dtype.element_ty == tl.float8e4nv
     if TMA:  # Hopper's bulk tensor copies; out-of-range boxes read zeros, so no masks
         a_desc = tl.make_tensor_descriptor(a_ptr, [M, K], [K, 1], [BLOCK_M, BLOCK_K])
         w_desc = tl.make_tensor_descriptor(w_ptr, [N, K], [K, 1], [BLOCK_N, BLOCK_K])
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    # A plain launch has one program per tile (one trip); a persistent one strides over the tiles, and
-    # flattening lets the next tile's loads start under this tile's epilogue.
-    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, tl.num_programs(0), flatten=PERSISTENT):
+    # A plain launch has one program per tile (one trip); a persistent one (OCCUPANCY programs per SM) strides
+    # over the tiles. Flattening lets the next tile's loads start under this tile's epilogue; warp
+    # specialization (Hopper) gives loads, MMAs and the epilogue their own warps instead.
+    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, tl.num_programs(0), flatten=FLATTEN,
+                         warp_specialize=WS_TILES):
         # Grouped order: GROUP_M row blocks share each column block while it is in L2.
         group = tile // (GROUP_M * num_pid_n)
         group_m = min(num_pid_m - group * GROUP_M, GROUP_M)
@@ -119,7 +122,7 @@ def _qgemm_kernel(a_ptr, w_ptr, out_ptr, w_scale_ptr, colsum_ptr, a_scale_ptr, a
         a_ptrs = a_ptr + tl.where(row_ok, rows, 0).to(tl.int64)[:, None] * K + offs_k[None, :]
         w_ptrs = w_ptr + tl.where(col_ok, cols, 0).to(tl.int64)[None, :] * K + offs_k[:, None]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32 if FP8 else tl.int32)
-        for k in range(tl.cdiv(K, BLOCK_K)):
+        for k in tl.range(0, tl.cdiv(K, BLOCK_K), warp_specialize=WS_K):
             if TMA:
                 a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
                 b = w_desc.load([pid_n * BLOCK_N, k * BLOCK_K]).T
@@ -158,24 +161,32 @@ def _qgemm_kernel(a_ptr, w_ptr, out_ptr, w_scale_ptr, colsum_ptr, a_scale_ptr, a
         tl.store(out_ptrs, out, mask=row_ok[:, None] & col_ok[None, :])
 
 
-def tile_config(bm, bn, bk, warps, stages, persistent=False, tma=False, group_m=8) -> triton.Config:
-    """A ``qgemm`` tile: BLOCK_M x BLOCK_N x BLOCK_K, warps, pipeline stages, persistent grid, TMA loads."""
+def tile_config(bm, bn, bk, warps, stages, persistent=False, tma=False, group_m=8, ws=False, flatten=None,
+                occupancy=1) -> triton.Config:
+    """A ``qgemm`` tile: BLOCK_M x BLOCK_N x BLOCK_K, warps, pipeline stages, persistent grid (``occupancy``
+    programs per SM), TMA loads, warp specialization (of the tile loop when persistent, else of the K loop),
+    flattened tile loop (default: persistent without warp specialization)."""
+    flatten = persistent and not ws if flatten is None else flatten
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m,
-                          "PERSISTENT": persistent, "TMA": tma}, num_warps=warps, num_stages=stages)
+                          "PERSISTENT": persistent, "TMA": tma, "FLATTEN": flatten, "WS_TILES": ws and persistent,
+                          "WS_K": ws and not persistent, "OCCUPANCY": occupancy},
+                         num_warps=warps, num_stages=stages)
 
 
-# Candidates, small-M (decode) tiles first: the tiles that won a shape of benchmarks/gemm_bench.py on an H100
-# (out of 20; benchmarks/h100_gemm.json has every timing), close runners-up, and 128x128x64, which also fits
-# Ada's shared memory. Two 4-warp 128x128 programs share an SM, so one's epilogue overlaps the other's MMAs.
-# TMA tiles are pruned below sm90; tiles needing more shared memory than a GPU has fail to load, and the
-# autotuner skips them.
+# Candidates, small-M (decode) tiles first. Large M: benchmarks/qgemm_sweep.py timed 21 tiles on the VAR-d16
+# GEMMs (H100, benchmarks/h100_qgemm_sweep.json). The winner on all four is a 4-warp 128x128x128 tile, persistent
+# with TMA loads and two programs per SM (96 kB of shared memory each): one program's epilogue overlaps the
+# other's MMAs, 1.35x cuBLAS FP16 over the four against 1.22x for the same tile launched plainly. Warp
+# specialization (Triton 3.6 on Hopper) measured slower. The plain and non-TMA tiles stay for sm80/sm89,
+# where TMA tiles are pruned and tiles needing more shared memory than the GPU has fail to load (the
+# autotuner skips them).
 QGEMM_CONFIGS = [
     tile_config(64, 64, 256, 4, 3), tile_config(64, 64, 128, 4, 4), tile_config(64, 128, 128, 4, 4),
     tile_config(32, 64, 128, 4, 4),
-    tile_config(128, 128, 128, 4, 3), tile_config(128, 128, 128, 4, 3, tma=True),
+    tile_config(128, 128, 128, 4, 3, persistent=True, tma=True, occupancy=2),
+    tile_config(128, 128, 128, 4, 3, persistent=True, occupancy=2), tile_config(128, 128, 128, 4, 3),
     tile_config(128, 128, 64, 4, 4), tile_config(256, 128, 128, 8, 3),
-    tile_config(128, 256, 128, 8, 3, persistent=True, tma=True),
-    tile_config(256, 128, 128, 8, 3, persistent=True, tma=True),
+    tile_config(128, 256, 128, 8, 4, persistent=True, tma=True),
 ]
 # The interpreter runs one small tile: tests need no tuning and stay fast.
 _INTERPRET_CONFIG = tile_config(32, 32, 32, 4, 1)
@@ -230,7 +241,7 @@ def qgemm(a, w, w_scale, colsum, a_scale, a_zero, bias=None, *, groups=None, tok
 
     def grid(meta):
         tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
-        return (min(tiles, sms) if meta["PERSISTENT"] else tiles,)
+        return (min(tiles, sms * meta["OCCUPANCY"]) if meta["PERSISTENT"] else tiles,)
 
     if a.data_ptr() % 16 or w.data_ptr() % 16:  # TMA needs 16-byte aligned bases (fresh allocations are)
         a, w = a.clone(), w.clone()

@@ -3,16 +3,18 @@
 ``step = CudaStep(lowered_gm)`` takes and returns what the traced step module does
 (``frontends/var.py``'s ``sample_tokens(model, labels, step=step)``, the LlamaGen/PAR/RAR
 ``generate(..., step=step)``, ``tools.generate``): floating inputs arrive in float32 on any device
-and run in fp16 on the GPU; floating outputs come back as float32 on the step's device. Every
-output is a fresh tensor.
+and run in fp16 on the GPU; floating outputs come back as float32 on the step's device, as fresh
+tensors, except the KV caches on CUDA (below).
 
 With ``cuda_graphs=True`` (the default on CUDA) each distinct input signature (shapes and
 dtypes: one per VAR scale; LlamaGen's prefill and its decode step) is captured once, after a
 warm-up on a side stream (which also compiles and autotunes the Triton kernels), into a CUDA
 graph with static input buffers; a call copies its inputs into them and replays. All graphs share
 one memory pool: they never run concurrently and each replay's outputs are copied out before the
-next. Each graph keeps its own static inputs and outputs, so a VAR step holds its KV caches
-twice per scale. Off CUDA the graph runs eagerly (in float32 unless ``dtype`` says otherwise).
+next. The KV caches are updated in place (``kv_cache.in_place_caches``): each cache lives in one
+buffer, in the run dtype, shared by every graph, and is returned as the cache output; passing it
+back (as the samplers do) costs no copy, and the next call overwrites it. Off CUDA the graph runs
+eagerly (in float32 unless ``dtype`` says otherwise) and stays functional.
 ``compile=True`` (CUDA) runs the graph through torch.compile first, so the float ops between the kernels
 fuse as they do in a compiled FP16 model; the kernels stay opaque operators.
 """
@@ -24,6 +26,7 @@ import torch
 from torch import fx
 from torch.utils._pytree import tree_map
 
+from backends.cuda.kv_cache import in_place_caches
 from backends.cuda.lower import to_device
 
 WARMUP_RUNS = 3
@@ -48,6 +51,9 @@ class CudaStep:
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.gm = to_device(gm, self.device, self.dtype).eval()
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        # {input index: output index} of the KV caches, updated in place and kept in self._state
+        self.state = in_place_caches(self.gm) if self.cuda_graphs else {}
+        self._state: dict[tuple, torch.Tensor] = {}  # (input index, shape) -> the cache's buffer
         self.float_outputs = float_outputs  # False: outputs stay in the run dtype (a bench times the step alone)
         # compile: inductor fuses the float ops between the kernels (they are opaque operators to it)
         self.run = self.gm
@@ -64,9 +70,11 @@ class CudaStep:
         return t.to(self.device, self.dtype if t.is_floating_point() else t.dtype)
 
     def _returned(self, outputs):
-        """Float32 copies of floating outputs (with ``float_outputs``), clones of the others."""
-        return tree_map(lambda t: t.float() if self.float_outputs and t.is_floating_point() and t.dtype != torch.float32
-                        else t.clone(), outputs)
+        """Float32 copies of floating outputs (with ``float_outputs``), clones of the others; the caches as
+        they are."""
+        state = {id(t) for t in self._state.values()}
+        return tree_map(lambda t: t if id(t) in state else t.float() if self.float_outputs and t.is_floating_point()
+                        and t.dtype != torch.float32 else t.clone(), outputs)
 
     @torch.no_grad()
     def __call__(self, *inputs):
@@ -78,13 +86,26 @@ class CudaStep:
         if captured is None:
             captured = self._graphs[key] = self._capture(inputs)
         for static, t in zip(captured.inputs, inputs):
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and t is not static:
                 static.copy_(t)  # converts to the static buffer's device and dtype
         captured.graph.replay()
         return self._returned(captured.outputs)
 
+    def _static(self, i: int, t):
+        """The static buffer of input ``i``: a copy, or for a cache the one buffer all graphs share."""
+        if not isinstance(t, torch.Tensor):
+            return t
+        if i not in self.state:
+            return self._convert(t).clone()
+        buf = self._state.get((i, tuple(t.shape)))
+        if buf is None:
+            buf = self._state[i, tuple(t.shape)] = self._convert(t).clone()
+        elif t is not buf:
+            buf.copy_(t)
+        return buf
+
     def _capture(self, inputs) -> _Captured:
-        static = [t.clone() if isinstance(t, torch.Tensor) else t for t in map(self._convert, inputs)]
+        static = [self._static(i, t) for i, t in enumerate(inputs)]
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -97,3 +118,18 @@ class CudaStep:
         with torch.cuda.graph(graph, pool=self._pool):
             outputs = self.run(*static)
         return _Captured(graph, static, outputs)
+
+
+def chained(step: CudaStep):
+    """``step`` called as a sampler calls it, for a benchmark that repeats one input: a cache input that is
+    the same tensor as last call's is replaced by the cache that call returned (no copy, as in a
+    generation); any other input goes in as given."""
+    last: dict[int, tuple] = {}  # input index -> (the tensor given last call, the cache it returned)
+
+    def run(inputs):
+        args = [last[i][1] if i in last and last[i][0] is t else t for i, t in enumerate(inputs)]
+        outputs = step(*args)
+        last.update({i: (inputs[i], outputs[j]) for i, j in step.state.items()})
+        return outputs
+
+    return run

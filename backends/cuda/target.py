@@ -10,7 +10,8 @@ graphs (``CudaStep``); off CUDA the same graph runs on the torch reference of ev
 
 Runners (``tools.bench``): cuda-int8 and cuda-fp8 (the lowered graph through torch.compile, which fuses
 the float ops between the kernels, then CUDA graphs), cuda-int8-eager (CUDA graphs only), and the fair
-FP16 baseline torch-fp16-graphs (torch.compile with CUDA graphs).
+FP16 baseline torch-fp16-graphs (the FP16 graph through the same ``CudaStep``: torch.compile, CUDA graphs,
+KV caches in place). Each passes the returned caches back, as a sampler does.
 """
 from __future__ import annotations
 
@@ -99,7 +100,7 @@ class CudaFp8Target(_CudaTarget):
 
 def _lowered_step(name: str, fmt: str, compile_: bool = True):
     def prepare(fp_gm, q_gm, workdir, bundle) -> Runner:
-        from backends.cuda.runner import CudaStep
+        from backends.cuda.runner import CudaStep, chained
         from backends.torch_target import lowered
 
         if not torch.cuda.is_available():
@@ -107,8 +108,8 @@ def _lowered_step(name: str, fmt: str, compile_: bool = True):
         gm = lowered(q_gm, "fuse-attention,lower-cuda" + ("{format=fp8}" if fmt == "fp8" else ""))
         step = CudaStep(gm, compile=compile_, float_outputs=False)  # fp16 out, as the FP16 runners
         how = "torch.compile + CUDA graphs" if compile_ else "CUDA graphs, float ops eager"
-        return Runner(name, lambda x: step(*x), converter("cuda", torch.float16), module_bytes(step.gm), "cuda",
-                      torch.float16, note=f"{fmt} Triton kernels, {how}")
+        return Runner(name, chained(step), converter("cuda", torch.float16), module_bytes(step.gm), "cuda",
+                      torch.float16, note=f"{fmt} Triton kernels, {how}, KV in place")
     return prepare
 
 
@@ -120,17 +121,13 @@ register_runner("cuda-fp8", target="cuda-fp8", quantized=True, needs_cuda=True)(
 
 @register_runner("torch-fp16-graphs", target="torch", quantized=False, needs_cuda=True)
 def _fp16_graphs(fp_gm, q_gm, workdir, bundle) -> Runner:
-    """The fair FP16 baseline of the CUDA runners: torch.compile (inductor fusions) with CUDA graphs."""
-    from backends.torch_target import compiled, lowered
+    """The fair FP16 baseline of the CUDA runners: the FP16 graph through the same ``CudaStep`` (torch.compile's
+    fusions, CUDA graphs, KV caches in place)."""
+    from backends.cuda.runner import CudaStep, chained
+    from backends.torch_target import lowered
 
     if not torch.cuda.is_available():
         raise UserError("backend torch-fp16-graphs needs CUDA")
-    m = lowered(fp_gm, "fuse-attention").to("cuda").half()
-    f = compiled(m, "reduce-overhead")
-
-    def run(x):
-        out = f(*x)
-        return torch.utils._pytree.tree_map(lambda t: t.clone(), out)  # CUDA-graph outputs are overwritten next call
-
-    return Runner("torch-fp16-graphs", run, converter("cuda", torch.float16), module_bytes(m), "cuda", torch.float16,
-                  note="torch.compile, CUDA graphs")
+    step = CudaStep(lowered(fp_gm, "fuse-attention"), compile=True, float_outputs=False)
+    return Runner("torch-fp16-graphs", chained(step), converter("cuda", torch.float16), module_bytes(step.gm), "cuda",
+                  torch.float16, note="torch.compile, CUDA graphs, KV in place")

@@ -1,0 +1,118 @@
+"""Every candidate ``qgemm`` tile on the VAR-d16 block GEMMs, to choose ``kernels.QGEMM_CONFIGS``.
+
+    python benchmarks/qgemm_sweep.py [--json FILE] [--dtypes int8,fp8]
+
+Per GEMM (last VAR-d16 scale, batch 64 with CFG: M = 32768) and dtype: cuBLAS FP16 (the 1.0x baseline), every
+tile of ``CANDIDATES`` with the epilogue as lowered (``gemm_bench.operands``), the best tile again without
+the epilogue (no groups, zero point, bias: what the epilogue costs), and FP8 ``torch._scaled_mm`` row-wise
+with and without bias. Candidates that fail to compile or run (shared memory, an unsupported warp
+specialization) are reported with their error. Times: ``triton.testing.do_bench`` medians.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+from triton.testing import do_bench
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from backends.cuda import kernels  # noqa: E402
+from gemm_bench import DTYPES, error, operands, precompile  # noqa: E402
+
+T = kernels.tile_config
+CANDIDATES = [
+    T(128, 128, 128, 4, 3), T(128, 128, 128, 4, 4), T(128, 128, 64, 4, 5), T(128, 128, 64, 4, 6),
+    T(64, 256, 128, 4, 3), T(128, 128, 128, 4, 3, group_m=16),
+    T(128, 256, 128, 8, 3), T(128, 256, 128, 8, 4), T(256, 128, 128, 8, 3), T(256, 128, 128, 8, 4),
+    T(128, 256, 64, 8, 5), T(128, 256, 64, 8, 5, tma=True),
+    T(128, 128, 128, 4, 3, persistent=True, occupancy=2), T(128, 128, 128, 4, 3, persistent=True, tma=True,
+                                                              occupancy=2),
+    T(128, 256, 128, 8, 3, persistent=True, tma=True), T(128, 256, 128, 8, 4, persistent=True, tma=True),
+    T(128, 256, 128, 8, 3, tma=True, ws=True), T(128, 256, 128, 8, 3, persistent=True, tma=True, ws=True),
+    T(128, 128, 128, 4, 3, persistent=True, tma=True, ws=True, occupancy=2),
+    T(256, 128, 128, 8, 3, persistent=True, tma=True, ws=True), T(128, 128, 128, 8, 4, tma=True, ws=True),
+]
+WIDTH = 1024
+SHAPES = [(32768, WIDTH, 3 * WIDTH, "bias", "qkv"), (32768, WIDTH, WIDTH, "bias", "proj"),
+          (32768, WIDTH, 4 * WIDTH, "bias+gelu+quant", "fc1"), (32768, 4 * WIDTH, WIDTH, "bias", "fc2")]
+
+
+def bench(fn):
+    return do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+
+def describe(c) -> str:
+    kw = c.kwargs
+    flags = "".join(f for f, on in (("P", kw["PERSISTENT"]), ("T", kw["TMA"]), ("W", kw["WS_TILES"] or kw["WS_K"]),
+                                    ("F", kw["FLATTEN"])) if on)
+    return (f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{c.num_warps} s{c.num_stages} g{kw['GROUP_M']}"
+            f" o{kw['OCCUPANCY']} {flags or '-'}")
+
+
+def timed(fn):
+    try:
+        return {"ms": bench(fn)}
+    except Exception as e:  # noqa: BLE001 - a candidate that cannot run here is reported, not fatal
+        return {"error": error(e)}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json")
+    p.add_argument("--dtypes", default="int8,fp8")
+    args = p.parse_args()
+    dtypes = args.dtypes.split(",")
+    precompile([s[:4] for s in SHAPES], CANDIDATES)
+    report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": []}
+    totals = {}
+    for M, K, N, epilogue, name in SHAPES:
+        x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+        w = torch.randn(N, K, device="cuda", dtype=torch.float16)
+        bias = torch.randn(N, device="cuda", dtype=torch.float16)
+        base = bench(lambda: torch.nn.functional.linear(x, w, bias))
+        row = {"gemm": name, "M": M, "K": K, "N": N, "epilogue": epilogue, "cublas_fp16_bias_ms": base}
+        f8 = operands(M, K, N, epilogue, torch.float8_e4m3fn)
+        sa, sb = torch.rand(M, 1, device="cuda"), torch.rand(1, N, device="cuda")
+        for label, kw in (("scaled_mm_bf16", {"out_dtype": torch.bfloat16}),
+                          ("scaled_mm_bf16_bias", {"out_dtype": torch.bfloat16, "bias": bias.bfloat16()}),
+                          ("scaled_mm_fp16", {"out_dtype": torch.float16})):
+            row[label] = timed(lambda: torch._scaled_mm(f8["a"], f8["w"].t(), scale_a=sa, scale_b=sb, **kw))
+        for dtype in dtypes:
+            ops = operands(M, K, N, epilogue, DTYPES[dtype])
+            results = []
+            for c in CANDIDATES:
+                r = timed(lambda: kernels.qgemm(**ops, config=c))
+                results.append({"tile": describe(c), **r})
+            ok = [r for r in results if "ms" in r]
+            best = min(ok, key=lambda r: r["ms"]) if ok else None
+            if best:
+                c = CANDIDATES[[describe(c) for c in CANDIDATES].index(best["tile"])]
+                bare = {k: v for k, v in ops.items() if k not in ("groups", "bias", "out_inv_scale", "out_zero")}
+                bare.update(a_zero=torch.zeros_like(ops["a_zero"]), gelu=False)
+                row[f"{dtype}_bare_best_tile"] = timed(lambda: kernels.qgemm(**bare, config=c))
+                totals.setdefault(dtype, 0.0)
+                totals[dtype] += best["ms"]
+            row[dtype] = results
+            print(f"{name} {dtype}: cuBLAS fp16+bias {base:.4f} ms", flush=True)
+            for r in sorted(ok, key=lambda r: r["ms"])[:6]:
+                print(f"   {r['tile']:40s} {r['ms']:.4f} ms  {base / r['ms']:.2f}x", flush=True)
+            for r in results:
+                if "error" in r:
+                    print(f"   {r['tile']:40s} {r['error'][:120]}", flush=True)
+            print(f"   bare (best tile): {row.get(f'{dtype}_bare_best_tile')}", flush=True)
+        print(f"   scaled_mm: " + " ".join(f"{k}={row[k]}" for k in row if k.startswith("scaled_mm")), flush=True)
+        totals["fp16"] = totals.get("fp16", 0.0) + base
+        report["shapes"].append(row)
+    report["totals_ms"] = totals
+    print("four GEMMs:", {k: f"{v:.3f} ms ({totals['fp16'] / v:.2f}x)" for k, v in totals.items()})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
