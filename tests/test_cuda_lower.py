@@ -283,6 +283,11 @@ def test_cuda_graphs_equal_eager(family):
         caches |= {got[j].data_ptr() for j in graphed.state.values()}
     assert len(graphed._graphs) == len({tuple(t.shape for t in inputs) for inputs in steps})
     assert len(caches) == 2  # one buffer per cache, shared by every captured graph
+    visible = [c.visible for c in graphed._graphs.values()]
+    if family == "var":  # every scale attends to its visible prefix, without the mask
+        assert None not in visible
+    else:  # decode steps share a signature but not a mask: recaptured with the mask
+        assert None in visible
 
 
 @gpu

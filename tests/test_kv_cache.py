@@ -1,12 +1,13 @@
-"""KV caches updated in place (``backends/cuda/kv_cache.py``): the rewritten step returns what the functional
+"""KV caches (``backends/cuda/kv_cache.py``) updated in place: the rewritten step returns what the functional
 one returns, writes it into its cache inputs, returns those very tensors, and stays in place through
-torch.compile (no copy of a cache)."""
+torch.compile (no copy of a cache); attended over their visible prefix: equal to the masked attention."""
 import copy
 
 import pytest
 import torch
 
-from backends.cuda.kv_cache import in_place_caches, kv_write
+from backends.cuda.kv_cache import (cached_attention, in_place_caches, kv_write, visible_keys, visible_prefix,
+                                     visible_prefix_attention)
 from tests.test_cuda_lower import FAMILIES, compiled, lowered, outputs
 
 
@@ -68,3 +69,51 @@ def test_other_graphs_are_left_alone():
     before = gm.code
     assert in_place_caches(gm) == {}
     assert gm.code == before
+
+
+# ------------------------------------------------------------------------- attention over the visible prefix
+
+def test_visible_prefix_of_masks():
+    inf = float("-inf")
+    prefix = torch.tensor([[0.0, 0.0, inf, inf]] * 3)
+    assert visible_prefix(prefix) == 2
+    assert visible_prefix(torch.zeros(2, 5)) == 5  # every key visible (VAR's last scale)
+    assert visible_prefix(torch.tensor([[0.0, inf], [0.0, 0.0]])) is None  # causal: rows differ
+    assert visible_prefix(torch.tensor([[0.0, inf, 0.0]])) is None  # a hole
+    assert visible_prefix(torch.tensor([[inf, inf]])) is None
+    assert visible_prefix(torch.tensor([[0.0, -1.0]])) is None  # a bias, not a mask
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefix_attention_equals_the_masked_step(family):
+    """Every recorded step (VAR scales, LlamaGen prefill/decode), its mask read as ``CudaStep`` reads it."""
+    _, steps, _, q = compiled(family, "ptq4arvg")
+    low, _ = lowered(q)
+    ref_gm = copy.deepcopy(low)
+    in_place_caches(low)
+    mask = visible_prefix_attention(low)
+    assert mask is not None and sum(n.target is cached_attention for n in low.graph.nodes) > 0
+    prefixes = set()
+    for inputs in steps[:6]:
+        n = visible_prefix(inputs[mask])
+        prefixes.add(n)
+        with torch.no_grad(), visible_keys(n):
+            got = low(*_clone(inputs))
+        for a, b in zip(outputs(ref_gm, inputs), got, strict=True):
+            torch.testing.assert_close(b.float(), a, rtol=1e-5, atol=1e-5)
+    if family in ("var", "mnist-var"):
+        assert None not in prefixes and len(prefixes) > 1  # every scale's mask is a prefix, of its own length
+
+
+def test_the_visible_count_is_read_when_the_compiled_graph_runs():
+    """torch.compile does not trace into ``cached_attention``: the count in force at run time decides."""
+    q, k, v = torch.randn(3, 1, 2, 4, 8).unbind(0)
+    mask = torch.randn(4, 4)  # not a prefix mask: the two readings differ
+    f = torch.compile(lambda q, k, v, m: cached_attention(q, k, v, m, None))
+    with visible_keys(None):
+        masked = f(q, k, v, mask)
+    with visible_keys(3):
+        prefix = f(q, k, v, mask)
+    torch.testing.assert_close(masked, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    torch.testing.assert_close(prefix, torch.nn.functional.scaled_dot_product_attention(q, k[..., :3, :], v[..., :3, :]))
+    assert not torch.allclose(masked, prefix)

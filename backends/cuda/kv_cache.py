@@ -1,4 +1,5 @@
-"""KV caches updated in place on the GPU, instead of rebuilt by every step.
+"""KV caches on the GPU: updated in place instead of rebuilt by every step, and attended over their visible
+prefix instead of through a mask.
 
 The traced step is functional, as ONNX needs it: block ``i`` writes its new keys with
 ``k_cache[i].index_copy(2, positions, k)`` and the step returns ``torch.stack`` of the updated
@@ -9,12 +10,23 @@ of its inputs into static buffers): 11.5 of 51 ms of a VAR-d16 step at batch 64 
 torch.compile keeps in place on the graph input) and returns the input itself as the output. It
 returns ``{input index: output index}`` of the caches it rewrote, so that ``CudaStep`` keeps each cache
 in one buffer that the caller passes back: a step then writes only its own tokens' rows.
+
+The caches are fixed-size (the whole sequence), and an additive mask hides the rows not yet written. A
+VAR/Infinity step's mask is the same for every query row: the first ``n`` keys visible, the rest ``-inf``
+(all keys at the last scale). SDPA with that mask took 0.44 ms a block at VAR-d16 batch 64 on an H100
+against 0.29 ms for the same shape without one. ``visible_prefix_attention(gm)`` makes every SDPA over
+the caches a ``cached_attention`` call, which attends to the first ``n`` keys without a mask when
+``CudaStep`` captures the graph of a signature whose mask ``visible_prefix`` finds to be such a prefix
+(``n`` is read at capture: a CUDA graph replays the kernels it recorded), and with the mask otherwise.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import operator
 
 import torch
+import torch.nn.functional as F
 from torch import fx
 
 Tensor = torch.Tensor
@@ -93,3 +105,77 @@ def in_place_caches(gm: fx.GraphModule) -> dict[int, int]:
         g.eliminate_dead_code()
         gm.recompile()
     return state
+
+
+# The visible key count of the signature being captured, or None: attend with the mask.
+_VISIBLE: contextvars.ContextVar[int | None] = contextvars.ContextVar("visible_keys", default=None)
+
+
+@contextlib.contextmanager
+def visible_keys(n: int | None):
+    """Within: ``cached_attention`` attends to the first ``n`` keys without its mask (``None``: with it)."""
+    token = _VISIBLE.set(n)
+    try:
+        yield
+    finally:
+        _VISIBLE.reset(token)
+
+
+@torch.library.custom_op("arvgq_cuda::cached_attention", mutates_args=())
+def cached_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None) -> Tensor:
+    """``F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)``; under ``visible_keys(n)``
+    the same over the first ``n`` keys, without the mask (equal when the mask is that prefix)."""
+    n = _VISIBLE.get()
+    if n is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return F.scaled_dot_product_attention(q, k[..., :n, :], v[..., :n, :], scale=scale)
+
+
+@cached_attention.register_fake
+def _(q, k, v, mask, scale):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+cached_attention = torch.ops.arvgq_cuda.cached_attention.default
+
+
+def visible_prefix_attention(gm: fx.GraphModule) -> int | None:
+    """Rewrite every SDPA over a cache input (``P[i]``) with one mask input into ``cached_attention``; returns
+    that mask's input index, or None (and leaves ``gm`` as it was) unless every such SDPA reads the same
+    mask input and takes no other options."""
+    g = gm.graph
+    placeholders = [n for n in g.nodes if n.op == "placeholder"]
+
+    def cache_view(n) -> bool:
+        return (isinstance(n, fx.Node) and n.op == "call_function" and n.target is operator.getitem
+                and isinstance(n.args[0], fx.Node) and n.args[0].op == "placeholder")
+
+    found = [n for n in g.nodes if n.op == "call_function" and n.target is F.scaled_dot_product_attention]
+    masks = {n.kwargs.get("attn_mask") for n in found}
+    if not found or len(masks) != 1 or not all(
+            len(n.args) == 3 and set(n.kwargs) <= {"attn_mask", "scale"} and cache_view(n.args[1])
+            and cache_view(n.args[2]) for n in found):
+        return None
+    mask = masks.pop()
+    if not (isinstance(mask, fx.Node) and mask.op == "placeholder"):
+        return None
+    for n in found:
+        scale = n.kwargs.get("scale")
+        with g.inserting_before(n):
+            new = g.call_function(cached_attention, (*n.args, mask, None if scale is None else float(scale)))
+        new.meta.update(n.meta)
+        n.replace_all_uses_with(new)
+        g.erase_node(n)
+    gm.recompile()
+    return placeholders.index(mask)
+
+
+def visible_prefix(mask: torch.Tensor) -> int | None:
+    """``n`` when every row of ``mask [..., L]`` is ``0`` on its first ``n`` keys and ``-inf`` on the rest
+    (``0 < n <= L``), else None."""
+    rows = mask.reshape(-1, mask.shape[-1])
+    row = rows[0]
+    n = int((row == 0).sum())
+    if n == 0 or not bool((rows == row).all()) or not bool((row[:n] == 0).all()):
+        return None
+    return n if bool((row[n:] == float("-inf")).all()) else None

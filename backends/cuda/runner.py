@@ -13,8 +13,11 @@ graph with static input buffers; a call copies its inputs into them and replays.
 one memory pool: they never run concurrently and each replay's outputs are copied out before the
 next. The KV caches are updated in place (``kv_cache.in_place_caches``): each cache lives in one
 buffer, in the run dtype, shared by every graph, and is returned as the cache output; passing it
-back (as the samplers do) costs no copy, and the next call overwrites it. Off CUDA the graph runs
-eagerly (in float32 unless ``dtype`` says otherwise) and stays functional.
+back (as the samplers do) costs no copy, and the next call overwrites it. Attention over the caches
+reads only their visible prefix when a signature's mask hides the same trailing keys from every query
+(VAR, Infinity: ``kv_cache.visible_prefix_attention``); a later call of that signature with another mask
+(a LlamaGen decode position) recaptures it with the mask. Off CUDA the graph runs eagerly (in float32
+unless ``dtype`` says otherwise) and stays functional.
 ``compile=True`` (CUDA) runs the graph through torch.compile first, so the float ops between the kernels
 fuse as they do in a compiled FP16 model; the kernels stay opaque operators.
 """
@@ -26,7 +29,7 @@ import torch
 from torch import fx
 from torch.utils._pytree import tree_map
 
-from backends.cuda.kv_cache import in_place_caches
+from backends.cuda.kv_cache import in_place_caches, visible_keys, visible_prefix, visible_prefix_attention
 from backends.cuda.lower import to_device
 
 WARMUP_RUNS = 3
@@ -37,6 +40,14 @@ class _Captured:
     graph: torch.cuda.CUDAGraph
     inputs: list
     outputs: object
+    visible: int | None = None  # keys attended without the mask, read at capture
+    mask: torch.Tensor | None = None  # the mask it was captured with (when ``visible``)
+    mask_id: tuple | None = None  # the caller's mask tensor last seen equal to it
+
+
+def _identity(t: torch.Tensor) -> tuple:
+    """Same storage, view and version: the same values, without reading them."""
+    return t.data_ptr(), t.device, t.dtype, tuple(t.shape), t.stride(), t._version
 
 
 class CudaStep:
@@ -54,6 +65,7 @@ class CudaStep:
         # {input index: output index} of the KV caches, updated in place and kept in self._state
         self.state = in_place_caches(self.gm) if self.cuda_graphs else {}
         self._state: dict[tuple, torch.Tensor] = {}  # (input index, shape) -> the cache's buffer
+        self.mask = visible_prefix_attention(self.gm) if self.state else None  # the mask input's index
         self.float_outputs = float_outputs  # False: outputs stay in the run dtype (a bench times the step alone)
         # compile: inductor fuses the float ops between the kernels (they are opaque operators to it)
         self.run = self.gm
@@ -85,6 +97,8 @@ class CudaStep:
         captured = self._graphs.get(key)
         if captured is None:
             captured = self._graphs[key] = self._capture(inputs)
+        elif captured.visible is not None and not self._same_mask(captured, inputs[self.mask]):
+            captured = self._graphs[key] = self._capture(inputs, prefix=False)
         for static, t in zip(captured.inputs, inputs):
             if isinstance(t, torch.Tensor) and t is not static:
                 static.copy_(t)  # converts to the static buffer's device and dtype
@@ -104,20 +118,33 @@ class CudaStep:
             buf.copy_(t)
         return buf
 
-    def _capture(self, inputs) -> _Captured:
+    def _same_mask(self, captured: _Captured, t: torch.Tensor) -> bool:
+        if _identity(t) == captured.mask_id:
+            return True
+        if not torch.equal(t.to(captured.mask.device, captured.mask.dtype), captured.mask):  # reads it: a sync
+            return False
+        captured.mask_id = _identity(t)
+        return True
+
+    def _capture(self, inputs, prefix: bool = True) -> _Captured:
         static = [self._static(i, t) for i, t in enumerate(inputs)]
+        mask = inputs[self.mask] if prefix and self.mask is not None else None
+        visible = None if mask is None else visible_prefix(mask)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_RUNS):
-                self.run(*static)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            outputs = self.run(*static)
-        return _Captured(graph, static, outputs)
+        with visible_keys(visible):
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_RUNS):
+                    self.run(*static)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                outputs = self.run(*static)
+        if visible is None:
+            return _Captured(graph, static, outputs)
+        return _Captured(graph, static, outputs, visible, mask.clone(), _identity(mask))
 
 
 def chained(step: CudaStep):
