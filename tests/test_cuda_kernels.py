@@ -247,6 +247,30 @@ def test_ungrouped_fp16_input():
     _assert_codes(out, ref.rmsnorm_quant, x, None, 1e-5, **q)
 
 
+@pytest.mark.parametrize("T", [1, 5, 37])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kv_write(T, dtype):
+    """This step's keys, a strided view of the qkv output as the traced step has them, written into their rows."""
+    gen = _gen(30)
+    B, H, L, D = 2, 3, 40, 24
+    cache = torch.randn(B, H, L, D, generator=gen).to(dtype)
+    value = torch.randn(B, T, 3, H, D, generator=gen).permute(2, 0, 3, 1, 4)[1]  # [B, H, T, D], not contiguous
+    index = torch.randperm(L, generator=gen)[:T]
+    expected = cache.clone()
+    ref.kv_write(expected, index, value)
+    got = cache.clone().to(DEV)
+    ops.kv_write(got, index.to(DEV), value.to(DEV))
+    assert torch.equal(got.cpu(), expected)
+    assert not torch.equal(expected, cache)
+
+
+def test_kv_write_checks():
+    with pytest.raises(ValueError, match="index must be"):
+        ops.kv_write(torch.zeros(1, 2, 8, 4), torch.tensor([0.0]), torch.zeros(1, 2, 1, 4))
+    with pytest.raises(ValueError, match="cache must be"):
+        ops.kv_write(torch.zeros(1, 2, 8, 4), torch.tensor([0]), torch.zeros(1, 3, 1, 4))
+
+
 # ------------------------------------------------------------------------------- ops: dispatch, checks
 
 def test_ops_dispatch(monkeypatch):
@@ -331,6 +355,8 @@ build(k._rmsnorm_quant_kernel, 80, {**q, "HAS_WEIGHT": True, "FP8": False},
       {"x_ptr": "*bf16", "out_ptr": "*i8", "groups_ptr": "*i32"})
 build(k._act_quant_kernel, 90, {**q, "ACT": "swiglu", "FP8": False},
       {"x_ptr": "*fp16", "gate_ptr": "*fp16", "out_ptr": "*i8", "groups_ptr": "*i32"})
+build(k._kv_write_kernel, 80, {"BLOCK_T": 64, "BLOCK_D": 64},
+      {"cache_ptr": "*fp16", "value_ptr": "*fp16", "index_ptr": "*i64"})
 """
 
 

@@ -408,3 +408,32 @@ def act_quant(x, *, act, inv_scale, zero, groups=None, tokens=1, gate=None, qmin
         x, _or(gate, d), out, _or(groups, d), inv_scale, _or(zero, d), M, K, tokens, float(qmin), float(qmax),
         ACT=act, HAS_GROUPS=groups is not None, FP8=fp8, **meta)
     return out
+
+
+# ------------------------------------------------------------------------------------------- KV cache
+
+@triton.jit
+def _kv_write_kernel(cache_ptr, value_ptr, index_ptr, T, H, D, sc_b, sc_h, sc_l, sv_b, sv_h, sv_t, sv_d,
+                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    bh = tl.program_id(0)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    d = tl.arange(0, BLOCK_D)
+    t_ok = t < T
+    mask = t_ok[:, None] & (d < D)[None, :]
+    rows = tl.load(index_ptr + t, mask=t_ok, other=0).to(tl.int64)
+    v = tl.load(value_ptr + b * sv_b + h * sv_h + t.to(tl.int64)[:, None] * sv_t + d[None, :] * sv_d, mask=mask)
+    tl.store(cache_ptr + b * sc_b + h * sc_h + rows[:, None] * sc_l + d[None, :], v.to(cache_ptr.dtype.element_ty),
+             mask=mask)
+
+
+def kv_write(cache, index, value) -> None:
+    """``reference.kv_write`` in one kernel (the cache's last dimension contiguous)."""
+    B, H, T, D = value.shape
+    if value.numel() == 0:
+        return
+    block_d = triton.next_power_of_2(D)
+    block_t = max(1, min(triton.next_power_of_2(T), 4096 // block_d))
+    _kv_write_kernel[(B * H, triton.cdiv(T, block_t))](
+        cache, value, index, T, H, D, cache.stride(0), cache.stride(1), cache.stride(2), *value.stride(),
+        BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4)

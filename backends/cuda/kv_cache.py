@@ -29,13 +29,19 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from backends.cuda import ops
+
 Tensor = torch.Tensor
 
 
 @torch.library.custom_op("arvgq_cuda::kv_write", mutates_args=("cache",))
 def kv_write(cache: Tensor, dim: int, index: Tensor, value: Tensor) -> None:
-    """``cache.index_copy_(dim, index, value)``."""
-    cache.index_copy_(dim, index, value.to(cache.dtype))
+    """``cache.index_copy_(dim, index, value)``; the usual ``[B, H, L, D]`` cache written along L by a kernel
+    (``aten.index_copy_`` reached 1 TB/s on a VAR-d16 step's strided keys on an H100)."""
+    if dim == 2 and cache.dim() == 4 and cache.stride(3) == 1:
+        ops.kv_write(cache, index, value)
+    else:
+        cache.index_copy_(dim, index, value.to(cache.dtype))
 
 
 @kv_write.register_fake

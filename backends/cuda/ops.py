@@ -96,3 +96,13 @@ def act_quant(x, *, act, inv_scale, zero, groups=None, tokens=1, gate=None, qmin
     _check(gate is None or gate.shape == x.shape, f"gate must match x {tuple(x.shape)}")
     return _impl(x).act_quant(_c(x), act=act, inv_scale=_c(inv_scale), zero=_c(zero), groups=_c(groups),
                               tokens=tokens, gate=_c(gate), qmin=qmin, qmax=qmax, fp8=fp8)
+
+
+def kv_write(cache, index, value) -> None:
+    _check(cache.dim() == 4 and value.dim() == 4 and value.shape[:2] == cache.shape[:2]
+           and value.shape[3] == cache.shape[3],
+           f"cache must be [B, H, L, D] and value [B, H, T, D], got {tuple(cache.shape)} and {tuple(value.shape)}")
+    _check(index.dim() == 1 and index.numel() == value.shape[2] and not index.is_floating_point(),
+           f"index must be [T] integers, got {tuple(index.shape)} {index.dtype}")
+    _check(cache.stride(3) == 1, "the cache's last dimension must be contiguous")
+    _impl(cache).kv_write(cache, index.contiguous(), value)

@@ -120,3 +120,9 @@ def act_quant(x: torch.Tensor, *, act: str, inv_scale: torch.Tensor, zero: torch
     elif act != "none":
         raise ValueError(f"unknown activation {act!r}")
     return quantize_codes(y, inv_scale, zero, row_groups(x.shape[0], tokens, groups, x.device), qmin, qmax, fp8)
+
+
+def kv_write(cache: torch.Tensor, index: torch.Tensor, value: torch.Tensor) -> None:
+    """``cache[:, :, index[t]] = value[:, :, t]`` in place: the rows of this step's keys or values written into
+    a ``[B, H, L, D]`` cache (``value [B, H, T, D]``, any strides)."""
+    cache.index_copy_(2, index, value.to(cache.dtype))
