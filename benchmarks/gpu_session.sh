@@ -42,16 +42,20 @@ case "$1" in
     timeout 150 python -m pytest -q -p no:cacheprovider -n 8 -rf tests/test_cuda_kernels.py tests/test_cuda_lower.py \
       tests/test_cuda_target.py tests/test_torch_int8.py tests/test_device.py > "$OUT/pytest_gpu.log" 2>&1
     grep -E "^FAILED|^ERROR|passed|failed" "$OUT/pytest_gpu.log" | cut -c1-250 | tail -20 ;;
-  step3)  # smoke, the step at batch 64 (profiled), 16 and 100, then the GPU backend's tests
+  step3)  # smoke, the step at batch 64 (profiled), a whole generation at 16, GPT-B decode, the step at 16 and 100
     bash "$0" smoke || exit 1
-    timeout 200 python -m tools.bench --model var-d16 --batch 64 --pipeline "$P" --repeats 15 --warmup 3 \
+    timeout 170 python -m tools.bench --model var-d16 --batch 64 --pipeline "$P" --repeats 15 --warmup 3 \
       --profile --backends torch-fp16-graphs,cuda-int8,cuda-fp8 --json "$OUT/var_d16_last.json" > "$OUT/var_d16_last.log" 2>&1
-    timeout 170 python -m tools.bench --model var-d16 --batch 16,100 --pipeline "$P" --repeats 15 --warmup 3 \
-      --backends torch-fp16-graphs,cuda-int8,cuda-fp8 --json "$OUT/var_d16_last_b16_b100.json" >> "$OUT/var_d16_last.log" 2>&1
     grep -A5 "^workload" "$OUT/var_d16_last.log" | cut -c1-160; grep -i "error" "$OUT/var_d16_last.log" | tail -3
-    timeout 150 python -m pytest -p no:cacheprovider -n 8 -rf tests/test_cuda_kernels.py tests/test_cuda_lower.py \
-      tests/test_cuda_target.py tests/test_kv_cache.py tests/test_device.py > "$OUT/pytest_gpu.log" 2>&1
-    grep -E "^FAILED|^ERROR|passed|failed" "$OUT/pytest_gpu.log" | cut -c1-250 | tail -20 ;;
+    timeout 110 python -m tools.bench --model var-d16 --steps all --batch 16 --pipeline "$P" --repeats 5 --warmup 2 \
+      --backends torch-fp16-graphs,cuda-int8 --json "$OUT/var_d16_all.json" > "$OUT/var_d16_all.log" 2>&1
+    grep -A4 "^workload" "$OUT/var_d16_all.log" | cut -c1-160; grep -i "error" "$OUT/var_d16_all.log" | tail -3
+    timeout 80 python -m tools.bench --model gpt-b-decode --batch 64 --pipeline "$P" --repeats 20 --warmup 3 \
+      --backends torch-fp16-graphs,cuda-int8 --json "$OUT/gpt_b_decode.json" > "$OUT/gpt_b_decode.log" 2>&1
+    grep -A4 "^workload" "$OUT/gpt_b_decode.log" | cut -c1-160; grep -i "error" "$OUT/gpt_b_decode.log" | tail -3
+    timeout 130 python -m tools.bench --model var-d16 --batch 16,100 --pipeline "$P" --repeats 15 --warmup 3 \
+      --backends torch-fp16-graphs,cuda-int8,cuda-fp8 --json "$OUT/var_d16_last_b16_b100.json" > "$OUT/var_d16_b16_b100.log" 2>&1
+    grep -A5 "^workload" "$OUT/var_d16_b16_b100.log" | cut -c1-160; grep -i "error" "$OUT/var_d16_b16_b100.log" | tail -3 ;;
   step2)  # the step at batch 64 and 16, then the GPU tests only
     timeout 240 python -m tools.bench --model var-d16 --batch 64,16 --pipeline "$P" --repeats 15 --warmup 3 \
       --backends torch-fp16-graphs,cuda-int8,cuda-int8-eager,cuda-fp8 \

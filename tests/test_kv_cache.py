@@ -40,15 +40,17 @@ def test_in_place_step_equals_the_functional_one(family):
 
 
 def test_torch_compile_keeps_the_caches_in_place():
-    """Through inductor (CPU here, as on CUDA) the writes stay on the input: same tensors out, same values."""
+    """Through inductor (CPU here, as on CUDA) the writes stay on the input: same tensors out, same values; with
+    the attention over the visible prefix, as ``CudaStep`` runs it."""
     _, steps, _, q = compiled("var", "ptq4arvg")
     low, _ = lowered(q)
     ref_gm = copy.deepcopy(low)
     state = in_place_caches(low)
+    mask = visible_prefix_attention(low)
     run = torch.compile(low)
     inputs = steps[-1]
     given = _clone(inputs)
-    with torch.no_grad():
+    with torch.no_grad(), visible_keys(visible_prefix(inputs[mask])):
         got = run(*given)
     for i, j in state.items():
         assert got[j] is given[i]
@@ -117,3 +119,18 @@ def test_the_visible_count_is_read_when_the_compiled_graph_runs():
     torch.testing.assert_close(masked, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))
     torch.testing.assert_close(prefix, torch.nn.functional.scaled_dot_product_attention(q, k[..., :3, :], v[..., :3, :]))
     assert not torch.allclose(masked, prefix)
+
+
+def test_operators_pass_opcheck():
+    """Fake (compile-time) and real kernels agree on shapes, strides and aliasing: what inductor asserts on
+    the GPU."""
+    from torch.library import opcheck
+
+    q, k, v = torch.randn(3, 2, 3, 5, 8).unbind(0)
+    k, v = torch.randn(2, 2, 3, 9, 8).unbind(0)
+    mask = torch.zeros(5, 9)
+    opcheck(cached_attention, (q, k, v, mask, None))
+    with visible_keys(4):
+        opcheck(cached_attention, (q, k, v, mask, 0.5))
+    cache = torch.randn(2, 3, 9, 8)
+    opcheck(kv_write, (cache, 2, torch.tensor([1, 4, 6]), torch.randn(2, 3, 3, 8)))

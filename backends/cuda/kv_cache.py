@@ -133,13 +133,18 @@ def cached_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float
     the same over the first ``n`` keys, without the mask (equal when the mask is that prefix)."""
     n = _VISIBLE.get()
     if n is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return F.scaled_dot_product_attention(q, k[..., :n, :], v[..., :n, :], scale=scale)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    else:
+        out = F.scaled_dot_product_attention(q, k[..., :n, :], v[..., :n, :], scale=scale)
+    # [B, H, T, D] laid out as [B, T, H, D], as the GPU's fused kernels write it (the math kernel on the CPU
+    # does not): one layout for the compiler, and the step's transpose(1, 2).flatten(2) after it is free
+    return out if out.transpose(1, 2).is_contiguous() else out.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 @cached_attention.register_fake
 def _(q, k, v, mask, scale):
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+    B, H, T, _ = q.shape
+    return q.new_empty((B, T, H, v.shape[-1])).transpose(1, 2)
 
 
 cached_attention = torch.ops.arvgq_cuda.cached_attention.default
