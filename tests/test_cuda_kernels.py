@@ -152,23 +152,6 @@ def test_qgemm_epilogue(gelu, out_dtype):
     _close(out, expected, rtol=1e-5 if out_dtype == torch.float32 else 1e-3)
 
 
-@pytest.mark.parametrize("gate", [False, True])
-def test_qgemm_residual(gate):
-    """``x + gate[image] * y``: the block's residual add in the epilogue (2 images of T tokens)."""
-    args = _gemm_args(2 * T, 40, 45, _gen(4))
-    gen = _gen(5)
-    res = {"residual": torch.randn(2 * T, 45, generator=gen),
-           "res_scale": torch.randn(2, 45, generator=gen) if gate else None}
-    out = kernels.qgemm(**_to(args, DEV), **_to(res, DEV), out_dtype=torch.float32)
-    expected = ref.qgemm(**args, **res, out_dtype=torch.float32)
-    _close(out, expected)
-    plain = ref.qgemm(**args, out_dtype=torch.float32)
-    gated = plain if not gate else plain * res["res_scale"].repeat_interleave(T, 0)
-    _close(expected, res["residual"] + gated)  # the reference is what it says
-    with pytest.raises(ValueError, match="residual must be"):
-        ops.qgemm(**args, residual=torch.zeros(3, 45))
-
-
 @pytest.mark.parametrize("gelu", [False, True])
 def test_qgemm_quantized_output(gelu):
     args = _gemm_args(24, 64, 48, _gen(3))
@@ -359,8 +342,7 @@ def build(fn, arch, const, ptrs, warps=4, stages=3):
     triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", arch, 32),
                    options={"num_warps": warps, "num_stages": stages})
 
-flags = {"HAS_BIAS": True, "HAS_GROUPS": True, "GELU": True, "QUANT_OUT": True, "EVEN_K": False, "RESIDUAL": True,
-         "RES_SCALE": True}
+flags = {"HAS_BIAS": True, "HAS_GROUPS": True, "GELU": True, "QUANT_OUT": True, "EVEN_K": False}
 for arch, code, tile in [(90, "i8", (64, 64, 64, 4, 3)), (90, "fp8e4nv", (64, 64, 64, 4, 3, True, True)),
                          (89, "fp8e4nv", (64, 64, 64, 4, 3)), (80, "i8", (64, 64, 64, 4, 3))]:
     c = k.tile_config(*tile)

@@ -90,9 +90,9 @@ def _quantize(y, g, inv_scale_ptr, zero_ptr, qmin, qmax, FP8: tl.constexpr):
 
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _qgemm_kernel(a_ptr, w_ptr, out_ptr, w_scale_ptr, colsum_ptr, a_scale_ptr, a_zero_ptr, bias_ptr,
-                  groups_ptr, out_inv_scale_ptr, out_zero_ptr, residual_ptr, res_scale_ptr, M, N, K, M_BUCKET,
-                  tokens, qmin, qmax, HAS_BIAS: tl.constexpr, HAS_GROUPS: tl.constexpr, GELU: tl.constexpr,
-                  QUANT_OUT: tl.constexpr, RESIDUAL: tl.constexpr, RES_SCALE: tl.constexpr,
+                  groups_ptr, out_inv_scale_ptr, out_zero_ptr, M, N, K, M_BUCKET, tokens, qmin, qmax,
+                  HAS_BIAS: tl.constexpr, HAS_GROUPS: tl.constexpr, GELU: tl.constexpr,
+                  QUANT_OUT: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                   PERSISTENT: tl.constexpr, TMA: tl.constexpr, EVEN_K: tl.constexpr, FLATTEN: tl.constexpr,
                   WS_TILES: tl.constexpr, WS_K: tl.constexpr, OCCUPANCY: tl.constexpr):
@@ -153,18 +153,12 @@ def _qgemm_kernel(a_ptr, w_ptr, out_ptr, w_scale_ptr, colsum_ptr, a_scale_ptr, a
             y = y + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if GELU:
             y = _gelu_tanh(y)
-        tile = rows.to(tl.int64)[:, None] * N + cols[None, :]
-        in_range = row_ok[:, None] & col_ok[None, :]
-        if RESIDUAL:  # x + gate[image] * y: the block's residual add, read here instead of in a kernel of its own
-            if RES_SCALE:
-                gate = res_scale_ptr + (rows // tokens).to(tl.int64)[:, None] * N + cols[None, :]
-                y = y * tl.load(gate, mask=in_range, other=0.0).to(tl.float32)
-            y = y + tl.load(residual_ptr + tile, mask=in_range, other=0.0).to(tl.float32)
         if QUANT_OUT:
             out = _quantize(y, g, out_inv_scale_ptr, out_zero_ptr, qmin, qmax, FP8)
         else:
             out = y.to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + tile, out, mask=in_range)
+        out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
+        tl.store(out_ptrs, out, mask=row_ok[:, None] & col_ok[None, :])
 
 
 def tile_config(bm, bn, bk, warps, stages, persistent=False, tma=False, group_m=8, ws=False, flatten=None,
@@ -231,8 +225,7 @@ def _check_fp8(device: torch.device) -> None:
 
 
 def qgemm(a, w, w_scale, colsum, a_scale, a_zero, bias=None, *, groups=None, tokens=1, gelu=False,
-          out_inv_scale=None, out_zero=None, qmin=-128, qmax=127, out_dtype=torch.float16, residual=None,
-          res_scale=None, config=None):
+          out_inv_scale=None, out_zero=None, qmin=-128, qmax=127, out_dtype=torch.float16, config=None):
     """``reference.qgemm`` in one kernel. ``config`` (a ``tile_config``) forces a tile instead of the
     autotuned one: for benchmarks and tests."""
     fp8 = a.dtype == torch.float8_e4m3fn
@@ -254,10 +247,9 @@ def qgemm(a, w, w_scale, colsum, a_scale, a_zero, bias=None, *, groups=None, tok
         a, w = a.clone(), w.clone()
     triton.set_allocator(_tma_scratch)
     args = (a, w, out, w_scale, colsum, a_scale, a_zero, _or(bias, w_scale), _or(groups, a_scale),
-            _or(out_inv_scale, a_scale), _or(out_zero, a_scale), _or(residual, a_scale), _or(res_scale, a_scale),
-            M, N, K, triton.next_power_of_2(M), tokens, float(qmin), float(qmax))
-    flags = {"HAS_BIAS": bias is not None, "HAS_GROUPS": groups is not None, "GELU": gelu, "QUANT_OUT": quant,
-             "RESIDUAL": residual is not None, "RES_SCALE": res_scale is not None}
+            _or(out_inv_scale, a_scale), _or(out_zero, a_scale), M, N, K, triton.next_power_of_2(M), tokens,
+            float(qmin), float(qmax))
+    flags = {"HAS_BIAS": bias is not None, "HAS_GROUPS": groups is not None, "GELU": gelu, "QUANT_OUT": quant}
     if config is None:
         _autotuned[grid](*args, **flags)
     else:

@@ -29,10 +29,6 @@ is a quantizer of a lowered site (otherwise the float output stays and a standal
 Reads of the producer's ``.shape`` do not count as users (they move to its input). Producers feeding
 several sites with equal grids (LlamaGen's w1/w3) quantize once.
 
-The residual add after a block's last linears, ``x + qlinear(...)`` (LlamaGen, PAR) or ``x + qlinear(...) *
-gate`` (VAR, RAR: AdaLN's per-image gate), moves into that qgemm's epilogue (``residual``, ``res_scale``):
-measured on an H100 at VAR-d16 batch 64, the two separate adds of a block took 0.15 ms, 7 % of the step.
-
 ``format="fp8"``: weights become ``float8_e4m3fn`` with a per-channel scale ``amax / 448`` of the
 dequantized int8 weight (the FP8 weight re-quantizes the int8 grid, so it carries both errors),
 and every activation grid becomes the symmetric FP8 grid ``amax / 448`` that covers the int8
@@ -144,19 +140,9 @@ def _(x, weight, eps, inv_scale, zero, groups, qmin, qmax, fp8):
 @torch.library.custom_op("arvgq_cuda::qlinear", mutates_args=())
 def qlinear(a: Tensor, w: Tensor, w_scale: Tensor, colsum: Tensor, a_scale: Tensor, a_zero: Tensor, bias: OptTensor,
             groups: OptTensor, gelu: bool = False, out_inv_scale: OptTensor = None, out_zero: OptTensor = None,
-            qmin: int = -128, qmax: int = 127, min_rows: int = 0, out_dtype: torch.dtype = torch.float32,
-            residual: OptTensor = None, res_scale: OptTensor = None) -> Tensor:
-    """``ops.qgemm`` on the rows of ``a [..., K]`` (codes); a float GEMM for few rows on CUDA. With ``residual``:
-    ``residual + res_scale * out`` (``res_scale`` optional), in the epilogue when the shapes allow."""
+            qmin: int = -128, qmax: int = 127, min_rows: int = 0, out_dtype: torch.dtype = torch.float32) -> Tensor:
+    """``ops.qgemm`` on the rows of ``a [..., K]`` (codes); a float GEMM for few rows on CUDA."""
     k, tokens = a.shape[-1], _tokens(a)
-    shape = (*a.shape[:-1], w.shape[0])
-    if residual is not None:
-        gate = None if res_scale is None else _per_image(res_scale, residual)
-        if tuple(residual.shape) != shape or (res_scale is not None and gate is None):  # broadcasts: unfused
-            out = qlinear(a, w, w_scale, colsum, a_scale, a_zero, bias, groups, gelu, out_inv_scale, out_zero,
-                          qmin, qmax, min_rows, torch.float32)
-            return (residual + (out if res_scale is None else res_scale * out)).to(out_dtype)
-        residual, res_scale = residual.reshape(-1, shape[-1]), gate
     a2 = a.reshape(-1, k)
     m = a2.shape[0]
     if a2.is_cuda and m <= min_rows:
@@ -170,21 +156,17 @@ def qlinear(a: Tensor, w: Tensor, w_scale: Tensor, colsum: Tensor, a_scale: Tens
                                 zero=out_zero, groups=groups, tokens=tokens, qmin=qmin, qmax=qmax,
                                 fp8=a.dtype != torch.int8)
         else:
-            y = F.gelu(y, approximate="tanh") if gelu else y
-            if residual is not None:
-                y = residual.float() + (y if res_scale is None else res_scale.float()[torch.arange(
-                    m, device=a.device) // tokens] * y)
-            out = y.to(out_dtype)
+            out = (F.gelu(y, approximate="tanh") if gelu else y).to(out_dtype)
     else:
         out = ops.qgemm(a2, w, w_scale, colsum, a_scale, a_zero, bias, groups=groups, tokens=tokens,
                         gelu=gelu, out_inv_scale=out_inv_scale, out_zero=out_zero, qmin=qmin, qmax=qmax,
-                        out_dtype=out_dtype, residual=residual, res_scale=res_scale)
-    return out.reshape(shape)
+                        out_dtype=out_dtype)
+    return out.reshape(*a.shape[:-1], -1)
 
 
 @qlinear.register_fake
 def _(a, w, w_scale, colsum, a_scale, a_zero, bias, groups, gelu=False, out_inv_scale=None, out_zero=None,
-      qmin=-128, qmax=127, min_rows=0, out_dtype=torch.float32, residual=None, res_scale=None):
+      qmin=-128, qmax=127, min_rows=0, out_dtype=torch.float32):
     dtype = a.dtype if out_inv_scale is not None else out_dtype
     return a.new_empty((*a.shape[:-1], w.shape[0]), dtype=dtype)
 
@@ -551,35 +533,6 @@ class _Lowering:
             self.replaced[s.end] = new
 
 
-def _fuse_residuals(g: fx.Graph) -> int:
-    """``x + qlinear(...)`` and ``x + qlinear(...) * gate`` (either operand order) -> the qlinear's residual
-    epilogue, when the qlinear's output feeds only that and ``x``, ``gate`` exist before it. Returns the count."""
-    order = {n: i for i, n in enumerate(g.nodes)}
-    fused = 0
-    for n in list(g.nodes):
-        if n.target is not qlinear or n.kwargs.get("gelu") or n.kwargs.get("out_inv_scale") is not None:
-            continue
-        prod, gate = n, None
-        u = _only_user(n)
-        if _is(u, operator.mul, torch.mul, "mul") and len(u.args) == 2 and not u.kwargs:
-            gate = u.args[1] if u.args[0] is n else u.args[0]
-            prod, u = u, _only_user(u)
-        if not (_is(u, operator.add, torch.add, "add") and len(u.args) == 2 and not u.kwargs):
-            continue
-        x = u.args[1] if u.args[0] is prod else u.args[0]
-        operands = [x] if gate is None else [x, gate]
-        if not all(isinstance(t, fx.Node) and t is not prod and order[t] < order[n] for t in operands):
-            continue
-        n.update_kwarg("residual", x)
-        n.update_kwarg("res_scale", gate)
-        u.replace_all_uses_with(n)
-        g.erase_node(u)
-        if prod is not n:
-            g.erase_node(prod)
-        fused += 1
-    return fused
-
-
 # Buffers of the fake-quant graph that a lowered site no longer reads.
 _STALE = ("input_scale", "input_zero_point", "input_group_colsum", "weight_zero_point", "weight_int8")
 
@@ -614,7 +567,6 @@ class LowerCuda(Pass):
             for s in lowering.sites:
                 _fp8_grid(s)
         lowering.run()
-        lowering.stats["fused"]["residual"] = _fuse_residuals(gm.graph)
         gm.graph.eliminate_dead_code()
         used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
         for s in lowering.sites:

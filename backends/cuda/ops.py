@@ -47,8 +47,7 @@ def _check_vec(t, name, n):
 
 
 def qgemm(a, w, w_scale, colsum, a_scale, a_zero, bias=None, *, groups=None, tokens=1, gelu=False,
-          out_inv_scale=None, out_zero=None, qmin=-128, qmax=127, out_dtype=torch.float16, residual=None,
-          res_scale=None):
+          out_inv_scale=None, out_zero=None, qmin=-128, qmax=127, out_dtype=torch.float16):
     _check_rows(a, "a", groups, tokens)
     _check(a.dtype in _CODES, f"a must be int8 or float8_e4m3fn codes, got {a.dtype}")
     _check(w.dim() == 2 and w.dtype == a.dtype,
@@ -59,17 +58,9 @@ def qgemm(a, w, w_scale, colsum, a_scale, a_zero, bias=None, *, groups=None, tok
     _check_vec(a_zero, "a_zero", a_scale.numel())
     _check(out_inv_scale is None or out_zero is not None or a.dtype != torch.int8,
            "out_zero is required with out_inv_scale for int8 output")
-    M, N = a.shape[0], w.shape[0]
-    _check(residual is None or tuple(residual.shape) == (M, N),
-           f"residual must be [M, N] = [{M}, {N}], got {None if residual is None else tuple(residual.shape)}")
-    _check(res_scale is None or (residual is not None and res_scale.dim() == 2 and res_scale.shape[1] == N
-                                 and res_scale.shape[0] * tokens >= M),
-           f"res_scale goes with a residual and must be [B, N] with B * tokens >= M, got "
-           f"{None if res_scale is None else tuple(res_scale.shape)}")
     return _impl(a).qgemm(_c(a), _c(w), _c(w_scale), _c(colsum), _c(a_scale), _c(a_zero), _c(bias),
                           groups=_c(groups), tokens=tokens, gelu=gelu, out_inv_scale=_c(out_inv_scale),
-                          out_zero=_c(out_zero), qmin=qmin, qmax=qmax, out_dtype=out_dtype,
-                          residual=_c(residual), res_scale=_c(res_scale))
+                          out_zero=_c(out_zero), qmin=qmin, qmax=qmax, out_dtype=out_dtype)
 
 
 def _check_quant(x, zero, groups, tokens, fp8):

@@ -45,8 +45,7 @@ def qgemm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, colsum: torch
           a_scale: torch.Tensor, a_zero: torch.Tensor, bias: torch.Tensor | None = None, *,
           groups: torch.Tensor | None = None, tokens: int = 1, gelu: bool = False,
           out_inv_scale: torch.Tensor | None = None, out_zero: torch.Tensor | None = None,
-          qmin: int = -128, qmax: int = 127, out_dtype: torch.dtype = torch.float16,
-          residual: torch.Tensor | None = None, res_scale: torch.Tensor | None = None) -> torch.Tensor:
+          qmin: int = -128, qmax: int = 127, out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """Quantized linear with the whole STWQ lowering in its epilogue.
 
     ``a`` int8 [M, K] codes (or float8_e4m3fn), ``w`` int8 [N, K] (or float8_e4m3fn), ``w_scale`` f32 [N],
@@ -55,8 +54,6 @@ def qgemm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, colsum: torch
         acc[m, n] = sum_k a[m, k] * w[n, k]                          (int32, or f32 for fp8)
         y[m, n]   = (acc - a_zero[g] * colsum[n]) * a_scale[g] * w_scale[n] + bias[n]
         y         = gelu_tanh(y)                                     if gelu
-        y         = residual[m, n] + res_scale[m // tokens, n] * y    if residual is given (res_scale optional:
-                                                                     AdaLN's per-image gate [B, N])
         out       = quantize_codes(y, out_inv_scale, out_zero, g)    if out_inv_scale is given (next GEMM's input)
                   = y.to(out_dtype)                                  otherwise
     """
@@ -69,10 +66,6 @@ def qgemm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, colsum: torch
         y = y + bias.float()
     if gelu:
         y = F.gelu(y, approximate="tanh")
-    if residual is not None:
-        if res_scale is not None:
-            y = res_scale.float()[torch.arange(a.shape[0], device=a.device) // tokens] * y
-        y = residual.float() + y
     if out_inv_scale is not None:
         return quantize_codes(y, out_inv_scale, out_zero, g, qmin, qmax, fp8=a.dtype != torch.int8)
     return y.to(out_dtype)
