@@ -173,7 +173,8 @@ def tile_config(bm, bn, bk, warps, stages, persistent=False, tma=False, group_m=
                          num_warps=warps, num_stages=stages)
 
 
-# Candidates, small-M (decode) tiles first. Large M: benchmarks/qgemm_sweep.py timed 21 tiles on the VAR-d16
+# Candidates, small-M (decode) tiles first (at GPT-B decode, 128 rows x 768 columns make 24 tiles of 64 x 64 for
+# 132 SMs; 32 x 32 makes 96). Large M: benchmarks/qgemm_sweep.py timed 21 tiles on the VAR-d16
 # GEMMs (H100, benchmarks/h100_qgemm_sweep.json). The winner on all four is a 4-warp 128x128x128 tile, persistent
 # with TMA loads and two programs per SM (96 kB of shared memory each): one program's epilogue overlaps the
 # other's MMAs, 1.35x cuBLAS FP16 over the four against 1.22x for the same tile launched plainly. Warp
@@ -182,7 +183,7 @@ def tile_config(bm, bn, bk, warps, stages, persistent=False, tma=False, group_m=
 # autotuner skips them).
 QGEMM_CONFIGS = [
     tile_config(64, 64, 256, 4, 3), tile_config(64, 64, 128, 4, 4), tile_config(64, 128, 128, 4, 4),
-    tile_config(32, 64, 128, 4, 4),
+    tile_config(32, 64, 128, 4, 4), tile_config(32, 32, 256, 4, 3),  # decode: more programs for few rows
     tile_config(128, 128, 128, 4, 3, persistent=True, tma=True, occupancy=2),
     tile_config(128, 128, 128, 4, 3, persistent=True, occupancy=2), tile_config(128, 128, 128, 4, 3),
     tile_config(128, 128, 64, 4, 4), tile_config(256, 128, 128, 8, 3),
