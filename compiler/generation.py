@@ -187,6 +187,17 @@ def load_edit_images(spec: str, max_images: int | None = None) -> tuple[np.ndarr
     return images, (None if labels is None else np.asarray(labels, dtype=np.int64))
 
 
+def parse_labels(classes: str, per_class: int = 1) -> list[int]:
+    """``--classes 0,7`` -> ``[0, 7]``, each repeated ``per_class`` times."""
+    try:
+        labels = [int(c) for c in classes.split(",")]
+    except ValueError:
+        raise UserError(f"--classes must be integers separated by commas, got {classes!r}") from None
+    if per_class < 1:
+        raise UserError(f"--per-class must be at least 1, got {per_class}")
+    return [c for c in labels for _ in range(per_class)]
+
+
 def parse_box(text: str, height: int, width: int) -> tuple[float, float, float, float]:
     """``y0,x0,y1,x1`` -> fractions of the image. All four in [0, 1]: fractions; otherwise
     integer pixels within the image (``height x width``)."""

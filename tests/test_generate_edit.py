@@ -225,3 +225,15 @@ def test_masked_psnr_and_edit_scores():
     wrong = edit_scores(d, d, keep, (labels.numpy() + 1) % 10)
     assert right["class_accuracy"] >= 0.9 and wrong["class_accuracy"] <= 0.1
     assert right["psnr_kept_db"] == float("inf")
+    # against FP edits: PSNR / SSIM only where regenerated (a change in the kept region does not count)
+    changed = d.copy()
+    changed[:, :8] = 255 - changed[:, :8]  # kept rows only
+    vs_fp = edit_scores(changed, d, keep, labels.numpy(), fp=d)
+    assert vs_fp["psnr_generated_vs_fp_db"] == float("inf") and vs_fp["ssim_generated_vs_fp"] < 1
+    assert vs_fp["ssim_generated_vs_fp"] == pytest.approx(metrics.masked_ssim(changed, d, ~keep))
+    noisy = np.clip(d.astype(int) + 8 * (np.arange(32) % 2)[:, None, None], 0, 255).astype(np.uint8)
+    assert edit_scores(noisy, d, keep, fp=d)["psnr_generated_vs_fp_db"] == pytest.approx(
+        metrics.masked_psnr(noisy, d, ~keep)) and 20 < metrics.masked_psnr(noisy, d, ~keep) < 40
+    # MNIST-FID against the held-out statistics: 20 real digits score far below 20 blank images
+    blank_fid = edit_scores(np.zeros_like(d), d, keep)["mnist_fid"]
+    assert 0 < right["mnist_fid"] and 2 * right["mnist_fid"] < blank_fid

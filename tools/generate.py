@@ -40,6 +40,7 @@ from compiler.generation import (
     fingerprint,
     load_edit_images,
     parse_box,
+    parse_labels,
     pick_device,
     to_unit_images,
     wait_for,
@@ -99,16 +100,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", type=float, default=3600.0, metavar="S",
                    help="sharded runs: how long rank 0 waits for the other ranks' batches (default: 3600 s)")
     return p
-
-
-def parse_labels(classes: str, per_class: int) -> list[int]:
-    try:
-        labels = [int(c) for c in classes.split(",")]
-    except ValueError:
-        raise UserError(f"--classes must be integers separated by commas, got {classes!r}") from None
-    if per_class < 1:
-        raise UserError(f"--per-class must be at least 1, got {per_class}")
-    return [c for c in labels for _ in range(per_class)]
 
 
 def step_source(args: argparse.Namespace):
