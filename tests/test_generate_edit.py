@@ -164,6 +164,16 @@ def test_edit_with_a_quantized_step(tmp_path):
         same, total = same + int((a[~k] == b[~k]).sum()), total + int((~k).sum())
     assert 0.3 < same / total < 1.0  # 186 of 192 sampled tokens agree here
     assert np.load(tmp_path / "fq" / "samples.npz")["arr_1"].tolist() == [-1] * 12
+    # the quantized run edits with FP too, side by side: the same images as the FP run's
+    fp_images, fq_images = (np.load(tmp_path / d / "samples.npz")["arr_0"] for d in ("fp", "fq"))
+    side = np.load(tmp_path / "fq" / "edit.npz")
+    assert np.array_equal(side["fp"], fp_images) and "fp" not in np.load(tmp_path / "fp" / "edit.npz")
+    info = json.loads((tmp_path / "fq" / "edit.json").read_text())
+    assert info["psnr_generated_vs_fp_db"] == pytest.approx(metrics.masked_psnr(fq_images, fp_images, ~side["keep"]))
+    assert 10 < info["psnr_generated_vs_fp_db"] < 60 and 0 < info["ssim_generated_vs_fp"] < 1
+    from PIL import Image
+
+    assert Image.open(tmp_path / "fq" / "edit_grid.png").size[0] > Image.open(tmp_path / "fp" / "edit_grid.png").size[0]
 
 
 def test_bad_edit_inputs(tmp_path, capsys):
