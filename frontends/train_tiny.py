@@ -7,9 +7,12 @@ float32), so ``tools.compile`` / ``tools.generate`` detect them like any release
 * ``var``: VAR's multi-scale residual VQVAE (``var_vqvae.VQVAE_CONFIGS["mnist"]``), then VAR
   (``var.CONFIGS["mnist"]``) teacher-forced over the whole token pyramid;
 * ``gpt``: LlamaGen's VQ tokenizer (``vq16.VQ_CONFIGS["mnist"]``, downsampling 4, so a 32x32
-  digit is 8x8 tokens), then LlamaGen's GPT (``llamagen.CONFIGS["GPT-mnist"]``), raster order.
+  digit is 8x8 tokens), then LlamaGen's GPT (``llamagen.CONFIGS["GPT-mnist"]``), raster order;
+* ``mar``: MAR's KL VAE (``kl_vae.KL_CONFIGS["mnist"]``: 8x8 tokens of 4 channels, rescaled to unit
+  standard deviation), then MAR (``mar.CONFIGS["mnist"]``) with its diffusion head, on the
+  official masked-token diffusion loss.
 
-Both generators drop the class to the null class with probability ``class_dropout`` (0.1, as
+The generators drop the class to the null class with probability ``class_dropout`` (0.1, as
 the official training) so CFG works. Data: the 9,000 training digits of
 ``mnist.train_holdout_split``, padded to 32x32 and repeated over 3 channels (the tokenizers
 take RGB). Everything is seeded; on one CPU the same seed gives the same weights.
