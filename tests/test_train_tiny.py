@@ -52,8 +52,7 @@ def test_generator_steps_lower_the_token_loss(digits):
         assert last < first - 0.5, (first, last)
 
 
-@pytest.mark.parametrize("name,family,config", [("mnist-var", "var", "mnist"), ("mnist-gpt", "llamagen", "GPT-mnist"),
-                                                ("mnist-mar", "mar", "mnist")])
+@pytest.mark.parametrize("name,family,config", [("mnist-var", "var", "mnist"), ("mnist-gpt", "llamagen", "GPT-mnist")])
 def test_shipped_checkpoints_are_detected_and_load_strictly_in_float32(name, family, config):
     model_file, _ = examples.EMBEDDED[name]
     state_dict = load_checkpoint(examples.EMBEDDED_DIR / model_file)
