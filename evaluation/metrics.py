@@ -193,7 +193,7 @@ def _ssim_map(a, b, data_range: float, win: int, sigma: float) -> torch.Tensor:
     if x.ndim == 3:
         x, y = x[..., None], y[..., None]
     x, y = x.permute(0, 3, 1, 2), y.permute(0, 3, 1, 2)
-    n, c, h, w = x.shape
+    _, c, h, w = x.shape
     win = min(win, h, w)
     kernel = _gaussian_window(win, sigma)[None, None].expand(c, 1, win, win)
 

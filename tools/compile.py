@@ -14,8 +14,8 @@ from pathlib import Path
 
 from backends.registry import targets
 from compiler.config import DEFAULT_MODEL, EditTaskConfig
-from compiler.generation import EDIT_TASKS, MNIST_INPUTS, parse_labels
 from compiler.driver import Compiler
+from compiler.generation import EDIT_TASKS, MNIST_INPUTS, parse_labels
 from core.errors import UserError
 from core.io import atomic_output_dir, check_output_dir, check_writable
 from tools._cli import add_model_arguments, compile_config, main_wrapper, model_input_paths
