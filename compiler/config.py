@@ -30,13 +30,25 @@ class CalibrationConfig:
 
 
 @dataclass
+class EditTaskConfig:
+    """``--evaluate N --task``: every model edits the same inputs instead of generating (VAR's zero-shot
+    tasks): ``task`` inpaint | outpaint | edit, ``images`` (an .npz, a folder of PNGs or ``builtin:mnist``),
+    ``box`` (``y0,x0,y1,x1``: fractions or pixels), ``classes`` (edit: the target classes)."""
+
+    task: str
+    images: str = "builtin:mnist"
+    box: str = "0.25,0.25,0.75,0.75"
+    classes: list[int] | None = None
+
+
+@dataclass
 class CompileConfig:
     """One compilation: the model, the recipe (or a pipeline and bits overriding it), the target,
     calibration, exclusions and the device calibration runs on.
 
     ``recipe`` None: ptq4arvg for family models, minmax otherwise. ``exclude``: user patterns (module
     globs or ``op:TYPE``), already read from any exclude files. ``evaluate``: images to score with FP,
-    the compiled model and the ``compare`` (recipe, bits) baselines.
+    the compiled model and the ``compare`` (recipe, bits) baselines, generated or, with ``task``, edited.
     """
 
     model: str = DEFAULT_MODEL
@@ -58,3 +70,4 @@ class CompileConfig:
     site_sqnr: bool = True
     evaluate: int = 0
     compare: list[tuple[str, str]] = field(default_factory=list)
+    task: EditTaskConfig | None = None  # score the evaluate images on an edit task instead of generation

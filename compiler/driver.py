@@ -137,6 +137,7 @@ class Compiler:
         self._sites: dict | None = None
         self._calibration: Calibration | None = None
         self._head_inputs: tuple[list[tuple], int] | None = None
+        self._edit = None  # compiler.quality.EditRun of an edit task, made once the model is loaded
 
     # -- what the run resolves once ---------------------------------------------------------
 
@@ -355,6 +356,10 @@ class Compiler:
         if c.evaluate and "prompts" in bundle.extra:  # the quality rows draw class labels in turn
             raise UserError(f"--evaluate scores class-conditional families; {bundle.family} is text-to-image: "
                             f"compare images with tools.generate --prompt and tools.evaluate")
+        if c.task is not None:  # the edit inputs, box and classes fail now, before calibration
+            from compiler.quality import edit_run
+
+            self._edit = edit_run(bundle, c.task, c.evaluate)
         if self.recipe.head_pipeline and "head" not in bundle.extra:
             raise UserError(f"recipe {self.recipe.name} quantizes a second graph (its [head] table), which the "
                             f"{bundle.family} family does not have (MAR's diffusion head)")
@@ -535,9 +540,14 @@ class Compiler:
             cmp_gm = self.quantize(recipe=cmp_recipe, bits=cmp_bits, reduce_range=False, device="cpu").gm
             cmp_head = self.quantized_head(cmp_recipe.head_pipeline, cmp_bits) if cmp_recipe.head_pipeline else None
             rows.append(quality.Row(f"{name} {cmp_bits}", name, cmp_bits, "torch fake-quant", cmp_gm, cmp_head))
-        table, samples = quality.evaluate_rows(bundle, rows, c.evaluate, c.calibration.seed, self.progress)
-        section = {"images": c.evaluate, "seed": c.calibration.seed, "rows": table,
-                   "grids": quality.write_grids(out, samples, columns=bundle.extra["model"].config.num_classes)}
+        edit = self._edit if c.task is not None else None
+        table, samples = quality.evaluate_rows(bundle, rows, c.evaluate, c.calibration.seed, self.progress, edit)
+        section = {"images": len(edit.labels) if edit else c.evaluate, "seed": c.calibration.seed, "rows": table,
+                   "grids": quality.write_grids(out, samples, columns=bundle.extra["model"].config.num_classes,
+                                                inputs=edit.job.inputs if edit else None)}
+        if edit is not None:
+            section["task"] = {"task": edit.job.task, "box": list(edit.job.box), "images": c.task.images,
+                               "classes": c.task.classes}
         with tempfile.TemporaryDirectory() as tmp:
             speed = self.target.quality_speed(bundle, fp_gm, out, Path(tmp))
         if speed is not None:

@@ -102,15 +102,17 @@ def pick_device(choice: str, local_rank: int, uses_torch: bool) -> torch.device:
 
 
 def write_edit_outputs(out: Path, inputs: np.ndarray, recon: np.ndarray, images: np.ndarray, keep: np.ndarray,
-                       info: dict) -> None:
+                       info: dict, fp: np.ndarray | None = None) -> None:
     """``edit.npz`` (per output image: ``inputs`` and ``recon``, the input's tokenizer reconstruction;
-    ``keep``: the kept pixels), ``edit_grid.png`` and ``edit.json`` (task, box, scores)."""
+    ``keep``: the kept pixels; ``fp``: the FP model's edits beside a quantized run's), ``edit_grid.png``
+    and ``edit.json`` (task, box, scores)."""
     from PIL import Image
 
-    np.savez(out / "edit.npz", inputs=inputs, recon=recon, keep=keep)
-    # one row per output: input | reconstruction | edit, so a glance shows what was kept
-    rows = np.stack([inputs, recon, images], 1).reshape(-1, *inputs.shape[1:])
-    Image.fromarray(grid(rows, cols=3)).save(out / "edit_grid.png")
+    np.savez(out / "edit.npz", inputs=inputs, recon=recon, keep=keep, **({"fp": fp} if fp is not None else {}))
+    # one row per output: input | reconstruction | (FP edit |) edit, so a glance shows what was kept
+    columns = [inputs, recon, *([fp] if fp is not None else []), images]
+    rows = np.stack(columns, 1).reshape(-1, *inputs.shape[1:])
+    Image.fromarray(grid(rows, cols=len(columns))).save(out / "edit_grid.png")
     atomic_write_text(out / "edit.json", json.dumps(info, indent=1))
 
 
@@ -185,6 +187,17 @@ def load_edit_images(spec: str, max_images: int | None = None) -> tuple[np.ndarr
     if len(images) == 0:
         raise UserError(f"--images {spec} holds no images")
     return images, (None if labels is None else np.asarray(labels, dtype=np.int64))
+
+
+def parse_labels(classes: str, per_class: int = 1) -> list[int]:
+    """``--classes 0,7`` -> ``[0, 7]``, each repeated ``per_class`` times."""
+    try:
+        labels = [int(c) for c in classes.split(",")]
+    except ValueError:
+        raise UserError(f"--classes must be integers separated by commas, got {classes!r}") from None
+    if per_class < 1:
+        raise UserError(f"--per-class must be at least 1, got {per_class}")
+    return [c for c in labels for _ in range(per_class)]
 
 
 def parse_box(text: str, height: int, width: int) -> tuple[float, float, float, float]:

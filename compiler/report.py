@@ -78,8 +78,11 @@ def _quality_md(q: dict) -> list[str]:
     from compiler.quality import table_rows
 
     headers, rows = table_rows(q)
+    what = (f"{q['images']} images (classes in turn, seed {q['seed']})" if "task" not in q else
+            f"{q['images']} {q['task']['task']} edits of {q['task']['images']} (box {q['task']['box']}, seed {q['seed']}; "
+            "PSNR kept: against the input's reconstruction where the input is kept)")
     out = ["## Image quality", "",
-           (f"{q['images']} images (classes in turn, seed {q['seed']}), the same for every model, so each pairs "
+           (f"{what}, the same for every model, so each pairs "
             "with its FP twin. Fidelity columns compare with the FP row; MNIST-FID is against the 1,000 held-out "
             "digits (lower is better; with this few images it is biased upwards, compare rows, not papers)."), "",
            _md_table(headers, rows), ""]

@@ -186,19 +186,29 @@ def fidelity(ref: Samples, sample: Samples) -> dict:
     return out
 
 
-def edit_scores(edited: np.ndarray, recon: np.ndarray, keep: np.ndarray, labels: np.ndarray | None = None) -> dict:
+def edit_scores(edited: np.ndarray, recon: np.ndarray, keep: np.ndarray, labels: np.ndarray | None = None,
+                fp: np.ndarray | None = None) -> dict:
     """How a zero-shot edit treated its input: PSNR of the kept pixels and of the regenerated ones
     against the input's reconstruction (the kept tokens are the input's, so the first is high but
-    not infinite: the decoder and the coarse scales mix across the box's edge), and for MNIST-size
-    images with labels 0-9, the share the classifier puts in ``labels`` (the target class of a
-    class-conditional edit; the input's own class for in/outpainting)."""
+    not infinite: the decoder and the coarse scales mix across the box's edge); for MNIST-size
+    images, MNIST-FID against the held-out digits and, with labels 0-9, the share the classifier
+    puts in ``labels`` (the target class of a class-conditional edit; the input's own class for
+    in/outpainting). With ``fp`` (the FP model's edits of the same inputs and seeds): PSNR and SSIM
+    to them in the regenerated region, the quantized model's fidelity on the task."""
     keep = np.asarray(keep, bool)
     out = {"psnr_kept_db": metrics.masked_psnr(edited, recon, keep),
-           "psnr_generated_db": metrics.masked_psnr(edited, recon, ~keep), "class_accuracy": None}
-    if (labels is not None and tuple(edited.shape[1:3]) in MNIST_SIZES
-            and all(0 <= int(c) < MNIST_CLASSES for c in labels)):
-        _, probs = mnist_extractor()(edited)
-        out["class_accuracy"] = metrics.class_accuracy(probs, labels)
+           "psnr_generated_db": metrics.masked_psnr(edited, recon, ~keep), "mnist_fid": None, "class_accuracy": None}
+    if fp is not None:
+        out["psnr_generated_vs_fp_db"] = metrics.masked_psnr(edited, fp, ~keep)
+        out["ssim_generated_vs_fp"] = metrics.masked_ssim(edited, fp, ~keep)
+    if tuple(edited.shape[1:3]) in MNIST_SIZES:
+        from evaluation.mnist_classifier import load_fid_ref
+
+        feats, probs = mnist_extractor()(edited)
+        mu, sigma, _ = load_fid_ref()
+        out["mnist_fid"] = metrics.frechet_distance(*metrics.gaussian_stats(feats), mu, sigma)
+        if labels is not None and all(0 <= int(c) < MNIST_CLASSES for c in labels):
+            out["class_accuracy"] = metrics.class_accuracy(probs, labels)
     return out
 
 

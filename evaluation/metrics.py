@@ -168,12 +168,32 @@ def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 255.0, win: int = 11,
     """Per-image SSIM (Wang et al. 2004) of NHWC (or NHW) batches: Gaussian 11x11 window with sigma
     1.5, K1 = 0.01, K2 = 0.03, mean over valid windows and channels. Images smaller than the window
     use a window of their size."""
+    s = _ssim_map(a, b, data_range, win, sigma)
+    return s.reshape(s.shape[0], -1).mean(1).numpy()
+
+
+def masked_ssim(a: np.ndarray, b: np.ndarray, mask: np.ndarray, data_range: float = 255.0, win: int = 11,
+                sigma: float = 1.5) -> float:
+    """``ssim`` over the windows whose centre pixel lies where ``mask [H, W]`` is true, all images
+    pooled (nan when no window is centred there). Edits score their regenerated region with it."""
+    s = _ssim_map(a, b, data_range, win, sigma)  # [N, C, h, w], window (i, j) centred at (i + r, j + r)
+    mask = np.asarray(mask, bool)
+    if mask.shape != tuple(np.asarray(a).shape[1:3]):
+        raise ValueError(f"mask {mask.shape} does not match images {np.asarray(a).shape}")
+    r = (mask.shape[0] - s.shape[2]) // 2  # the window's radius (square windows)
+    centres = torch.from_numpy(mask[r: r + s.shape[2], r: r + s.shape[3]].copy())
+    if not centres.any():
+        return float("nan")
+    return float(s[:, :, centres].mean())
+
+
+def _ssim_map(a, b, data_range: float, win: int, sigma: float) -> torch.Tensor:
     x = torch.as_tensor(np.asarray(a), dtype=torch.float64)
     y = torch.as_tensor(np.asarray(b), dtype=torch.float64)
     if x.ndim == 3:
         x, y = x[..., None], y[..., None]
     x, y = x.permute(0, 3, 1, 2), y.permute(0, 3, 1, 2)
-    n, c, h, w = x.shape
+    _, c, h, w = x.shape
     win = min(win, h, w)
     kernel = _gaussian_window(win, sigma)[None, None].expand(c, 1, win, win)
 
@@ -183,8 +203,7 @@ def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 255.0, win: int = 11,
     mx, my = filt(x), filt(y)
     vx, vy, cxy = filt(x * x) - mx ** 2, filt(y * y) - my ** 2, filt(x * y) - mx * my
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
-    return s.reshape(n, -1).mean(1).numpy()
+    return ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
 
 
 def token_agreement(tokens_a, tokens_b) -> float:

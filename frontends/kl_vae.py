@@ -33,7 +33,9 @@ class KLConfig:
     num_res_blocks: int = 2
 
 
-KL_CONFIGS = {"kl16": KLConfig(), "tiny": KLConfig(embed_dim=4, ch=32, ch_mult=(1, 2), num_res_blocks=1)}
+KL_CONFIGS = {"kl16": KLConfig(), "tiny": KLConfig(embed_dim=4, ch=32, ch_mult=(1, 2), num_res_blocks=1),
+              # builtin:mnist-mar: downsampling 4, a 32x32 digit is 8x8 tokens (as the other MNIST tokenizers)
+              "mnist": KLConfig(embed_dim=4, ch=32, ch_mult=(1, 1, 1), num_res_blocks=1)}
 
 
 class AttnBlock(nn.Module):

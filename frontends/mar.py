@@ -85,6 +85,8 @@ CONFIGS = {
     "mar_large": MARConfig(1024, 16, 16, 16, 8, 1280),
     "mar_huge": MARConfig(1280, 20, 20, 16, 12, 1536),
     "tiny": MARConfig(32, 2, 2, 2, 2, 48, seq_len=16, token_dim=4, buffer_size=4, num_classes=10),
+    # builtin:mnist-mar (frontends/embedded/MODEL_CARD.md): 8x8 tokens of a KL VAE with 4 latent channels
+    "mnist": MARConfig(64, 2, 2, 4, 2, 128, seq_len=64, token_dim=4, buffer_size=8, num_classes=10),
 }
 
 
@@ -105,6 +107,7 @@ SAMPLING = {
     "mar_large": Sampling(256, 3.0),
     "mar_huge": Sampling(256, 3.2),
     "tiny": Sampling(4, 2.0, num_sampling_steps="10"),  # tests: CFG on (calibration's cond/uncond rows), few steps
+    "mnist": Sampling(16, 3.0, num_sampling_steps="25"),  # builtin:mnist-mar: 64 tokens (MODEL_CARD.md)
 }
 
 STEP_INPUT_NAMES = ["tokens", "condition", "order", "attn_mask", "token_groups"]
@@ -397,15 +400,28 @@ class Diffusion:
             "coef1": betas * torch.sqrt(ac_prev) / (1 - ac), "coef2": (1 - ac_prev) * torch.sqrt(1 - betas) / (1 - ac),
         }
 
-    def at(self, name: str, i: int) -> torch.Tensor:
+    def at(self, name: str, i) -> torch.Tensor:
+        """Table ``name`` at step ``i``: a scalar for an int, ``[N, 1]`` (one per row) for a tensor of steps."""
+        if isinstance(i, torch.Tensor):
+            return self.tables[name].to(i.device)[i].float().unsqueeze(-1)
         return self.tables[name][i].float()
 
-    def p_sample(self, eps, var_values, x, i: int, noise, temperature: float):
-        """``x_{i-1}`` from the head's outputs at respaced step ``i`` (official ``p_sample``)."""
+    def p_mean_log_var(self, eps, var_values, x, i):
+        """Mean and log-variance of ``p(x_{i-1} | x_i)`` from the head's outputs (official
+        ``p_mean_variance``: learned-range variance between the posterior's and ``beta``)."""
         frac = (var_values + 1) / 2
         log_var = frac * self.at("max_log", i) + (1 - frac) * self.at("min_log", i)
         x0 = self.at("sqrt_recip_ac", i) * x - self.at("sqrt_recipm1_ac", i) * eps
-        mean = self.at("coef1", i) * x0 + self.at("coef2", i) * x
+        return self.at("coef1", i) * x0 + self.at("coef2", i) * x, log_var
+
+    def q_sample(self, x0, i, noise):
+        """``x_i`` from clean ``x0`` (official ``q_sample``), ``i`` a tensor of steps."""
+        sqrt_ac = 1 / self.at("sqrt_recip_ac", i)
+        return sqrt_ac * x0 + self.at("sqrt_recipm1_ac", i) * sqrt_ac * noise
+
+    def p_sample(self, eps, var_values, x, i: int, noise, temperature: float):
+        """``x_{i-1}`` from the head's outputs at respaced step ``i`` (official ``p_sample``)."""
+        mean, log_var = self.p_mean_log_var(eps, var_values, x, i)
         return mean + (float(i != 0) * torch.exp(0.5 * log_var)) * noise * temperature
 
 

@@ -7,9 +7,12 @@ float32), so ``tools.compile`` / ``tools.generate`` detect them like any release
 * ``var``: VAR's multi-scale residual VQVAE (``var_vqvae.VQVAE_CONFIGS["mnist"]``), then VAR
   (``var.CONFIGS["mnist"]``) teacher-forced over the whole token pyramid;
 * ``gpt``: LlamaGen's VQ tokenizer (``vq16.VQ_CONFIGS["mnist"]``, downsampling 4, so a 32x32
-  digit is 8x8 tokens), then LlamaGen's GPT (``llamagen.CONFIGS["GPT-mnist"]``), raster order.
+  digit is 8x8 tokens), then LlamaGen's GPT (``llamagen.CONFIGS["GPT-mnist"]``), raster order;
+* ``mar``: MAR's KL VAE (``kl_vae.KL_CONFIGS["mnist"]``: 8x8 tokens of 4 channels, rescaled to unit
+  standard deviation), then MAR (``mar.CONFIGS["mnist"]``) with its diffusion head, on the
+  official masked-token diffusion loss.
 
-Both generators drop the class to the null class with probability ``class_dropout`` (0.1, as
+The generators drop the class to the null class with probability ``class_dropout`` (0.1, as
 the official training) so CFG works. Data: the 9,000 training digits of
 ``mnist.train_holdout_split``, padded to 32x32 and repeated over 3 channels (the tokenizers
 take RGB). Everything is seeded; on one CPU the same seed gives the same weights.
@@ -60,7 +63,12 @@ class Settings:
     vq: Phase = field(default_factory=lambda: Phase(steps=300, batch=32, lr=2e-3, warmup=30))
     gpt: Phase = field(default_factory=lambda: Phase(steps=3000, batch=32, lr=2e-3, weight_decay=0.05, clip=1.0,
                                                      warmup=50))
-    class_dropout: float = 0.1  # official VAR / LlamaGen: labels -> null class for CFG
+    kl_vae: Phase = field(default_factory=lambda: Phase(steps=300, batch=32, lr=2e-3, warmup=30))
+    mar: Phase = field(default_factory=lambda: Phase(steps=2500, batch=32, lr=1e-3, weight_decay=0.02, clip=1.0,
+                                                     warmup=100))
+    kl_weight: float = 1e-3  # per latent element, against the per-pixel reconstruction loss
+    diffusion_batch_mul: int = 4  # official MAR: each masked token's diffusion loss at 4 timesteps
+    class_dropout: float = 0.1  # official VAR / LlamaGen / MAR: labels -> null class for CFG
     beta: float = 0.25  # commitment weight, as both official quantizers
     restart_every: int = 40  # dead-code restarts (steps); off after 3/4 of the tokenizer's steps
     sample_seeds: int = 8  # columns of the samples grid
@@ -378,6 +386,148 @@ def stage_gpt(data: TrainData, out: Path, settings: Settings, seed: int, progres
             "cpu_seconds": round(c2 - c0, 1)}
 
 
+# ----------------------------------------------------------------------------- stage "mar"
+
+def kl_vae_losses(vae, images: torch.Tensor, kl_weight: float):
+    """Reconstruction (L2 + L1) of a posterior sample and ``kl_weight`` x the KL to N(0, I) per latent
+    element (LDM's ``AutoencoderKL`` objective without its perceptual and GAN terms)."""
+    mean, log_var = vae.quant_conv(vae.encoder(images * 2 - 1)).chunk(2, dim=1)
+    log_var = log_var.clamp(-30.0, 20.0)  # DiagonalGaussianDistribution
+    z = mean + torch.exp(0.5 * log_var) * torch.randn_like(mean)
+    recon = vae.decoder(vae.post_quant_conv(z))
+    target = images * 2 - 1
+    kl = 0.5 * (mean.pow(2) + log_var.exp() - 1 - log_var).mean()
+    return F.mse_loss(recon, target) + F.l1_loss(recon, target), kl_weight * kl
+
+
+@torch.no_grad()
+def unit_tokens(vae, images: torch.Tensor) -> float:
+    """Rescale the latent space so MAR's tokens (posterior mean x ``LATENT_SCALE``) have unit standard
+    deviation on ``images``, as the official 0.2325 does for KL-16: the encoder's mean and
+    log-variance rows and the decoder's input columns absorb the factor exactly. Returns it."""
+    tokens = torch.cat([vae.encode(chunk) for chunk in images.split(500)])
+    s = 1.0 / tokens.std().item()
+    c = vae.config.embed_dim
+    vae.quant_conv.weight[:c].mul_(s)
+    vae.quant_conv.bias[:c].mul_(s)
+    vae.quant_conv.bias[c:].add_(2 * math.log(s))
+    vae.post_quant_conv.weight.div_(s)
+    return s
+
+
+def train_kl_vae(data: TrainData, settings: Settings, g: torch.Generator, progress: Progress = no_progress):
+    from frontends.kl_vae import KL_CONFIGS, AutoencoderKL
+
+    vae = AutoencoderKL(KL_CONFIGS["mnist"])
+    recon_losses = []
+
+    def loss_fn(idx):
+        rec, kl = kl_vae_losses(vae, data.images[idx], settings.kl_weight)
+        recon_losses.append(rec.item())
+        return rec + kl
+
+    losses = _fit(vae, loss_fn, len(data.images), settings.kl_vae, g, progress, "mar: KL VAE")
+    scale = unit_tokens(vae, data.images)
+    return vae.eval(), {"loss": _mean_last(losses), "recon_loss": _mean_last(recon_losses), "losses": losses,
+                        "latent_rescale": round(scale, 4)}
+
+
+def diffusion_losses(head, diffusion, x0: torch.Tensor, z: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Per-row loss of the official ``DiffLoss`` (``GaussianDiffusion.training_losses``, learned-range
+    variance): epsilon MSE plus the variational bound term with the mean held fixed (in bits), at a
+    uniform timestep of the 1000. At ``t = 0`` the bound's decoder term is the Gaussian NLL of ``x0``
+    (the official code takes the discretised-pixel likelihood there)."""
+    t = torch.randint(0, diffusion.num_timesteps, (len(x0),), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    x_t = diffusion.q_sample(x0, t, noise)
+    eps, var = head(x_t, t, z)
+    mse = (noise - eps).pow(2).mean(-1)
+    mean, log_var = diffusion.p_mean_log_var(eps.detach(), var, x_t, t)
+    true_mean = diffusion.at("coef1", t) * x0 + diffusion.at("coef2", t) * x_t
+    true_log_var = diffusion.at("min_log", t)
+    kl = 0.5 * (-1 + log_var - true_log_var + (true_log_var - log_var).exp() + (true_mean - mean).pow(2) * (-log_var).exp())
+    nll = 0.5 * (math.log(2 * math.pi) + log_var + (x0 - mean).pow(2) * (-log_var).exp())
+    vb = torch.where((t == 0).unsqueeze(-1), nll, kl).mean(-1) / math.log(2.0)
+    return mse + vb
+
+
+def mask_ratio(g: torch.Generator, low: float = 0.7) -> float:
+    """The official masking rate: a normal(1, 0.25) truncated to ``[0.7, 1]`` (``stats.truncnorm``)."""
+    while True:
+        r = 1.0 + 0.25 * torch.randn((), generator=g).item()
+        if low <= r <= 1.0:
+            return r
+
+
+def train_mar(tokens: torch.Tensor, labels: torch.Tensor, settings: Settings, g: torch.Generator,
+              progress: Progress = no_progress):
+    """The official ``MAR.forward`` loss: a random order, ``ceil(L * rate)`` tokens masked, the diffusion
+    loss on the masked ones, each repeated ``diffusion_batch_mul`` times (4, official)."""
+    from frontends.mar import CONFIGS, MAR, Diffusion, DiffusionHead
+
+    mar = MAR(CONFIGS["mnist"])
+    _mar_init(mar)
+    head = DiffusionHead(mar.diffloss.net)
+    diffusion = Diffusion("1000")
+    c, mul = mar.config, settings.diffusion_batch_mul
+
+    def loss_fn(idx):
+        x = tokens[idx]
+        b = len(idx)
+        order = torch.argsort(torch.rand(b, c.seq_len, generator=g), dim=1)
+        n = math.ceil(c.seq_len * mask_ratio(g))
+        mask = torch.zeros(b, c.seq_len).scatter(1, order[:, :n], 1.0)
+        z = mar(x, mask, drop_labels(labels[idx], c.num_classes, settings.class_dropout, g))
+        rows = mask.flatten().bool()
+        target, cond = x.flatten(0, 1)[rows].repeat(mul, 1), z.flatten(0, 1)[rows].repeat(mul, 1)
+        return diffusion_losses(head, diffusion, target, cond, g).mean()
+
+    losses = _fit(mar, loss_fn, len(tokens), settings.mar, g, progress, "mar: MAR")
+    return mar.eval(), {"loss": _mean_last(losses), "losses": losses}
+
+
+def _mar_init(mar: nn.Module) -> None:
+    """The official ``initialize_weights``: normal(0.02) embeddings, mask token and position embeddings,
+    xavier-uniform linears with zero bias, unit LayerNorms; the head's (``SimpleMLPAdaLN``) time
+    embedder normal(0.02), adaLN modulations and output layer zero."""
+    with torch.no_grad():
+        for p in (*mar.parameters(recurse=False), mar.class_emb.weight):
+            nn.init.normal_(p, std=0.02)
+        for m in mar.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        net = mar.diffloss.net
+        for layer in (net.time_embed.mlp[0], net.time_embed.mlp[2]):
+            nn.init.normal_(layer.weight, std=0.02)
+        for block in net.res_blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for layer in (net.final_layer.adaLN_modulation[-1], net.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+
+def stage_mar(data: TrainData, out: Path, settings: Settings, seed: int, progress: Progress = no_progress) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    t0, c0 = time.perf_counter(), time.process_time()
+    vae, vae_log = train_kl_vae(data, settings, g, progress)
+    t1 = time.perf_counter()
+    tokens = torch.cat([vae.encode(chunk) for chunk in data.images.split(500)])
+    mar, mar_log = train_mar(tokens, data.labels, settings, g, progress)
+    t2, c2 = time.perf_counter(), time.process_time()
+    model_file, tokenizer_file = STAGE_FILES["mar"]
+    atomic_torch_save({"model": half_state_dict(vae)}, out / tokenizer_file)  # kl16.ckpt's layout
+    atomic_torch_save(half_state_dict(mar), out / model_file)  # a plain state_dict, as the safetensors release
+    return {"tokenizer": vae_log, "generator": mar_log,
+            "seconds": {"tokenizer": round(t1 - t0, 1), "generator": round(t2 - t1, 1)},
+            "cpu_seconds": round(c2 - c0, 1)}
+
+
 # ----------------------------------------------------------------------------- driver
 
 def stage_classifier(data: TrainData, out: Path, settings: Settings, seed: int, progress: Progress = no_progress) -> dict:
@@ -389,20 +539,30 @@ def stage_classifier(data: TrainData, out: Path, settings: Settings, seed: int, 
     return {**log, "seconds": round(time.perf_counter() - t0, 1)}
 
 
-STAGES: dict[str, Callable[..., dict]] = {"var": stage_var, "gpt": stage_gpt, "classifier": stage_classifier}
-BUILTIN_NAME = {"var": "mnist-var", "gpt": "mnist-gpt"}  # the stage's model in examples.EMBEDDED
+STAGES: dict[str, Callable[..., dict]] = {"var": stage_var, "gpt": stage_gpt, "mar": stage_mar,
+                                          "classifier": stage_classifier}
+# Stages run without --only. ``mar`` is not among them and its model does not ship: trained for the
+# same budget, its diffusion head cannot reach the precision the official sampler's first step
+# needs (frontends/embedded/MODEL_CARD.md, "MAR: trained, not shipped").
+DEFAULT_STAGES = ("var", "gpt", "classifier")
+# model and tokenizer files of each generator stage (the shipped ones are examples.EMBEDDED's)
+STAGE_FILES = {"var": examples.EMBEDDED["mnist-var"], "gpt": examples.EMBEDDED["mnist-gpt"],
+               "mar": ("mar_mnist.pth", "mar_mnist_kl.ckpt")}
 
 
 def written_files(stage: str) -> tuple[str, ...]:
     """What a stage writes into ``out``: model, tokenizer, samples grid, training log (the classifier: weights, FID reference)."""
     if stage == "classifier":
         return ("mnist_classifier.pt", "mnist_fid_ref.npz")
-    return (*examples.EMBEDDED[BUILTIN_NAME[stage]], f"samples_{stage}.png", f"train_{stage}.json")
+    return (*STAGE_FILES[stage], f"samples_{stage}.png", f"train_{stage}.json")
 
 
 def sample_grid(stage: str, out: Path, seeds: int) -> torch.Tensor:
     """Images ``[10 * seeds, 3, 32, 32]`` of the written checkpoints (row = class) with the family's default sampler."""
-    bundle = examples.embedded(BUILTIN_NAME[stage], out)
+    from frontends.generic import load_model
+
+    model_file, tokenizer_file = STAGE_FILES[stage]
+    bundle = load_model(str(out / model_file), tokenizer=str(out / tokenizer_file))
     labels = torch.arange(10).repeat_interleave(seeds)
     with torch.no_grad():
         return bundle.extra["tokenizer"].decode(bundle.extra["generate"](labels, 0))
@@ -410,11 +570,11 @@ def sample_grid(stage: str, out: Path, seeds: int) -> torch.Tensor:
 
 def run(out: str | Path, *, data_root: str | Path | None = None, seed: int = 0, only: list[str] | None = None,
         settings: Settings | None = None, limit: int | None = None, progress: Progress = no_progress) -> dict:
-    """Train the ``only`` stages (default: all) into ``out``; returns the log also written to ``train_<stage>.json``.
+    """Train the ``only`` stages (default: ``DEFAULT_STAGES``) into ``out``; returns the log also written to ``train_<stage>.json``.
 
     The data is read before anything is written, so a bad ``data_root`` leaves ``out`` untouched.
     """
-    stages = list(STAGES) if not only else list(dict.fromkeys(only))
+    stages = list(DEFAULT_STAGES) if not only else list(dict.fromkeys(only))
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise UserError(f"unknown stage {unknown[0]!r}; stages: {', '.join(STAGES)}")
@@ -428,7 +588,7 @@ def run(out: str | Path, *, data_root: str | Path | None = None, seed: int = 0, 
     for name in stages:
         log = STAGES[name](data, out, settings, seed, progress)
         logs[name] = log
-        if name not in BUILTIN_NAME:  # the classifier: its files and accuracy are its log
+        if name not in STAGE_FILES:  # the classifier: its files and accuracy are its log
             continue
         _save_png(sample_grid(name, out, settings.sample_seeds), 10, out / written_files(name)[2])
         for part in ("tokenizer", "generator"):  # the curve, not every step, goes to the log

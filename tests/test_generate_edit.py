@@ -164,6 +164,16 @@ def test_edit_with_a_quantized_step(tmp_path):
         same, total = same + int((a[~k] == b[~k]).sum()), total + int((~k).sum())
     assert 0.3 < same / total < 1.0  # 186 of 192 sampled tokens agree here
     assert np.load(tmp_path / "fq" / "samples.npz")["arr_1"].tolist() == [-1] * 12
+    # the quantized run edits with FP too, side by side: the same images as the FP run's
+    fp_images, fq_images = (np.load(tmp_path / d / "samples.npz")["arr_0"] for d in ("fp", "fq"))
+    side = np.load(tmp_path / "fq" / "edit.npz")
+    assert np.array_equal(side["fp"], fp_images) and "fp" not in np.load(tmp_path / "fp" / "edit.npz")
+    info = json.loads((tmp_path / "fq" / "edit.json").read_text())
+    assert info["psnr_generated_vs_fp_db"] == pytest.approx(metrics.masked_psnr(fq_images, fp_images, ~side["keep"]))
+    assert 10 < info["psnr_generated_vs_fp_db"] < 60 and 0 < info["ssim_generated_vs_fp"] < 1
+    from PIL import Image
+
+    assert Image.open(tmp_path / "fq" / "edit_grid.png").size[0] > Image.open(tmp_path / "fp" / "edit_grid.png").size[0]
 
 
 def test_bad_edit_inputs(tmp_path, capsys):
@@ -225,3 +235,15 @@ def test_masked_psnr_and_edit_scores():
     wrong = edit_scores(d, d, keep, (labels.numpy() + 1) % 10)
     assert right["class_accuracy"] >= 0.9 and wrong["class_accuracy"] <= 0.1
     assert right["psnr_kept_db"] == float("inf")
+    # against FP edits: PSNR / SSIM only where regenerated (a change in the kept region does not count)
+    changed = d.copy()
+    changed[:, :8] = 255 - changed[:, :8]  # kept rows only
+    vs_fp = edit_scores(changed, d, keep, labels.numpy(), fp=d)
+    assert vs_fp["psnr_generated_vs_fp_db"] == float("inf") and vs_fp["ssim_generated_vs_fp"] < 1
+    assert vs_fp["ssim_generated_vs_fp"] == pytest.approx(metrics.masked_ssim(changed, d, ~keep))
+    noisy = np.clip(d.astype(int) + 8 * (np.arange(32) % 2)[:, None, None], 0, 255).astype(np.uint8)
+    assert edit_scores(noisy, d, keep, fp=d)["psnr_generated_vs_fp_db"] == pytest.approx(
+        metrics.masked_psnr(noisy, d, ~keep)) and 20 < metrics.masked_psnr(noisy, d, ~keep) < 40
+    # MNIST-FID against the held-out statistics: 20 real digits score far below 20 blank images
+    blank_fid = edit_scores(np.zeros_like(d), d, keep)["mnist_fid"]
+    assert 0 < right["mnist_fid"] and 2 * right["mnist_fid"] < blank_fid

@@ -122,6 +122,14 @@ def test_ssim_closed_form_and_direct_window():
             vals.append((2 * mx * my + c1) * (2 * cxy + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2)))
     assert M.ssim(x, y)[0] == pytest.approx(np.mean(vals), rel=1e-9)
     assert 0 < M.ssim(x, y)[0] < 0.99
+    # masked: only the windows centred in the mask; window (i, j) is centred at pixel (i + 5, j + 5)
+    mask = np.zeros((13, 13), bool)
+    mask[5, 5:7] = True  # the centres of windows (0, 0) and (0, 1)
+    assert M.masked_ssim(x, y, mask) == pytest.approx(np.mean(vals[:2]), rel=1e-9)
+    assert M.masked_ssim(x, y, np.ones((13, 13), bool)) == pytest.approx(M.ssim(x, y)[0], rel=1e-12)
+    border = np.zeros((13, 13), bool)
+    border[0] = True  # no window is centred on the first row
+    assert math.isnan(M.masked_ssim(x, y, border))
 
 
 def test_token_agreement_and_logit_kl():

@@ -29,7 +29,8 @@ def test_tokenizer_steps_lower_the_reconstruction_loss(digits):
     torch.manual_seed(0)
     _, var_log = train_tiny.train_vqvae(digits, Settings(vqvae=FEW), g)
     _, vq_log = train_tiny.train_vq(digits, Settings(vq=FEW), g)
-    for log in (var_log, vq_log):
+    _, kl_log = train_tiny.train_kl_vae(digits, Settings(kl_vae=FEW), g)
+    for log in (var_log, vq_log, kl_log):
         first, last = _first_last(log["losses"])
         assert last < 0.7 * first, (first, last)
 

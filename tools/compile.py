@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 
 from backends.registry import targets
-from compiler.config import DEFAULT_MODEL
+from compiler.config import DEFAULT_MODEL, EditTaskConfig
 from compiler.driver import Compiler
+from compiler.generation import EDIT_TASKS, MNIST_INPUTS, parse_labels
 from core.errors import UserError
 from core.io import atomic_output_dir, check_output_dir, check_writable
 from tools._cli import add_model_arguments, compile_config, main_wrapper, model_input_paths
@@ -44,9 +45,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --evaluate: also score these recipes as torch fake-quant models from the same "
                         "calibration set (default for the default model: "
                         f"{SHOWCASE['compare']})")
+    edit = p.add_argument_group("zero-shot edits (VAR): score --evaluate N on a task instead of generation")
+    edit.add_argument("--task", choices=tuple(EDIT_TASKS),
+                      help="inpaint: regenerate the box; outpaint: keep only the box; edit: regenerate the box as each "
+                           "--classes class; every model edits the same N inputs with the same seeds")
+    edit.add_argument("--images", metavar="SRC", help=f"images to edit: an .npz, a folder of PNGs or {MNIST_INPUTS} "
+                                                       f"(default: {MNIST_INPUTS}, the held-out MNIST digits)")
+    edit.add_argument("--box", metavar="Y0,X0,Y1,X1", help="the edit box: fractions or integer pixels (default: the "
+                                                           "centre half, 0.25,0.25,0.75,0.75)")
+    edit.add_argument("--classes", help="--task edit: comma-separated target classes")
     p.add_argument("--no-site-sqnr", action="store_true",
                    help="skip the per-site SQNR of the report (one insert-qdq and one forward per site)")
     return p
+
+
+def edit_task(args: argparse.Namespace) -> EditTaskConfig | None:
+    if not args.task:
+        for flag in ("images", "box", "classes"):
+            if getattr(args, flag) is not None:
+                raise UserError(f"--{flag} needs --task inpaint|outpaint|edit")
+        return None
+    if not args.evaluate:
+        raise UserError(f"--task {args.task} needs --evaluate N (the edits to score)")
+    if args.classes is not None and args.task != "edit":
+        raise UserError(f"--classes applies to --task edit; {args.task} is unconditional")
+    if args.task == "edit" and not args.classes:
+        raise UserError("--task edit needs --classes (the target classes)")
+    defaults = EditTaskConfig(args.task)
+    return EditTaskConfig(args.task, args.images or defaults.images, args.box or defaults.box,
+                          parse_labels(args.classes) if args.classes else None)
 
 
 @main_wrapper
@@ -64,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
     config = compile_config(args, target=args.target, stop_after=args.stop_after, disabled=args.disable_pass,
                             site_sqnr=not args.no_site_sqnr, evaluate=args.evaluate,
-                            compare=parse_compare(args.compare or ""))  # a typo fails before any work
+                            compare=parse_compare(args.compare or ""), task=edit_task(args))  # typos fail before any work
     out, inputs = Path(args.out), model_input_paths(args)
     check_output_dir(out, force=args.force, inputs=inputs)  # before any work: nothing is lost or half-made
     check_writable(args.calib_cache, "--calib-cache", kind="cache")

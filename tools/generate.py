@@ -17,7 +17,9 @@ and ``torchrun --nproc_per_node K -m tools.generate ...`` splits the batches ove
 
 VAR models also edit images (``--task inpaint|outpaint|edit --images SRC --box Y0,X0,Y1,X1``),
 the official zero-shot procedure; ``DIR/edit.npz``, ``edit.json`` and ``edit_grid.png`` add the
-inputs, their reconstructions, the kept pixels and the scores.
+inputs, their reconstructions, the kept pixels and the scores. A quantized step also edits with
+the FP model: ``edit_grid.png`` shows the two side by side and ``edit.json`` scores one against
+the other where generated.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ from compiler.generation import (
     fingerprint,
     load_edit_images,
     parse_box,
+    parse_labels,
     pick_device,
     to_unit_images,
     wait_for,
@@ -99,16 +102,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", type=float, default=3600.0, metavar="S",
                    help="sharded runs: how long rank 0 waits for the other ranks' batches (default: 3600 s)")
     return p
-
-
-def parse_labels(classes: str, per_class: int) -> list[int]:
-    try:
-        labels = [int(c) for c in classes.split(",")]
-    except ValueError:
-        raise UserError(f"--classes must be integers separated by commas, got {classes!r}") from None
-    if per_class < 1:
-        raise UserError(f"--per-class must be at least 1, got {per_class}")
-    return [c for c in labels for _ in range(per_class)]
 
 
 def step_source(args: argparse.Namespace):
@@ -225,11 +218,14 @@ def generate_batches(args, store: BatchStore, todo: list[tuple[int, range]], lab
             if job is None:
                 tokens = bundle.extra["generate"](batch_labels, seed, step=step, **graphs)
             else:
-                tokens, input_tokens, keep = bundle.extra["edit"](
-                    batch_labels, to_unit_images(job.inputs[idx.start: idx.stop]), job.box,
-                    inpainting=EDIT_TASKS[job.task], seed=seed, step=step)
+                edit_inputs = (batch_labels, to_unit_images(job.inputs[idx.start: idx.stop]), job.box)
+                tokens, input_tokens, keep = bundle.extra["edit"](*edit_inputs, inpainting=EDIT_TASKS[job.task],
+                                                                  seed=seed, step=step)
                 extra = {"recon": torch.from_numpy(decode_each(bundle.extra["tokenizer"], input_tokens)),
                          "keep": keep.cpu()}
+                if step is not None:  # a quantized edit: the FP edit of the same inputs and seeds beside it
+                    fp_tokens = bundle.extra["edit"](*edit_inputs, inpainting=EDIT_TASKS[job.task], seed=seed).tokens
+                    extra["fp"] = torch.from_numpy(decode_each(bundle.extra["tokenizer"], fp_tokens))
             images = decode_each(bundle.extra["tokenizer"], tokens)
         tokens = [t.cpu() for t in tokens] if isinstance(tokens, (list, tuple)) else tokens.cpu()
         store.save(k, tokens, images, extra)
@@ -279,16 +275,21 @@ def main(argv: list[str] | None = None) -> int:
     tokens, images = store.load_all()
     if job is not None:
         recon, keep = store.load_extra("recon").numpy(), torch.load(store.path(0), weights_only=True)["keep"].numpy()
-        scores = edit_scores(images, recon, keep, None if min(job.recorded) < 0 else np.asarray(job.recorded))
+        fp = store.load_extra("fp").numpy() if step_source(args) is not None else None
+        scores = edit_scores(images, recon, keep, None if min(job.recorded) < 0 else np.asarray(job.recorded), fp)
     with atomic_output_dir(out, force=args.force, inputs=inputs) as tmp:
         write_outputs(tmp, tokens, images, job.recorded if job is not None else labels)
         if job is not None:
-            write_edit_outputs(tmp, job.inputs, recon, images, keep, {"task": job.task, "box": list(job.box), **scores})
+            write_edit_outputs(tmp, job.inputs, recon, images, keep, {"task": job.task, "box": list(job.box), **scores},
+                               fp)
     shutil.rmtree(partial)
     if job is not None:
         acc = "n/a" if scores["class_accuracy"] is None else f"{100 * scores['class_accuracy']:.1f}%"
         print(f"{job.task}: PSNR to the input's reconstruction {scores['psnr_kept_db']:.1f} dB where kept, "
               f"{scores['psnr_generated_db']:.1f} dB where generated; class accuracy {acc}")
+        if fp is not None:
+            print(f"  against the FP edits where generated: PSNR {scores['psnr_generated_vs_fp_db']:.1f} dB, "
+                  f"SSIM {scores['ssim_generated_vs_fp']:.3f} (edit_grid.png: input | reconstruction | FP | quantized)")
     print(f"wrote {len(images)} images to {out}/ (grid.png, samples.npz, tokens.pt{', edit.npz' if job else ''})")
     return 0
 

@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory for the checkpoints (created if missing)")
     p.add_argument("--data", metavar="DIR", help="folder of the MNIST idx .gz files (default: data/mnist)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--only", nargs="+", metavar="STAGE", help=f"stages to run (default: all of {', '.join(train_tiny.STAGES)})")
+    p.add_argument("--only", nargs="+", metavar="STAGE", help=f"stages to run, of {', '.join(train_tiny.STAGES)} (default: "
+                                                               f"{', '.join(train_tiny.DEFAULT_STAGES)}; mar is not shipped)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     return p
 
