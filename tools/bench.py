@@ -131,15 +131,15 @@ def main(argv: list[str] | None = None) -> int:
             if args.steps == "last":  # fidelity beside speed: the step's logits against the FP graph's
                 output_sqnr(fp_gm, timed, inputs)
             table, speedup = render(timed)
-            if args.profile:
-                for r in timed:
-                    print(f"--- profile of {r.name} (3 calls)")
-                    print(profile_table(r))
             what = ("full generation" if args.steps == "all" else
                     "one decode step" if bundle.family == "llamagen" else "one last-scale step")
             print(f"workload {args.model} ({what}), batch {batch}, {args.repeats} interleaved repeats after "
                   f"{args.warmup} warm-up; {device}; int8 graph: {how}, {build.bits}")
-            print(table)
+            print(table, flush=True)
+            if args.profile:  # after the table: at d16 on a CPU the profiles take minutes
+                for r in timed:
+                    print(f"--- profile of {r.name} (3 calls)")
+                    print(profile_table(r), flush=True)
             print(f"speedup_vs_fp32={speedup:.3f}" if speedup else "speedup_vs_fp32=n/a", flush=True)
             results.append({"batch": batch, "speedup_vs_fp32": speedup, "backends": {
                 r.name: {"times_s": r.times, "peak_bytes": r.peak_bytes, "size_bytes": r.size_bytes, "note": r.note,
