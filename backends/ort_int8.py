@@ -9,8 +9,25 @@ is rewritten into the contrib op onnxruntime runs on its int8 kernels::
       ==>  Q(x, s, z + 128 as uint8) -> MatMulIntegerToFloat(q, W_int8, s, w_s, z + 128, bias)
 
 The uint8 code is the int8 code plus 128 (both clamp to 256 levels), and the GEMM accumulates
-in int32, so the result equals the fake-quant graph up to float32 rounding. Everything else
-(token-group rescale and zero-point correction, norms, attention) stays as exported.
+in int32, so the result equals the fake-quant graph up to float32 rounding.
+
+A token-group (STWQ) linear is exported as ``x * inv_s[g] + z[g] -> Q(1, 0) -> DQ -> MatMul ->
+* s[g] [- (z s)[g] colsum] [+ bias]`` (``passes/insert_qdq.py``), five to eight pointwise passes
+over the activations. Here it becomes::
+
+    QuantizeLinear(x, s[g], z[g] + 128, axis=-2) -> MatMulIntegerToFloat(., W, a_scale=s[g][:, None])
+        [-> Add(C[g])],   C = bias - (z s) colsum  (or the plain bias when every z is 0)
+
+``s[g]``, ``z[g]`` and ``C[g]`` are Gathers of small per-group tables by ``token_groups``.
+MatMulIntegerToFloat takes a per-row ``[T, 1]`` ``a_scale`` (it multiplies its output by it)
+but only a scalar ``a_zero_point``, so the GEMM runs with zero point 128 and the per-row zero
+point comes back exactly through ``C``; with a per-row ``a_scale`` it scales its ``bias`` input
+too, so the bias stays in the one ``Add``. A grid narrower than 8 bits (a ``Clip`` before the
+Q) keeps the exported input side and folds only the output side.
+
+The KV-cache writes (``index_copy`` along the position axis) export as ``Transpose ->
+ScatterND -> Transpose``, two more copies of the whole cache per write; they become one
+``ScatterND`` on the cache's own layout. Everything else (norms, attention) stays as exported.
 
 x86 without VNNI computes u8 x s8 with ``vpmaddubsw``, which saturates a pair of products in
 int16 unless |w| <= 64 (7-bit weights, ``weight-quant{reduce_range=true}``). A weight, or an
@@ -57,6 +74,15 @@ class _Graph:
         self._names.add(name)
         return name
 
+    def append(self, node) -> str:
+        """Append ``node``, keeping the producer / consumer maps current; returns its first output."""
+        self.g.node.append(node)
+        for o in node.output:
+            self.producer[o] = node
+        for i in node.input:
+            self.consumers.setdefault(i, []).append(node)
+        return node.output[0]
+
     def add_init(self, base: str, array: np.ndarray) -> str:
         name = self.fresh(base)
         t = numpy_helper.from_array(array, name)
@@ -74,17 +100,127 @@ def _scalar_qparams(gr: _Graph, node) -> tuple[str, np.ndarray] | None:
     return node.input[1], zp.reshape(())
 
 
+def _gathered(gr: _Graph, name: str) -> tuple[np.ndarray, str] | None:
+    """(table, index input) when ``name`` is ``Unsqueeze(Gather(table, index), [-1])`` of a constant 1-d
+    table: a token-group quantity of ``insert-qdq``, ``[T, 1]``."""
+    n = gr.producer.get(name)
+    if n is None or n.op_type != "Unsqueeze":
+        return None
+    axes = gr.const(n.input[1]) if len(n.input) > 1 else np.array(_attr(n, "axes", []))
+    if axes is None or axes.size != 1 or int(axes.reshape(-1)[0]) not in (-1, 1):
+        return None
+    gather = gr.producer.get(n.input[0])
+    if gather is None or gather.op_type != "Gather" or _attr(gather, "axis", 0) != 0:
+        return None
+    table = gr.const(gather.input[0])
+    if table is None or table.ndim != 1 or table.dtype != np.float32:
+        return None
+    return table, gather.input[1]
+
+
+def _other(node, name: str) -> str:
+    """The input of binary ``node`` that is not ``name``."""
+    return node.input[1] if node.input[0] == name else node.input[0]
+
+
+def _only_consumer(gr: _Graph, name: str, op_type: str):
+    users = gr.consumers.get(name, [])
+    if name in gr.outputs or len(users) != 1 or users[0].op_type != op_type:
+        return None
+    return users[0]
+
+
+def _group_epilogue(gr: _Graph, mm, n_out: int) -> dict | None:
+    """The token-group epilogue after MatMul ``mm`` (``* s[g]``, ``- (z s)[g] colsum``, ``+ bias``) as
+    tables, else None: ``scale [G]``, ``groups`` (the index input), ``offset [G, N]`` (bias minus the
+    zero-point correction; None without a correction), ``bias`` (the bias initializer when there is
+    no correction, else None) and ``out`` (the tensor the epilogue ends in)."""
+    mul = _only_consumer(gr, mm.output[0], "Mul")
+    g = _gathered(gr, _other(mul, mm.output[0])) if mul is not None else None
+    if g is None:
+        return None
+    scale, groups = g
+    offset, bias, last = np.zeros((scale.size, n_out), np.float32), None, mul
+    corrected = False
+    sub = _only_consumer(gr, last.output[0], "Sub")
+    if sub is not None and sub.input[0] == last.output[0]:
+        corr = gr.producer.get(sub.input[1])
+        if corr is None or corr.op_type != "Mul":
+            return None
+        colsum = next((gr.const(i) for i in corr.input if gr.const(i) is not None), None)
+        zs = gr.producer.get(next((i for i in corr.input if gr.const(i) is None), ""))
+        if colsum is None or colsum.shape != (n_out,) or zs is None or zs.op_type != "Mul":
+            return None
+        z, s = (_gathered(gr, i) for i in zs.input)
+        if z is None or s is None or z[1] != groups or s[1] != groups or z[0].size != scale.size:
+            return None
+        offset -= (z[0] * s[0])[:, None].astype(np.float32) * colsum[None, :].astype(np.float32)
+        last, corrected = sub, True
+    add = _only_consumer(gr, last.output[0], "Add")
+    if add is not None:
+        b = gr.const(_other(add, last.output[0]))
+        if b is not None and b.dtype == np.float32 and b.shape == (n_out,):
+            offset += b[None, :]
+            bias, last = _other(add, last.output[0]), add
+    return {"scale": scale, "groups": groups, "out": last.output[0], "bias": None if corrected else bias,
+            "offset": offset if corrected else None}
+
+
+def _group_quantize(gr: _Graph, q, scale: np.ndarray, groups: str) -> tuple[str, np.ndarray] | None:
+    """(x, zero points [G]) when int8 Q ``q`` (scale 1, zero point 0, full 8 bits) quantizes
+    ``x * inv_s[g] + z[g]`` with ``inv_s = 1 / scale`` gathered by ``groups``: the token-group grid
+    ``insert-qdq`` lowers for TensorRT, which one per-row QuantizeLinear computes directly."""
+    qp = _scalar_qparams(gr, q)
+    if qp is None or float(gr.const(qp[0])) != 1.0 or int(qp[1]) != 0:
+        return None
+    add = gr.producer.get(q.input[0])
+    if add is None or add.op_type != "Add":
+        return None
+    for mul_out in add.input:
+        mul, z = gr.producer.get(mul_out), _gathered(gr, _other(add, mul_out))
+        if mul is None or mul.op_type != "Mul" or z is None or z[1] != groups:
+            continue
+        for x in mul.input:
+            inv = _gathered(gr, _other(mul, x))
+            if (inv is not None and inv[1] == groups and inv[0].shape == scale.shape
+                    and np.allclose(inv[0] * scale, 1.0, rtol=1e-6) and np.array_equal(z[0], np.round(z[0]))
+                    and z[0].min() >= -128 and z[0].max() <= 127):
+                return x, z[0]
+    return None
+
+
 def lower_for_ort(model: onnx.ModelProto, *, u8s8_safe: bool) -> dict:
-    """Rewrite every quantized MatMul of ``model`` (in place) into MatMulIntegerToFloat.
+    """Rewrite every quantized MatMul of ``model`` (in place) into MatMulIntegerToFloat, with the
+    token-group epilogues folded and the KV-cache writes' transposes removed (see the module doc).
 
     ``u8s8_safe``: the CPU has VNNI, so u8 x s8 cannot saturate whatever the weights (see the
     module doc). Returns counts: ``int8_gemms`` (u8 x s8), ``u8u8_gemms`` (B shifted to uint8
-    because it could saturate), ``float_matmuls`` (MatMuls left in float).
+    because it could saturate), ``float_matmuls`` (MatMuls left in float), ``group_epilogues``
+    (token-group epilogues folded into the GEMM's ``a_scale``), ``group_quantizers`` (token-group
+    input grids as one per-row QuantizeLinear), ``cache_writes`` (Transpose/ScatterND/Transpose
+    triples made one ScatterElements).
     """
     gr = _Graph(model)
     u8_of: dict[str, tuple[str, str, str]] = {}  # int8 Q output -> (uint8 twin, scale, uint8 zero point)
-    counts = {"int8_gemms": 0, "u8u8_gemms": 0, "float_matmuls": 0}
+    counts = {"int8_gemms": 0, "u8u8_gemms": 0, "float_matmuls": 0, "group_epilogues": 0, "group_quantizers": 0,
+              "cache_writes": _fold_cache_writes(gr)}
     replaced: list = []
+    grouped_u8: dict[str, str] = {}  # int8 Q output -> its per-row uint8 QuantizeLinear
+
+    def group_quantize(q, scale: np.ndarray, groups: str) -> str | None:
+        if q.output[0] not in grouped_u8:
+            found = _group_quantize(gr, q, scale, groups)
+            if found is None:
+                return None
+            x, z = found
+            s_vec = _gather(gr, gr.add_init(f"{q.output[0]}_row_scale", scale.astype(np.float32)), groups)
+            zp_vec = _gather(gr, gr.add_init(f"{q.output[0]}_row_zero_point_u8", (z + 128).astype(np.uint8)), groups)
+            out = gr.fresh(f"{q.output[0]}_u8")
+            gr.append(helper.make_node("QuantizeLinear", [x, s_vec, zp_vec], [out], axis=-2,
+                                       name=gr.fresh(f"{q.name or q.output[0]}_rows_u8")))
+            grouped_u8[q.output[0]] = out
+            counts["group_quantizers"] += 1
+        return grouped_u8[q.output[0]]
 
     def u8_quantize(q) -> tuple[str, str, str] | None:
         """(uint8 output, scale, uint8 zero point) of the twin of int8 Q node ``q``."""
@@ -95,8 +231,8 @@ def lower_for_ort(model: onnx.ModelProto, *, u8s8_safe: bool) -> dict:
         if q.output[0] not in u8_of:
             zp_name = gr.add_init(f"{q.input[1].removesuffix('_scale')}_zero_point_u8", np.array(int(zp) + 128, np.uint8))
             out = gr.fresh(f"{q.output[0]}_u8")
-            gr.g.node.append(helper.make_node("QuantizeLinear", [q.input[0], scale, zp_name], [out],
-                                              name=gr.fresh(f"{q.name or q.output[0]}_u8")))
+            gr.append(helper.make_node("QuantizeLinear", [q.input[0], scale, zp_name], [out],
+                                       name=gr.fresh(f"{q.name or q.output[0]}_u8")))
             u8_of[q.output[0]] = (out, scale, zp_name)
         return u8_of[q.output[0]]
 
@@ -113,28 +249,98 @@ def lower_for_ort(model: onnx.ModelProto, *, u8s8_safe: bool) -> dict:
             continue
         b_name, b_scale, b_zp, shifted = b
         out, bias = mm.output[0], ""
-        add = gr.consumers.get(out, [])
-        if out not in gr.outputs and len(add) == 1 and add[0].op_type == "Add":
-            other = add[0].input[1] if add[0].input[0] == out else add[0].input[0]
-            c = gr.const(other)
-            n_out = gr.const(b_name).shape[-1] if gr.const(b_name) is not None else None
-            if c is not None and c.ndim == 1 and c.dtype == np.float32 and c.shape[0] == n_out:
-                bias, out = other, add[0].output[0]
-                replaced.append(add[0])
+        w = gr.const(b_name)
+        n_out = w.shape[-1] if w is not None else None
+        epi = _group_epilogue(gr, mm, n_out) if n_out is not None and float(gr.const(a[1])) == 1.0 else None
+        if epi is not None:  # the per-row scale into a_scale, the rest into one Add
+            a_in = group_quantize(q_a, epi["scale"], epi["groups"]) or a[0]
+            s_row = _gather(gr, gr.add_init(f"{mm.output[0]}_row_scale", epi["scale"].reshape(-1, 1).astype(np.float32)),
+                            epi["groups"])
+            gemm_out = gr.fresh(f"{mm.output[0]}_scaled") if epi["bias"] or epi["offset"] is not None else epi["out"]
+            a = (a_in, s_row, a[2])
+            replaced.append(gr.producer[epi["out"]])  # its output is produced anew below; the chain before it dies
+            if epi["offset"] is not None:
+                c = _gather(gr, gr.add_init(f"{mm.output[0]}_row_offset", epi["offset"]), epi["groups"])
+                gr.append(helper.make_node("Add", [gemm_out, c], [epi["out"]], name=gr.fresh(f"{mm.name}_offset")))
+            elif epi["bias"]:
+                gr.append(helper.make_node("Add", [gemm_out, epi["bias"]], [epi["out"]], name=gr.fresh(f"{mm.name}_bias")))
+            out = gemm_out
+            counts["group_epilogues"] += 1
+        else:
+            add = gr.consumers.get(out, [])
+            if out not in gr.outputs and len(add) == 1 and add[0].op_type == "Add":
+                other = _other(add[0], out)
+                c = gr.const(other)
+                if c is not None and c.ndim == 1 and c.dtype == np.float32 and c.shape[0] == n_out:
+                    bias, out = other, add[0].output[0]
+                    replaced.append(add[0])
         inputs = [a[0], b_name, a[1], b_scale, a[2], b_zp, bias]
         while inputs[-1] == "":
             inputs.pop()
-        gr.g.node.append(helper.make_node("MatMulIntegerToFloat", inputs, [out], domain=MS_DOMAIN,
-                                          name=gr.fresh(f"{mm.name or mm.output[0]}_int8")))
+        gr.append(helper.make_node("MatMulIntegerToFloat", inputs, [out], domain=MS_DOMAIN,
+                                   name=gr.fresh(f"{mm.name or mm.output[0]}_int8")))
         replaced.append(mm)
         counts["u8u8_gemms" if shifted else "int8_gemms"] += 1
     for n in replaced:
         gr.g.node.remove(n)
-    _toposort(model)  # the new nodes were appended at the end
     _prune(model)
+    _toposort(model)  # the new nodes were appended at the end
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return counts
+
+
+def _gather(gr: _Graph, table: str, index: str) -> str:
+    """``Gather(table, index)`` along axis 0, appended; returns its output."""
+    out = gr.fresh(f"{table}_gathered")
+    return gr.append(helper.make_node("Gather", [table, index], [out], axis=0, name=gr.fresh(f"{table}_gather")))
+
+
+def _fold_cache_writes(gr: _Graph) -> int:
+    """``Transpose(p)(X) -> ScatterND(., Unsqueeze(pos, -1), Transpose(p)(U)) -> Transpose(p^-1)``, the
+    exporter's ``index_copy`` along axis ``a = p[0]``, becomes ``ScatterND(X, idx, U)`` on ``X``'s own
+    layout, ``idx [*U.shape[:a + 1], a + 1]`` the coordinates of every row written (built from ``U``'s
+    shape and ``pos``): one copy of the cache instead of three, and whole rows of ``U`` per index.
+    (``ScatterElements`` along ``a`` is the same numbers, but onnxruntime runs it element by element,
+    3x slower than the transposes.) Returns the number folded."""
+    folded = 0
+    for sc in [n for n in gr.g.node if n.op_type == "ScatterND"]:
+        t_data, t_upd = gr.producer.get(sc.input[0]), gr.producer.get(sc.input[2])
+        t_out = _only_consumer(gr, sc.output[0], "Transpose")
+        idx = gr.producer.get(sc.input[1])
+        if None in (t_data, t_upd, t_out, idx) or t_data.op_type != "Transpose" or t_upd.op_type != "Transpose":
+            continue
+        perm = list(_attr(t_data, "perm", []))
+        axes = gr.const(idx.input[1]) if idx.op_type == "Unsqueeze" and len(idx.input) > 1 else None
+        if (not perm or list(_attr(t_upd, "perm", [])) != perm or _attr(sc, "reduction", b"none") not in ("none", b"none")
+                or [perm[i] for i in _attr(t_out, "perm", [])] != list(range(len(perm)))
+                or axes is None or axes.size != 1 or int(axes.reshape(-1)[0]) not in (-1, 1)):
+            continue
+        gr.g.node.remove(t_out)  # its output is produced anew below; the ScatterND and transposes die
+        gr.append(helper.make_node("ScatterND", [t_data.input[0], _row_indices(gr, idx.input[0], t_upd.input[0], perm[0]),
+                                                 t_upd.input[0]], [t_out.output[0]], name=gr.fresh(f"{sc.name}_rows")))
+        folded += 1
+    return folded
+
+
+def _row_indices(gr: _Graph, positions: str, upd: str, axis: int) -> str:
+    """ScatterND indices writing ``upd`` at ``positions`` along ``axis``: ``[*upd.shape[:axis + 1], axis + 1]``,
+    entry ``(i_0, ..., i_{axis - 1}, positions[i_axis])``."""
+    def node(op: str, inputs: list[str], **attrs) -> str:
+        return gr.append(helper.make_node(op, inputs, [gr.fresh(f"{upd}_row_index")], name=gr.fresh(f"{upd}_row_index"), **attrs))
+
+    def const(base: str, value) -> str:
+        return gr.add_init(base, np.array(value, np.int64))
+
+    shape = node("Shape", [upd])
+    lead = node("Slice", [shape, const("zero_1d", [0]), const("row_index_end", [axis + 1])])
+    cols = []
+    for d in range(axis + 1):
+        coords = positions if d == axis else node("Range", [const("zero", 0), node("Gather", [shape, const("dim", d)], axis=0),
+                                                            const("one", 1)])
+        coords = node("Reshape", [coords, const("row_index_shape", [-1 if k == d else 1 for k in range(axis + 1)])])
+        cols.append(node("Unsqueeze", [node("Expand", [coords, lead]), const("last_axis", [-1])]))
+    return node("Concat", cols, axis=-1)
 
 
 def _b_operand(gr: _Graph, dq_b, u8s8_safe: bool, u8_quantize):
@@ -165,16 +371,21 @@ def _b_operand(gr: _Graph, dq_b, u8s8_safe: bool, u8_quantize):
 
 
 def _prune(model: onnx.ModelProto) -> None:
-    """Drop nodes and initializers nothing reads any more (the replaced DQs and int8 Qs)."""
+    """Drop nodes and initializers nothing reads any more (the replaced DQs and int8 Qs, the folded
+    epilogues); in any node order, since new nodes are appended before the graph is sorted."""
     g = model.graph
-    needed = {o.name for o in g.output}
-    keep = []
-    for n in reversed(list(g.node)):
-        if any(o in needed for o in n.output):
-            keep.append(n)
-            needed.update(i for i in n.input if i)
-    dead = [n for n in g.node if n not in keep]
-    for n in dead:
+    producer = {o: n for n in g.node for o in n.output}
+    needed, stack, keep = set(), [o.name for o in g.output], set()
+    while stack:
+        name = stack.pop()
+        if name in needed:
+            continue
+        needed.add(name)
+        n = producer.get(name)
+        if n is not None and id(n) not in keep:
+            keep.add(id(n))
+            stack.extend(i for i in n.input if i)
+    for n in [n for n in g.node if id(n) not in keep]:
         g.node.remove(n)
     for i in [i for i in g.initializer if i.name not in needed]:
         g.initializer.remove(i)

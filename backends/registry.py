@@ -104,6 +104,7 @@ class Runner:
     peak_bytes: int | None = None
     note: str = ""
     onnx: tuple[Path, str] | None = None  # onnxruntime runners: (model file, session mode), for profiles
+    sqnr_db: float | None = None  # its step's first output (logits) against the FP graph's, on the timed inputs
 
 
 @dataclass(frozen=True)

@@ -242,18 +242,33 @@ def profile_table(r: Runner, rows: int = 15) -> str:
     return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70)
 
 
+def output_sqnr(fp_gm, runners: list[Runner], inputs: tuple) -> None:
+    """Each runner's ``sqnr_db``: its step's first output (the logits) against the FP graph's (torch, float32,
+    on the CPU), on the timed inputs; one more call of each."""
+    from backends.registry import converter
+    from core.numerics import run_outputs, sqnr_db, tensor_outputs
+
+    reference = run_outputs(fp_gm.cpu().float(), converter("cpu", torch.float32)(inputs))[0]
+    for r in runners:
+        with torch.no_grad():
+            r.sqnr_db = sqnr_db(reference, tensor_outputs(r.fn(r.inputs))[0].float().cpu())
+
+
 def render(runners: list[Runner]) -> tuple[str, float | None]:
     """The table, with a ratio column against every floating-point backend; and first int8 / first FP."""
     fps = [r for r in runners if not is_quantized(r.name)]
     q = next((r for r in runners if is_quantized(r.name)), None)
     bases = [(f.name, statistics.median(f.times)) for f in fps]
+    sqnr = any(r.sqnr_db is not None for r in runners)
     lines = [f"{'backend':20s} {'median ms':>10s} {'min ms':>8s} {'max ms':>8s} "
-             + "".join(f"{'vs ' + n:>17s}" for n, _ in bases) + f" {'run MB':>7s} {'size MB':>8s}  note"]
+             + "".join(f"{'vs ' + n:>17s}" for n, _ in bases) + (f" {'SQNR dB':>8s}" if sqnr else "")
+             + f" {'run MB':>7s} {'size MB':>8s}  note"]
     for r in runners:
         med = statistics.median(r.times)
         peak = f"{r.peak_bytes / 2**20:.0f}" if r.peak_bytes else "n/a"
         lines.append(f"{r.name:20s} {med * 1e3:10.2f} {min(r.times) * 1e3:8.2f} {max(r.times) * 1e3:8.2f} "
                      + "".join(f"{f'{b / med:.2f}x':>17s}" for _, b in bases)
+                     + (f" {r.sqnr_db:8.1f}" if sqnr and r.sqnr_db is not None else f" {'n/a':>8s}" if sqnr else "")
                      + f" {peak:>7s} {r.size_bytes / 2**20:8.2f}  {r.note}")
     speedup = bases[0][1] / statistics.median(q.times) if (bases and q) else None
     return "\n".join(lines), speedup

@@ -6,6 +6,8 @@ compilation's ``--bits`` (``ctx.config.precision``) when a pass option is 0.
 """
 from __future__ import annotations
 
+import fnmatch
+
 import torch
 
 from calib.observers import TensorObserver
@@ -34,7 +36,9 @@ class ActQuant(Pass):
 
     ``granularity=tensor`` is TensorRT-legal as is; ``channel`` is a simulation baseline
     (TensorRT accepts per-channel scales on weights only). ``matmuls`` also quantizes both
-    operands of attention matmuls per tensor. It fills in only what no earlier pass decided,
+    operands of attention matmuls per tensor, those whose site matches the glob ``matmul_sites``
+    (``*.matmul1``: q @ k^T only, the choice that keeps the MNIST VAR's tokens; the probabilities
+    x V of ``*.matmul2`` lose 4 points, BENCHMARKS.md). It fills in only what no earlier pass decided,
     so ``stwq,act-quant{matmuls=true}`` keeps the token-wise linears and adds the matmuls.
     At a 4-bit grid of a grouped precision (``--bits W4A4``), a linear's per-tensor grid becomes
     one grid per group of input channels (``Precision.group``, ``qmath.group_size``), stored per
@@ -46,14 +50,18 @@ class ActQuant(Pass):
     symmetric: bool = True
     granularity: str = "tensor"
     matmuls: bool = False
+    matmul_sites: str = "*"
 
     def __call__(self, gm, ctx: PassContext) -> PassResult:
         if self.granularity not in ("tensor", "channel"):
             raise UserError(f"act-quant: granularity must be tensor or channel, got {self.granularity!r}")
         bits = act_bits(self.bits, ctx)
+        matmuls = [n for n, s in ctx.sites.items() if s.kind == "matmul" and fnmatch.fnmatchcase(n, self.matmul_sites)]
+        if self.matmuls and self.matmul_sites != "*" and not matmuls:
+            raise UserError(f"act-quant: matmul-sites={self.matmul_sites!r} matches no attention matmul")
         decided = 0
         for name, site in ctx.sites.items():
-            if site.excluded_by or (site.kind == "matmul" and not self.matmuls):
+            if site.excluded_by or (site.kind == "matmul" and not (self.matmuls and name in matmuls)):
                 continue
             for role, obs in ctx.stats.get(name, {}).items():
                 if not isinstance(obs, TensorObserver):  # fold records: smooth_scale, sym_shift, gps_scale

@@ -19,6 +19,11 @@ def test_bench_table_and_last_line(tmp_path, capsys):
         assert all(len(b["times_s"]) == 2 for b in r["backends"].values())
     sizes = data["results"][0]["backends"]
     assert sizes["ort-int8"]["size_bytes"] < sizes["ort-fp32"]["size_bytes"] / 2
+    # fidelity beside speed: onnxruntime FP32 equals the FP graph to float rounding, int8 does not
+    for r in data["results"]:
+        sqnr = {name: b["sqnr_db"] for name, b in r["backends"].items()}
+        assert sqnr["ort-fp32"] > 80 and 10 < sqnr["ort-int8"] < 60, sqnr
+    assert "SQNR dB" in "\n".join(lines)
 
 
 def test_bench_generation_on_var(capsys):

@@ -61,7 +61,8 @@ def test_lowered_linear_equals_the_qdq_reference(tmp_path, weight_bits, u8s8_saf
     ops = [n.op_type for n in model.graph.node]
     assert ops == ["QuantizeLinear", "MatMulIntegerToFloat"], ops  # the bias Add is folded into the GEMM
     shifted = weight_bits == 8 and not u8s8_safe
-    assert counts == {"int8_gemms": 0 if shifted else 1, "u8u8_gemms": 1 if shifted else 0, "float_matmuls": 0}
+    assert counts == {"int8_gemms": 0 if shifted else 1, "u8u8_gemms": 1 if shifted else 0, "float_matmuls": 0,
+                      "group_epilogues": 0, "group_quantizers": 0, "cache_writes": 0}
     q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear")
     zp = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == q.input[2]))
     assert zp.dtype == np.uint8 and int(zp) == 125  # int8 zero point -3 shifted by 128
@@ -75,9 +76,103 @@ def test_float_matmuls_are_left_alone(tmp_path):
     mm = next(n for n in model.graph.node if n.op_type == "MatMul")
     mm.input[0] = "x"  # activation not quantized: no integer GEMM possible
     counts = lower_for_ort(model, u8s8_safe=False)
-    assert counts == {"int8_gemms": 0, "u8u8_gemms": 0, "float_matmuls": 1}
+    assert counts == {"int8_gemms": 0, "u8u8_gemms": 0, "float_matmuls": 1, "group_epilogues": 0, "group_quantizers": 0,
+                      "cache_writes": 0}
     assert "MatMul" in [n.op_type for n in model.graph.node]
     assert "QuantizeLinear" not in [n.op_type for n in model.graph.node]  # the dead Q is pruned
+
+
+def _group_linear_model(*, symmetric: bool, bias: bool, qmax: int, rng) -> onnx.ModelProto:
+    """insert-qdq's token-group (STWQ) linear as exported: ``x * inv_s[g] + z[g] -> [Clip] -> Q(1, 0) -> DQ ->
+    MatMul(., DQ(W)) * s[g] [- (z s)[g] colsum] [+ bias]``, the tables gathered by ``groups``."""
+    G = 3
+    s = rng.uniform(0.02, 0.05, G).astype(np.float32)
+    z = np.zeros(G, np.float32) if symmetric else rng.integers(-20, 20, G).astype(np.float32)
+    w = rng.integers(-128, 128, (K, N)).astype(np.int8)
+    ws = rng.uniform(0.01, 0.02, N).astype(np.float32)
+    arrays = {"S": s, "INV": (1 / s).astype(np.float32), "Z": z, "W": w, "ws": ws, "wz": np.zeros(N, np.int8),
+              "one": np.float32(1), "zero": np.int8(0), "colsum": (w.astype(np.float32) * ws).sum(0),
+              "bias": rng.standard_normal(N).astype(np.float32), "ax": np.array([-1], np.int64),
+              "lo": np.float32(-qmax - 1), "hi": np.float32(qmax)}
+    nodes = []
+    for table, out in (("S", "s"), ("INV", "inv"), ("Z", "z")):
+        nodes += [helper.make_node("Gather", [table, "groups"], [f"{out}_g"], axis=0),
+                  helper.make_node("Unsqueeze", [f"{out}_g", "ax"], [out])]
+    nodes += [helper.make_node("Mul", ["x", "inv"], ["xi"]), helper.make_node("Add", ["xi", "z"], ["xs"])]
+    if qmax < 127:  # a narrower grid: the export clamps before the 8-bit Q
+        nodes.append(helper.make_node("Clip", ["xs", "lo", "hi"], ["xc"]))
+    nodes += [helper.make_node("QuantizeLinear", ["xc" if qmax < 127 else "xs", "one", "zero"], ["q"]),
+              helper.make_node("DequantizeLinear", ["q", "one", "zero"], ["v"]),
+              helper.make_node("DequantizeLinear", ["W", "ws", "wz"], ["w"], axis=1),
+              helper.make_node("MatMul", ["v", "w"], ["mm"]), helper.make_node("Mul", ["mm", "s"], ["y1"])]
+    y = "y1"
+    if not symmetric:
+        nodes += [helper.make_node("Mul", ["z", "s"], ["zs"]), helper.make_node("Mul", ["zs", "colsum"], ["corr"]),
+                  helper.make_node("Sub", ["y1", "corr"], ["y2"])]
+        y = "y2"
+    if bias:
+        nodes.append(helper.make_node("Add", [y, "bias"], ["y3"]))
+        y = "y3"
+    nodes.append(helper.make_node("Identity", [y], ["y"]))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "t", K]),
+                                       helper.make_tensor_value_info("groups", TensorProto.INT64, ["t"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          initializer=[numpy_helper.from_array(np.asarray(a), n) for n, a in arrays.items()])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)
+
+
+@pytest.mark.parametrize("symmetric,bias,qmax", [(False, True, 127), (True, True, 127), (True, False, 127), (False, True, 31)])
+def test_token_group_epilogue_folds_into_the_gemm(tmp_path, symmetric, bias, qmax):
+    """The STWQ epilogue becomes MatMulIntegerToFloat's per-row a_scale plus at most one Add (bias minus the
+    zero-point correction, gathered per group), the input grid one per-row QuantizeLinear; same numbers."""
+    rng = np.random.default_rng(0)
+    model = _group_linear_model(symmetric=symmetric, bias=bias, qmax=qmax, rng=rng)
+    x = (rng.standard_normal((2, 7, K)) * 2).astype(np.float32)
+    x[0, 0, :4] = [100.0, -100.0, 1e-3, 0.0]  # both clamps and the zero point
+    groups = rng.integers(0, 3, 7).astype(np.int64)
+    onnx.save(model, tmp_path / "ref.onnx")
+    ref = make_session(tmp_path / "ref.onnx", "reference").run(None, {"x": x, "groups": groups})[0]
+
+    counts = lower_for_ort(model, u8s8_safe=True)
+    onnx.save(model, tmp_path / "low.onnx")
+    got = make_session(tmp_path / "low.onnx", "fast").run(None, {"x": x, "groups": groups})[0]
+    ops = [n.op_type for n in model.graph.node]
+    narrow = qmax < 127  # the Clip keeps the exported input side; the output side still folds
+    assert counts["group_epilogues"] == 1 and counts["group_quantizers"] == (0 if narrow else 1)
+    assert ops.count("MatMulIntegerToFloat") == 1 and "Sub" not in ops
+    assert ops.count("Add") == (1 if narrow else 0) + (1 if bias or not symmetric else 0)
+    assert ops.count("Mul") == (1 if narrow else 0)  # x * inv_s only where the input side stays
+    q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear")
+    assert (q.input[1] in {i.name for i in model.graph.initializer}) == narrow  # per-row scale: a Gather output
+    rel = float(np.abs(got - ref).max() / np.abs(ref).max())
+    assert rel < 1e-6, f"max relative diff {rel:.2e}"
+
+
+def test_cache_write_transposes_are_folded(tmp_path):
+    """The exporter's index_copy along the position axis (Transpose -> ScatterND -> Transpose) becomes one
+    ScatterND on the cache's layout: the same cache, bit for bit."""
+    B, H, L, D, T = 2, 3, 11, 4, 5
+    nodes = [helper.make_node("Transpose", ["cache"], ["tc"], perm=[2, 0, 1, 3]),
+             helper.make_node("Unsqueeze", ["pos", "ax"], ["idx"]),
+             helper.make_node("Transpose", ["k"], ["tk"], perm=[2, 0, 1, 3]),
+             helper.make_node("ScatterND", ["tc", "idx", "tk"], ["sc"]),
+             helper.make_node("Transpose", ["sc"], ["out"], perm=[1, 2, 0, 3])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("cache", TensorProto.FLOAT, ["b", H, L, D]),
+                                       helper.make_tensor_value_info("pos", TensorProto.INT64, ["t"]),
+                                       helper.make_tensor_value_info("k", TensorProto.FLOAT, ["b", H, "t", D])],
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+                          initializer=[numpy_helper.from_array(np.array([-1], np.int64), "ax")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)
+    rng = np.random.default_rng(0)
+    feed = {"cache": rng.standard_normal((B, H, L, D)).astype(np.float32), "pos": np.array([7, 2, 9, 3, 10]),
+            "k": rng.standard_normal((B, H, T, D)).astype(np.float32)}
+    expected = feed["cache"].copy()
+    expected[:, :, feed["pos"]] = feed["k"]
+    assert lower_for_ort(model, u8s8_safe=True)["cache_writes"] == 1
+    ops = [n.op_type for n in model.graph.node]
+    assert "Transpose" not in ops and ops.count("ScatterND") == 1
+    onnx.save(model, tmp_path / "low.onnx")
+    assert np.array_equal(make_session(tmp_path / "low.onnx", "fast").run(None, feed)[0], expected)
 
 
 def test_weight_quant_reduce_range_stores_7_bit_weights(tmp_path):
@@ -117,3 +212,32 @@ def test_target_ort_fast_mode_matches_reference(tmp_path, family):
     assert (out / "model.ort.onnx").exists()
     assert fast["max_rel_diff_vs_reference"] <= FAST_TOL, f"onnxruntime QDQ fusion: {fast}"
     assert variant["max_rel_diff_vs_reference"] <= FAST_TOL, f"onnxruntime int8 model: {variant}"
+
+
+@pytest.mark.parametrize("matmuls", ["", "*.matmul1"])
+def test_var_ptq4arvg_lowers_to_fused_int8_nodes(tmp_path, matmuls):
+    """The tiny VAR with ptq4arvg (token-group grids on every linear), and with q @ k^T quantized too
+    (``act-quant{matmuls=true,matmul-sites=*.matmul1}``): every linear's epilogue is folded, the cache
+    writes lose their transposes, and the lowered model still runs as the Q/DQ reference does."""
+    from passes.recipes import load_recipe
+    from tests.test_family_compile import FAMILIES
+
+    out = tmp_path / "out"
+    pipeline = load_recipe("ptq4arvg").pipeline
+    if matmuls:
+        pipeline = pipeline.replace(",act-quant,", f",act-quant{{matmuls=true,matmul-sites={matmuls}}},")
+    assert main([*FAMILIES["var"](tmp_path), "--target", "ort", "--pipeline", pipeline, "--out", str(out),
+                 "--calib-samples", "2", "--calib-cache", str(tmp_path / "cache"), "--no-site-sqnr"]) == 0
+    o = json.loads((out / "report.json").read_text())["onnx"]
+    variant = o["ort_fast"]["int8_model"]
+    gemms = sum(o["tensorrt_lint"]["int8_gemms"].values())
+    linears = gemms - (2 if matmuls else 0)  # the tiny VAR has 2 blocks
+    assert linears == 9  # qkv, proj, fc1, fc2 per block and the head; the AdaLN linears stay float (default exclusions)
+    # q @ k^T has an activation as B: u8u8 on a CPU without VNNI (7-bit weights keep the linears u8s8)
+    assert variant["int8_gemms"] + variant["u8u8_gemms"] == gemms and variant["float_matmuls"] == (2 if matmuls else 4)
+    assert variant["group_epilogues"] == variant["group_quantizers"] == linears
+    assert variant["cache_writes"] == 4  # k and v of each block
+    ops = [n.op_type for n in onnx.load(str(out / "model.ort.onnx")).graph.node]
+    assert "Sub" not in ops and "DequantizeLinear" not in ops
+    assert ops.count("QuantizeLinear") == linears + (2 * 2 if matmuls else 0)  # one per linear; q and k^T per block
+    assert variant["max_rel_diff_vs_reference"] <= FAST_TOL, variant

@@ -2,8 +2,9 @@
 
 Runs every backend on the same inputs in one process, interleaved round by round after a
 warm-up, and prints median / min / max latency, the ratio against the first floating-point
-backend, the memory one call needs beyond the resident weights and inputs ("run MB", CUDA
-only) and the model size. Timings on shared machines are noisy: compare ratios
+backend, the SQNR of the step's first output (logits) against the FP graph's on the same inputs
+(``--steps last``), the memory one call needs beyond the resident weights and inputs ("run MB",
+CUDA only) and the model size. Timings on shared machines are noisy: compare ratios
 from one run, never absolute numbers across runs. The last line is machine-readable:
 ``speedup_vs_fp32=<first int8 backend / first fp backend>``.
 
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from backends.registry import Runner, measure, runner, runners, target
-from compiler.bench import generation, profile_table, render, workloads
+from compiler.bench import generation, output_sqnr, profile_table, render, workloads
 from compiler.config import CompileConfig
 from compiler.driver import Compiler, quantize
 from core.errors import UserError
@@ -127,19 +128,22 @@ def main(argv: list[str] | None = None) -> int:
                 timed.append(r)
             say(f"timing {', '.join(backends)} at batch {batch}")
             measure(timed, warmup=args.warmup, repeats=args.repeats)
+            if args.steps == "last":  # fidelity beside speed: the step's logits against the FP graph's
+                output_sqnr(fp_gm, timed, inputs)
             table, speedup = render(timed)
-            if args.profile:
-                for r in timed:
-                    print(f"--- profile of {r.name} (3 calls)")
-                    print(profile_table(r))
             what = ("full generation" if args.steps == "all" else
                     "one decode step" if bundle.family == "llamagen" else "one last-scale step")
             print(f"workload {args.model} ({what}), batch {batch}, {args.repeats} interleaved repeats after "
                   f"{args.warmup} warm-up; {device}; int8 graph: {how}, {build.bits}")
-            print(table)
+            print(table, flush=True)
+            if args.profile:  # after the table: at d16 on a CPU the profiles take minutes
+                for r in timed:
+                    print(f"--- profile of {r.name} (3 calls)")
+                    print(profile_table(r), flush=True)
             print(f"speedup_vs_fp32={speedup:.3f}" if speedup else "speedup_vs_fp32=n/a", flush=True)
             results.append({"batch": batch, "speedup_vs_fp32": speedup, "backends": {
-                r.name: {"times_s": r.times, "peak_bytes": r.peak_bytes, "size_bytes": r.size_bytes, "note": r.note}
+                r.name: {"times_s": r.times, "peak_bytes": r.peak_bytes, "size_bytes": r.size_bytes, "note": r.note,
+                         "sqnr_db": r.sqnr_db}
                 for r in timed}})
             del timed
     if args.json:
