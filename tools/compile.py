@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "for the default model)")
     p.add_argument("--compare", metavar="RECIPE:BITS,...",
                    help="with --evaluate: also score these recipes as torch fake-quant models from the same "
-                        "calibration set (default for the default model: "
+                        "calibration set; one that cannot quantize the model is a row with its error line "
+                        "(default for the default model: "
                         f"{SHOWCASE['compare']})")
     p.add_argument("--no-site-sqnr", action="store_true",
                    help="skip the per-site SQNR of the report (one insert-qdq and one forward per site)")
