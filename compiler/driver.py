@@ -535,10 +535,15 @@ class Compiler:
                 quality.Row(f"{recipe.name} {bits}, compiled", recipe.name, bits, runs_on, step, head)]
         for name, cmp_bits in c.compare:
             cmp_recipe = load_recipe(name)
-            self.exclusions(cmp_recipe)  # says what the comparison keeps in full precision
-            self.say(f"quantizing {name} {cmp_bits} for the comparison")
-            cmp_gm = self.quantize(recipe=cmp_recipe, bits=cmp_bits, reduce_range=False, device="cpu").gm
-            cmp_head = self.quantized_head(cmp_recipe.head_pipeline, cmp_bits) if cmp_recipe.head_pipeline else None
+            try:  # a baseline that cannot apply to this model or bit width is a row saying why, not the run's end
+                self.exclusions(cmp_recipe)  # says what the comparison keeps in full precision
+                self.say(f"quantizing {name} {cmp_bits} for the comparison")
+                cmp_gm = self.quantize(recipe=cmp_recipe, bits=cmp_bits, reduce_range=False, device="cpu").gm
+                cmp_head = self.quantized_head(cmp_recipe.head_pipeline, cmp_bits) if cmp_recipe.head_pipeline else None
+            except (UserError, PassError) as e:
+                self.say(f"  {name} {cmp_bits} not compared: error: {e}")
+                rows.append(quality.Row(f"{name} {cmp_bits}", name, cmp_bits, "torch fake-quant", None, error=str(e)))
+                continue
             rows.append(quality.Row(f"{name} {cmp_bits}", name, cmp_bits, "torch fake-quant", cmp_gm, cmp_head))
         edit = self._edit if c.task is not None else None
         table, samples = quality.evaluate_rows(bundle, rows, c.evaluate, c.calibration.seed, self.progress, edit)

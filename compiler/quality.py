@@ -8,7 +8,9 @@ the class accuracy of the generated digits (``evaluation.images``).
 
 Rows: the FP model, the compiled artefact on its target (the onnxruntime int8 model for
 ``--target ort``), and ``--compare RECIPE:BITS,...``: other recipes quantized from the same
-calibration set and run as torch fake-quant steps, so one run ranks them.
+calibration set and run as torch fake-quant steps, so one run ranks them. A ``--compare`` recipe that
+cannot quantize the model (a pattern that matches nothing in this family, a bit width it refuses) is a
+row holding its error line instead of scores, and the run goes on.
 
 With an edit task (``--task inpaint|outpaint|edit``, VAR) every row edits the same N inputs with
 the same seeds instead (``compiler.generation``'s jobs, as ``tools.generate --task``): PSNR of the
@@ -38,6 +40,7 @@ class Row:
     backend: str        # "torch fp32", "onnxruntime int8", "torch fake-quant"
     step: object        # the step callable the family driver runs (None: the eager FP model)
     head: object = None  # MAR: the diffusion head callable (None: the FP head)
+    error: str | None = None  # a --compare recipe that could not quantize this model: the tool's error line
 
 
 def parse_compare(text: str) -> list[tuple[str, str]]:
@@ -129,6 +132,10 @@ def evaluate_rows(bundle, rows: list[Row], n: int, seed: int, progress, edit: Ed
     labels = fixed_labels(bundle.extra["model"].config.num_classes, n)
     samples, table = {}, []
     for row in progress(rows, desc="generating and scoring", unit="model"):
+        if row.error is not None:  # nothing to draw: the row keeps the reason
+            table.append({"name": row.name, "recipe": row.recipe, "bits": row.bits, "backend": row.backend,
+                          "error": row.error})
+            continue
         t0 = time.perf_counter()
         if edit is None:
             samples[row.name] = draw(bundle, row.step, labels, seed, row.name, row.head)
@@ -182,7 +189,8 @@ COLUMNS = (("model", "name", "{}"), ("runs on", "backend", "{}"), ("tokens = FP"
            ("PSNR kept vs input", "psnr_kept_db", "{:.1f} dB"),
            ("PSNR generated vs FP", "psnr_generated_vs_fp_db", "{:.1f} dB"),
            ("SSIM generated vs FP", "ssim_generated_vs_fp", "{:.3f}"),
-           ("MNIST-FID", "mnist_fid", "{:.1f}"), ("class accuracy", "class_accuracy", "{:.1%}"))
+           ("MNIST-FID", "mnist_fid", "{:.1f}"), ("class accuracy", "class_accuracy", "{:.1%}"),
+           ("not compared", "error", "error: {}"))
 
 
 def table_rows(section: dict) -> tuple[list[str], list[list[str]]]:

@@ -15,8 +15,16 @@ nothing in FP because ``x W^T = (x Q)(W Q)^T``. Where QuaRot puts it, and what t
     AdaLN model is blocked: the stats list them under ``blocked_by_adaln`` and ``ctx.notes`` says so.
   - **LayerNorm** with a per-channel affine: same reason without the per-sample part (QuaRot first
     rewrites LayerNorm into RMSNorm by folding the mean subtraction into the previous linears).
-  - **RMSNorm** (LlamaGen, PAR): foldable in principle (rotate the embeddings, every linear writing
-    the residual and the head); not implemented, so those inputs are also rotated online.
+  - **RMSNorm** (LlamaGen, PAR): folded offline (``residual=true``), as QuaRot does for LLaMA. Each
+    RMSNorm's gain ``g`` first moves into the linears reading its output (``W <- W diag(g)``, ``g <- 1``),
+    so the norm is ``x / rms(x)``, and ``rms(x Q) = rms(x)`` for an orthogonal ``Q``. Then the whole
+    residual stream becomes ``h Q``: every embedding table ``E <- E Q`` (token, class and PAR's special
+    rows), every linear writing the stream ``W <- Q^T W`` (attention ``wo``, SwiGLU ``w2``), every linear
+    reading a norm ``W <- W diag(g) Q`` (``wqkv``, ``w1``/``w3``, the head ``output``). No run-time op.
+    The stream is found from the norms' inputs backwards through adds, ``where`` (the embedding
+    lookups), casts and moves to linears and embeddings; anything else on it (or reading it other than
+    an add or a norm) leaves the residual unrotated and those inputs rotated online, with the reason in
+    the stats (``residual``).
 * *v -> proj* (QuaRot rotates V per head offline): V is written into the KV cache, a step input and
   output in every family here, so rotating it would change the cache the driver keeps: online.
 * *fc2 / down_proj* (after GELU or SwiGLU, non-linear): online in QuaRot too.
@@ -37,9 +45,9 @@ import torch.fx as fx
 from core.errors import UserError
 from passes.canonicalize import is_linear
 from passes.fold_sources import assign, ensure_linear_bias
-from passes.graph_match import describe, is_move
+from passes.graph_match import CAST_METHODS, describe, is_add, is_metadata_use, is_move, keeps_last_axis, module_scopes
 from passes.infra import Pass, PassContext, PassResult, get_attr, register, set_buffer
-from passes.regions import find_regions
+from passes.regions import _shared_tensors, find_regions
 
 
 def _is_prime(q: int) -> bool:
@@ -89,8 +97,83 @@ _NORM_REASONS = {
              "so the residual stream cannot be rotated",
     "layernorm": "LayerNorm: its mean subtraction and per-channel affine do not commute with a rotation "
                  "(QuaRot rewrites it as RMSNorm and rotates the residual stream; not done here)",
-    "rmsnorm": "RMSNorm: the residual-stream rotation (embeddings, residual writers, head) is not implemented",
+    "rmsnorm": "RMSNorm: the residual stream is not rotated",
 }
+_WHERE_FNS = {torch.where}
+
+
+def _embedding_weight(gm, node: fx.Node) -> str | None:
+    """The table's target when ``node`` is an embedding lookup (``nn.Embedding`` or ``F.embedding``)."""
+    if node.op == "call_module" and isinstance(gm.get_submodule(node.target), torch.nn.Embedding):
+        return f"{node.target}.weight"
+    if node.op == "call_function" and node.target is torch.nn.functional.embedding:
+        w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        return w.target if isinstance(w, fx.Node) and w.op == "get_attr" else None
+    return None
+
+
+def _residual_plan(gm, norm_regions: list) -> tuple[dict | None, str]:
+    """The residual stream behind ``norm_regions`` (RMSNorm regions): ``({"writers": [linear nodes],
+    "tables": [embedding weight targets]}, "")``, or ``(None, reason)`` when it cannot be rotated offline."""
+    if not norm_regions:
+        return None, "no RMSNorm region"
+    scope = {}  # node -> the norm path it belongs to
+    paths = {r.source.path for r in norm_regions}
+    for n in gm.graph.nodes:
+        for path in module_scopes(n):
+            if path in paths:
+                scope[n] = path
+    frontier = list(dict.fromkeys(a for n in scope for a in n.all_input_nodes if a not in scope and a.op != "get_attr"))
+    stream, writers, tables = set(), [], []
+    while frontier:
+        v = frontier.pop()
+        if v in stream:
+            continue
+        stream.add(v)
+        table = _embedding_weight(gm, v)
+        if table is not None:
+            tables.append(table)
+        elif is_linear(v) and all(isinstance(a, fx.Node) and a.op == "get_attr" for a in _weight_and_bias(v)):
+            writers.append(v)
+        elif is_add(v) and all(isinstance(a, fx.Node) for a in v.args):
+            frontier += list(v.args)
+        elif v.op == "call_function" and v.target in _WHERE_FNS and len(v.args) == 3 and all(
+                isinstance(a, fx.Node) for a in v.args[1:]):
+            frontier += list(v.args[1:])  # the condition picks rows; both branches are stream values
+        elif is_move(v) and _keeps_channels(v):
+            frontier.append(v.args[0])
+        elif v.op == "placeholder":
+            return None, f"the residual stream is the step input {v.name}, which the caller would have to rotate"
+        else:
+            return None, f"the residual stream comes from {describe(v)}, which a rotation does not pass through"
+    for v in stream:
+        for u in v.users:
+            if u in stream or is_metadata_use(u) or u in scope:  # a norm's input: x / rms(x) commutes with Q
+                continue
+            if u.op == "call_method" and u.target == "type_as" and u.args[0] is not v:
+                continue  # type_as(y, stream) reads only the stream's dtype
+            if u.op == "call_function" and u.target in _WHERE_FNS and u.args[0] is v:
+                return None, f"the residual stream is a condition of {describe(u)}"
+            return None, f"the residual stream is read by {describe(u)}, which a rotation would change"
+    edited = tables + [w.args[1].target for w in writers] + [s.args[1].target for r in norm_regions for s in r.sinks]
+    shared = _shared_tensors(gm)
+    if tied := [t for t in edited if t in shared]:
+        return None, f"{tied[0]} is shared with another part of the model (tied weights)"
+    if len({r.channels for r in norm_regions}) > 1:
+        return None, f"the RMSNorms have different widths ({sorted({r.channels for r in norm_regions})})"
+    if any(r.source.output is not r.source.core for r in norm_regions):
+        return None, "an RMSNorm has a bias (a folded shift), which a rotation does not pass through"
+    return {"writers": writers, "tables": list(dict.fromkeys(tables))}, ""
+
+
+def _weight_and_bias(linear: fx.Node) -> list:
+    b = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
+    return [linear.args[1]] + ([b] if b is not None else [])
+
+
+def _keeps_channels(node: fx.Node) -> bool:
+    """A cast (``float``, ``to``, ``type_as``) or a move that keeps channel ``c`` at channel ``c``."""
+    return (node.op == "call_method" and node.target in CAST_METHODS) or keeps_last_axis(node, node.args[0])
 
 
 def _producer(x: fx.Node) -> fx.Node:
@@ -121,6 +204,7 @@ class QuaRot(Pass):
     name = "quarot"
     preserves_numerics = True
     online: bool = True
+    residual: bool = True
     seed: int = 0
 
     def __call__(self, gm, ctx: PassContext) -> PassResult:
@@ -128,7 +212,12 @@ class QuaRot(Pass):
         quantized = {s for s, site in ctx.sites.items() if site.kind == "linear" and not site.excluded_by}
         by_sink = {}
         offline = []
-        for region in find_regions(gm, ctx):
+        regions = find_regions(gm, ctx)
+        residual = self._rotate_residual(gm, [r for r in regions if r.source.kind == "rmsnorm"])
+        for region in regions:
+            if region.source.kind == "rmsnorm" and residual.get("rotated"):
+                offline.append(region.name)
+                continue
             sinks = [s for s in region.sink_sites if s in quantized]
             if not sinks:
                 continue
@@ -143,8 +232,11 @@ class QuaRot(Pass):
                     assign(gm, sink.args[1].target, get_attr(gm, sink.args[1].target).double() @ q)
                 offline.append(region.name)
                 continue
+            reason = _NORM_REASONS.get(region.source.kind, region.source.kind)
+            if region.source.kind == "rmsnorm":
+                reason += f" ({residual['reason']})"
             for s in sinks:
-                by_sink[s] = _NORM_REASONS.get(region.source.kind, region.source.kind)
+                by_sink[s] = reason
         rotated_offline = {s for name in offline for s in name.split(" -> ")[1].split("+")}
         groups: dict[fx.Node, list[fx.Node]] = {}
         for node in g.nodes:
@@ -187,4 +279,26 @@ class QuaRot(Pass):
         gm.recompile()
         return PassResult(gm, bool(offline) or (self.online and bool(online)),
                           {"offline": offline, "online" if self.online else "unrotated": online,
-                           "blocked_by_adaln": blocked_adaln})
+                           "blocked_by_adaln": blocked_adaln, "residual": residual})
+
+    def _rotate_residual(self, gm, norm_regions: list) -> dict:
+        """The offline residual-stream rotation of an RMSNorm model (module docstring); its stats."""
+        if not self.residual:
+            return {"rotated": False, "reason": "residual=false"}
+        plan, reason = _residual_plan(gm, norm_regions)
+        if plan is None:
+            return {"rotated": False, "reason": reason}
+        q = random_hadamard(norm_regions[0].channels, self.seed)
+        for region in norm_regions:  # the gain into the readers, then the readers take x Q
+            gain = get_attr(gm, region.source.weight).double()
+            for sink in region.sinks:
+                w = sink.args[1].target
+                assign(gm, w, get_attr(gm, w).double() * gain @ q)
+            assign(gm, region.source.weight, torch.ones_like(gain))
+        for lin in plan["writers"]:  # weight rows and bias: Q^T W, Q^T b
+            for t in _weight_and_bias(lin):
+                assign(gm, t.target, q.T @ get_attr(gm, t.target).double())
+        for table in plan["tables"]:
+            assign(gm, table, get_attr(gm, table).double() @ q)
+        return {"rotated": True, "norms": [r.source.path for r in norm_regions],
+                "writers": [lin.meta.get("site", lin.name) for lin in plan["writers"]], "embeddings": plan["tables"]}

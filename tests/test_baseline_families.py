@@ -29,5 +29,9 @@ def test_recipe_compiles_every_family_to_onnx(tmp_path, family, recipe):
     if recipe == "quarot":
         blocked = passes["quarot"]["stats"]["blocked_by_adaln"]
         assert bool(blocked) == (family in ("var", "rar"))  # AdaLN families only
+        # the RMSNorm families rotate their residual stream offline: only wo and w2 stay online
+        assert passes["quarot"]["stats"]["residual"]["rotated"] == (family in ("llamagen", "par"))
+        if family in ("llamagen", "par"):
+            assert {s.rsplit(".", 1)[-1] for s in passes["quarot"]["stats"]["online"]} == {"wo", "w2"}
     if recipe == "repq":
         assert passes["log2-softmax"]["stats"]["matmuls"] >= 1  # every family writes attention as matmuls

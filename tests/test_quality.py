@@ -32,6 +32,22 @@ def test_evaluate_scores_every_model_on_the_same_images(tmp_path, capsys):
     assert "image quality, 4 images" in capsys.readouterr().out  # the summary table
 
 
+def test_a_baseline_that_cannot_apply_is_a_row_with_its_error(tmp_path, capsys):
+    # litevar keeps the post-GELU fc2 in FP: LlamaGen's SwiGLU has none, so the pattern matches nothing
+    out = tmp_path / "out"
+    rc = main(["builtin:mnist-gpt", "--target", "torch", "--recipe", "minmax", "--calib-samples", "1",
+               "--calib-cache", str(tmp_path / "cache"), "--evaluate", "2", "--compare", "litevar:W8A8,minmax:W6A6",
+               "--no-site-sqnr", "--out", str(out)])
+    assert rc == 0
+    rows = json.loads((out / "report.json").read_text())["quality"]["rows"]
+    assert [r["name"] for r in rows] == ["FP", "minmax W8A8, compiled", "litevar W8A8", "minmax W6A6"]
+    assert "*.fc2" in rows[2]["error"] and "token_agreement" not in rows[2]
+    assert "error" not in rows[3] and 0 <= rows[3]["token_agreement"] <= 1
+    assert "error: " in (out / "report.md").read_text()
+    printed = capsys.readouterr()
+    assert "litevar W8A8 not compared: error:" in printed.out + printed.err
+
+
 def test_score_pairs_images_with_their_fp_twin():
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)

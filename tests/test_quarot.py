@@ -107,3 +107,49 @@ def test_quarot_recipe_exports_the_tiny_var_to_onnx(var_args):
     assert lint_r["ok"], lint_r["violations"]
     assert lint_r["float_gemms"] >= 9  # the online rotations
     assert r["fidelity"]["min_sqnr_db"] > 10
+
+
+@pytest.mark.parametrize("family", ["llamagen", "par"])
+def test_rmsnorm_residual_rotation_folds_offline_and_keeps_outputs(tmp_path, family):
+    # QuaRot's main rotation on the RMSNorm families: gains into the readers, then the residual stream is h Q
+    from frontends import load_model
+    from tests.test_family_compile import FAMILIES
+
+    bundle = load_model(FAMILIES[family](tmp_path)[0])
+    fp, gm, ctx, pm = compile_graph(bundle, "canonicalize,quarot")
+    rec = pm.records[1]
+    assert rec["probe_rel_err"] < 1e-5 and worst_rel_err(fp, gm, bundle) < 1e-5  # 5e-7 / 1e-6 measured
+    res = rec["stats"]["residual"]
+    assert res["rotated"], res
+    n_layer = bundle.extra["model"].config.n_layer
+    assert len(res["norms"]) == 2 * n_layer + 1 and len(res["writers"]) == 2 * n_layer  # wo and w2 per layer
+    tables = {"tok_embeddings.weight", "cls_embedding.embedding_table.weight"}
+    assert set(res["embeddings"]) == (tables | {"spe_tok_embeddings.special_embeddings.weight"} if family == "par" else tables)
+    # the norms' readers take x Q offline: no online rotation left at wqkv, w1, w3 or the head
+    online = rec["stats"]["online"]
+    assert sorted(online) == sorted(f"layers.{i}.{s}" for i in range(n_layer) for s in ("attention.wo", "feed_forward.w2"))
+    q = random_hadamard(get_attr(fp, "norm.weight").numel(), 0)
+    for i in range(n_layer):
+        assert torch.equal(get_attr(gm, f"layers.{i}.ffn_norm.weight"), torch.ones_like(get_attr(fp, "norm.weight")))
+    # direct: head W diag(g) Q, tables E Q, a writer's rows Q^T W (w2's columns also carry its online rotation)
+    g = get_attr(fp, "norm.weight").double()
+    torch.testing.assert_close(get_attr(gm, "output.weight").double(), get_attr(fp, "output.weight").double() * g @ q,
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(get_attr(gm, "tok_embeddings.weight").double(), get_attr(fp, "tok_embeddings.weight").double() @ q,
+                               rtol=1e-5, atol=1e-6)
+    w2 = "layers.0.feed_forward.w2.weight"
+    q_in = random_hadamard(get_attr(fp, w2).shape[1], 0)
+    torch.testing.assert_close(get_attr(gm, w2).double(), q.T @ get_attr(fp, w2).double() @ q_in, rtol=1e-5, atol=1e-6)
+    # residual=false: the gains stay and the norms' readers are rotated online instead
+    _, gm2, _, pm2 = compile_graph(load_model(FAMILIES[family](tmp_path)[0]), "canonicalize,quarot{residual=false}")
+    st = pm2.records[1]["stats"]
+    assert not st["residual"]["rotated"] and "residual=false" in st["online"]["output"]
+    torch.testing.assert_close(get_attr(gm2, "norm.weight"), get_attr(fp, "norm.weight"))
+
+
+def test_residual_rotation_refuses_a_stream_it_cannot_follow():
+    # llama_block's residual is a step input (a placeholder), not embeddings: no offline rotation, and why
+    _, _, _, pm = compile_graph(M.llama_block(), "canonicalize,quarot")
+    stats = pm.records[1]["stats"]
+    assert not stats["residual"]["rotated"] and "step input x" in stats["residual"]["reason"]
+    assert stats["residual"]["reason"] in stats["online"]["wqkv"]

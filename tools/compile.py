@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "for the default model)")
     p.add_argument("--compare", metavar="RECIPE:BITS,...",
                    help="with --evaluate: also score these recipes as torch fake-quant models from the same "
-                        "calibration set (default for the default model: "
+                        "calibration set; one that cannot quantize the model is a row with its error line "
+                        "(default for the default model: "
                         f"{SHOWCASE['compare']})")
     edit = p.add_argument_group("zero-shot edits (VAR): score --evaluate N on a task instead of generation")
     edit.add_argument("--task", choices=tuple(EDIT_TASKS),
