@@ -42,12 +42,12 @@ case "$1" in
     timeout 150 python -m pytest -q -p no:cacheprovider -n 8 -rf tests/test_cuda_kernels.py tests/test_cuda_lower.py \
       tests/test_cuda_target.py tests/test_torch_int8.py tests/test_device.py > "$OUT/pytest_gpu.log" 2>&1
     grep -E "^FAILED|^ERROR|passed|failed" "$OUT/pytest_gpu.log" | cut -c1-250 | tail -20 ;;
-  final2)  # the suite, then the step at batch 64 (profiled) and GPT-B decode: the last call of a session
-    SUITE_S=${SUITE_S:-320} bash "$0" suite
-    timeout 130 python -m tools.bench --model var-d16 --batch 64 --pipeline "$P" --repeats 15 --warmup 3 \
-      --profile --backends torch-fp16-graphs,cuda-int8,cuda-fp8 --json "$OUT/var_d16_last.json" > "$OUT/var_d16_last.log" 2>&1
+  final2)  # the suite, then the step at batch 64 and GPT-B decode: the last call of a session
+    SUITE_S=${SUITE_S:-290} bash "$0" suite
+    timeout 110 python -m tools.bench --model var-d16 --batch 64 --pipeline "$P" --repeats 15 --warmup 3 \
+      --backends torch-fp16-graphs,cuda-int8,cuda-fp8 --json "$OUT/var_d16_last.json" > "$OUT/var_d16_last.log" 2>&1
     grep -A5 "^workload" "$OUT/var_d16_last.log" | cut -c1-160; grep -i "error" "$OUT/var_d16_last.log" | tail -3
-    timeout 60 python -m tools.bench --model gpt-b-decode --batch 64 --pipeline "$P" --repeats 20 --warmup 3 \
+    timeout 55 python -m tools.bench --model gpt-b-decode --batch 64 --pipeline "$P" --repeats 20 --warmup 3 \
       --backends torch-fp16-graphs,cuda-int8 --json "$OUT/gpt_b_decode.json" > "$OUT/gpt_b_decode.log" 2>&1
     grep -A4 "^workload" "$OUT/gpt_b_decode.log" | cut -c1-160; grep -i "error" "$OUT/gpt_b_decode.log" | tail -3 ;;
   step3)  # smoke, the step at batch 64 (profiled), a whole generation at 16, GPT-B decode, the step at 16 and 100
