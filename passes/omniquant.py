@@ -216,6 +216,7 @@ class OmniQuant(FoldingPass):
                 return sum(float(output_loss(block.run(x, weights), t)) for x, t in zip(data, targets)) / len(data)
 
         before = err()
+        start = [p.detach().clone() for p in params]
         if self.iters:
             opt = torch.optim.Adam(groups)
             for _ in ctx.progress(range(self.iters), desc=f"omniquant {name}", unit="it"):
@@ -224,7 +225,13 @@ class OmniQuant(FoldingPass):
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-        return {"sites": block.sites, "initial_err": before, "learned_err": err()}
+        after = err()
+        if after > before:  # learning on a few batches can overshoot (seen on a GPU): keep the start instead
+            with torch.no_grad():
+                for p, p0 in zip(params, start):
+                    p.copy_(p0)
+            after = err()
+        return {"sites": block.sites, "initial_err": before, "learned_err": after, "kept_initial": after == before}
 
     def plan(self, gm, ctx: PassContext, region: Region, shared: dict):
         let = shared["lets"][region.sink_sites[0]]

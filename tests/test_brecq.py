@@ -103,8 +103,12 @@ def test_reconstruction_runs_on_the_gpu(pipeline):
         pm = PassManager(pipeline)
         gm = pm.run(gm, ctx)
     stats = pm.records[-1]["stats"]
-    for block in stats.get("per_block", stats.get("blocks", {})).values():
-        assert block["learned_err"] < block.get("nearest_err", block.get("initial_err"))
+    blocks = list(stats.get("per_block", stats.get("blocks", {})).values())
+    start = [b.get("nearest_err", b.get("initial_err")) for b in blocks]
+    # summed over blocks, as on the CPU (tests/test_omniquant.py): omniquant keeps a block's start where its
+    # learning overshoots (one block did on an H200)
+    assert sum(b["learned_err"] for b in blocks) < sum(start)
+    assert all(b["learned_err"] <= s for b, s in zip(blocks, start))
     assert all(p.device.type == "cuda" for p in gm.parameters())
     assert {q.scale.device.type for k, q in ctx.qparams.items() if k.endswith(".weight")} == {"cuda"}
 

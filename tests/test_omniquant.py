@@ -53,6 +53,19 @@ def test_omniquant_error_below_minmax(factory):
     assert _output_mse(fp, om, bundle) < 0.8 * _output_mse(fp, mm, bundle)
 
 
+def test_a_block_that_learning_makes_worse_keeps_its_start():
+    """A learning rate far too large overshoots: such blocks return to their initial parameters, so no block
+    ends above its starting error (on the GPU one did at the default rate)."""
+    bundle = MODELS["llamagen"][0]()
+    _, _, _, pm = compile_graph(bundle, "canonicalize,observe,omniquant{iters=20,lwc_lr=50.0,let_lr=50.0}",
+                                w_bits=4, a_bits=6)
+    blocks = pm.records[2]["stats"]["blocks"]
+    assert any(b["kept_initial"] for b in blocks.values())
+    for b in blocks.values():
+        assert b["learned_err"] <= b["initial_err"]
+        assert b["kept_initial"] == (b["learned_err"] == b["initial_err"])
+
+
 def test_omniquant_recipe_compiles_tiny_var(tmp_path):
     out = tmp_path / "out"
     rc = main([*_var(tmp_path), "--recipe", "omniquant", "--pipeline",
