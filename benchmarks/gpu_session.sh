@@ -64,6 +64,20 @@ case "$1" in
     timeout 130 python -m tools.bench --model var-d16 --batch 16,100 --pipeline "$P" --repeats 15 --warmup 3 \
       --backends torch-fp16-graphs,cuda-int8,cuda-fp8 --json "$OUT/var_d16_last_b16_b100.json" > "$OUT/var_d16_b16_b100.log" 2>&1
     grep -A5 "^workload" "$OUT/var_d16_b16_b100.log" | cut -c1-160; grep -i "error" "$OUT/var_d16_b16_b100.log" | tail -3 ;;
+  kv8)  # the int8-KV GPU tests, then the step at 64 (profiled), GPT-B decode (profiled), a whole generation at 16
+    timeout 150 python -m pytest -q -p no:cacheprovider -n 8 -rf tests/test_cuda_kernels.py tests/test_kv_cache.py \
+      tests/test_cuda_lower.py -k "int8 or kv or generation_agrees" > "$OUT/pytest_kv8.log" 2>&1
+    grep -E "^FAILED|^ERROR|passed|failed|token agreement" "$OUT/pytest_kv8.log" | cut -c1-250 | tail -20
+    B3=torch-fp16-graphs,cuda-int8,cuda-int8-kv8
+    timeout 150 python -m tools.bench --model var-d16 --batch 64 --pipeline "$P" --repeats 15 --warmup 3 \
+      --profile --backends $B3 --json "$OUT/var_d16_last.json" > "$OUT/var_d16_last.log" 2>&1
+    grep -A5 "^workload" "$OUT/var_d16_last.log" | cut -c1-180; grep -i "error" "$OUT/var_d16_last.log" | tail -3
+    timeout 80 python -m tools.bench --model gpt-b-decode --batch 64 --pipeline "$P" --repeats 20 --warmup 3 \
+      --profile --backends $B3 --json "$OUT/gpt_b_decode.json" > "$OUT/gpt_b_decode.log" 2>&1
+    grep -A5 "^workload" "$OUT/gpt_b_decode.log" | cut -c1-180; grep -i "error" "$OUT/gpt_b_decode.log" | tail -3
+    timeout 170 python -m tools.bench --model var-d16 --steps all --batch 16 --pipeline "$P" --repeats 5 --warmup 2 \
+      --backends $B3 --json "$OUT/var_d16_all.json" > "$OUT/var_d16_all.log" 2>&1
+    grep -A5 "^workload" "$OUT/var_d16_all.log" | cut -c1-180; grep -i "error" "$OUT/var_d16_all.log" | tail -3 ;;
   s4base)  # the step at batch 64 (profiled, as shipped now), GPT-B decode (profiled), a whole generation at 16 with room to compile
     timeout 170 python -m tools.bench --model var-d16 --batch 64 --pipeline "$P" --repeats 15 --warmup 3 \
       --profile --backends torch-fp16-graphs,cuda-int8 --json "$OUT/var_d16_last.json" > "$OUT/var_d16_last.log" 2>&1

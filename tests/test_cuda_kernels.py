@@ -271,6 +271,74 @@ def test_kv_write_checks():
         ops.kv_write(torch.zeros(1, 2, 8, 4), torch.tensor([0]), torch.zeros(1, 3, 1, 4))
 
 
+def _int8_cache(B, H, L, D, gen):
+    codes, scale = ref.kv_quantize(torch.randn(B, H, L, D, generator=gen) * 3)
+    return codes, scale
+
+
+@pytest.mark.parametrize("T", [1, 5, 37])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kv_write_int8(T, dtype):
+    """Rows written as int8 codes with their own scale (amax / 127): the codes the reference gives, off by one
+    only at a rounding boundary, the scales to float rounding; the other rows untouched."""
+    gen = _gen(31)
+    B, H, L, D = 2, 3, 40, 24
+    cache, scale = _int8_cache(B, H, L, D, gen)
+    value = (torch.randn(B, T, 3, H, D, generator=gen) * 4).permute(2, 0, 3, 1, 4)[1].to(dtype)  # strided view
+    value[0, 0, 0] = 0  # a zero row: codes 0, scale 0
+    index = torch.randperm(L, generator=gen)[:T]
+    expected, expected_scale = cache.clone(), scale.clone()
+    ref.kv_write_int8(expected, expected_scale, index, value)
+    got, got_scale = cache.clone().to(DEV), scale.clone().to(DEV)
+    ops.kv_write_int8(got, got_scale, index.to(DEV), value.to(DEV))
+    got, got_scale = got.cpu(), got_scale.cpu()
+    torch.testing.assert_close(got_scale, expected_scale, rtol=1e-6, atol=0)
+    assert (got.int() - expected.int()).abs().max() <= 1 and (got != expected).float().mean() < 1e-3
+    assert got[0, 0, index[0]].abs().sum() == 0 and got_scale[0, 0, index[0]] == 0
+    written = torch.zeros(L, dtype=torch.bool)
+    written[index] = True
+    assert torch.equal(got[:, :, ~written], cache[:, :, ~written])
+    spans = expected.abs().amax(-1)[:, :, index] == 127
+    assert spans.sum() == spans.numel() - 1  # each row but the zero one spans the grid
+    deq = ref.kv_dequantize(got[:, :, index], got_scale[:, :, index], torch.float32)
+    assert (deq - value.float()).abs().max() <= value.float().abs().amax(-1, keepdim=True).max() / 254 * 1.01
+
+
+@pytest.mark.parametrize("T,masked", [(1, False), (1, True), (7, True), (40, False)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_attention_int8(T, masked, dtype):
+    """Attention over int8 caches = SDPA over the dequantized caches (first ``n`` keys; an additive mask
+    broadcast over batch and heads), to float tolerance; queries a strided view as the traced step has them."""
+    gen = _gen(32)
+    B, H, L, D, n = 2, 3, 50, 24, 45
+    k, ks = _int8_cache(B, H, L, D, gen)
+    v, vs = _int8_cache(B, H, L, D, gen)
+    q = (torch.randn(B, T, H, D, generator=gen)).transpose(1, 2).to(dtype)  # [B, H, T, D] view
+    mask = None
+    if masked:
+        mask = torch.zeros(1, 1, T, L)
+        mask[..., n - 3:] = float("-inf")
+        mask[..., 0, 1] = -2.0  # a bias, not only -inf
+    expected = ref.attention_int8(q, k, ks, v, vs, None if mask is None else mask.expand(B, H, T, L), n, 0.3)
+    got = ops.attention_int8(*_to({"q": q, "k": k, "ks": ks, "v": v, "vs": vs}, DEV).values(),
+                             None if mask is None else mask.to(DEV), n, 0.3)
+    assert got.shape == (B, H, T, D) and got.transpose(1, 2).is_contiguous()
+    _close(got, expected, rtol=2e-3 if dtype == torch.float16 else 1e-5)
+    kf, vf = ref.kv_dequantize(k, ks, torch.float32), ref.kv_dequantize(v, vs, torch.float32)
+    plain = torch.nn.functional.scaled_dot_product_attention(q.float(), kf[..., :n, :], vf[..., :n, :], scale=0.3)
+    assert masked == (not torch.allclose(got.float().cpu(), plain, atol=1e-2))  # the mask was applied
+
+
+def test_int8_cache_checks():
+    k, ks = ref.kv_quantize(torch.randn(1, 2, 8, 4))
+    with pytest.raises(ValueError, match="scales must be float32"):
+        ops.kv_write_int8(k, ks.half(), torch.tensor([0]), torch.zeros(1, 2, 1, 4))
+    with pytest.raises(ValueError, match="must be an int8"):
+        ops.kv_write_int8(k.float(), ks, torch.tensor([0]), torch.zeros(1, 2, 1, 4))
+    with pytest.raises(ValueError, match="n_keys must be"):
+        ops.attention_int8(torch.randn(1, 2, 3, 4), k, ks, k, ks, None, 9, None)
+
+
 # ------------------------------------------------------------------------------- ops: dispatch, checks
 
 def test_ops_dispatch(monkeypatch):
@@ -357,6 +425,11 @@ build(k._act_quant_kernel, 90, {**q, "ACT": "swiglu", "FP8": False},
       {"x_ptr": "*fp16", "gate_ptr": "*fp16", "out_ptr": "*i8", "groups_ptr": "*i32"})
 build(k._kv_write_kernel, 80, {"BLOCK_T": 64, "BLOCK_D": 64},
       {"cache_ptr": "*fp16", "value_ptr": "*fp16", "index_ptr": "*i64"})
+build(k._kv_write_int8_kernel, 80, {"BLOCK_T": 64, "BLOCK_D": 64},
+      {"cache_ptr": "*i8", "value_ptr": "*fp16", "index_ptr": "*i64"})
+for arch, c in [(90, k.ATTENTION_CONFIGS[3]), (80, k.ATTENTION_CONFIGS[0])]:
+    build(k._attention_int8_kernel, arch, {"HAS_MASK": True, "BLOCK_D": 64, **c.kwargs},
+          {"q_ptr": "*fp16", "k_ptr": "*i8", "v_ptr": "*i8", "out_ptr": "*fp16"}, c.num_warps, c.num_stages)
 """
 
 

@@ -291,6 +291,37 @@ def test_cuda_graphs_equal_eager(family):
 
 
 @gpu
+@pytest.mark.parametrize("family", ["var", "llamagen"])
+def test_int8_kv_caches_on_cuda_graphs(family):
+    """``kv_cache="int8"``: each recorded step (its float caches quantized in) close to the float-cache step;
+    then chained as a sampler runs it, the returned int8 caches passed back, no copy, one buffer per cache."""
+    _, steps, _, q = compiled(family, "ptq4arvg")
+    low, _ = lowered(q)
+    ref, kv8 = CudaStep(copy.deepcopy(low)), CudaStep(low, kv_cache="int8")
+    assert kv8.kv_scales == sorted(kv8.state)
+    for inputs in steps:
+        expected, got = ref(*inputs), kv8(*inputs)
+        for j, (a, b) in enumerate(zip(expected, got, strict=True)):
+            if j in kv8.state.values():
+                assert b.dtype == torch.int8
+            else:
+                assert sqnr_db(a.float().cpu(), b.float().cpu()) > 25, j
+
+    def feed(step, inputs, last):
+        return [last[step.state[i]] if last is not None and i in step.state else t for i, t in enumerate(inputs)]
+
+    last_ref = last = None
+    for inputs in steps:
+        expected, got = ref(*feed(ref, inputs, last_ref)), kv8(*feed(kv8, inputs, last))
+        if last is not None:
+            assert all(got[j] is last[j] for j in kv8.state.values())  # the same buffers, written in place
+        last_ref, last = expected, got
+        logits = [j for j in range(len(got)) if j not in kv8.state.values()]
+        assert all(sqnr_db(expected[j].float().cpu(), got[j].float().cpu()) > 20 for j in logits)
+    assert len({t.data_ptr() for t in kv8._state.values()}) == len(kv8._state)
+
+
+@gpu
 def test_gpu_generation_agrees_with_fp_like_the_cpu_fake_quant():
     """Token agreement with FP over 50 MNIST VAR generations: the lowered graph on the GPU (fp16, kernels,
     CUDA graphs) within 1 point of the CPU fake-quant graph. Sampling stays on the CPU so every run draws
@@ -313,5 +344,14 @@ def test_gpu_generation_agrees_with_fp_like_the_cpu_fake_quant():
     fp = tokens(None)
     cpu = float((tokens(q) == fp).float().mean()) * 100
     gpu_agreement = float((tokens(gpu_step) == fp).float().mean()) * 100
-    print(f"token agreement with FP: CPU fake-quant {cpu:.1f} %, GPU lowered {gpu_agreement:.1f} %")
+    kv8 = CudaStep(lowered(q)[0], kv_cache="int8")
+
+    def kv8_step(*inputs):  # the int8 caches go back as the step returned them
+        out = kv8(*inputs)
+        return tuple(t if j in kv8.state.values() else t.cpu() for j, t in enumerate(out))
+
+    kv8_agreement = float((tokens(kv8_step) == fp).float().mean()) * 100
+    print(f"token agreement with FP: CPU fake-quant {cpu:.1f} %, GPU lowered {gpu_agreement:.1f} %, "
+          f"with int8 KV caches {kv8_agreement:.1f} %")
     assert gpu_agreement >= cpu - 1.0
+    assert kv8_agreement >= cpu - 1.0

@@ -6,8 +6,10 @@ import copy
 import pytest
 import torch
 
-from backends.cuda.kv_cache import (cached_attention, in_place_caches, kv_write, visible_keys, visible_prefix,
-                                     visible_prefix_attention)
+from backends.cuda.kv_cache import (cached_attention, cached_attention_int8, in_place_caches, int8_caches, kv_write,
+                                    kv_write_int8, visible_keys, visible_prefix, visible_prefix_attention)
+from backends.cuda.reference import kv_dequantize, kv_quantize
+from core.numerics import sqnr_db
 from tests.test_cuda_lower import FAMILIES, compiled, lowered, outputs
 
 
@@ -136,3 +138,67 @@ def test_operators_pass_opcheck():
         opcheck(cached_attention, (q, k, v, mask, 0.5))
     cache = torch.randn(2, 3, 9, 8)
     opcheck(kv_write, (cache, 2, torch.tensor([1, 4, 6]), torch.randn(2, 3, 3, 8)))
+
+
+# ------------------------------------------------------------------------------------------ int8 caches
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_int8_caches_step_close_to_the_float_one(family):
+    """Every write and read of the caches in int8 (a scale per cached row): outputs within 25 dB and caches within 35 dB of
+    the float step's, the first layer's cache rows as the float step writes them, rounded."""
+    _, steps, _, q = compiled(family, "ptq4arvg")
+    low, _ = lowered(q)
+    ref_gm = copy.deepcopy(low)
+    state = in_place_caches(low)
+    mask = visible_prefix_attention(low)
+    n_writes = sum(n.target is kv_write for n in low.graph.nodes)
+    n_reads = sum(n.target is cached_attention for n in low.graph.nodes)
+    scales = int8_caches(low, state)
+    assert scales == sorted(state)
+    assert sum(n.target is kv_write_int8 for n in low.graph.nodes) == n_writes
+    assert sum(n.target is cached_attention_int8 for n in low.graph.nodes) == n_reads > 0
+    assert not [n for n in low.graph.nodes if n.target in (kv_write, cached_attention)]
+    for inputs in steps[:4]:
+        expected = outputs(ref_gm, inputs)
+        given = _clone(inputs)
+        pairs = [kv_quantize(given[i]) for i in scales]
+        for i, (codes, _) in zip(scales, pairs):
+            given[i] = codes
+        with torch.no_grad(), visible_keys(visible_prefix(inputs[mask])):
+            got = low(*given, *(s for _, s in pairs))
+        for j, (a, b) in enumerate(zip(expected, got, strict=True)):
+            i = next((i for i, o in state.items() if o == j), None)
+            if i is None:
+                assert sqnr_db(a, b.float()) > 25, (family, j)
+                continue
+            codes, s = pairs[scales.index(i)]
+            assert b is codes and b.dtype == torch.int8  # written in place
+            deq = kv_dequantize(codes, s, torch.float32)
+            assert sqnr_db(a, deq) > 35, (family, j)
+            # the first layer writes what the float step writes, rounded (later layers' inputs differ already)
+            bound = a[0].abs().amax(-1, keepdim=True) / 254 + 1e-6  # half a step of each row's grid
+            assert bool(((deq[0] - a[0]).abs() <= bound * 1.01).all()), (family, j)
+
+
+def test_int8_caches_need_every_use_rewritten():
+    """A cache read by anything but the two operators (here: attention the prefix rewrite did not take) stays
+    float."""
+    _, _, _, q = compiled("var", "ptq4arvg")
+    low, _ = lowered(q)
+    state = in_place_caches(low)  # no visible_prefix_attention: SDPA reads the caches
+    before = low.code
+    assert int8_caches(low, state) == []
+    assert low.code == before
+
+
+def test_int8_operators_pass_opcheck():
+    from torch.library import opcheck
+
+    q = torch.randn(2, 3, 5, 8)
+    k, ks = kv_quantize(torch.randn(2, 3, 9, 8))
+    v, vs = kv_quantize(torch.randn(2, 3, 9, 8))
+    mask = torch.zeros(5, 9)
+    opcheck(cached_attention_int8, (q, k, ks, v, vs, mask, None))
+    with visible_keys(4):
+        opcheck(cached_attention_int8, (q, k, ks, v, vs, mask, 0.5))
+    opcheck(kv_write_int8, (k.clone(), ks.clone(), 2, torch.tensor([1, 4, 6]), torch.randn(2, 3, 3, 8)))

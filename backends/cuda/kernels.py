@@ -438,3 +438,133 @@ def kv_write(cache, index, value) -> None:
     _kv_write_kernel[(B * H, triton.cdiv(T, block_t))](
         cache, value, index, T, H, D, cache.stride(0), cache.stride(1), cache.stride(2), *value.stride(),
         BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4)
+
+
+# ------------------------------------------------------------------------------------- int8 KV cache
+
+@triton.jit
+def _kv_write_int8_kernel(cache_ptr, scale_ptr, value_ptr, index_ptr, T, H, D, sc_b, sc_h, sc_l, ss_b, ss_h,
+                          sv_b, sv_h, sv_t, sv_d, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    bh = tl.program_id(0)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    d = tl.arange(0, BLOCK_D)
+    t_ok = t < T
+    mask = t_ok[:, None] & (d < D)[None, :]
+    rows = tl.load(index_ptr + t, mask=t_ok, other=0).to(tl.int64)
+    v = tl.load(value_ptr + b * sv_b + h * sv_h + t.to(tl.int64)[:, None] * sv_t + d[None, :] * sv_d, mask=mask,
+                other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(v), axis=1)
+    inv = tl.where(amax > 0, tl.div_rn(tl.full([BLOCK_T], 127.0, tl.float32), tl.maximum(amax, 1e-30)), 0.0)
+    codes = tl.minimum(tl.maximum(_round_half_even(v * inv[:, None]), -127.0), 127.0)
+    tl.store(cache_ptr + b * sc_b + h * sc_h + rows[:, None] * sc_l + d[None, :], codes.to(tl.int8), mask=mask)
+    tl.store(scale_ptr + b * ss_b + h * ss_h + rows, tl.div_rn(amax, tl.full([BLOCK_T], 127.0, tl.float32)),
+             mask=t_ok)
+
+
+def kv_write_int8(cache, scale, index, value) -> None:
+    """``reference.kv_write_int8`` in one kernel (the cache's last dimension and the scales' contiguous)."""
+    B, H, T, D = value.shape
+    if value.numel() == 0:
+        return
+    block_d = triton.next_power_of_2(D)
+    block_t = max(1, min(triton.next_power_of_2(T), 4096 // block_d))
+    _kv_write_int8_kernel[(B * H, triton.cdiv(T, block_t))](
+        cache, scale, value, index, T, H, D, cache.stride(0), cache.stride(1), cache.stride(2), scale.stride(0),
+        scale.stride(1), *value.stride(), BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4)
+
+
+@triton.jit(do_not_specialize=["T_BUCKET"])
+def _attention_int8_kernel(q_ptr, k_ptr, ks_ptr, v_ptr, vs_ptr, mask_ptr, out_ptr, T, H, D, N_KEYS, qk_scale,
+                           sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_l, sks_b, sks_h, sv_b, sv_h, sv_l, svs_b, svs_h,
+                           sm_b, sm_h, sm_t, sm_l, HAS_MASK: tl.constexpr, T_BUCKET,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Flash attention (online softmax in base 2) of fp16/bf16 queries over int8 keys and values with a scale
+    per cached row, dequantized tile by tile to the queries' dtype as the reference does; ``out`` is
+    ``[B, T, H, D]``."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok, d_ok = offs_m < T, offs_d < D
+    q = tl.load(q_ptr + b * sq_b + h * sq_h + offs_m.to(tl.int64)[:, None] * sq_t + offs_d[None, :] * sq_d,
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    dt = q.dtype
+    k_base, v_base = k_ptr + b * sk_b + h * sk_h, v_ptr + b * sv_b + h * sv_h
+    ks_base, vs_base = ks_ptr + b * sks_b + h * sks_h, vs_ptr + b * svs_b + h * svs_h
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for start in range(0, N_KEYS, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N_KEYS
+        rows = offs_n.to(tl.int64)
+        kc = tl.load(k_base + rows[None, :] * sk_l + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0)
+        ks = tl.load(ks_base + rows, mask=n_ok, other=0.0)
+        k = (kc.to(tl.float32) * ks[None, :]).to(dt)  # [D, N], the reference's dequantized keys
+        s = tl.dot(q, k) * qk_scale  # log2 units: qk_scale = softmax scale * log2(e)
+        if HAS_MASK:
+            am = tl.load(mask_ptr + b * sm_b + h * sm_h + offs_m.to(tl.int64)[:, None] * sm_t + rows[None, :] * sm_l,
+                         mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+            s += am.to(tl.float32) * 1.4426950408889634
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that sees nothing yet
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vc = tl.load(v_base + rows[:, None] * sv_l + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0)
+        vs = tl.load(vs_base + rows, mask=n_ok, other=0.0)
+        v = (vc.to(tl.float32) * vs[:, None]).to(dt)
+        acc = acc * alpha[:, None] + tl.dot(p.to(dt), v)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    # out [B, T, H, D] contiguous
+    o = out_ptr + ((b * T + offs_m.to(tl.int64)[:, None]) * H + h) * D + offs_d[None, :]
+    tl.store(o, out.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+
+def _attention_config(bm, bn, warps, stages) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+# Few queries (decode, VAR's first scales) take 16-row tiles; many take 64 or 128.
+ATTENTION_CONFIGS = [_attention_config(16, 64, 4, 3), _attention_config(16, 128, 4, 3),
+                     _attention_config(64, 64, 4, 3), _attention_config(128, 64, 8, 3),
+                     _attention_config(128, 64, 4, 2), _attention_config(128, 128, 8, 2)]
+
+
+def _prune_attention(configs, named_args, **kwargs):
+    few = named_args["T_BUCKET"] <= 16
+    return [c for c in configs if (c.kwargs["BLOCK_M"] == 16) == few]
+
+
+_attention_autotuned = triton.autotune(
+    [_attention_config(16, 16, 4, 1)] if INTERPRET else ATTENTION_CONFIGS, key=["T_BUCKET", "D", "HAS_MASK"],
+    prune_configs_by={"early_config_prune": _prune_attention},
+    do_bench=functools.partial(do_bench, warmup=5, rep=20), cache_results=True)(_attention_int8_kernel)
+
+
+def attention_int8(q, k, k_scale, v, v_scale, mask, n_keys, scale, *, config=None):
+    """``reference.attention_int8`` in one kernel; the result ``[B, T, H, D]`` contiguous, returned as its
+    ``[B, H, T, D]`` view."""
+    B, H, T, D = q.shape
+    out = torch.empty((B, T, H, D), device=q.device, dtype=q.dtype)
+    if out.numel() == 0:
+        return out.transpose(1, 2)
+    sm = (0, 0, 0, 0) if mask is None else mask.stride()
+    args = (q, k, k_scale, v, v_scale, _or(mask, k_scale), out, T, H, D, n_keys, scale * 1.4426950408889634,
+            *q.stride(), k.stride(0), k.stride(1), k.stride(2), k_scale.stride(0), k_scale.stride(1),
+            v.stride(0), v.stride(1), v.stride(2), v_scale.stride(0), v_scale.stride(1), *sm)
+    meta = {"HAS_MASK": mask is not None, "T_BUCKET": triton.next_power_of_2(T),
+            "BLOCK_D": max(16, triton.next_power_of_2(D))}
+
+    def grid(m):
+        return (triton.cdiv(T, m["BLOCK_M"]), B * H)
+
+    if config is None:
+        _attention_autotuned[grid](*args, **meta)
+    else:
+        _attention_int8_kernel[grid](*args, **meta, **config.all_kwargs())
+    return out.transpose(1, 2)

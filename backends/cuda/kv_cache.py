@@ -190,3 +190,96 @@ def visible_prefix(mask: torch.Tensor) -> int | None:
     if n == 0 or not bool((rows == row).all()) or not bool((row[:n] == 0).all()):
         return None
     return n if bool((row[n:] == float("-inf")).all()) else None
+
+
+# ------------------------------------------------------------------------------------- int8 caches
+# ``int8_caches(gm, state)`` (after the two rewrites above) stores the caches as int8 codes with a float32 scale
+# per cached row (``reference.kv_quantize``): half the bytes that attention reads, the cost that grows with the
+# sequence (LlamaGen's decode reads every cached row at every token). Each rewritten cache gains a scales
+# input ``[layers, B, H, L]``, appended after the graph's inputs, that ``CudaStep`` keeps beside the cache.
+
+
+@torch.library.custom_op("arvgq_cuda::kv_write_int8", mutates_args=("cache", "scale"))
+def kv_write_int8(cache: Tensor, scale: Tensor, dim: int, index: Tensor, value: Tensor) -> None:
+    """``kv_write`` into an int8 cache and its per-row scales (``reference.kv_write_int8``)."""
+    if dim != 2:
+        raise ValueError(f"an int8 cache is written along its positions (dim 2), not dim {dim}")
+    ops.kv_write_int8(cache, scale, index, value)
+
+
+@kv_write_int8.register_fake
+def _(cache, scale, dim, index, value):
+    return None
+
+
+kv_write_int8 = torch.ops.arvgq_cuda.kv_write_int8.default
+
+
+@torch.library.custom_op("arvgq_cuda::cached_attention_int8", mutates_args=())
+def cached_attention_int8(q: Tensor, k: Tensor, k_scale: Tensor, v: Tensor, v_scale: Tensor, mask: Tensor,
+                          scale: float | None) -> Tensor:
+    """``cached_attention`` over int8 caches (``reference.attention_int8``): the visible prefix under
+    ``visible_keys(n)``, else every key with the mask; ``[B, T, H, D]``-laid-out as ``cached_attention``."""
+    n = _VISIBLE.get()
+    out = ops.attention_int8(q, k, k_scale, v, v_scale, mask if n is None else None, n or k.shape[2], scale)
+    return out if out.transpose(1, 2).is_contiguous() else out.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@cached_attention_int8.register_fake
+def _(q, k, k_scale, v, v_scale, mask, scale):
+    B, H, T, _ = q.shape
+    return q.new_empty((B, T, H, v.shape[-1])).transpose(1, 2)
+
+
+cached_attention_int8 = torch.ops.arvgq_cuda.cached_attention_int8.default
+
+
+def int8_caches(gm: fx.GraphModule, state: dict[int, int]) -> list[int]:
+    """Make the in-place caches of ``state`` (``in_place_caches``'s result, after ``visible_prefix_attention``)
+    int8: every ``kv_write`` / ``cached_attention`` on them becomes its int8 form, reading a new scales input
+    per cache. Returns the cache input index of each scales input, in the order they were appended; ``[]``
+    (``gm`` unchanged) unless every use of every cache is one of those two (an SDPA the prefix rewrite left
+    alone, a read of the cache by other ops, reads a float cache)."""
+    g = gm.graph
+    placeholders = [n for n in g.nodes if n.op == "placeholder"]
+    caches = [placeholders[i] for i in sorted(state)]
+    views = {}  # getitem node -> (cache placeholder, layer)
+    for p in caches:
+        for u in p.users:
+            if u.op == "output":
+                continue
+            if not (u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int)):
+                return []
+            views[u] = (p, u.args[1])
+    for v in views:
+        for u in v.users:
+            if u.target is kv_write and u.args[0] is v and v not in u.args[1:]:
+                continue
+            if u.target is cached_attention and v in u.args[1:3] and v not in (u.args[0], *u.args[3:]):
+                continue
+            return []
+    if not views:
+        return []
+    scales = {}
+    with g.inserting_after(placeholders[-1]):
+        for p in reversed(caches):  # inserted right after the last input: reversed keeps the caches' order
+            scales[p] = g.placeholder(f"{p.name}_scale")
+    scale_views = {}
+    for v, (p, layer) in views.items():
+        with g.inserting_after(v):
+            scale_views[v] = g.call_function(operator.getitem, (scales[p], layer))
+    for n in list(g.nodes):
+        if n.target is kv_write:
+            cache, dim, index, value = n.args
+            with g.inserting_before(n):
+                g.call_function(kv_write_int8, (cache, scale_views[cache], dim, index, value))
+            g.erase_node(n)
+        elif n.target is cached_attention:
+            q, k, v, mask, scale = n.args
+            with g.inserting_before(n):
+                new = g.call_function(cached_attention_int8, (q, k, scale_views[k], v, scale_views[v], mask, scale))
+            new.meta.update(n.meta)
+            n.replace_all_uses_with(new)
+            g.erase_node(n)
+    gm.recompile()
+    return [placeholders.index(p) for p in caches]

@@ -106,3 +106,36 @@ def kv_write(cache, index, value) -> None:
            f"index must be [T] integers, got {tuple(index.shape)} {index.dtype}")
     _check(cache.stride(3) == 1, "the cache's last dimension must be contiguous")
     _impl(cache).kv_write(cache, index.contiguous(), value)
+
+
+def _check_int8_cache(cache, scale, name):
+    _check(cache.dim() == 4 and cache.dtype == torch.int8 and cache.stride(3) == 1,
+           f"{name} must be an int8 [B, H, L, D] cache with its last dimension contiguous, got "
+           f"{tuple(cache.shape)} {cache.dtype}")
+    _check(scale.shape == cache.shape[:3] and scale.dtype == torch.float32 and scale.stride(2) == 1,
+           f"{name}'s scales must be float32 {tuple(cache.shape[:3])} with L contiguous, got "
+           f"{tuple(scale.shape)} {scale.dtype}")
+
+
+def kv_write_int8(cache, scale, index, value) -> None:
+    _check_int8_cache(cache, scale, "cache")
+    _check(value.dim() == 4 and value.shape[:2] == cache.shape[:2] and value.shape[3] == cache.shape[3],
+           f"value must be [B, H, T, D] as the cache {tuple(cache.shape)}, got {tuple(value.shape)}")
+    _check(index.dim() == 1 and index.numel() == value.shape[2] and not index.is_floating_point(),
+           f"index must be [T] integers, got {tuple(index.shape)} {index.dtype}")
+    _impl(cache).kv_write_int8(cache, scale, index.contiguous(), value)
+
+
+def attention_int8(q, k, k_scale, v, v_scale, mask, n_keys, scale):
+    _check(q.dim() == 4 and q.is_floating_point(), f"q must be floating [B, H, T, D], got {tuple(q.shape)} {q.dtype}")
+    _check_int8_cache(k, k_scale, "k")
+    _check_int8_cache(v, v_scale, "v")
+    _check(k.shape[:2] == q.shape[:2] and k.shape[3] == q.shape[3] and v.shape[:3] == k.shape[:3],
+           f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} disagree")
+    _check(1 <= n_keys <= k.shape[2], f"n_keys must be in [1, {k.shape[2]}], got {n_keys}")
+    _check(mask is None or mask.shape[-1] >= n_keys, f"the mask covers {mask.shape[-1] if mask is not None else 0} "
+           f"keys, fewer than {n_keys}")
+    if mask is not None:  # broadcast to [B, H, T, n] as strides (zero where broadcast)
+        mask = mask[..., :n_keys].expand(*q.shape[:3], n_keys)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _impl(q).attention_int8(q, k, k_scale, v, v_scale, mask, n_keys, scale)

@@ -126,3 +126,40 @@ def kv_write(cache: torch.Tensor, index: torch.Tensor, value: torch.Tensor) -> N
     """``cache[:, :, index[t]] = value[:, :, t]`` in place: the rows of this step's keys or values written into
     a ``[B, H, L, D]`` cache (``value [B, H, T, D]``, any strides)."""
     cache.index_copy_(2, index, value.to(cache.dtype))
+
+
+# The int8 KV cache: each cached row (one token of one head) is written once and read by every later step, so
+# it carries its own scale, set when it is written: ``amax(|row|) / 127``, symmetric, codes in [-127, 127].
+KV_QMAX = 127.0
+
+
+def kv_quantize(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``[..., D]`` as int8 codes and their float32 scales ``[...]`` (a zero row: codes 0, scale 0)."""
+    v = value.float()
+    amax = v.abs().amax(-1)
+    inv = torch.where(amax > 0, KV_QMAX / amax, torch.zeros_like(amax))
+    codes = torch.clamp(torch.round(v * inv[..., None]), -KV_QMAX, KV_QMAX).to(torch.int8)
+    return codes, amax / KV_QMAX
+
+
+def kv_dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (codes.float() * scale.float()[..., None]).to(dtype)
+
+
+def kv_write_int8(cache: torch.Tensor, scale: torch.Tensor, index: torch.Tensor, value: torch.Tensor) -> None:
+    """``kv_write`` into an int8 cache ``[B, H, L, D]`` and its scales ``[B, H, L]``: row ``t`` of ``value`` as
+    ``kv_quantize`` writes it, at ``index[t]``."""
+    codes, s = kv_quantize(value)
+    cache.index_copy_(2, index, codes)
+    scale.index_copy_(2, index, s)
+
+
+def attention_int8(q: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor, v: torch.Tensor,
+                   v_scale: torch.Tensor, mask: torch.Tensor | None, n_keys: int, scale: float) -> torch.Tensor:
+    """``scaled_dot_product_attention`` of ``q [B, H, T, D]`` over the first ``n_keys`` rows of int8 caches
+    ``k``, ``v [B, H, L, D]`` (scales ``[B, H, L]``) dequantized to ``q``'s dtype, with the additive ``mask``
+    (over those keys) if given; computed in float32, returned in ``q``'s dtype."""
+    kf = kv_dequantize(k[..., :n_keys, :], k_scale[..., :n_keys], q.dtype).float()
+    vf = kv_dequantize(v[..., :n_keys, :], v_scale[..., :n_keys], q.dtype).float()
+    m = None if mask is None else mask[..., :n_keys].float()
+    return F.scaled_dot_product_attention(q.float(), kf, vf, attn_mask=m, scale=scale).to(q.dtype)

@@ -16,8 +16,11 @@ buffer, in the run dtype, shared by every graph, and is returned as the cache ou
 back (as the samplers do) costs no copy, and the next call overwrites it. Attention over the caches
 reads only their visible prefix when a signature's mask hides the same trailing keys from every query
 (VAR, Infinity: ``kv_cache.visible_prefix_attention``); a later call of that signature with another mask
-(a LlamaGen decode position) recaptures it with the mask. Off CUDA the graph runs eagerly (in float32
-unless ``dtype`` says otherwise) and stays functional.
+(a LlamaGen decode position) recaptures it with the mask. ``kv_cache="int8"`` keeps the caches as int8 codes
+with a scale per cached row (``kv_cache.int8_caches``): half the bytes attention reads; the returned cache is
+then those codes, to pass back as is (a float cache passed in, such as a sampler's first, is quantized into the
+buffer). Off CUDA the graph runs eagerly (in float32 unless ``dtype`` says otherwise), stays functional, and
+keeps float caches.
 ``compile=True`` (CUDA) runs the graph through torch.compile first, so the float ops between the kernels
 fuse as they do in a compiled FP16 model; the kernels stay opaque operators.
 """
@@ -29,7 +32,10 @@ import torch
 from torch import fx
 from torch.utils._pytree import tree_map
 
-from backends.cuda.kv_cache import in_place_caches, visible_keys, visible_prefix, visible_prefix_attention
+from backends.cuda.kv_cache import (in_place_caches, int8_caches, visible_keys, visible_prefix,
+                                    visible_prefix_attention)
+from backends.cuda.reference import kv_quantize
+from core.errors import UserError
 from backends.cuda.lower import to_device
 
 WARMUP_RUNS = 3
@@ -57,7 +63,9 @@ class CudaStep:
 
     def __init__(self, gm: fx.GraphModule, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, cuda_graphs: bool = True, compile: bool = False,
-                 float_outputs: bool = True):
+                 float_outputs: bool = True, kv_cache: str = "float"):
+        if kv_cache not in ("float", "int8"):
+            raise UserError(f"kv_cache must be 'float' or 'int8', got {kv_cache!r}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.gm = to_device(gm, self.device, self.dtype).eval()
@@ -66,6 +74,9 @@ class CudaStep:
         self.state = in_place_caches(self.gm) if self.cuda_graphs else {}
         self._state: dict[tuple, torch.Tensor] = {}  # (input index, shape) -> the cache's buffer
         self.mask = visible_prefix_attention(self.gm) if self.state else None  # the mask input's index
+        # the cache input behind each appended scales input, when the caches are int8
+        self.kv_scales = int8_caches(self.gm, self.state) if kv_cache == "int8" and self.state else []
+        self._scales: dict[tuple, torch.Tensor] = {}  # (cache input index, shape) -> its scales' buffer
         self.float_outputs = float_outputs  # False: outputs stay in the run dtype (a bench times the step alone)
         # compile: inductor fuses the float ops between the kernels (they are opaque operators to it)
         self.run = self.gm
@@ -93,15 +104,20 @@ class CudaStep:
         if not self.cuda_graphs:
             outputs = self.run(*map(self._convert, inputs))
             return tree_map(lambda t: t.float() if self.float_outputs and t.is_floating_point() else t, outputs)
-        key = tuple((tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else t for t in inputs)
+        # a cache is keyed by its shape alone: the sampler's first (float) and the returned buffer share a graph
+        key = tuple(((tuple(t.shape), "cache") if i in self.state else (tuple(t.shape), t.dtype))
+                    if isinstance(t, torch.Tensor) else t for i, t in enumerate(inputs))
         captured = self._graphs.get(key)
         if captured is None:
             captured = self._graphs[key] = self._capture(inputs)
         elif captured.visible is not None and not self._same_mask(captured, inputs[self.mask]):
             captured = self._graphs[key] = self._capture(inputs, prefix=False)
-        for static, t in zip(captured.inputs, inputs):
+        for i, (static, t) in enumerate(zip(captured.inputs, inputs)):
             if isinstance(t, torch.Tensor) and t is not static:
-                static.copy_(t)  # converts to the static buffer's device and dtype
+                if i in self.state:
+                    self._load_cache(i, t, static)
+                else:
+                    static.copy_(t)  # converts to the static buffer's device and dtype
         captured.graph.replay()
         return self._returned(captured.outputs)
 
@@ -111,12 +127,28 @@ class CudaStep:
             return t
         if i not in self.state:
             return self._convert(t).clone()
-        buf = self._state.get((i, tuple(t.shape)))
+        key = (i, tuple(t.shape))
+        buf = self._state.get(key)
         if buf is None:
-            buf = self._state[i, tuple(t.shape)] = self._convert(t).clone()
-        elif t is not buf:
-            buf.copy_(t)
+            dtype = torch.int8 if i in self.kv_scales else self.dtype
+            buf = self._state[key] = torch.empty(t.shape, dtype=dtype, device=self.device)
+            if i in self.kv_scales:
+                self._scales[key] = torch.empty(t.shape[:-1], dtype=torch.float32, device=self.device)
+        if t is not buf:
+            self._load_cache(i, t, buf)
         return buf
+
+    def _load_cache(self, i: int, t: torch.Tensor, buf: torch.Tensor) -> None:
+        """A cache the caller passes that is not the buffer: copied in, or quantized in for an int8 cache."""
+        if i not in self.kv_scales:
+            buf.copy_(t)
+            return
+        if not t.is_floating_point():
+            raise UserError(f"input {i}: an int8 KV cache that is not this step's own buffer (its scales are "
+                            f"unknown); pass back the cache the step returned, or a float cache")
+        codes, scales = kv_quantize(t.to(self.device))
+        buf.copy_(codes)
+        self._scales[i, tuple(t.shape)].copy_(scales)
 
     def _same_mask(self, captured: _Captured, t: torch.Tensor) -> bool:
         if _identity(t) == captured.mask_id:
@@ -128,6 +160,7 @@ class CudaStep:
 
     def _capture(self, inputs, prefix: bool = True) -> _Captured:
         static = [self._static(i, t) for i, t in enumerate(inputs)]
+        static += [self._scales[i, tuple(inputs[i].shape)] for i in self.kv_scales]
         mask = inputs[self.mask] if prefix and self.mask is not None else None
         visible = None if mask is None else visible_prefix(mask)
         side = torch.cuda.Stream(self.device)

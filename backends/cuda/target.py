@@ -9,7 +9,8 @@ versions, the autotune cache). ``tools.generate --quantized DIR --device cuda`` 
 graphs (``CudaStep``); off CUDA the same graph runs on the torch reference of every kernel.
 
 Runners (``tools.bench``): cuda-int8 and cuda-fp8 (the lowered graph through torch.compile, which fuses
-the float ops between the kernels, then CUDA graphs), cuda-int8-eager (CUDA graphs only), and the fair
+the float ops between the kernels, then CUDA graphs), cuda-int8-kv8 (cuda-int8 with the KV caches in int8,
+a scale per cached row, attended by our Triton kernel), cuda-int8-eager (CUDA graphs only), and the fair
 FP16 baseline torch-fp16-graphs (the FP16 graph through the same ``CudaStep``: torch.compile, CUDA graphs,
 KV caches in place). Each passes the returned caches back, as a sampler does.
 """
@@ -98,7 +99,7 @@ class CudaFp8Target(_CudaTarget):
     format = "fp8"
 
 
-def _lowered_step(name: str, fmt: str, compile_: bool = True):
+def _lowered_step(name: str, fmt: str, compile_: bool = True, kv_cache: str = "float"):
     def prepare(fp_gm, q_gm, workdir, bundle) -> Runner:
         from backends.cuda.runner import CudaStep, chained
         from backends.torch_target import lowered
@@ -106,10 +107,14 @@ def _lowered_step(name: str, fmt: str, compile_: bool = True):
         if not torch.cuda.is_available():
             raise UserError(f"backend {name} needs CUDA")
         gm = lowered(q_gm, "fuse-attention,lower-cuda" + ("{format=fp8}" if fmt == "fp8" else ""))
-        step = CudaStep(gm, compile=compile_, float_outputs=False)  # fp16 out, as the FP16 runners
+        step = CudaStep(gm, compile=compile_, float_outputs=False, kv_cache=kv_cache)  # fp16 out, as the FP16 runners
+        if kv_cache == "int8" and not step.kv_scales:
+            raise UserError(f"backend {name}: this step's KV caches cannot be kept in int8 (no in-place caches "
+                            f"read only by the attention over their visible prefix)")
         how = "torch.compile + CUDA graphs" if compile_ else "CUDA graphs, float ops eager"
+        kv = "int8 KV cache" if step.kv_scales else "KV in place"
         return Runner(name, chained(step), converter("cuda", torch.float16), module_bytes(step.gm), "cuda",
-                      torch.float16, note=f"{fmt} Triton kernels, {how}, KV in place")
+                      torch.float16, note=f"{fmt} Triton kernels, {how}, {kv}")
     return prepare
 
 
@@ -117,6 +122,8 @@ register_runner("cuda-int8", target="cuda", quantized=True, needs_cuda=True)(_lo
 register_runner("cuda-int8-eager", target="cuda", quantized=True, needs_cuda=True)(
     _lowered_step("cuda-int8-eager", "int8", compile_=False))
 register_runner("cuda-fp8", target="cuda-fp8", quantized=True, needs_cuda=True)(_lowered_step("cuda-fp8", "fp8"))
+register_runner("cuda-int8-kv8", target="cuda", quantized=True, needs_cuda=True)(
+    _lowered_step("cuda-int8-kv8", "int8", kv_cache="int8"))
 
 
 @register_runner("torch-fp16-graphs", target="torch", quantized=False, needs_cuda=True)
