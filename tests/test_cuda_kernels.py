@@ -329,6 +329,39 @@ def test_attention_int8(T, masked, dtype):
     assert masked == (not torch.allclose(got.float().cpu(), plain, atol=1e-2))  # the mask was applied
 
 
+def test_attention_tiles_follow_the_query_count():
+    """The autotuner's pruning (on a GPU; the interpreter runs one tile): 16-row tiles for decode, larger ones
+    for many queries, whichever way Triton hands it the bucket."""
+    tiles = kernels._prune_attention(kernels.ATTENTION_CONFIGS, {"T_BUCKET": 1})
+    assert tiles and {c.kwargs["BLOCK_M"] for c in tiles} == {16}
+    tiles = kernels._prune_attention(kernels.ATTENTION_CONFIGS, {}, T_BUCKET=256)
+    assert tiles and 16 not in {c.kwargs["BLOCK_M"] for c in tiles}
+
+
+def test_attention_autotuning_runs(monkeypatch):
+    """The GPU's tuning path (several tiles, pruned, each timed) end to end; under the interpreter each tile
+    runs once and is "timed" by a stand-in. The tile chosen gives the reference's result."""
+    ran = []
+
+    def bench(fn, quantiles=None, **kwargs):
+        fn()
+        ran.append(1)
+        return [float(len(ran))] * (len(quantiles) if quantiles else 1)
+
+    tuner = kernels.attention_tuner([kernels._attention_config(16, 16, 4, 1), kernels._attention_config(16, 32, 4, 1),
+                                     kernels._attention_config(32, 16, 4, 1)], bench, cache_results=False)
+    monkeypatch.setattr(kernels, "_attention_autotuned", tuner)
+    gen = _gen(33)
+    k, ks = _int8_cache(1, 2, 20, 16, gen)
+    v, vs = _int8_cache(1, 2, 20, 16, gen)
+    for T, tiles in ((1, 2), (40, 1)):
+        ran.clear()
+        q = torch.randn(1, 2, T, 16, generator=gen).half()
+        got = ops.attention_int8(q, k, ks, v, vs, None, 20, None)
+        _close(got, ref.attention_int8(q, k, ks, v, vs, None, 20, 16 ** -0.5), rtol=2e-3)
+        assert len(ran) == (tiles if tiles > 1 else 0)  # one tile left after pruning: nothing to time
+
+
 def test_int8_cache_checks():
     k, ks = ref.kv_quantize(torch.randn(1, 2, 8, 4))
     with pytest.raises(ValueError, match="scales must be float32"):

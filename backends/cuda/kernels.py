@@ -477,7 +477,7 @@ def kv_write_int8(cache, scale, index, value) -> None:
 @triton.jit(do_not_specialize=["T_BUCKET"])
 def _attention_int8_kernel(q_ptr, k_ptr, ks_ptr, v_ptr, vs_ptr, mask_ptr, out_ptr, T, H, D, N_KEYS, qk_scale,
                            sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_l, sks_b, sks_h, sv_b, sv_h, sv_l, svs_b, svs_h,
-                           sm_b, sm_h, sm_t, sm_l, HAS_MASK: tl.constexpr, T_BUCKET,
+                           sm_b, sm_h, sm_t, sm_l, T_BUCKET, HAS_MASK: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Flash attention (online softmax in base 2) of fp16/bf16 queries over int8 keys and values with a scale
     per cached row, dequantized tile by tile to the queries' dtype as the reference does; ``out`` is
@@ -536,14 +536,21 @@ ATTENTION_CONFIGS = [_attention_config(16, 64, 4, 3), _attention_config(16, 128,
 
 
 def _prune_attention(configs, named_args, **kwargs):
-    few = named_args["T_BUCKET"] <= 16
+    """16-row tiles for at most 16 queries, larger ones else. (Triton passes the positional arguments as
+    ``named_args``, the keyword ones as ``kwargs``.)"""
+    few = {**named_args, **kwargs}["T_BUCKET"] <= 16
     return [c for c in configs if (c.kwargs["BLOCK_M"] == 16) == few]
 
 
-_attention_autotuned = triton.autotune(
-    [_attention_config(16, 16, 4, 1)] if INTERPRET else ATTENTION_CONFIGS, key=["T_BUCKET", "D", "HAS_MASK"],
-    prune_configs_by={"early_config_prune": _prune_attention},
-    do_bench=functools.partial(do_bench, warmup=5, rep=20), cache_results=True)(_attention_int8_kernel)
+def attention_tuner(configs, bench=functools.partial(do_bench, warmup=5, rep=20), cache_results=True):
+    """The attention kernel autotuned over ``configs`` (a test passes its own ``bench`` to run the GPU's
+    path of tuning under the interpreter)."""
+    return triton.autotune(configs, key=["T_BUCKET", "D", "HAS_MASK"],
+                           prune_configs_by={"early_config_prune": _prune_attention}, do_bench=bench,
+                           cache_results=cache_results)(_attention_int8_kernel)
+
+
+_attention_autotuned = attention_tuner([_attention_config(16, 16, 4, 1)] if INTERPRET else ATTENTION_CONFIGS)
 
 
 def attention_int8(q, k, k_scale, v, v_scale, mask, n_keys, scale, *, config=None):
@@ -556,9 +563,9 @@ def attention_int8(q, k, k_scale, v, v_scale, mask, n_keys, scale, *, config=Non
     sm = (0, 0, 0, 0) if mask is None else mask.stride()
     args = (q, k, k_scale, v, v_scale, _or(mask, k_scale), out, T, H, D, n_keys, scale * 1.4426950408889634,
             *q.stride(), k.stride(0), k.stride(1), k.stride(2), k_scale.stride(0), k_scale.stride(1),
-            v.stride(0), v.stride(1), v.stride(2), v_scale.stride(0), v_scale.stride(1), *sm)
-    meta = {"HAS_MASK": mask is not None, "T_BUCKET": triton.next_power_of_2(T),
-            "BLOCK_D": max(16, triton.next_power_of_2(D))}
+            v.stride(0), v.stride(1), v.stride(2), v_scale.stride(0), v_scale.stride(1), *sm,
+            triton.next_power_of_2(T))  # T_BUCKET: positional, as the autotuner's key and its pruning read it
+    meta = {"HAS_MASK": mask is not None, "BLOCK_D": max(16, triton.next_power_of_2(D))}
 
     def grid(m):
         return (triton.cdiv(T, m["BLOCK_M"]), B * H)
