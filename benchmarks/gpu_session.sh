@@ -64,6 +64,13 @@ case "$1" in
     timeout 130 python -m tools.bench --model var-d16 --batch 16,100 --pipeline "$P" --repeats 15 --warmup 3 \
       --backends torch-fp16-graphs,cuda-int8,cuda-fp8 --json "$OUT/var_d16_last_b16_b100.json" > "$OUT/var_d16_b16_b100.log" 2>&1
     grep -A5 "^workload" "$OUT/var_d16_b16_b100.log" | cut -c1-160; grep -i "error" "$OUT/var_d16_b16_b100.log" | tail -3 ;;
+  kvcheck)  # the int8-KV kernels on the GPU: their tests, a tiny VAR through the runner, the attention micro-benchmark
+    timeout 120 python -m pytest -q -p no:cacheprovider -n 8 -rf tests/test_cuda_kernels.py tests/test_kv_cache.py \
+      tests/test_cuda_lower.py -k "(int8 or attention or kv) and not generation_agrees" > "$OUT/pytest_kvcheck.log" 2>&1
+    grep -E "^FAILED|^ERROR|passed|failed|Error" "$OUT/pytest_kvcheck.log" | cut -c1-250 | tail -20
+    timeout 60 python -m tools.bench --model var-tiny --batch 4 --pipeline "$P" --repeats 3 --warmup 1 \
+      --backends torch-fp16-graphs,cuda-int8,cuda-int8-kv8 2>&1 | tail -6
+    timeout 120 python benchmarks/attention_bench.py --json "$OUT/attention.json" 2>&1 | tail -20 ;;
   kv8final)  # smoke of the int8 KV caches, the step at 64 and GPT-B decode (profiled), then the suite in what is left
     B3=torch-fp16-graphs,cuda-int8,cuda-int8-kv8
     timeout 60 python -m tools.bench --model var-tiny --batch 4 --pipeline "$P" --repeats 3 --warmup 1 \
