@@ -323,7 +323,8 @@ def test_attention_int8(T, masked, dtype):
     got = ops.attention_int8(*_to({"q": q, "k": k, "ks": ks, "v": v, "vs": vs}, DEV).values(),
                              None if mask is None else mask.to(DEV), n, 0.3)
     assert got.shape == (B, H, T, D) and got.transpose(1, 2).is_contiguous()
-    _close(got, expected, rtol=2e-3 if dtype == torch.float16 else 1e-5)
+    # fp16 products either way; float32 ones are TF32 on a GPU's tensor cores (an H100: 1.2e-2 off at most)
+    _close(got, expected, rtol=1e-5 if dtype == torch.float32 and not CUDA else 2e-3)
     kf, vf = ref.kv_dequantize(k, ks, torch.float32), ref.kv_dequantize(v, vs, torch.float32)
     plain = torch.nn.functional.scaled_dot_product_attention(q.float(), kf[..., :n, :], vf[..., :n, :], scale=0.3)
     assert masked == (not torch.allclose(got.float().cpu(), plain, atol=1e-2))  # the mask was applied
@@ -359,7 +360,8 @@ def test_attention_autotuning_runs(monkeypatch):
         q = torch.randn(1, 2, T, 16, generator=gen).half()
         got = ops.attention_int8(q, k, ks, v, vs, None, 20, None)
         _close(got, ref.attention_int8(q, k, ks, v, vs, None, 20, 16 ** -0.5), rtol=2e-3)
-        assert len(ran) == (tiles if tiles > 1 else 0)  # one tile left after pruning: nothing to time
+        if INTERPRET:  # (Triton 3.6 on a GPU times the tiles with its own benchmarker, not the stand-in)
+            assert len(ran) == (tiles if tiles > 1 else 0)  # one tile left after pruning: nothing to time
 
 
 def test_int8_cache_checks():
