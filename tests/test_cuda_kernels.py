@@ -227,6 +227,32 @@ def test_rmsnorm_quant(weight, fp8):
     _assert_codes(out, ref.rmsnorm_quant, x, **args)
 
 
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("gain", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_norms_take_the_residual_add(norm, gain, dtype):
+    """``s = x + residual * gain[image]`` before the norm: ``s`` written in x's dtype (to float rounding), the
+    codes of the norm of ``s`` as the reference's."""
+    gen = _gen(8)
+    M, K = 24, 40
+    x = (torch.randn(M, K, generator=gen) * 3).to(dtype)
+    args = {"residual": (torch.randn(M, K, generator=gen) * 2).to(dtype),
+            "gain": torch.randn(3, K, generator=gen) if gain else None, "eps": 1e-6, **_quant(gen)}
+    if norm == "layernorm":
+        args.update(weight=torch.rand(K, generator=gen) + 0.5, bias=None, mod_scale=torch.randn(3, K, generator=gen) * 0.2,
+                    mod_shift=None)
+    else:
+        args.update(weight=torch.rand(K, generator=gen) + 0.5)
+    total, codes = getattr(kernels, f"{norm}_quant")(x.to(DEV), **_to(args, DEV))
+    fn = getattr(ref, f"{norm}_quant")
+    expected, _ = fn(x, **args)
+    assert total.dtype == dtype and not torch.equal(expected.float(), x.float())
+    _close(total, expected, rtol=1e-3 if dtype == torch.float16 else 1e-6)
+    _assert_codes(codes, lambda *a, **k: fn(*a, **k)[1], x, **args)
+    with pytest.raises(ValueError, match="residual must match"):
+        getattr(ops, f"{norm}_quant")(x, **{**args, "residual": args["residual"][:, :5]})
+
+
 @pytest.mark.parametrize("fp8", [False, pytest.param(True, marks=FP8_CODES)])
 @pytest.mark.parametrize("act", ["none", "gelu", "gelu_tanh", "swiglu"])
 def test_act_quant(act, fp8):
@@ -453,9 +479,10 @@ for arch, code, tile in [(90, "i8", (64, 64, 64, 4, 3)), (90, "fp8e4nv", (64, 64
     build(k._qgemm_kernel, arch, {**flags, **c.kwargs}, ptrs, c.num_warps, c.num_stages)
 q = {"HAS_GROUPS": True, "BLOCK_M": 4, "BLOCK_K": 1024}
 build(k._layernorm_quant_kernel, 90, {**q, "HAS_WEIGHT": True, "HAS_BIAS": True, "HAS_MOD_SCALE": True,
-      "HAS_MOD_SHIFT": True, "FP8": True}, {"x_ptr": "*fp16", "out_ptr": "*fp8e4nv", "groups_ptr": "*i64"})
-build(k._rmsnorm_quant_kernel, 80, {**q, "HAS_WEIGHT": True, "FP8": False},
-      {"x_ptr": "*bf16", "out_ptr": "*i8", "groups_ptr": "*i32"})
+      "HAS_MOD_SHIFT": True, "FP8": True, "HAS_RESIDUAL": True, "HAS_GAIN": True},
+      {"x_ptr": "*fp16", "out_ptr": "*fp8e4nv", "groups_ptr": "*i64", "res_ptr": "*fp16", "sum_ptr": "*fp16"})
+build(k._rmsnorm_quant_kernel, 80, {**q, "HAS_WEIGHT": True, "FP8": False, "HAS_RESIDUAL": True, "HAS_GAIN": False},
+      {"x_ptr": "*bf16", "out_ptr": "*i8", "groups_ptr": "*i32", "res_ptr": "*bf16", "sum_ptr": "*bf16"})
 build(k._act_quant_kernel, 90, {**q, "ACT": "swiglu", "FP8": False},
       {"x_ptr": "*fp16", "gate_ptr": "*fp16", "out_ptr": "*i8", "groups_ptr": "*i32"})
 build(k._kv_write_kernel, 80, {"BLOCK_T": 64, "BLOCK_D": 64},

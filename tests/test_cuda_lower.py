@@ -4,6 +4,7 @@ On the CPU the ops run their torch reference (backends/cuda/reference.py), so th
 everywhere; the GPU tests run the Triton kernels and CUDA graphs.
 """
 import copy
+import operator
 import functools
 import importlib.util
 
@@ -106,12 +107,14 @@ def test_lowered_graph_equals_fake_quant(family, recipe):
     fused = stats["fused"]
     if family in ("var", "mnist-var"):
         assert fused["adaln_layernorm"] > 0 and fused["gelu_epilogue"] > 0  # tanh-GELU into fc1's epilogue
+        # every norm but the first block's (it reads the step's input) takes the residual add before it
+        assert fused["residual_add"] == fused["adaln_layernorm"] - 1
     elif family == "rar":
         assert fused["adaln_layernorm"] > 0 and fused["gelu"] > 0  # erf GELU: act_quant
     else:
         assert fused["swiglu"] > 0
         if recipe == "minmax":
-            assert fused["rmsnorm"] > 0
+            assert fused["rmsnorm"] > 0 and 0 < fused["residual_add"] < fused["rmsnorm"]
         else:  # sym-shift gave every RMSNorm a bias, which rmsnorm_quant cannot take
             assert fused["rmsnorm"] == 0 and all("bias" in u["reason"] for u in stats["unfused"])
     rel = []
@@ -152,6 +155,32 @@ def test_pass_runs_in_a_pipeline():
     assert tensors["blocks.0.attn.mat_qkv.input_group_scale"].shape == (1,)  # per-tensor: one group
     assert tensors["blocks.0.attn.mat_qkv.weight_int8"].dtype == torch.int8
     assert "blocks.0.attn.mat_qkv.input_zero_point" not in tensors  # the fake-quant graph's tables are gone
+
+
+def test_residual_add_fused_into_the_next_norm():
+    """``s = x + f(x) * g`` then a LayerNorm -> codes: one op writes ``s`` and the codes; ``s`` still reaches its
+    later reader. A broadcast add (a gain over tokens here) runs unfused inside the op: same results."""
+    from frontends.generic import ModelBundle
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.norm, self.fc2 = torch.nn.Linear(32, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 32)
+
+        def forward(self, x, g):
+            s = x + self.fc1(x) * g
+            return s + self.fc2(self.norm(s))
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 32)
+    for g in (torch.rand(2, 1, 32) + 0.5, torch.rand(2, 8, 32) + 0.5):  # per image (fused); per token
+        b = ModelBundle("block", Block().eval(), (x, g), calib_inputs=[(x, g)])
+        _, q, _ = quantize(b, "minmax", [(x, g)])
+        low, stats = lowered(q, min_rows=0)
+        assert stats["fused"]["residual_add"] == 1 and stats["fused"]["layernorm"] == 1
+        assert not [n for n in low.graph.nodes if n.target in (operator.add, torch.add) and "fc1" in str(n.args)]
+        with torch.no_grad():
+            torch.testing.assert_close(low(x, g), q(x, g), rtol=1e-5, atol=1e-5)
 
 
 def test_a_norm_read_by_other_ops_keeps_its_float_output():

@@ -299,12 +299,29 @@ def _load_rows(x_ptr, M, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _add_residual(x, rows, cols, mask, K, tokens, res_ptr, gain_ptr, sum_ptr, HAS_RESIDUAL: tl.constexpr,
+                  HAS_GAIN: tl.constexpr):
+    """``x + residual * gain[image]`` (the residual stream's add before a norm), stored; else ``x``."""
+    if HAS_RESIDUAL:
+        offs = rows.to(tl.int64)[:, None] * K + cols[None, :]
+        r = tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_GAIN:
+            r = r * tl.load(gain_ptr + (rows // tokens).to(tl.int64)[:, None] * K + cols[None, :], mask=mask,
+                            other=0.0).to(tl.float32)
+        x = x + r
+        tl.store(sum_ptr + offs, x.to(sum_ptr.dtype.element_ty), mask=mask)
+    return x
+
+
+@triton.jit
 def _layernorm_quant_kernel(x_ptr, out_ptr, weight_ptr, bias_ptr, mod_scale_ptr, mod_shift_ptr, groups_ptr,
-                            inv_scale_ptr, zero_ptr, M, K, tokens, eps, qmin, qmax,
+                            inv_scale_ptr, zero_ptr, res_ptr, gain_ptr, sum_ptr, M, K, tokens, eps, qmin, qmax,
                             HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MOD_SCALE: tl.constexpr,
                             HAS_MOD_SHIFT: tl.constexpr, HAS_GROUPS: tl.constexpr, FP8: tl.constexpr,
+                            HAS_RESIDUAL: tl.constexpr, HAS_GAIN: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     rows, cols, row_ok, col_ok, mask, x = _load_rows(x_ptr, M, K, BLOCK_M, BLOCK_K)
+    x = _add_residual(x, rows, cols, mask, K, tokens, res_ptr, gain_ptr, sum_ptr, HAS_RESIDUAL, HAS_GAIN)
     mean = tl.sum(x, 1) / K
     xc = tl.where(mask, x - mean[:, None], 0.0)
     y = xc * tl.rsqrt(tl.sum(xc * xc, 1) / K + eps)[:, None]
@@ -323,10 +340,12 @@ def _layernorm_quant_kernel(x_ptr, out_ptr, weight_ptr, bias_ptr, mod_scale_ptr,
 
 
 @triton.jit
-def _rmsnorm_quant_kernel(x_ptr, out_ptr, weight_ptr, groups_ptr, inv_scale_ptr, zero_ptr, M, K, tokens, eps,
-                          qmin, qmax, HAS_WEIGHT: tl.constexpr, HAS_GROUPS: tl.constexpr, FP8: tl.constexpr,
+def _rmsnorm_quant_kernel(x_ptr, out_ptr, weight_ptr, groups_ptr, inv_scale_ptr, zero_ptr, res_ptr, gain_ptr,
+                          sum_ptr, M, K, tokens, eps, qmin, qmax, HAS_WEIGHT: tl.constexpr, HAS_GROUPS: tl.constexpr,
+                          FP8: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_GAIN: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     rows, cols, row_ok, col_ok, mask, x = _load_rows(x_ptr, M, K, BLOCK_M, BLOCK_K)
+    x = _add_residual(x, rows, cols, mask, K, tokens, res_ptr, gain_ptr, sum_ptr, HAS_RESIDUAL, HAS_GAIN)
     y = x * tl.rsqrt(tl.sum(x * x, 1) / K + eps)[:, None]
     if HAS_WEIGHT:
         y = y * tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -368,34 +387,42 @@ def _codes(x, fp8):
     return torch.empty(x.shape, device=x.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
 
 
+def _residual_args(x, residual, gain, d):
+    """(res, gain, sum) pointers and flags of a norm kernel; ``sum`` is the residual stream's new tensor."""
+    total = None if residual is None else torch.empty_like(x)
+    return ((_or(residual, d), _or(gain, d), _or(total, d)),
+            {"HAS_RESIDUAL": residual is not None, "HAS_GAIN": gain is not None}, total)
+
+
 def layernorm_quant(x, weight, bias, eps, *, inv_scale, zero, groups=None, tokens=1, mod_scale=None,
-                    mod_shift=None, qmin=-128, qmax=127, fp8=False):
+                    mod_shift=None, qmin=-128, qmax=127, fp8=False, residual=None, gain=None):
     """``reference.layernorm_quant`` in one kernel."""
     out = _codes(x, fp8)
-    if out.numel() == 0:
-        return out
     (M, K), d = x.shape, inv_scale
-    grid, meta = _row_launch(M, K, whole_rows=True)
-    _layernorm_quant_kernel[grid](
-        x, out, _or(weight, d), _or(bias, d), _or(mod_scale, d), _or(mod_shift, d), _or(groups, d), inv_scale,
-        _or(zero, d), M, K, tokens, float(eps), float(qmin), float(qmax),
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_MOD_SCALE=mod_scale is not None,
-        HAS_MOD_SHIFT=mod_shift is not None, HAS_GROUPS=groups is not None, FP8=fp8, **meta)
-    return out
+    res, flags, total = _residual_args(x, residual, gain, d)
+    if out.numel():
+        grid, meta = _row_launch(M, K, whole_rows=True)
+        _layernorm_quant_kernel[grid](
+            x, out, _or(weight, d), _or(bias, d), _or(mod_scale, d), _or(mod_shift, d), _or(groups, d), inv_scale,
+            _or(zero, d), *res, M, K, tokens, float(eps), float(qmin), float(qmax),
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_MOD_SCALE=mod_scale is not None,
+            HAS_MOD_SHIFT=mod_shift is not None, HAS_GROUPS=groups is not None, FP8=fp8, **flags, **meta)
+    return out if residual is None else (total, out)
 
 
-def rmsnorm_quant(x, weight, eps, *, inv_scale, zero, groups=None, tokens=1, qmin=-128, qmax=127, fp8=False):
+def rmsnorm_quant(x, weight, eps, *, inv_scale, zero, groups=None, tokens=1, qmin=-128, qmax=127, fp8=False,
+                  residual=None, gain=None):
     """``reference.rmsnorm_quant`` in one kernel."""
     out = _codes(x, fp8)
-    if out.numel() == 0:
-        return out
     (M, K), d = x.shape, inv_scale
-    grid, meta = _row_launch(M, K, whole_rows=True)
-    _rmsnorm_quant_kernel[grid](
-        x, out, _or(weight, d), _or(groups, d), inv_scale, _or(zero, d), M, K, tokens, float(eps),
-        float(qmin), float(qmax),
-        HAS_WEIGHT=weight is not None, HAS_GROUPS=groups is not None, FP8=fp8, **meta)
-    return out
+    res, flags, total = _residual_args(x, residual, gain, d)
+    if out.numel():
+        grid, meta = _row_launch(M, K, whole_rows=True)
+        _rmsnorm_quant_kernel[grid](
+            x, out, _or(weight, d), _or(groups, d), inv_scale, _or(zero, d), *res, M, K, tokens, float(eps),
+            float(qmin), float(qmax),
+            HAS_WEIGHT=weight is not None, HAS_GROUPS=groups is not None, FP8=fp8, **flags, **meta)
+    return out if residual is None else (total, out)
 
 
 def act_quant(x, *, act, inv_scale, zero, groups=None, tokens=1, gate=None, qmin=-128, qmax=127, fp8=False):

@@ -137,6 +137,71 @@ def _(x, weight, eps, inv_scale, zero, groups, qmin, qmax, fp8):
     return _codes_like(x, fp8)
 
 
+# The residual stream's add before a norm, in the norm's kernel: ``s = x + residual [* gain]`` is read once
+# and written once instead of an add kernel's two reads and a write followed by the norm's read.
+
+def _residual_tables(x: Tensor, residual: Tensor, gain: OptTensor):
+    """``(rows of the residual, per-image gain table)``, or None when the add is not of that form (another
+    shape: a broadcast add; a gain that varies over tokens): the op then adds unfused."""
+    dtype = torch.promote_types(x.dtype, residual.dtype if gain is None
+                                else torch.promote_types(residual.dtype, gain.dtype))
+    if residual.shape != x.shape or x.dim() != 3 or dtype != x.dtype:
+        return None
+    if gain is None:
+        return residual.reshape(-1, x.shape[-1]), None
+    table = _per_image(gain, x)
+    return None if table is None else (residual.reshape(-1, x.shape[-1]), table)
+
+
+def _unfused_sum(x: Tensor, residual: Tensor, gain: OptTensor) -> Tensor:
+    return x + (residual if gain is None else residual * gain)
+
+
+@torch.library.custom_op("arvgq_cuda::add_layer_norm_q", mutates_args=())
+def add_layer_norm_q(x: Tensor, residual: Tensor, gain: OptTensor, weight: OptTensor, bias: OptTensor, eps: float,
+                     mod_scale: OptTensor, mod_shift: OptTensor, inv_scale: Tensor, zero: OptTensor,
+                     groups: OptTensor, qmin: int, qmax: int, fp8: bool) -> tuple[Tensor, Tensor]:
+    """``s = x + residual [* gain]``, then ``layer_norm_q(s, ...)``: ``(s, codes)``."""
+    res = _residual_tables(x, residual, gain)
+    scale = None if mod_scale is None else _per_image(mod_scale, x)
+    shift = None if mod_shift is None else _per_image(mod_shift, x)
+    if res is None or (mod_scale is not None and scale is None) or (mod_shift is not None and shift is None):
+        total = _unfused_sum(x, residual, gain)
+        return total, layer_norm_q(total, weight, bias, eps, mod_scale, mod_shift, inv_scale, zero, groups, qmin,
+                                   qmax, fp8)
+    k = x.shape[-1]
+    total, codes = ops.layernorm_quant(x.reshape(-1, k), weight, bias, eps, inv_scale=inv_scale, zero=zero,
+                                       groups=groups, tokens=_tokens(x), mod_scale=scale, mod_shift=shift, qmin=qmin,
+                                       qmax=qmax, fp8=fp8, residual=res[0], gain=res[1])
+    return total.reshape(x.shape), codes.reshape(x.shape)
+
+
+@add_layer_norm_q.register_fake
+def _(x, residual, gain, weight, bias, eps, mod_scale, mod_shift, inv_scale, zero, groups, qmin, qmax, fp8):
+    total = torch.empty_like(_unfused_sum(x, residual, gain))
+    return total, _codes_like(total, fp8)
+
+
+@torch.library.custom_op("arvgq_cuda::add_rms_norm_q", mutates_args=())
+def add_rms_norm_q(x: Tensor, residual: Tensor, gain: OptTensor, weight: OptTensor, eps: float, inv_scale: Tensor,
+                   zero: OptTensor, groups: OptTensor, qmin: int, qmax: int, fp8: bool) -> tuple[Tensor, Tensor]:
+    """``s = x + residual [* gain]``, then ``rms_norm_q(s, ...)``: ``(s, codes)``."""
+    res = _residual_tables(x, residual, gain)
+    if res is None:
+        total = _unfused_sum(x, residual, gain)
+        return total, rms_norm_q(total, weight, eps, inv_scale, zero, groups, qmin, qmax, fp8)
+    k = x.shape[-1]
+    total, codes = ops.rmsnorm_quant(x.reshape(-1, k), weight, eps, inv_scale=inv_scale, zero=zero, groups=groups,
+                                     tokens=_tokens(x), qmin=qmin, qmax=qmax, fp8=fp8, residual=res[0], gain=res[1])
+    return total.reshape(x.shape), codes.reshape(x.shape)
+
+
+@add_rms_norm_q.register_fake
+def _(x, residual, gain, weight, eps, inv_scale, zero, groups, qmin, qmax, fp8):
+    total = torch.empty_like(_unfused_sum(x, residual, gain))
+    return total, _codes_like(total, fp8)
+
+
 @torch.library.custom_op("arvgq_cuda::qlinear", mutates_args=())
 def qlinear(a: Tensor, w: Tensor, w_scale: Tensor, colsum: Tensor, a_scale: Tensor, a_zero: Tensor, bias: OptTensor,
             groups: OptTensor, gelu: bool = False, out_inv_scale: OptTensor = None, out_zero: OptTensor = None,
@@ -172,10 +237,10 @@ def _(a, w, w_scale, colsum, a_scale, a_zero, bias, groups, gelu=False, out_inv_
 
 
 # the graph's call targets: the operators (plain functions would be traced into by torch.compile)
-activation_q, layer_norm_q, rms_norm_q, qlinear = (torch.ops.arvgq_cuda.activation_q.default,
-                                                   torch.ops.arvgq_cuda.layer_norm_q.default,
-                                                   torch.ops.arvgq_cuda.rms_norm_q.default,
-                                                   torch.ops.arvgq_cuda.qlinear.default)
+activation_q, layer_norm_q, rms_norm_q, add_layer_norm_q, add_rms_norm_q, qlinear = (
+    torch.ops.arvgq_cuda.activation_q.default, torch.ops.arvgq_cuda.layer_norm_q.default,
+    torch.ops.arvgq_cuda.rms_norm_q.default, torch.ops.arvgq_cuda.add_layer_norm_q.default,
+    torch.ops.arvgq_cuda.add_rms_norm_q.default, torch.ops.arvgq_cuda.qlinear.default)
 
 
 # ---------------------------------------------------------------------------- graph matching
@@ -400,8 +465,8 @@ class _Lowering:
     replaced: dict[fx.Node, fx.Node] = field(default_factory=dict)  # a site's old output -> its qgemm
     stats: dict = field(default_factory=lambda: {
         "qgemm": 0, "standalone_quant": 0, "unfused": [],
-        "fused": dict.fromkeys(("layernorm", "adaln_layernorm", "rmsnorm", "gelu_epilogue", "gelu", "swiglu"),
-                               0)})
+        "fused": dict.fromkeys(("layernorm", "adaln_layernorm", "rmsnorm", "residual_add", "gelu_epilogue", "gelu",
+                                "swiglu"), 0)})
 
     def run(self) -> None:
         by_x: dict[fx.Node, list[_Site]] = {}
@@ -466,6 +531,8 @@ class _Lowering:
             for u in [u for u in x.users if _reads_metadata(u)]:
                 u.replace_input_with(x, source)
         done: list[_Site] = []
+        norm_input = match[0][0] if kind in ("layernorm", "adaln_layernorm") else match[0] if kind == "rmsnorm" else None
+        residual = None if norm_input is None or len(group) > 1 else self._residual(norm_input, x)
         for s in group:
             same = next((d for d in done if _same_grid(d, s)), None)
             if same is not None:
@@ -480,10 +547,17 @@ class _Lowering:
                     (h, weight, bias, eps), factor, shift = match
                     weight, bias = (g.get_attr(t) if isinstance(t, str) else t for t in (weight, bias))
                     mod_scale = _mod_scale(g, factor)
-                    s.codes = g.call_function(layer_norm_q, (h, weight, bias, eps, mod_scale, shift, *grid))
+                    if residual is None:
+                        s.codes = g.call_function(layer_norm_q, (h, weight, bias, eps, mod_scale, shift, *grid))
+                    else:
+                        s.codes = self._with_residual(h, residual, add_layer_norm_q,
+                                                      (weight, bias, eps, mod_scale, shift, *grid))
                 elif kind == "rmsnorm":
                     h, weight, eps, _bias = match
-                    s.codes = g.call_function(rms_norm_q, (h, weight, eps, *grid))
+                    if residual is None:
+                        s.codes = g.call_function(rms_norm_q, (h, weight, eps, *grid))
+                    else:
+                        s.codes = self._with_residual(h, residual, add_rms_norm_q, (weight, eps, *grid))
                 elif kind == "swiglu":
                     s.codes = g.call_function(activation_q, (match[0], "swiglu", *grid), {"gate": match[1]})
                 else:  # gelu, gelu_tanh
@@ -493,6 +567,43 @@ class _Lowering:
                 self.stats["standalone_quant"] += 1
             else:
                 self.stats["fused"]["gelu" if kind == "gelu_tanh" else kind] += 1
+
+    def _residual(self, h: fx.Node, x: fx.Node) -> tuple | None:
+        """``((stream, branch, gain or None), later readers)`` when the norm's input ``h`` is the residual
+        stream's add ``stream + branch [* gain]`` whose other readers all come after the norm's output ``x`` (the
+        fused op takes its place there); None otherwise."""
+        if not (_is(h, operator.add, torch.add) and len(h.args) == 2 and not h.kwargs
+                and all(isinstance(a, fx.Node) and a.op != "get_attr" for a in h.args)):
+            return None
+        order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+        chain, todo = set(), [x]  # the nodes between h and x: they die with the norm
+        while todo:
+            n = todo.pop()
+            if n in chain or n is h or order[n] < order[h]:
+                continue
+            chain.add(n)
+            todo += [a for a in n.all_input_nodes]
+        readers = [u for u in h.users if u not in chain]
+        if any(order[u] <= order[x] or _reads_metadata(u) for u in readers):
+            return None
+        stream, branch = h.args
+        for a, b in ((branch, stream), (stream, branch)):  # branch * gain, a product read only here
+            if _is(b, operator.mul, torch.mul) and len(b.users) == 1 and len(b.args) == 2 and not b.kwargs and all(
+                    isinstance(t, fx.Node) for t in b.args):
+                return (a, b.args[0], b.args[1]), readers
+        return (stream, branch, None), readers
+
+    def _with_residual(self, h: fx.Node, residual: tuple, op, args: tuple) -> fx.Node:
+        """The norm ``op`` over ``h``'s add: emits ``(s, codes)``, points the add's later readers at ``s`` and
+        returns the codes (at the current insertion point)."""
+        g = self.gm.graph
+        (stream, branch, gain), readers = residual
+        pair = g.call_function(op, (stream, branch, gain, *args))
+        total = g.call_function(operator.getitem, (pair, 0))
+        for u in readers:
+            u.replace_input_with(h, total)
+        self.stats["fused"]["residual_add"] += 1
+        return g.call_function(operator.getitem, (pair, 1))
 
     def _tables(self, s: _Site) -> list[fx.Node]:
         """get_attr nodes of the site's scale, inverse scale and zero point tables (named after the site)."""

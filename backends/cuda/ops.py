@@ -69,24 +69,40 @@ def _check_quant(x, zero, groups, tokens, fp8):
     _check(zero is not None or fp8, "zero is required for int8 codes")
 
 
+def _check_table(t, name, x, tokens):
+    _check(t is None or (t.dim() == 2 and t.shape[1] == x.shape[1] and t.shape[0] * tokens >= x.shape[0]),
+           f"{name} must be [B, K] with B * tokens >= M, got {None if t is None else tuple(t.shape)}")
+
+
+def _check_residual(x, residual, gain, tokens):
+    _check(residual is None or residual.shape == x.shape,
+           f"residual must match x {tuple(x.shape)}, got {None if residual is None else tuple(residual.shape)}")
+    _check(gain is None or residual is not None, "gain goes with a residual")
+    _check_table(gain, "gain", x, tokens)
+
+
 def layernorm_quant(x, weight, bias, eps, *, inv_scale, zero, groups=None, tokens=1, mod_scale=None,
-                    mod_shift=None, qmin=-128, qmax=127, fp8=False):
+                    mod_shift=None, qmin=-128, qmax=127, fp8=False, residual=None, gain=None):
     _check_quant(x, zero, groups, tokens, fp8)
     _check_vec(weight, "weight", x.shape[1])
     _check_vec(bias, "bias", x.shape[1])
-    for name, t in (("mod_scale", mod_scale), ("mod_shift", mod_shift)):
-        _check(t is None or (t.dim() == 2 and t.shape[1] == x.shape[1] and t.shape[0] * tokens >= x.shape[0]),
-               f"{name} must be [B, K] with B * tokens >= M, got {None if t is None else tuple(t.shape)}")
+    _check_table(mod_scale, "mod_scale", x, tokens)
+    _check_table(mod_shift, "mod_shift", x, tokens)
+    _check_residual(x, residual, gain, tokens)
     return _impl(x).layernorm_quant(_c(x), _c(weight), _c(bias), eps, inv_scale=_c(inv_scale), zero=_c(zero),
                                     groups=_c(groups), tokens=tokens, mod_scale=_c(mod_scale),
-                                    mod_shift=_c(mod_shift), qmin=qmin, qmax=qmax, fp8=fp8)
+                                    mod_shift=_c(mod_shift), qmin=qmin, qmax=qmax, fp8=fp8, residual=_c(residual),
+                                    gain=_c(gain))
 
 
-def rmsnorm_quant(x, weight, eps, *, inv_scale, zero, groups=None, tokens=1, qmin=-128, qmax=127, fp8=False):
+def rmsnorm_quant(x, weight, eps, *, inv_scale, zero, groups=None, tokens=1, qmin=-128, qmax=127, fp8=False,
+                  residual=None, gain=None):
     _check_quant(x, zero, groups, tokens, fp8)
     _check_vec(weight, "weight", x.shape[1])
+    _check_residual(x, residual, gain, tokens)
     return _impl(x).rmsnorm_quant(_c(x), _c(weight), eps, inv_scale=_c(inv_scale), zero=_c(zero),
-                                  groups=_c(groups), tokens=tokens, qmin=qmin, qmax=qmax, fp8=fp8)
+                                  groups=_c(groups), tokens=tokens, qmin=qmin, qmax=qmax, fp8=fp8,
+                                  residual=_c(residual), gain=_c(gain))
 
 
 def act_quant(x, *, act, inv_scale, zero, groups=None, tokens=1, gate=None, qmin=-128, qmax=127, fp8=False):

@@ -83,26 +83,46 @@ def _modulate(y: torch.Tensor, tokens: int, mod_scale, mod_shift) -> torch.Tenso
     return y
 
 
+def _residual_sum(x: torch.Tensor, residual: torch.Tensor | None, gain: torch.Tensor | None, tokens: int):
+    """``x + residual * gain[image]`` in float32 (the residual stream's add before a norm), or ``x``."""
+    xf = x.float()
+    if residual is None:
+        return xf
+    r = residual.float()
+    if gain is not None:
+        r = r * gain.float()[torch.arange(x.shape[0], device=x.device) // tokens]
+    return xf + r
+
+
 def layernorm_quant(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, *,
                     inv_scale: torch.Tensor, zero: torch.Tensor, groups: torch.Tensor | None = None, tokens: int = 1,
                     mod_scale: torch.Tensor | None = None, mod_shift: torch.Tensor | None = None,
-                    qmin: int = -128, qmax: int = 127, fp8: bool = False) -> torch.Tensor:
-    """LayerNorm (optional affine), then AdaLN modulate (optional), then quantize, in one pass over ``x`` [M, K]."""
-    y = F.layer_norm(x.float(), x.shape[-1:], None if weight is None else weight.float(),
+                    qmin: int = -128, qmax: int = 127, fp8: bool = False, residual: torch.Tensor | None = None,
+                    gain: torch.Tensor | None = None):
+    """LayerNorm (optional affine), then AdaLN modulate (optional), then quantize, in one pass over ``x`` [M, K].
+
+    With ``residual [M, K]`` (and optionally a per-image ``gain [B, K]``) the norm's input is the residual
+    stream's sum ``s = x + residual * gain``, computed in float32: returns ``(s in x's dtype, codes)``."""
+    s = _residual_sum(x, residual, gain, tokens)
+    y = F.layer_norm(s, x.shape[-1:], None if weight is None else weight.float(),
                      None if bias is None else bias.float(), eps)
     y = _modulate(y, tokens, mod_scale, mod_shift)
-    return quantize_codes(y, inv_scale, zero, row_groups(x.shape[0], tokens, groups, x.device), qmin, qmax, fp8)
+    codes = quantize_codes(y, inv_scale, zero, row_groups(x.shape[0], tokens, groups, x.device), qmin, qmax, fp8)
+    return codes if residual is None else (s.to(x.dtype), codes)
 
 
 def rmsnorm_quant(x: torch.Tensor, weight: torch.Tensor | None, eps: float, *, inv_scale: torch.Tensor,
                   zero: torch.Tensor, groups: torch.Tensor | None = None, tokens: int = 1,
-                  qmin: int = -128, qmax: int = 127, fp8: bool = False) -> torch.Tensor:
-    """RMSNorm ``x * rsqrt(mean(x^2) + eps) * weight`` (LlamaGen/PAR), then quantize."""
-    xf = x.float()
+                  qmin: int = -128, qmax: int = 127, fp8: bool = False, residual: torch.Tensor | None = None,
+                  gain: torch.Tensor | None = None):
+    """RMSNorm ``x * rsqrt(mean(x^2) + eps) * weight`` (LlamaGen/PAR), then quantize; ``residual``/``gain`` as
+    ``layernorm_quant``."""
+    xf = _residual_sum(x, residual, gain, tokens)
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if weight is not None:
         y = y * weight.float()
-    return quantize_codes(y, inv_scale, zero, row_groups(x.shape[0], tokens, groups, x.device), qmin, qmax, fp8)
+    codes = quantize_codes(y, inv_scale, zero, row_groups(x.shape[0], tokens, groups, x.device), qmin, qmax, fp8)
+    return codes if residual is None else (xf.to(x.dtype), codes)
 
 
 def act_quant(x: torch.Tensor, *, act: str, inv_scale: torch.Tensor, zero: torch.Tensor,
