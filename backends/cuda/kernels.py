@@ -441,37 +441,8 @@ def act_quant(x, *, act, inv_scale, zero, groups=None, tokens=1, gate=None, qmin
 # ------------------------------------------------------------------------------------------- KV cache
 
 @triton.jit
-def _kv_write_kernel(cache_ptr, value_ptr, index_ptr, T, H, D, sc_b, sc_h, sc_l, sv_b, sv_h, sv_t, sv_d,
-                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    bh = tl.program_id(0)
-    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    d = tl.arange(0, BLOCK_D)
-    t_ok = t < T
-    mask = t_ok[:, None] & (d < D)[None, :]
-    rows = tl.load(index_ptr + t, mask=t_ok, other=0).to(tl.int64)
-    v = tl.load(value_ptr + b * sv_b + h * sv_h + t.to(tl.int64)[:, None] * sv_t + d[None, :] * sv_d, mask=mask)
-    tl.store(cache_ptr + b * sc_b + h * sc_h + rows[:, None] * sc_l + d[None, :], v.to(cache_ptr.dtype.element_ty),
-             mask=mask)
-
-
-def kv_write(cache, index, value) -> None:
-    """``reference.kv_write`` in one kernel (the cache's last dimension contiguous)."""
-    B, H, T, D = value.shape
-    if value.numel() == 0:
-        return
-    block_d = triton.next_power_of_2(D)
-    block_t = max(1, min(triton.next_power_of_2(T), 4096 // block_d))
-    _kv_write_kernel[(B * H, triton.cdiv(T, block_t))](
-        cache, value, index, T, H, D, cache.stride(0), cache.stride(1), cache.stride(2), *value.stride(),
-        BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4)
-
-
-# ------------------------------------------------------------------------------------- int8 KV cache
-
-@triton.jit
-def _kv_write_int8_kernel(cache_ptr, scale_ptr, value_ptr, index_ptr, T, H, D, sc_b, sc_h, sc_l, ss_b, ss_h,
-                          sv_b, sv_h, sv_t, sv_d, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _kv_rows(value_ptr, index_ptr, T, H, D, sv_b, sv_h, sv_t, sv_d, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's rows of ``value [B, H, T, D]``: (b, h, cache positions, row mask, element mask, values)."""
     bh = tl.program_id(0)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -480,7 +451,43 @@ def _kv_write_int8_kernel(cache_ptr, scale_ptr, value_ptr, index_ptr, T, H, D, s
     mask = t_ok[:, None] & (d < D)[None, :]
     rows = tl.load(index_ptr + t, mask=t_ok, other=0).to(tl.int64)
     v = tl.load(value_ptr + b * sv_b + h * sv_h + t.to(tl.int64)[:, None] * sv_t + d[None, :] * sv_d, mask=mask,
-                other=0.0).to(tl.float32)
+                other=0.0)
+    return b, h, rows, t_ok, mask, d, v
+
+
+@triton.jit
+def _kv_write_kernel(cache_ptr, value_ptr, index_ptr, T, H, D, sc_b, sc_h, sc_l, sv_b, sv_h, sv_t, sv_d,
+                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    b, h, rows, t_ok, mask, d, v = _kv_rows(value_ptr, index_ptr, T, H, D, sv_b, sv_h, sv_t, sv_d, BLOCK_T, BLOCK_D)
+    tl.store(cache_ptr + b * sc_b + h * sc_h + rows[:, None] * sc_l + d[None, :], v.to(cache_ptr.dtype.element_ty),
+             mask=mask)
+
+
+def _kv_launch(value):
+    """(grid, block sizes) of a cache write: a program per (image, head) and block of rows."""
+    B, H, T, D = value.shape
+    block_d = triton.next_power_of_2(D)
+    block_t = max(1, min(triton.next_power_of_2(T), 4096 // block_d))
+    return (B * H, triton.cdiv(T, block_t)), {"BLOCK_T": block_t, "BLOCK_D": block_d, "num_warps": 4}
+
+
+def kv_write(cache, index, value) -> None:
+    """``reference.kv_write`` in one kernel (the cache's last dimension contiguous)."""
+    if value.numel() == 0:
+        return
+    grid, meta = _kv_launch(value)
+    _, H, T, D = value.shape
+    _kv_write_kernel[grid](cache, value, index, T, H, D, cache.stride(0), cache.stride(1), cache.stride(2),
+                           *value.stride(), **meta)
+
+
+# ------------------------------------------------------------------------------------- int8 KV cache
+
+@triton.jit
+def _kv_write_int8_kernel(cache_ptr, scale_ptr, value_ptr, index_ptr, T, H, D, sc_b, sc_h, sc_l, ss_b, ss_h,
+                          sv_b, sv_h, sv_t, sv_d, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    b, h, rows, t_ok, mask, d, v = _kv_rows(value_ptr, index_ptr, T, H, D, sv_b, sv_h, sv_t, sv_d, BLOCK_T, BLOCK_D)
+    v = v.to(tl.float32)
     amax = tl.max(tl.abs(v), axis=1)
     inv = tl.where(amax > 0, tl.div_rn(tl.full([BLOCK_T], 127.0, tl.float32), tl.maximum(amax, 1e-30)), 0.0)
     codes = tl.minimum(tl.maximum(_round_half_even(v * inv[:, None]), -127.0), 127.0)
@@ -491,14 +498,12 @@ def _kv_write_int8_kernel(cache_ptr, scale_ptr, value_ptr, index_ptr, T, H, D, s
 
 def kv_write_int8(cache, scale, index, value) -> None:
     """``reference.kv_write_int8`` in one kernel (the cache's last dimension and the scales' contiguous)."""
-    B, H, T, D = value.shape
     if value.numel() == 0:
         return
-    block_d = triton.next_power_of_2(D)
-    block_t = max(1, min(triton.next_power_of_2(T), 4096 // block_d))
-    _kv_write_int8_kernel[(B * H, triton.cdiv(T, block_t))](
-        cache, scale, value, index, T, H, D, cache.stride(0), cache.stride(1), cache.stride(2), scale.stride(0),
-        scale.stride(1), *value.stride(), BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4)
+    grid, meta = _kv_launch(value)
+    _, H, T, D = value.shape
+    _kv_write_int8_kernel[grid](cache, scale, value, index, T, H, D, cache.stride(0), cache.stride(1),
+                                cache.stride(2), scale.stride(0), scale.stride(1), *value.stride(), **meta)
 
 
 @triton.jit(do_not_specialize=["T_BUCKET"])
