@@ -64,6 +64,17 @@ case "$1" in
     timeout 130 python -m tools.bench --model var-d16 --batch 16,100 --pipeline "$P" --repeats 15 --warmup 3 \
       --backends torch-fp16-graphs,cuda-int8,cuda-fp8 --json "$OUT/var_d16_last_b16_b100.json" > "$OUT/var_d16_b16_b100.log" 2>&1
     grep -A5 "^workload" "$OUT/var_d16_b16_b100.log" | cut -c1-160; grep -i "error" "$OUT/var_d16_b16_b100.log" | tail -3 ;;
+  final4)  # the GPU backend's tests, GPT-B decode, a whole generation at 16 (after the LlamaGen residual fix)
+    timeout 100 python -m pytest -q -p no:cacheprovider -n 12 -rf tests/test_cuda_kernels.py tests/test_cuda_lower.py \
+      tests/test_kv_cache.py -k "not generation_agrees" > "$OUT/pytest_gpu.log" 2>&1
+    grep -E "^FAILED|^ERROR|passed|failed" "$OUT/pytest_gpu.log" | cut -c1-250 | tail -12
+    timeout 70 python -m tools.bench --model gpt-b-decode --batch 64 --pipeline "$P" --repeats 20 --warmup 3 \
+      --backends torch-fp16-graphs,cuda-int8 --json "$OUT/gpt_b_decode.json" > "$OUT/gpt_b_decode.log" 2>&1
+    grep -A4 "^workload" "$OUT/gpt_b_decode.log" | cut -c1-180; grep -i "error" "$OUT/gpt_b_decode.log" | tail -3
+    timeout $((380 - SECONDS)) python -m tools.bench --model var-d16 --steps all --batch 16 --pipeline "$P" \
+      --repeats 5 --warmup 2 --backends torch-fp16-graphs,cuda-int8 --json "$OUT/var_d16_all.json" \
+      > "$OUT/var_d16_all.log" 2>&1
+    grep -A4 "^workload" "$OUT/var_d16_all.log" | cut -c1-180; grep -i "error" "$OUT/var_d16_all.log" | tail -3 ;;
   final3)  # the step at 64 (profiled), GPT-B decode with and without int8 KV caches (profiled), then the suite
     timeout 130 python -m tools.bench --model var-d16 --batch 64 --pipeline "$P" --repeats 15 --warmup 3 \
       --profile --backends torch-fp16-graphs,cuda-int8 --json "$OUT/var_d16_last.json" > "$OUT/var_d16_last.log" 2>&1

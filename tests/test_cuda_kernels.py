@@ -353,7 +353,7 @@ def test_attention_int8(T, masked, dtype):
     _close(got, expected, rtol=1e-5 if dtype == torch.float32 and not CUDA else 2e-3)
     kf, vf = ref.kv_dequantize(k, ks, torch.float32), ref.kv_dequantize(v, vs, torch.float32)
     plain = torch.nn.functional.scaled_dot_product_attention(q.float(), kf[..., :n, :], vf[..., :n, :], scale=0.3)
-    assert masked == (not torch.allclose(got.float().cpu(), plain, atol=1e-2))  # the mask was applied
+    assert masked == (not torch.allclose(got.float().cpu(), plain, atol=0.1))  # the mask was applied (moves >1.6)
 
 
 def test_attention_tiles_follow_the_query_count():

@@ -532,7 +532,8 @@ class _Lowering:
                 u.replace_input_with(x, source)
         done: list[_Site] = []
         norm_input = match[0][0] if kind in ("layernorm", "adaln_layernorm") else match[0] if kind == "rmsnorm" else None
-        residual = None if norm_input is None or len(group) > 1 else self._residual(norm_input, x)
+        one_grid = all(_same_grid(group[0], s) for s in group)  # one emission: the add can move into it
+        residual = self._residual(norm_input, x) if norm_input is not None and one_grid else None
         for s in group:
             same = next((d for d in done if _same_grid(d, s)), None)
             if same is not None:
@@ -583,8 +584,8 @@ class _Lowering:
                 continue
             chain.add(n)
             todo += [a for a in n.all_input_nodes]
-        readers = [u for u in h.users if u not in chain]
-        if any(order[u] <= order[x] or _reads_metadata(u) for u in readers):
+        readers = [u for u in h.users if u not in chain]  # shape reads too: the sum has the add's shape
+        if any(order[u] <= order[x] for u in readers):
             return None
         stream, branch = h.args
         for a, b in ((branch, stream), (stream, branch)):  # branch * gain, a product read only here
