@@ -85,7 +85,7 @@ CONFIGS = {
     "mar_large": MARConfig(1024, 16, 16, 16, 8, 1280),
     "mar_huge": MARConfig(1280, 20, 20, 16, 12, 1536),
     "tiny": MARConfig(32, 2, 2, 2, 2, 48, seq_len=16, token_dim=4, buffer_size=4, num_classes=10),
-    # the tiny MNIST MAR of `tools.train_tiny --only mar` (trained, not shipped: MODEL_CARD.md): 8x8 tokens of a KL VAE
+    # builtin:mnist-mar, the tiny MNIST MAR of `tools.train_tiny --only mar mar-head` (MODEL_CARD.md): 8x8 tokens of a KL VAE
     "mnist": MARConfig(64, 2, 2, 4, 2, 128, seq_len=64, token_dim=4, buffer_size=8, num_classes=10),
 }
 
@@ -107,7 +107,8 @@ SAMPLING = {
     "mar_large": Sampling(256, 3.0),
     "mar_huge": Sampling(256, 3.2),
     "tiny": Sampling(4, 2.0, num_sampling_steps="10"),  # tests: CFG on (calibration's cond/uncond rows), few steps
-    "mnist": Sampling(16, 3.0, num_sampling_steps="25"),  # the tiny MNIST MAR: 64 tokens (MODEL_CARD.md)
+    # the tiny MNIST MAR: 64 tokens in 16 iterations, the official 100 diffusion steps (MODEL_CARD.md)
+    "mnist": Sampling(16, 3.0),
 }
 
 STEP_INPUT_NAMES = ["tokens", "condition", "order", "attn_mask", "token_groups"]
