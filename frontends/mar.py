@@ -442,6 +442,30 @@ def sample_head(head, diffusion: Diffusion, z, cfg_scale: float, temperature: fl
     return x
 
 
+class FirstStepsFP:
+    """A head callable that runs the FP head for the first ``fp_steps`` denoising steps of every chain
+    (the largest timesteps of the respaced schedule) and ``quantized`` for the rest (a recipe's
+    ``[head] fp_steps``). The first step, at ``t = 999`` where ``alpha_bar`` is 2.4e-9, multiplies
+    the head's epsilon error by 316 (100 steps): a quantized head's error there derails the chain."""
+
+    def __init__(self, quantized, fp, num_sampling_steps: str, fp_steps: int):
+        self.quantized, self.fp, self.fp_steps = quantized, fp, fp_steps
+        timesteps = sorted(Diffusion(num_sampling_steps).timestep_map)
+        self.threshold = timesteps[-min(fp_steps, len(timesteps))] if fp_steps else None
+
+    def __call__(self, x, t, c):
+        if self.threshold is not None and int(t.reshape(-1)[0]) >= self.threshold:  # one timestep per call
+            return self.fp(x, t, c)
+        return self.quantized(x, t, c)
+
+
+def head_with_fp_steps(bundle: ModelBundle, quantized, fp_steps: int):
+    """``quantized`` (the head graph or its runner) with the first ``fp_steps`` steps on the bundle's FP head."""
+    if not fp_steps:
+        return quantized
+    return FirstStepsFP(quantized, bundle.extra["head"].module, bundle.extra["sampling"]["num_sampling_steps"], fp_steps)
+
+
 # ----------------------------------------------------------------------------- driver
 
 
