@@ -577,7 +577,9 @@ def train_mar_head(mar, tokens: torch.Tensor, labels: torch.Tensor, settings: Se
     losses = _fit(head, loss_fn, len(x0), settings.mar_head, g, progress, "mar-head: diffusion head")
     for p in head.parameters():
         p.requires_grad_(False)
-    return {"loss": _mean_last(losses), "losses": losses, "first_step_mse": _mean_last(first), "bank_rows": len(x0),
+    tail = first[-100:]
+    return {"loss": _mean_last(losses), "losses": losses, "first_step_mse": float(f"{sum(tail) / len(tail):.3g}"),
+            "bank_rows": len(x0),
             "held_out_eps_mse": {"before": before, "after": held_out()}}
 
 

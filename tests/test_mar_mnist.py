@@ -77,7 +77,7 @@ def test_builtin_mnist_mar_loads_strictly(mnist_mar):
     loaded = model.state_dict()
     assert loaded.keys() == stored.keys() and {p.dtype for p in model.parameters()} == {torch.float32}
     assert all(torch.equal(loaded[k], v.float()) for k, v in stored.items())
-    assert sum(p.numel() for p in model.parameters()) == 494_472
+    assert sum(p.numel() for p in model.parameters()) == 476_936  # 258,056 of them the diffusion head
     assert mnist_mar.extra["sampling"] == {"num_iter": 16, "cfg": 3.0, "cfg_schedule": "linear", "temperature": 1.0,
                                            "num_sampling_steps": "100"}
 
