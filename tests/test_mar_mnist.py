@@ -59,8 +59,8 @@ def mnist_mar():
 def digit_tokens(mnist_mar):
     from evaluation import mnist
 
-    images, labels = mnist.heldout_rgb(limit=6)
-    return mnist_mar.extra["tokenizer"].encode(images), labels
+    images, labels = mnist.heldout_rgb(limit=6)  # uint8 [N, 32, 32, 3]
+    return mnist_mar.extra["tokenizer"].encode(images.permute(0, 3, 1, 2).float() / 255), labels
 
 
 def test_builtin_mnist_mar_loads_strictly(mnist_mar):
@@ -133,16 +133,18 @@ def test_builtin_mnist_mar_compiles_with_the_head_and_evaluates(tmp_path):
 
     from tools.compile import main as compile_main
 
-    args = ["builtin:mnist-mar", "--recipe", "ptq4arvg-head", "--target", "ort", "--calib-samples", "2",
+    args = ["builtin:mnist-mar", "--recipe", "ptq4arvg-head", "--target", "onnx", "--calib-samples", "2",
             "--calib-cache", str(tmp_path / "cache"), "--no-site-sqnr", "--evaluate", "2",
             "--compare", "ptq4arvg:W8A8", "--out", str(tmp_path / "o")]
     assert compile_main(args) == 0
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     for section in (report["onnx"], report["head"]["onnx"]):
-        assert section["tensorrt_lint"]["ok"] and section["ort_reference_max_abs_diff"] < 1e-3
-    assert report["fidelity"]["min_sqnr_db"] > 25  # the transformer's step at W8A8
+        assert section["tensorrt_lint"]["ok"]
+        assert section["ort_reference_max_abs_diff"] <= 1e-4 or section["ort_reference_sqnr_db"] >= 50, section
+    assert report["fidelity"]["min_sqnr_db"] > 35 and report["head"]["fidelity"]["min_sqnr_db"] > 15  # W8A8 steps
+    assert report["head"]["fp_steps"] == 2
     rows = {r["name"]: r for r in report["quality"]["rows"]}
     assert rows["FP"]["class_accuracy"] == 1.0
-    transformer_only = rows["ptq4arvg W8A8"]
-    assert transformer_only["token_cosine"] > 0.95 and transformer_only["psnr_db"] > 20
-    assert "token_cosine" in rows["ptq4arvg-head W8A8, compiled"]
+    # two images: the head quantized (its first two steps FP) costs about what the transformer's W8A8 costs
+    for name in ("ptq4arvg-head W8A8, compiled", "ptq4arvg W8A8"):
+        assert rows[name]["token_cosine"] > 0.95 and rows[name]["psnr_db"] > 18 and rows[name]["class_accuracy"] == 1.0
