@@ -10,7 +10,10 @@ float32), so ``tools.compile`` / ``tools.generate`` detect them like any release
   digit is 8x8 tokens), then LlamaGen's GPT (``llamagen.CONFIGS["GPT-mnist"]``), raster order;
 * ``mar``: MAR's KL VAE (``kl_vae.KL_CONFIGS["mnist"]``: 8x8 tokens of 4 channels, rescaled to unit
   standard deviation), then MAR (``mar.CONFIGS["mnist"]``) with its diffusion head, on the
-  official masked-token diffusion loss.
+  official masked-token diffusion loss;
+* ``mar-head``: the diffusion head of the MAR that ``mar`` wrote, alone, with extra weight on the
+  epsilon MSE at ``t = 999``, where the official sampler's first step amplifies the head's error
+  316-fold (``builtin:mnist-mar`` is ``mar`` then ``mar-head``; MODEL_CARD.md).
 
 The generators drop the class to the null class with probability ``class_dropout`` (0.1, as
 the official training) so CFG works. Data: the 9,000 training digits of
