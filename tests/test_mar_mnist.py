@@ -148,3 +148,27 @@ def test_builtin_mnist_mar_compiles_with_the_head_and_evaluates(tmp_path):
     # two images: the head quantized (its first two steps FP) costs about what the transformer's W8A8 costs
     for name in ("ptq4arvg-head W8A8, compiled", "ptq4arvg W8A8"):
         assert rows[name]["token_cosine"] > 0.95 and rows[name]["psnr_db"] > 18 and rows[name]["class_accuracy"] == 1.0
+
+
+def test_head_phase_lowers_the_first_step_error(tmp_path):
+    """Stage mar-head's loss on a freshly initialised MNIST MAR (zero head output: epsilon MSE 1 at t = 999)."""
+    from core.errors import UserError
+    from frontends import train_tiny
+    from frontends.mar import CONFIGS, MAR
+
+    torch.manual_seed(0)
+    mar = MAR(CONFIGS["mnist"])
+    train_tiny._mar_init(mar)
+    g = torch.Generator().manual_seed(0)
+    tokens, labels = torch.randn(128, 64, 4, generator=g), torch.randint(0, 10, (128,), generator=g)
+    settings = train_tiny.Settings(mar_head=train_tiny.Phase(steps=40, batch=256, lr=3e-3, warmup=1), mar_head_bank=2)
+    before = [p.detach().clone() for p in mar.parameters()]
+    log = train_tiny.train_mar_head(mar.eval(), tokens, labels, settings, g)
+    held = log["held_out_eps_mse"]
+    assert held["before"]["999"] == pytest.approx(1.0, abs=0.1) and held["after"]["999"] < 0.2
+    changed = [not torch.equal(b, p) for b, p in zip(before, mar.parameters())]
+    names = [n for n, _ in mar.named_parameters()]
+    assert all(c == n.startswith("diffloss.") for c, n in zip(changed, names))  # the transformer stays frozen
+    with pytest.raises(UserError, match="run --only mar mar-head"):
+        train_tiny.stage_mar_head(train_tiny.TrainData(torch.zeros(1, 3, 32, 32), torch.zeros(1, dtype=torch.long)),
+                                  tmp_path, settings, 0)
