@@ -95,7 +95,7 @@ def test_compile_with_the_head_recipe(tmp_path, capsys):
     # per-site SQNR of every head linear; one site alone costs less than all of them together
     assert len(h["site_sqnr_db"]) == 12 and min(h["site_sqnr_db"].values()) > h["fidelity"]["min_sqnr_db"] - 1
     md = (tmp_path / "h" / "report.md").read_text()
-    assert "## Diffusion head" in md and "`final_layer.linear`" in md
+    assert "## Diffusion head" in md and "`final_layer.linear`" in md and "first 2 denoising steps" in md
     assert "smooth" in h["pipeline"] and r["onnx"]["tensorrt_lint"]["ok"]  # the transformer still compiled as ptq4arvg
     # the paper's map: the head stays FP, no second graph is written
     assert main([*args, "--recipe", "ptq4arvg", "--out", str(tmp_path / "p"), *calib]) == 0
