@@ -500,7 +500,8 @@ class Compiler:
         sess = make_session(path, "reference")
         ref, got = run_outputs(gm, held_out[0]), [torch.as_tensor(g) for g in run(sess, held_out[0])]
         section = {
-            "pipeline": str(pm), "bits": self.bits, "calibration_calls": len(calib), "held_out_calls": len(held_out),
+            "pipeline": str(pm), "bits": self.bits, "fp_steps": self.recipe.head_fp_steps,  # tools.generate reads it
+            "calibration_calls": len(calib), "held_out_calls": len(held_out),
             "denoising_stride": every, "fidelity": fidelity(fp_gm, gm, held_out),
             "site_sqnr_db": {k: v["only"] for k, v in per_site.items()},
             "qparams": {k: v.describe() for k, v in sorted(ctx.qparams.items())},
@@ -529,8 +530,9 @@ class Compiler:
         head = None
         if recipe.head_pipeline:  # the compiled head.onnx, on onnxruntime beside the compiled step
             from backends.ort_runner import OrtStep
+            from frontends.mar import head_with_fp_steps
 
-            head = OrtStep(out / "head.onnx", "reference")
+            head = head_with_fp_steps(bundle, OrtStep(out / "head.onnx", "reference"), recipe.head_fp_steps)
         rows = [quality.Row("FP", None, None, "torch fp32", None),
                 quality.Row(f"{recipe.name} {bits}, compiled", recipe.name, bits, runs_on, step, head)]
         for name, cmp_bits in c.compare:
@@ -539,7 +541,12 @@ class Compiler:
                 self.exclusions(cmp_recipe)  # says what the comparison keeps in full precision
                 self.say(f"quantizing {name} {cmp_bits} for the comparison")
                 cmp_gm = self.quantize(recipe=cmp_recipe, bits=cmp_bits, reduce_range=False, device="cpu").gm
-                cmp_head = self.quantized_head(cmp_recipe.head_pipeline, cmp_bits) if cmp_recipe.head_pipeline else None
+                cmp_head = None
+                if cmp_recipe.head_pipeline:
+                    from frontends.mar import head_with_fp_steps
+
+                    cmp_head = head_with_fp_steps(bundle, self.quantized_head(cmp_recipe.head_pipeline, cmp_bits),
+                                                  cmp_recipe.head_fp_steps)
             except (UserError, PassError) as e:
                 self.say(f"  {name} {cmp_bits} not compared: error: {e}")
                 rows.append(quality.Row(f"{name} {cmp_bits}", name, cmp_bits, "torch fake-quant", None, error=str(e)))

@@ -151,7 +151,9 @@ def render_markdown(r: dict) -> str:
                  f"{h['held_out_calls']} held-out calls. `{ho['path']}`: TensorRT Q/DQ lint "
                  f"{'passes' if ho['tensorrt_lint']['ok'] else 'FAILS'}, "
                  f"{sum(ho['tensorrt_lint']['int8_gemms'].values())} int8 GEMMs; onnxruntime vs torch max |diff| "
-                 f"{ho['ort_reference_max_abs_diff']:.2e}."), ""]
+                 f"{ho['ort_reference_max_abs_diff']:.2e}."
+                 + (f" The first {h['fp_steps']} denoising steps of every chain run the FP head ([head] fp_steps)."
+                    if h.get("fp_steps") else "")), ""]
         if h["site_sqnr_db"]:
             out += [_md_table(["head site", "SQNR alone (dB)"],
                               [[f"`{k}`", f"{v:.1f}"] for k, v in sorted(h["site_sqnr_db"].items(), key=lambda kv: kv[1])])]

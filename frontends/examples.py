@@ -67,7 +67,8 @@ def tiny_block(dim: int = 64, tokens: int = 16, batch: int = 2, seed: int = 0, o
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
 # The shipped MNIST models (MODEL_CARD.md there): name -> (model, tokenizer) files in
 # EMBEDDED_DIR, in the official checkpoint layouts; ``python -m tools.train_tiny`` writes them.
-EMBEDDED = {"mnist-var": ("var_mnist.pth", "var_mnist_vae.pth"), "mnist-gpt": ("gpt_mnist.pt", "vq_mnist.pt")}
+EMBEDDED = {"mnist-var": ("var_mnist.pth", "var_mnist_vae.pth"), "mnist-gpt": ("gpt_mnist.pt", "vq_mnist.pt"),
+            "mnist-mar": ("mar_mnist.pth", "mar_mnist_kl.ckpt")}
 
 
 def embedded(name: str, root: str | Path = EMBEDDED_DIR) -> ModelBundle:

@@ -85,7 +85,7 @@ CONFIGS = {
     "mar_large": MARConfig(1024, 16, 16, 16, 8, 1280),
     "mar_huge": MARConfig(1280, 20, 20, 16, 12, 1536),
     "tiny": MARConfig(32, 2, 2, 2, 2, 48, seq_len=16, token_dim=4, buffer_size=4, num_classes=10),
-    # the tiny MNIST MAR of `tools.train_tiny --only mar` (trained, not shipped: MODEL_CARD.md): 8x8 tokens of a KL VAE
+    # builtin:mnist-mar, the tiny MNIST MAR of `tools.train_tiny --only mar mar-head` (MODEL_CARD.md): 8x8 tokens of a KL VAE
     "mnist": MARConfig(64, 2, 2, 4, 2, 128, seq_len=64, token_dim=4, buffer_size=8, num_classes=10),
 }
 
@@ -107,7 +107,8 @@ SAMPLING = {
     "mar_large": Sampling(256, 3.0),
     "mar_huge": Sampling(256, 3.2),
     "tiny": Sampling(4, 2.0, num_sampling_steps="10"),  # tests: CFG on (calibration's cond/uncond rows), few steps
-    "mnist": Sampling(16, 3.0, num_sampling_steps="25"),  # the tiny MNIST MAR: 64 tokens (MODEL_CARD.md)
+    # the tiny MNIST MAR: 64 tokens in 16 iterations, the official 100 diffusion steps (MODEL_CARD.md)
+    "mnist": Sampling(16, 3.0),
 }
 
 STEP_INPUT_NAMES = ["tokens", "condition", "order", "attn_mask", "token_groups"]
@@ -439,6 +440,30 @@ def sample_head(head, diffusion: Diffusion, z, cfg_scale: float, temperature: fl
             var = var[:n]
         x = diffusion.p_sample(eps, var, x, i, noise_fn(), temperature)
     return x
+
+
+class FirstStepsFP:
+    """A head callable that runs the FP head for the first ``fp_steps`` denoising steps of every chain
+    (the largest timesteps of the respaced schedule) and ``quantized`` for the rest (a recipe's
+    ``[head] fp_steps``). The first step, at ``t = 999`` where ``alpha_bar`` is 2.4e-9, multiplies
+    the head's epsilon error by 316 (100 steps): a quantized head's error there derails the chain."""
+
+    def __init__(self, quantized, fp, num_sampling_steps: str, fp_steps: int):
+        self.quantized, self.fp, self.fp_steps = quantized, fp, fp_steps
+        timesteps = sorted(Diffusion(num_sampling_steps).timestep_map)
+        self.threshold = timesteps[-min(fp_steps, len(timesteps))] if fp_steps else None
+
+    def __call__(self, x, t, c):
+        if self.threshold is not None and int(t.reshape(-1)[0]) >= self.threshold:  # one timestep per call
+            return self.fp(x, t, c)
+        return self.quantized(x, t, c)
+
+
+def head_with_fp_steps(bundle: ModelBundle, quantized, fp_steps: int):
+    """``quantized`` (the head graph or its runner) with the first ``fp_steps`` steps on the bundle's FP head."""
+    if not fp_steps:
+        return quantized
+    return FirstStepsFP(quantized, bundle.extra["head"].module, bundle.extra["sampling"]["num_sampling_steps"], fp_steps)
 
 
 # ----------------------------------------------------------------------------- driver

@@ -95,7 +95,7 @@ def test_compile_with_the_head_recipe(tmp_path, capsys):
     # per-site SQNR of every head linear; one site alone costs less than all of them together
     assert len(h["site_sqnr_db"]) == 12 and min(h["site_sqnr_db"].values()) > h["fidelity"]["min_sqnr_db"] - 1
     md = (tmp_path / "h" / "report.md").read_text()
-    assert "## Diffusion head" in md and "`final_layer.linear`" in md
+    assert "## Diffusion head" in md and "`final_layer.linear`" in md and "first 2 denoising steps" in md
     assert "smooth" in h["pipeline"] and r["onnx"]["tensorrt_lint"]["ok"]  # the transformer still compiled as ptq4arvg
     # the paper's map: the head stays FP, no second graph is written
     assert main([*args, "--recipe", "ptq4arvg", "--out", str(tmp_path / "p"), *calib]) == 0
@@ -107,6 +107,8 @@ def test_compile_with_the_head_recipe(tmp_path, capsys):
 
 
 def test_generate_runs_the_compiled_head(tmp_path):
+    import json
+
     from frontends.kl_vae import KL_CONFIGS, AutoencoderKL
     from tests.test_family_compile import _mar
     from tools.compile import main as compile_main
@@ -122,6 +124,7 @@ def test_generate_runs_the_compiled_head(tmp_path):
     for name, extra in (("fp", []), ("p", ["--quantized", str(tmp_path / "p")]), ("h", ["--quantized", str(tmp_path / "h")])):
         assert main([*common, *extra, "--out", str(tmp_path / f"g{name}")]) == 0
     fp, p, h = (torch.load(tmp_path / f"g{n}" / "tokens.pt", weights_only=True).flatten(1) for n in ("fp", "p", "h"))
+    assert json.loads((tmp_path / "h" / "report.json").read_text())["head"]["fp_steps"] == 2  # tools.generate reads it
     # same step graph (same calibration): the quantized head is the only difference between p and h
     assert not torch.equal(p, h) and (torch.nn.functional.cosine_similarity(fp, h) > 0.95).all()
 
@@ -144,3 +147,28 @@ def test_evaluate_rows_run_their_quantized_head(tmp_path):
     both, step_only, both6 = rows["ptq4arvg-head W8A8, compiled"], rows["ptq4arvg W8A8"], rows["ptq4arvg-head W6A6"]
     # the same quantized step; the head quantized too adds its error, and 6 bits more
     assert step_only["token_rel_mse"] < both["token_rel_mse"] < both6["token_rel_mse"]
+
+
+def test_first_denoising_steps_run_the_fp_head(tmp_path):
+    from core.errors import UserError
+    from frontends.mar import Diffusion, FirstStepsFP
+    from passes.recipes import load_recipe
+
+    calls = []
+
+    def graph(name):
+        return lambda x, t, c: (calls.append((name, int(t[0]))), (x, x))[1]
+
+    x = torch.zeros(3, 4)
+    for fp_steps, fp_calls in ((2, [999, 989]), (1, [999]), (0, [])):
+        calls.clear()
+        head = FirstStepsFP(graph("q"), graph("fp"), "100", fp_steps)
+        for t in reversed(Diffusion("100").timestep_map):
+            head(x, torch.full((3,), t), x)
+        assert [t for name, t in calls if name == "fp"] == fp_calls
+        assert len([t for name, t in calls if name == "q"]) == 100 - len(fp_calls)
+    assert load_recipe("ptq4arvg-head").head_fp_steps == 2 and load_recipe("ptq4arvg").head_fp_steps == 0
+    bad = tmp_path / "bad.toml"
+    bad.write_text('pipeline = "observe"\n[head]\npipeline = "observe"\nfp_steps = -1\n')
+    with pytest.raises(UserError, match="fp_steps must be a whole number"):
+        load_recipe(str(bad))

@@ -126,6 +126,22 @@ def make_step(args: argparse.Namespace, bundle, device: torch.device):
     return target.load_step(path, bundle, device, mode=args.ort_mode)
 
 
+def head_fp_steps(quantized: Path) -> int:
+    """The ``[head] fp_steps`` a compile wrote into ``report.json`` (0: every step on head.onnx)."""
+    import json
+
+    report = quantized / "report.json"
+    if not report.is_file():
+        return 0
+    try:
+        steps = json.loads(report.read_text()).get("head", {}).get("fp_steps", 0)
+    except (OSError, ValueError, AttributeError) as e:
+        raise UserError(f"{report} is not a report of tools.compile ({type(e).__name__}: {e})") from None
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise UserError(f"{report}: head.fp_steps must be a whole number >= 0, got {steps!r}")
+    return steps
+
+
 def check_inputs(args: argparse.Namespace) -> None:
     """Missing files and an unusable backend fail before any model is loaded."""
     for flag, path in (("model", args.model), ("--tokenizer", args.tokenizer), ("--onnx", args.onnx),
@@ -206,8 +222,11 @@ def generate_batches(args, store: BatchStore, todo: list[tuple[int, range]], lab
     if args.quantized and (Path(args.quantized) / "head.onnx").is_file() and "head" in bundle.extra:
         from backends.ort_runner import OrtStep
 
-        graphs["head"] = OrtStep(Path(args.quantized) / "head.onnx", args.ort_mode)
-        what += " + head.onnx on onnxruntime"
+        from frontends.mar import head_with_fp_steps
+
+        fp_steps = head_fp_steps(Path(args.quantized))
+        graphs["head"] = head_with_fp_steps(bundle, OrtStep(Path(args.quantized) / "head.onnx", args.ort_mode), fp_steps)
+        what += " + head.onnx on onnxruntime" + (f" (the first {fp_steps} denoising steps on the FP head)" if fp_steps else "")
     say(f"generating {len(todo)} batches with {what} ({bundle.family}, {device})")
     for made, (k, idx) in enumerate(progress(todo, desc="generating", unit="batch")):
         if args.max_batches is not None and made >= args.max_batches:

@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="DIR", help="folder of the MNIST idx .gz files (default: data/mnist)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", nargs="+", metavar="STAGE", help=f"stages to run, of {', '.join(train_tiny.STAGES)} (default: "
-                                                               f"{', '.join(train_tiny.DEFAULT_STAGES)}; mar is not shipped)")
+                                                               f"{', '.join(train_tiny.DEFAULT_STAGES)}; mar-head needs mar's files in --out)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     return p
 
@@ -41,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
             say(f"classifier: held-out accuracy {log['heldout_accuracy']:.1%}, {log['seconds']:.0f} s")
             continue
         secs = sum(log["seconds"].values())
+        if "head" in log:
+            h = log["head"]
+            say(f"{name}: head loss {h['loss']}, epsilon MSE at t=999 {h['first_step_mse']:.3g}, {secs:.0f} s")
+            continue
         say(f"{name}: tokenizer loss {log['tokenizer']['loss']}, generator loss {log['generator']['loss']}, {secs:.0f} s")
     print(f"wrote {', '.join(f for name in logs for f in train_tiny.written_files(name))} to {args.out}/")
     return 0

@@ -59,6 +59,7 @@ class Recipe:
     source: str = ""
     calibration: RecipeCalibration = field(default_factory=RecipeCalibration)
     head_pipeline: str | None = None  # [head] pipeline: a family's second graph (MAR's diffusion head); None: FP
+    head_fp_steps: int = 0  # [head] fp_steps: the first denoising steps of every sampling chain run the FP head
 
     @property
     def precision(self) -> Precision:
@@ -92,9 +93,12 @@ def load_recipe(name_or_path: str) -> Recipe:
     parse_pipeline(data["pipeline"])  # fail now, not halfway through a compile
     calibration = RecipeCalibration.parse(data.get("calibration", {}), f"recipe {path}")
     head = data.get("head", {})
-    if not isinstance(head, dict) or set(head) - {"pipeline"} or ("pipeline" not in head and head):
-        raise UserError(f"recipe {path}: [head] must be a table with one field, pipeline")
+    if not isinstance(head, dict) or set(head) - {"pipeline", "fp_steps"} or ("pipeline" not in head and head):
+        raise UserError(f"recipe {path}: [head] must be a table with a pipeline (and optionally fp_steps)")
     if head:
         parse_pipeline(head["pipeline"])
+    fp_steps = head.get("fp_steps", 0)
+    if not isinstance(fp_steps, int) or isinstance(fp_steps, bool) or fp_steps < 0:
+        raise UserError(f"recipe {path}: [head] fp_steps must be a whole number >= 0, got {fp_steps!r}")
     return Recipe(path.stem, data["pipeline"], bits, data.get("description", ""), list(data.get("exclude", [])), str(path),
-                  calibration, head.get("pipeline"))
+                  calibration, head.get("pipeline"), fp_steps)
