@@ -27,7 +27,15 @@ Q) keeps the exported input side and folds only the output side.
 
 The KV-cache writes (``index_copy`` along the position axis) export as ``Transpose ->
 ScatterND -> Transpose``, two more copies of the whole cache per write; they become one
-``ScatterND`` on the cache's own layout. Everything else (norms, attention) stays as exported.
+``ScatterND`` on the cache's own layout.
+
+The linears the recipes keep in float because they see one row per image (VAR's AdaLN linears:
+``default_exclude``, exported as ``Gemm`` on a 2-d input) are matrix-vector products bound by
+reading their weights (17 x 1024 x 6144 floats per VAR-d16 step). They become
+``DynamicQuantizeMatMul``: int8 weights (symmetric per output channel, 7 bits where u8 x s8 could
+saturate), the rows quantized per call to uint8 (per tensor, as onnxruntime's ``quantize_dynamic``
+does). This is the one approximation the lowering adds to the Q/DQ graph (``row_gemms=False``
+leaves them float). Everything else (norms, attention) stays as exported.
 
 x86 without VNNI computes u8 x s8 with ``vpmaddubsw``, which saturates a pair of products in
 int16 unless |w| <= 64 (7-bit weights, ``weight-quant{reduce_range=true}``). A weight, or an
@@ -189,21 +197,23 @@ def _group_quantize(gr: _Graph, q, scale: np.ndarray, groups: str) -> tuple[str,
     return None
 
 
-def lower_for_ort(model: onnx.ModelProto, *, u8s8_safe: bool) -> dict:
+def lower_for_ort(model: onnx.ModelProto, *, u8s8_safe: bool, row_gemms: bool = True) -> dict:
     """Rewrite every quantized MatMul of ``model`` (in place) into MatMulIntegerToFloat, with the
-    token-group epilogues folded and the KV-cache writes' transposes removed (see the module doc).
+    token-group epilogues folded and the KV-cache writes' transposes removed (see the module doc);
+    with ``row_gemms``, the float one-row linears become dynamically quantized int8 GEMMs.
 
     ``u8s8_safe``: the CPU has VNNI, so u8 x s8 cannot saturate whatever the weights (see the
     module doc). Returns counts: ``int8_gemms`` (u8 x s8), ``u8u8_gemms`` (B shifted to uint8
     because it could saturate), ``float_matmuls`` (MatMuls left in float), ``group_epilogues``
     (token-group epilogues folded into the GEMM's ``a_scale``), ``group_quantizers`` (token-group
     input grids as one per-row QuantizeLinear), ``cache_writes`` (Transpose/ScatterND/Transpose
-    triples made one ScatterElements).
+    triples made one ScatterND), ``row_gemms`` (float one-row linears made DynamicQuantizeMatMul).
     """
     gr = _Graph(model)
+    row_gemms = _quantize_row_gemms(gr, u8s8_safe) if row_gemms else 0
     u8_of: dict[str, tuple[str, str, str]] = {}  # int8 Q output -> (uint8 twin, scale, uint8 zero point)
     counts = {"int8_gemms": 0, "u8u8_gemms": 0, "float_matmuls": 0, "group_epilogues": 0, "group_quantizers": 0,
-              "cache_writes": _fold_cache_writes(gr)}
+              "cache_writes": _fold_cache_writes(gr), "row_gemms": row_gemms}
     replaced: list = []
     grouped_u8: dict[str, str] = {}  # int8 Q output -> its per-row uint8 QuantizeLinear
 
@@ -288,6 +298,43 @@ def lower_for_ort(model: onnx.ModelProto, *, u8s8_safe: bool) -> dict:
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return counts
+
+
+def _quantize_row_gemms(gr: _Graph, u8s8_safe: bool) -> int:
+    """Every float ``Gemm(x, W, bias)`` with a constant weight, the exporter's linear on a 2-d input (one
+    row per image: VAR's AdaLN linears, which the recipes keep float), becomes onnxruntime's
+    ``DynamicQuantizeMatMul(x, W_int8, w_scale, bias)``: the weight symmetric per output channel
+    (7 bits where u8 x s8 could saturate), the rows quantized per call (uint8, per tensor). Such a GEMM
+    is a matrix-vector product bound by reading its weight, which int8 makes 4x smaller. Returns the number
+    rewritten."""
+    import torch
+
+    from core.qmath import qparams_from_range, quantize, qrange
+
+    done = 0
+    for n in [n for n in gr.g.node if n.op_type == "Gemm"]:
+        w = gr.const(n.input[1])
+        bias = gr.const(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+        if (w is None or w.dtype != np.float32 or w.ndim != 2 or _attr(n, "transA", 0) or _attr(n, "alpha", 1.0) != 1.0
+                or (bias is not None and (bias.dtype != np.float32 or bias.shape != (w.shape[0 if _attr(n, "transB", 0) else 1],)
+                                          or _attr(n, "beta", 1.0) != 1.0))):
+            continue
+        wt = torch.from_numpy(w.T.copy() if _attr(n, "transB", 0) else w)  # [K, N]
+        bits = 8 if u8s8_safe else 7
+        scale, zp = qparams_from_range(wt.amin(0), wt.amax(0), bits, symmetric=True)
+        w_int8 = quantize(wt, scale, zp, 1, *qrange(bits)).numpy()
+        base = n.input[1].removesuffix(".weight")
+        inputs = [n.input[0], gr.add_init(f"{base}.weight_int8", w_int8), gr.add_init(f"{base}.weight_scale", scale.numpy()),
+                  "", n.input[2] if bias is not None else ""]
+        while inputs[-1] == "":
+            inputs.pop()
+        gr.g.node.remove(n)
+        for i in n.input:
+            gr.consumers[i].remove(n)
+        gr.append(helper.make_node("DynamicQuantizeMatMul", inputs, list(n.output), domain=MS_DOMAIN,
+                                   name=gr.fresh(f"{n.name or n.output[0]}_dynamic_int8")))
+        done += 1
+    return done
 
 
 def _gather(gr: _Graph, table: str, index: str) -> str:
@@ -411,7 +458,7 @@ def _toposort(model: onnx.ModelProto) -> None:
     g.node.extend(ordered)
 
 
-def write_ort_int8(src: str | Path, dst: str | Path, *, u8s8_safe: bool | None = None) -> dict:
+def write_ort_int8(src: str | Path, dst: str | Path, *, u8s8_safe: bool | None = None, row_gemms: bool = True) -> dict:
     """Write the onnxruntime int8 variant of the Q/DQ model ``src`` to ``dst`` (atomically); returns the counts.
 
     ``u8s8_safe`` defaults to whether this CPU has VNNI: the variant is meant for the machine
@@ -422,7 +469,7 @@ def write_ort_int8(src: str | Path, dst: str | Path, *, u8s8_safe: bool | None =
 
     src, dst = Path(src), Path(dst)
     model = onnx.load(str(src))
-    counts = lower_for_ort(model, u8s8_safe=cpu_has_vnni() if u8s8_safe is None else u8s8_safe)
+    counts = lower_for_ort(model, u8s8_safe=cpu_has_vnni() if u8s8_safe is None else u8s8_safe, row_gemms=row_gemms)
     big = sum(i.ByteSize() for i in model.graph.initializer) > EXTERNAL_DATA_BYTES
     with atomic_path(dst, suffix=".onnx") as tmp:
         onnx.save(model, tmp, save_as_external_data=big, location=dst.name + ".data")  # data lands beside dst

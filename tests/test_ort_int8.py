@@ -62,7 +62,7 @@ def test_lowered_linear_equals_the_qdq_reference(tmp_path, weight_bits, u8s8_saf
     assert ops == ["QuantizeLinear", "MatMulIntegerToFloat"], ops  # the bias Add is folded into the GEMM
     shifted = weight_bits == 8 and not u8s8_safe
     assert counts == {"int8_gemms": 0 if shifted else 1, "u8u8_gemms": 1 if shifted else 0, "float_matmuls": 0,
-                      "group_epilogues": 0, "group_quantizers": 0, "cache_writes": 0}
+                      "group_epilogues": 0, "group_quantizers": 0, "cache_writes": 0, "row_gemms": 0}
     q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear")
     zp = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == q.input[2]))
     assert zp.dtype == np.uint8 and int(zp) == 125  # int8 zero point -3 shifted by 128
@@ -77,9 +77,59 @@ def test_float_matmuls_are_left_alone(tmp_path):
     mm.input[0] = "x"  # activation not quantized: no integer GEMM possible
     counts = lower_for_ort(model, u8s8_safe=False)
     assert counts == {"int8_gemms": 0, "u8u8_gemms": 0, "float_matmuls": 1, "group_epilogues": 0, "group_quantizers": 0,
-                      "cache_writes": 0}
+                      "cache_writes": 0, "row_gemms": 0}
     assert "MatMul" in [n.op_type for n in model.graph.node]
     assert "QuantizeLinear" not in [n.op_type for n in model.graph.node]  # the dead Q is pruned
+
+
+@pytest.mark.parametrize("u8s8_safe,bias", [(True, True), (False, True), (True, False)])
+def test_one_row_linears_become_dynamic_int8_gemms(tmp_path, u8s8_safe, bias):
+    """A float Gemm with a constant weight (the exporter's linear on a 2-d input: VAR's AdaLN linears, kept float by
+    the recipes) becomes DynamicQuantizeMatMul: int8 weights per output channel (7 bits where u8 x s8 could saturate),
+    the rows quantized per call as onnxruntime does it (uint8, min-max per tensor). Same numbers as that arithmetic
+    done here in float64, and within the quantization error of the float linear."""
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((N, K)) * 0.05).astype(np.float32)  # torch's [out, in]: Gemm transB=1
+    b = rng.standard_normal(N).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "ada.weight")] + ([numpy_helper.from_array(b, "ada.bias")] if bias else [])
+    g = helper.make_graph([helper.make_node("Gemm", ["x", "ada.weight"] + (["ada.bias"] if bias else []), ["y"], transB=1)], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", K])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)
+    x = rng.standard_normal((4, K)).astype(np.float32)
+    exact = x.astype(np.float64) @ w.T.astype(np.float64) + (b if bias else 0)
+
+    counts = lower_for_ort(model, u8s8_safe=u8s8_safe)
+    assert counts["row_gemms"] == 1 and counts["int8_gemms"] == 0
+    (node,) = model.graph.node
+    assert node.op_type == "DynamicQuantizeMatMul" and node.domain == "com.microsoft"
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    wq, ws = inits[node.input[1]], inits[node.input[2]]
+    assert wq.dtype == np.int8 and wq.shape == (K, N) and ws.shape == (N,)
+    top = 127 if u8s8_safe else 63
+    assert np.abs(wq).max() == top  # symmetric per channel, the range used
+    # onnxruntime's dynamic activation grid: uint8 over [min(x, 0), max(x, 0)]
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    xs = np.float32((hi - lo) / 255)
+    xz = np.clip(np.round(-lo / xs), 0, 255)
+    xq = np.clip(np.round(x / xs) + xz, 0, 255)
+    emulated = ((xq - xz) @ wq.astype(np.float64)) * (float(xs) * ws.astype(np.float64)) + (b if bias else 0)
+    onnx.save(model, tmp_path / "low.onnx")
+    got = make_session(tmp_path / "low.onnx", "fast").run(None, {"x": x})[0]
+    scale = np.abs(exact).max()
+    assert np.abs(got - emulated).max() / scale < 1e-5
+    assert np.abs(got - exact).max() / scale < (2e-2 if u8s8_safe else 4e-2)  # int8 (7-bit) weights, 8-bit rows
+
+
+def test_row_gemms_off_leaves_gemms_float():
+    w = np.ones((N, K), np.float32)
+    g = helper.make_graph([helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", K])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          initializer=[numpy_helper.from_array(w, "w")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)
+    assert lower_for_ort(model, u8s8_safe=True, row_gemms=False)["row_gemms"] == 0
+    assert [n.op_type for n in model.graph.node] == ["Gemm"]
 
 
 def _group_linear_model(*, symmetric: bool, bias: bool, qmax: int, rng) -> onnx.ModelProto:
@@ -216,7 +266,21 @@ def test_target_ort_fast_mode_matches_reference(tmp_path, family):
     assert (out / "model.ort.onnx").exists()
     tol = FAST_TOL_FAMILY.get(family, FAST_TOL)
     assert fast["max_rel_diff_vs_reference"] <= tol, f"onnxruntime QDQ fusion: {fast}"
-    assert variant["max_rel_diff_vs_reference"] <= tol, f"onnxruntime int8 model: {variant}"
+    _assert_lowering_exact(variant, tol)
+
+
+# The one-row linears quantized per call (DynamicQuantizeMatMul) move the tiny models' outputs by about 1e-2 of
+# their largest magnitude; the rest of the lowering stays exact, which the report checks with them in float.
+ROW_GEMM_TOL = 5e-2
+
+
+def _assert_lowering_exact(variant: dict, tol: float) -> None:
+    if variant["row_gemms"]:
+        assert variant["max_rel_diff_vs_reference_without_row_gemms"] <= tol, f"onnxruntime int8 model: {variant}"
+        assert variant["max_rel_diff_vs_reference"] <= ROW_GEMM_TOL, f"onnxruntime int8 model: {variant}"
+    else:
+        assert "max_rel_diff_vs_reference_without_row_gemms" not in variant
+        assert variant["max_rel_diff_vs_reference"] <= tol, f"onnxruntime int8 model: {variant}"
 
 
 @pytest.mark.parametrize("matmuls", ["", "*.matmul1"])
@@ -242,7 +306,9 @@ def test_var_ptq4arvg_lowers_to_fused_int8_nodes(tmp_path, matmuls):
     assert variant["int8_gemms"] + variant["u8u8_gemms"] == gemms and variant["float_matmuls"] == (2 if matmuls else 4)
     assert variant["group_epilogues"] == variant["group_quantizers"] == linears
     assert variant["cache_writes"] == 4  # k and v of each block
+    assert variant["row_gemms"] == 3  # the AdaLN linears (2 blocks and the head's): one row per image
     ops = [n.op_type for n in onnx.load(str(out / "model.ort.onnx")).graph.node]
-    assert "Sub" not in ops and "DequantizeLinear" not in ops
+    assert "Sub" not in ops and "DequantizeLinear" not in ops and "Gemm" not in ops
+    assert ops.count("DynamicQuantizeMatMul") == 3
     assert ops.count("QuantizeLinear") == linears + (2 * 2 if matmuls else 0)  # one per linear; q and k^T per block
-    assert variant["max_rel_diff_vs_reference"] <= FAST_TOL, variant
+    _assert_lowering_exact(variant, FAST_TOL)
