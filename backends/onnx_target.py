@@ -128,6 +128,13 @@ class OrtTarget(OnnxTarget):
         # onnxruntime's u8 x s8 kernels saturate with full-range weights on x86 without VNNI
         return not cpu_has_vnni()
 
+    def attention_sites(self) -> str:
+        from backends.ort_runner import cpu_has_vnni
+
+        # q @ k^T on the u8 x s8 kernel: faster than float and keeps the tokens (BENCHMARKS.md, issue #17);
+        # without VNNI its activation B operand would take the slower u8u8 kernel, not measured on the whole step
+        return "*.matmul1" if cpu_has_vnni() else ""
+
     def extra_models(self, job: ExportJob, onnx_path: Path, reference: list[torch.Tensor]) -> dict:
         from backends.ort_int8 import write_ort_int8
         from backends.ort_runner import make_session, run
@@ -217,7 +224,7 @@ def _ort_model(name: str, fp_gm, q_gm, workdir: Path, bundle) -> Path:
         path = workdir / "ort_int8.onnx"
         counts = write_ort_int8(export(q_gm, "qdq"), path)
         say(f"ort-int8: {counts['int8_gemms']} u8s8 + {counts['u8u8_gemms']} u8u8 int8 GEMMs, "
-            f"{counts['float_matmuls']} MatMuls in float")
+            f"{counts['float_matmuls']} MatMuls in float, {counts['row_gemms']} one-row linears dynamically quantized")
         return path
     from onnxruntime.quantization import (
         CalibrationDataReader,

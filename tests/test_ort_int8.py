@@ -252,6 +252,21 @@ FAST_TOL = 1e-3
 FAST_TOL_FAMILY = {"mar": 5e-3}
 
 
+def test_target_attention_sites_quantize_only_those_matmuls():
+    """``QuantConfig.attention_sites`` (what a target asks for; ``--target ort`` on VNNI: q @ k^T) makes act-quant
+    quantize those attention matmuls' operands and no other, whatever the recipe's own act-quant options."""
+    from compiler.bench import workloads
+    from compiler.driver import quantize
+
+    bundle = workloads()["var-tiny"](1)
+    pipeline = "canonicalize,observe{histograms=false},act-quant,weight-quant,insert-qdq"
+    for sites, expected in (("", set()), ("*.matmul1", {"blocks.0.attn.matmul1", "blocks.1.attn.matmul1"})):
+        ctx = quantize(bundle, pipeline, "W8A8", bundle.calib_inputs[:2], attention_sites=sites).ctx
+        quantized = {k.rsplit(".", 1)[0] for k in ctx.qparams if k.endswith((".a", ".b"))}
+        assert quantized == expected, (sites, quantized)
+        assert all(f"{m}.{r}" in ctx.qparams for m in expected for r in ("a", "b"))
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_target_ort_fast_mode_matches_reference(tmp_path, family):
     out = tmp_path / "out"
@@ -283,20 +298,23 @@ def _assert_lowering_exact(variant: dict, tol: float) -> None:
         assert variant["max_rel_diff_vs_reference"] <= tol, f"onnxruntime int8 model: {variant}"
 
 
-@pytest.mark.parametrize("matmuls", ["", "*.matmul1"])
-def test_var_ptq4arvg_lowers_to_fused_int8_nodes(tmp_path, matmuls):
-    """The tiny VAR with ptq4arvg (token-group grids on every linear), and with q @ k^T quantized too
-    (``act-quant{matmuls=true,matmul-sites=*.matmul1}``): every linear's epilogue is folded, the cache
-    writes lose their transposes, and the lowered model still runs as the Q/DQ reference does."""
+@pytest.mark.parametrize("attention", ["target", "option", "excluded"])
+def test_var_ptq4arvg_lowers_to_fused_int8_nodes(tmp_path, attention):
+    """The tiny VAR with ptq4arvg (token-group grids on every linear), with q @ k^T as the ort target leaves it
+    (int8 on a CPU with VNNI), quantized by the recipe option (``act-quant{matmuls=true,matmul-sites=*.matmul1}``)
+    or kept float by ``--exclude``: every linear's epilogue is folded, the cache writes lose their transposes, and
+    the lowered model still runs as the Q/DQ reference does."""
     from passes.recipes import load_recipe
     from tests.test_family_compile import FAMILIES
 
     out = tmp_path / "out"
     pipeline = load_recipe("ptq4arvg").pipeline
-    if matmuls:
-        pipeline = pipeline.replace(",act-quant,", f",act-quant{{matmuls=true,matmul-sites={matmuls}}},")
-    assert main([*FAMILIES["var"](tmp_path), "--target", "ort", "--pipeline", pipeline, "--out", str(out),
+    if attention == "option":
+        pipeline = pipeline.replace(",act-quant,", ",act-quant{matmuls=true,matmul-sites=*.matmul1},")
+    extra = ["--exclude", "*.matmul1"] if attention == "excluded" else []
+    assert main([*FAMILIES["var"](tmp_path), "--target", "ort", "--pipeline", pipeline, "--out", str(out), *extra,
                  "--calib-samples", "2", "--calib-cache", str(tmp_path / "cache"), "--no-site-sqnr"]) == 0
+    matmuls = attention == "option" or (attention == "target" and cpu_has_vnni())
     o = json.loads((out / "report.json").read_text())["onnx"]
     variant = o["ort_fast"]["int8_model"]
     gemms = sum(o["tensorrt_lint"]["int8_gemms"].values())
