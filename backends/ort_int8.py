@@ -349,8 +349,12 @@ def _fold_cache_writes(gr: _Graph) -> int:
     layout, ``idx [*U.shape[:a + 1], a + 1]`` the coordinates of every row written (built from ``U``'s
     shape and ``pos``): one copy of the cache instead of three, and whole rows of ``U`` per index.
     (``ScatterElements`` along ``a`` is the same numbers, but onnxruntime runs it element by element,
-    3x slower than the transposes.) Returns the number folded."""
+    3x slower than the transposes.) Writes whose updates have the same shape up to ``a`` (the exporter's
+    symbolic shapes: every block's k and v) at the same positions share one ``idx``. Returns the number folded."""
     folded = 0
+    shapes = {v.name: [d.dim_param or (d.dim_value if d.HasField("dim_value") else None) for d in v.type.tensor_type.shape.dim]
+              for v in [*gr.g.value_info, *gr.g.input] if v.type.tensor_type.HasField("shape")}
+    shared: dict[tuple, str] = {}
     for sc in [n for n in gr.g.node if n.op_type == "ScatterND"]:
         t_data, t_upd = gr.producer.get(sc.input[0]), gr.producer.get(sc.input[2])
         t_out = _only_consumer(gr, sc.output[0], "Transpose")
@@ -364,8 +368,16 @@ def _fold_cache_writes(gr: _Graph) -> int:
                 or axes is None or axes.size != 1 or int(axes.reshape(-1)[0]) not in (-1, 1)):
             continue
         gr.g.node.remove(t_out)  # its output is produced anew below; the ScatterND and transposes die
-        gr.append(helper.make_node("ScatterND", [t_data.input[0], _row_indices(gr, idx.input[0], t_upd.input[0], perm[0]),
-                                                 t_upd.input[0]], [t_out.output[0]], name=gr.fresh(f"{sc.name}_rows")))
+        lead = shapes.get(t_upd.input[0], [])[:perm[0] + 1]
+        key = (idx.input[0], perm[0], *lead) if len(lead) == perm[0] + 1 and None not in lead and "" not in lead else None
+        if key is not None and key in shared:
+            rows = shared[key]
+        else:
+            rows = _row_indices(gr, idx.input[0], t_upd.input[0], perm[0])
+            if key is not None:
+                shared[key] = rows
+        gr.append(helper.make_node("ScatterND", [t_data.input[0], rows, t_upd.input[0]], [t_out.output[0]],
+                                   name=gr.fresh(f"{sc.name}_rows")))
         folded += 1
     return folded
 

@@ -225,6 +225,39 @@ def test_cache_write_transposes_are_folded(tmp_path):
     assert np.array_equal(make_session(tmp_path / "low.onnx", "fast").run(None, feed)[0], expected)
 
 
+def test_cache_writes_of_the_same_shape_share_their_indices(tmp_path):
+    """k and v written at the same positions with updates of the same (symbolic) shape, as every block of the
+    exported step does, share one index tensor; a write of another shape builds its own. The caches stay exact."""
+    B, H, L, D, T = 2, 3, 11, 4, 5
+    nodes = [helper.make_node("Unsqueeze", ["pos", "ax"], ["idx"])]
+    for c, u in (("kc", "k"), ("vc", "v"), ("wc", "w")):
+        nodes += [helper.make_node("Transpose", [c], [f"t{c}"], perm=[2, 0, 1, 3]),
+                  helper.make_node("Transpose", [u], [f"t{u}"], perm=[2, 0, 1, 3]),
+                  helper.make_node("ScatterND", [f"t{c}", "idx", f"t{u}"], [f"s{c}"]),
+                  helper.make_node("Transpose", [f"s{c}"], [f"{c}_out"], perm=[1, 2, 0, 3])]
+    val = helper.make_tensor_value_info
+    inputs = [val("pos", TensorProto.INT64, ["t"])]
+    inputs += [val(c, TensorProto.FLOAT, ["b", H, L, D]) for c in ("kc", "vc")] + [val("wc", TensorProto.FLOAT, ["b", 1, L, D])]
+    inputs += [val(u, TensorProto.FLOAT, ["b", H, "t", D]) for u in ("k", "v")] + [val("w", TensorProto.FLOAT, ["b", 1, "t", D])]
+    g = helper.make_graph(nodes, "g", inputs, [val(f"{c}_out", TensorProto.FLOAT, None) for c in ("kc", "vc", "wc")],
+                          initializer=[numpy_helper.from_array(np.array([-1], np.int64), "ax")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)
+    rng = np.random.default_rng(0)
+    feed = {"pos": np.array([7, 2, 9, 3, 10])}
+    for c, u, h in (("kc", "k", H), ("vc", "v", H), ("wc", "w", 1)):
+        feed[c] = rng.standard_normal((B, h, L, D)).astype(np.float32)
+        feed[u] = rng.standard_normal((B, h, T, D)).astype(np.float32)
+    assert lower_for_ort(model, u8s8_safe=True)["cache_writes"] == 3
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("ScatterND") == 3 and ops.count("Concat") == 2  # k and v share; w (1 head) has its own
+    onnx.save(model, tmp_path / "low.onnx")
+    got = make_session(tmp_path / "low.onnx", "fast").run(None, feed)
+    for out, (c, u) in zip(got, (("kc", "k"), ("vc", "v"), ("wc", "w"))):
+        expected = feed[c].copy()
+        expected[:, :, feed["pos"]] = feed[u]
+        assert np.array_equal(out, expected)
+
+
 def test_weight_quant_reduce_range_stores_7_bit_weights(tmp_path):
     out = tmp_path / "o"
     assert main(["builtin:tiny-block", "--pipeline", "canonicalize,observe,act-quant,weight-quant{reduce_range=true},insert-qdq",
