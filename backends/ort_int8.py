@@ -309,7 +309,7 @@ def _quantize_row_gemms(gr: _Graph, u8s8_safe: bool) -> int:
     rewritten."""
     import torch
 
-    from core.qmath import qparams_from_range, quantize, qrange
+    from core.qmath import qparams_from_range, qrange, quantize
 
     done = 0
     for n in [n for n in gr.g.node if n.op_type == "Gemm"]:
