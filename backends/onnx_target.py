@@ -143,11 +143,12 @@ class OrtTarget(OnnxTarget):
             got = [torch.as_tensor(g) for g in run(make_session(path, "fast"), job.bundle.example_inputs)]
             return max_rel_diff(reference, got)
 
-        gemms = write_ort_int8(onnx_path, job.out / "model.ort.onnx")
+        # the one-row linears the family keeps float by default; one a user excluded stays float
+        gemms = write_ort_int8(onnx_path, job.out / "model.ort.onnx", row_gemms=job.bundle.extra.get("default_exclude", ()))
         entry = {"path": "model.ort.onnx", **gemms, "max_rel_diff_vs_reference": diff(job.out / "model.ort.onnx")}
         if gemms["row_gemms"]:  # they add their own (dynamic) quantization: the rest must still equal the reference
             with tempfile.TemporaryDirectory() as tmp:
-                write_ort_int8(onnx_path, Path(tmp) / "exact.onnx", row_gemms=False)
+                write_ort_int8(onnx_path, Path(tmp) / "exact.onnx", row_gemms=())
                 entry["max_rel_diff_vs_reference_without_row_gemms"] = diff(Path(tmp) / "exact.onnx")
         return {"int8_model": entry}
 
@@ -222,7 +223,7 @@ def _ort_model(name: str, fp_gm, q_gm, workdir: Path, bundle) -> Path:
         from backends.ort_int8 import write_ort_int8
 
         path = workdir / "ort_int8.onnx"
-        counts = write_ort_int8(export(q_gm, "qdq"), path)
+        counts = write_ort_int8(export(q_gm, "qdq"), path, row_gemms=bundle.extra.get("default_exclude", ()))
         say(f"ort-int8: {counts['int8_gemms']} u8s8 + {counts['u8u8_gemms']} u8u8 int8 GEMMs, "
             f"{counts['float_matmuls']} MatMuls in float, {counts['row_gemms']} one-row linears dynamically quantized")
         return path

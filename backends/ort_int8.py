@@ -34,8 +34,10 @@ The linears the recipes keep in float because they see one row per image (VAR's 
 reading their weights (17 x 1024 x 6144 floats per VAR-d16 step). They become
 ``DynamicQuantizeMatMul``: int8 weights (symmetric per output channel, 7 bits where u8 x s8 could
 saturate), the rows quantized per call to uint8 (per tensor, as onnxruntime's ``quantize_dynamic``
-does). This is the one approximation the lowering adds to the Q/DQ graph (``row_gemms=False``
-leaves them float). Everything else (norms, attention) stays as exported.
+does). Only the linears the caller names (``row_gemms``: module-path globs matched on the weight's name,
+the family's ``default_exclude`` for the targets) are rewritten: a linear a user excluded stays float.
+This is the one approximation the lowering adds to the Q/DQ graph. Everything else (norms, attention)
+stays as exported.
 
 x86 without VNNI computes u8 x s8 with ``vpmaddubsw``, which saturates a pair of products in
 int16 unless |w| <= 64 (7-bit weights, ``weight-quant{reduce_range=true}``). A weight, or an
@@ -44,6 +46,8 @@ uint8 as well (zero point 128): onnxruntime then uses its u8u8 kernel, exact but
 """
 from __future__ import annotations
 
+import fnmatch
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -197,10 +201,11 @@ def _group_quantize(gr: _Graph, q, scale: np.ndarray, groups: str) -> tuple[str,
     return None
 
 
-def lower_for_ort(model: onnx.ModelProto, *, u8s8_safe: bool, row_gemms: bool = True) -> dict:
+def lower_for_ort(model: onnx.ModelProto, *, u8s8_safe: bool, row_gemms: Sequence[str] = ("*",)) -> dict:
     """Rewrite every quantized MatMul of ``model`` (in place) into MatMulIntegerToFloat, with the
     token-group epilogues folded and the KV-cache writes' transposes removed (see the module doc);
-    with ``row_gemms``, the float one-row linears become dynamically quantized int8 GEMMs.
+    the float one-row linears whose module path matches a glob of ``row_gemms`` become dynamically
+    quantized int8 GEMMs.
 
     ``u8s8_safe``: the CPU has VNNI, so u8 x s8 cannot saturate whatever the weights (see the
     module doc). Returns counts: ``int8_gemms`` (u8 x s8), ``u8u8_gemms`` (B shifted to uint8
@@ -210,7 +215,7 @@ def lower_for_ort(model: onnx.ModelProto, *, u8s8_safe: bool, row_gemms: bool = 
     triples made one ScatterND), ``row_gemms`` (float one-row linears made DynamicQuantizeMatMul).
     """
     gr = _Graph(model)
-    row_gemms = _quantize_row_gemms(gr, u8s8_safe) if row_gemms else 0
+    row_gemms = _quantize_row_gemms(gr, u8s8_safe, row_gemms) if row_gemms else 0
     u8_of: dict[str, tuple[str, str, str]] = {}  # int8 Q output -> (uint8 twin, scale, uint8 zero point)
     counts = {"int8_gemms": 0, "u8u8_gemms": 0, "float_matmuls": 0, "group_epilogues": 0, "group_quantizers": 0,
               "cache_writes": _fold_cache_writes(gr), "row_gemms": row_gemms}
@@ -300,12 +305,13 @@ def lower_for_ort(model: onnx.ModelProto, *, u8s8_safe: bool, row_gemms: bool = 
     return counts
 
 
-def _quantize_row_gemms(gr: _Graph, u8s8_safe: bool) -> int:
+def _quantize_row_gemms(gr: _Graph, u8s8_safe: bool, patterns: Sequence[str]) -> int:
     """Every float ``Gemm(x, W, bias)`` with a constant weight, the exporter's linear on a 2-d input (one
     row per image: VAR's AdaLN linears, which the recipes keep float), becomes onnxruntime's
     ``DynamicQuantizeMatMul(x, W_int8, w_scale, bias)``: the weight symmetric per output channel
     (7 bits where u8 x s8 could saturate), the rows quantized per call (uint8, per tensor). Such a GEMM
-    is a matrix-vector product bound by reading its weight, which int8 makes 4x smaller. Returns the number
+    is a matrix-vector product bound by reading its weight, which int8 makes 4x smaller. Only those whose
+    module path (the weight's name less ``.weight``) matches a glob of ``patterns``. Returns the number
     rewritten."""
     import torch
 
@@ -315,7 +321,8 @@ def _quantize_row_gemms(gr: _Graph, u8s8_safe: bool) -> int:
     for n in [n for n in gr.g.node if n.op_type == "Gemm"]:
         w = gr.const(n.input[1])
         bias = gr.const(n.input[2]) if len(n.input) > 2 and n.input[2] else None
-        if (w is None or w.dtype != np.float32 or w.ndim != 2 or _attr(n, "transA", 0) or _attr(n, "alpha", 1.0) != 1.0
+        base = n.input[1].removesuffix(".weight")
+        if (not any(fnmatch.fnmatchcase(base, p) for p in patterns) or w is None or w.dtype != np.float32 or w.ndim != 2 or _attr(n, "transA", 0) or _attr(n, "alpha", 1.0) != 1.0
                 or (bias is not None and (bias.dtype != np.float32 or bias.shape != (w.shape[0 if _attr(n, "transB", 0) else 1],)
                                           or _attr(n, "beta", 1.0) != 1.0))):
             continue
@@ -323,7 +330,6 @@ def _quantize_row_gemms(gr: _Graph, u8s8_safe: bool) -> int:
         bits = 8 if u8s8_safe else 7
         scale, zp = qparams_from_range(wt.amin(0), wt.amax(0), bits, symmetric=True)
         w_int8 = quantize(wt, scale, zp, 1, *qrange(bits)).numpy()
-        base = n.input[1].removesuffix(".weight")
         inputs = [n.input[0], gr.add_init(f"{base}.weight_int8", w_int8), gr.add_init(f"{base}.weight_scale", scale.numpy()),
                   "", n.input[2] if bias is not None else ""]
         while inputs[-1] == "":
@@ -470,7 +476,8 @@ def _toposort(model: onnx.ModelProto) -> None:
     g.node.extend(ordered)
 
 
-def write_ort_int8(src: str | Path, dst: str | Path, *, u8s8_safe: bool | None = None, row_gemms: bool = True) -> dict:
+def write_ort_int8(src: str | Path, dst: str | Path, *, u8s8_safe: bool | None = None,
+                   row_gemms: Sequence[str] = ("*",)) -> dict:
     """Write the onnxruntime int8 variant of the Q/DQ model ``src`` to ``dst`` (atomically); returns the counts.
 
     ``u8s8_safe`` defaults to whether this CPU has VNNI: the variant is meant for the machine

@@ -121,15 +121,21 @@ def test_one_row_linears_become_dynamic_int8_gemms(tmp_path, u8s8_safe, bias):
     assert np.abs(got - exact).max() / scale < (2e-2 if u8s8_safe else 4e-2)  # int8 (7-bit) weights, 8-bit rows
 
 
-def test_row_gemms_off_leaves_gemms_float():
-    w = np.ones((N, K), np.float32)
-    g = helper.make_graph([helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)], "g",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", K])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                          initializer=[numpy_helper.from_array(w, "w")])
+def test_row_gemms_only_where_named():
+    """Only Gemms whose module path matches ``row_gemms`` (the family's default exclusions, for the targets) are
+    rewritten: a linear a user excluded stays float."""
+    w = np.full((N, K), 0.5, np.float32)
+    nodes = [helper.make_node("Gemm", ["x", "blocks.0.ada_lin.1.weight"], ["y"], transB=1),
+             helper.make_node("Gemm", ["x", "cond_proj.weight"], ["z"], transB=1)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", K])],
+                          [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in ("y", "z")],
+                          initializer=[numpy_helper.from_array(w, "blocks.0.ada_lin.1.weight"),
+                                       numpy_helper.from_array(w, "cond_proj.weight")])
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)
-    assert lower_for_ort(model, u8s8_safe=True, row_gemms=False)["row_gemms"] == 0
-    assert [n.op_type for n in model.graph.node] == ["Gemm"]
+    assert lower_for_ort(model, u8s8_safe=True, row_gemms=())["row_gemms"] == 0
+    assert [n.op_type for n in model.graph.node] == ["Gemm", "Gemm"]
+    assert lower_for_ort(model, u8s8_safe=True, row_gemms=("blocks.*.ada_lin.1",))["row_gemms"] == 1
+    assert sorted((n.op_type, n.output[0]) for n in model.graph.node) == [("DynamicQuantizeMatMul", "y"), ("Gemm", "z")]
 
 
 def _group_linear_model(*, symmetric: bool, bias: bool, qmax: int, rng) -> onnx.ModelProto:
