@@ -13,6 +13,7 @@ quantizers as peers: ort-quant-static and ort-quant-dynamic.
 from __future__ import annotations
 
 import copy
+import tempfile
 from pathlib import Path
 
 import torch
@@ -127,13 +128,29 @@ class OrtTarget(OnnxTarget):
         # onnxruntime's u8 x s8 kernels saturate with full-range weights on x86 without VNNI
         return not cpu_has_vnni()
 
+    def attention_sites(self) -> str:
+        from backends.ort_runner import cpu_has_vnni
+
+        # q @ k^T on the u8 x s8 kernel: faster than float and keeps the tokens (BENCHMARKS.md, issue #17);
+        # without VNNI its activation B operand would take the slower u8u8 kernel, not measured on the whole step
+        return "*.matmul1" if cpu_has_vnni() else ""
+
     def extra_models(self, job: ExportJob, onnx_path: Path, reference: list[torch.Tensor]) -> dict:
         from backends.ort_int8 import write_ort_int8
         from backends.ort_runner import make_session, run
 
-        gemms = write_ort_int8(onnx_path, job.out / "model.ort.onnx")
-        got = [torch.as_tensor(g) for g in run(make_session(job.out / "model.ort.onnx", "fast"), job.bundle.example_inputs)]
-        return {"int8_model": {"path": "model.ort.onnx", **gemms, "max_rel_diff_vs_reference": max_rel_diff(reference, got)}}
+        def diff(path: Path) -> float:
+            got = [torch.as_tensor(g) for g in run(make_session(path, "fast"), job.bundle.example_inputs)]
+            return max_rel_diff(reference, got)
+
+        # the one-row linears the family keeps float by default; one a user excluded stays float
+        gemms = write_ort_int8(onnx_path, job.out / "model.ort.onnx", row_gemms=job.bundle.extra.get("default_exclude", ()))
+        entry = {"path": "model.ort.onnx", **gemms, "max_rel_diff_vs_reference": diff(job.out / "model.ort.onnx")}
+        if gemms["row_gemms"]:  # they add their own (dynamic) quantization: the rest must still equal the reference
+            with tempfile.TemporaryDirectory() as tmp:
+                write_ort_int8(onnx_path, Path(tmp) / "exact.onnx", row_gemms=())
+                entry["max_rel_diff_vs_reference_without_row_gemms"] = diff(Path(tmp) / "exact.onnx")
+        return {"int8_model": entry}
 
     def compiled_step(self, out: Path, gm, bundle, reduce_range: bool):
         from backends.ort_runner import OrtStep
@@ -206,9 +223,9 @@ def _ort_model(name: str, fp_gm, q_gm, workdir: Path, bundle) -> Path:
         from backends.ort_int8 import write_ort_int8
 
         path = workdir / "ort_int8.onnx"
-        counts = write_ort_int8(export(q_gm, "qdq"), path)
+        counts = write_ort_int8(export(q_gm, "qdq"), path, row_gemms=bundle.extra.get("default_exclude", ()))
         say(f"ort-int8: {counts['int8_gemms']} u8s8 + {counts['u8u8_gemms']} u8u8 int8 GEMMs, "
-            f"{counts['float_matmuls']} MatMuls in float")
+            f"{counts['float_matmuls']} MatMuls in float, {counts['row_gemms']} one-row linears dynamically quantized")
         return path
     from onnxruntime.quantization import (
         CalibrationDataReader,

@@ -27,7 +27,17 @@ Q) keeps the exported input side and folds only the output side.
 
 The KV-cache writes (``index_copy`` along the position axis) export as ``Transpose ->
 ScatterND -> Transpose``, two more copies of the whole cache per write; they become one
-``ScatterND`` on the cache's own layout. Everything else (norms, attention) stays as exported.
+``ScatterND`` on the cache's own layout.
+
+The linears the recipes keep in float because they see one row per image (VAR's AdaLN linears:
+``default_exclude``, exported as ``Gemm`` on a 2-d input) are matrix-vector products bound by
+reading their weights (17 x 1024 x 6144 floats per VAR-d16 step). They become
+``DynamicQuantizeMatMul``: int8 weights (symmetric per output channel, 7 bits where u8 x s8 could
+saturate), the rows quantized per call to uint8 (per tensor, as onnxruntime's ``quantize_dynamic``
+does). Only the linears the caller names (``row_gemms``: module-path globs matched on the weight's name,
+the family's ``default_exclude`` for the targets) are rewritten: a linear a user excluded stays float.
+This is the one approximation the lowering adds to the Q/DQ graph. Everything else (norms, attention)
+stays as exported.
 
 x86 without VNNI computes u8 x s8 with ``vpmaddubsw``, which saturates a pair of products in
 int16 unless |w| <= 64 (7-bit weights, ``weight-quant{reduce_range=true}``). A weight, or an
@@ -36,6 +46,8 @@ uint8 as well (zero point 128): onnxruntime then uses its u8u8 kernel, exact but
 """
 from __future__ import annotations
 
+import fnmatch
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -189,21 +201,24 @@ def _group_quantize(gr: _Graph, q, scale: np.ndarray, groups: str) -> tuple[str,
     return None
 
 
-def lower_for_ort(model: onnx.ModelProto, *, u8s8_safe: bool) -> dict:
+def lower_for_ort(model: onnx.ModelProto, *, u8s8_safe: bool, row_gemms: Sequence[str] = ("*",)) -> dict:
     """Rewrite every quantized MatMul of ``model`` (in place) into MatMulIntegerToFloat, with the
-    token-group epilogues folded and the KV-cache writes' transposes removed (see the module doc).
+    token-group epilogues folded and the KV-cache writes' transposes removed (see the module doc);
+    the float one-row linears whose module path matches a glob of ``row_gemms`` become dynamically
+    quantized int8 GEMMs.
 
     ``u8s8_safe``: the CPU has VNNI, so u8 x s8 cannot saturate whatever the weights (see the
     module doc). Returns counts: ``int8_gemms`` (u8 x s8), ``u8u8_gemms`` (B shifted to uint8
     because it could saturate), ``float_matmuls`` (MatMuls left in float), ``group_epilogues``
     (token-group epilogues folded into the GEMM's ``a_scale``), ``group_quantizers`` (token-group
     input grids as one per-row QuantizeLinear), ``cache_writes`` (Transpose/ScatterND/Transpose
-    triples made one ScatterElements).
+    triples made one ScatterND), ``row_gemms`` (float one-row linears made DynamicQuantizeMatMul).
     """
     gr = _Graph(model)
+    row_gemms = _quantize_row_gemms(gr, u8s8_safe, row_gemms) if row_gemms else 0
     u8_of: dict[str, tuple[str, str, str]] = {}  # int8 Q output -> (uint8 twin, scale, uint8 zero point)
     counts = {"int8_gemms": 0, "u8u8_gemms": 0, "float_matmuls": 0, "group_epilogues": 0, "group_quantizers": 0,
-              "cache_writes": _fold_cache_writes(gr)}
+              "cache_writes": _fold_cache_writes(gr), "row_gemms": row_gemms}
     replaced: list = []
     grouped_u8: dict[str, str] = {}  # int8 Q output -> its per-row uint8 QuantizeLinear
 
@@ -290,6 +305,44 @@ def lower_for_ort(model: onnx.ModelProto, *, u8s8_safe: bool) -> dict:
     return counts
 
 
+def _quantize_row_gemms(gr: _Graph, u8s8_safe: bool, patterns: Sequence[str]) -> int:
+    """Every float ``Gemm(x, W, bias)`` with a constant weight, the exporter's linear on a 2-d input (one
+    row per image: VAR's AdaLN linears, which the recipes keep float), becomes onnxruntime's
+    ``DynamicQuantizeMatMul(x, W_int8, w_scale, bias)``: the weight symmetric per output channel
+    (7 bits where u8 x s8 could saturate), the rows quantized per call (uint8, per tensor). Such a GEMM
+    is a matrix-vector product bound by reading its weight, which int8 makes 4x smaller. Only those whose
+    module path (the weight's name less ``.weight``) matches a glob of ``patterns``. Returns the number
+    rewritten."""
+    import torch
+
+    from core.qmath import qparams_from_range, qrange, quantize
+
+    done = 0
+    for n in [n for n in gr.g.node if n.op_type == "Gemm"]:
+        w = gr.const(n.input[1])
+        bias = gr.const(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+        base = n.input[1].removesuffix(".weight")
+        if (not any(fnmatch.fnmatchcase(base, p) for p in patterns) or w is None or w.dtype != np.float32 or w.ndim != 2 or _attr(n, "transA", 0) or _attr(n, "alpha", 1.0) != 1.0
+                or (bias is not None and (bias.dtype != np.float32 or bias.shape != (w.shape[0 if _attr(n, "transB", 0) else 1],)
+                                          or _attr(n, "beta", 1.0) != 1.0))):
+            continue
+        wt = torch.from_numpy(w.T.copy() if _attr(n, "transB", 0) else w)  # [K, N]
+        bits = 8 if u8s8_safe else 7
+        scale, zp = qparams_from_range(wt.amin(0), wt.amax(0), bits, symmetric=True)
+        w_int8 = quantize(wt, scale, zp, 1, *qrange(bits)).numpy()
+        inputs = [n.input[0], gr.add_init(f"{base}.weight_int8", w_int8), gr.add_init(f"{base}.weight_scale", scale.numpy()),
+                  "", n.input[2] if bias is not None else ""]
+        while inputs[-1] == "":
+            inputs.pop()
+        gr.g.node.remove(n)
+        for i in n.input:
+            gr.consumers[i].remove(n)
+        gr.append(helper.make_node("DynamicQuantizeMatMul", inputs, list(n.output), domain=MS_DOMAIN,
+                                   name=gr.fresh(f"{n.name or n.output[0]}_dynamic_int8")))
+        done += 1
+    return done
+
+
 def _gather(gr: _Graph, table: str, index: str) -> str:
     """``Gather(table, index)`` along axis 0, appended; returns its output."""
     out = gr.fresh(f"{table}_gathered")
@@ -302,8 +355,12 @@ def _fold_cache_writes(gr: _Graph) -> int:
     layout, ``idx [*U.shape[:a + 1], a + 1]`` the coordinates of every row written (built from ``U``'s
     shape and ``pos``): one copy of the cache instead of three, and whole rows of ``U`` per index.
     (``ScatterElements`` along ``a`` is the same numbers, but onnxruntime runs it element by element,
-    3x slower than the transposes.) Returns the number folded."""
+    3x slower than the transposes.) Writes whose updates have the same shape up to ``a`` (the exporter's
+    symbolic shapes: every block's k and v) at the same positions share one ``idx``. Returns the number folded."""
     folded = 0
+    shapes = {v.name: [d.dim_param or (d.dim_value if d.HasField("dim_value") else None) for d in v.type.tensor_type.shape.dim]
+              for v in [*gr.g.value_info, *gr.g.input] if v.type.tensor_type.HasField("shape")}
+    shared: dict[tuple, str] = {}
     for sc in [n for n in gr.g.node if n.op_type == "ScatterND"]:
         t_data, t_upd = gr.producer.get(sc.input[0]), gr.producer.get(sc.input[2])
         t_out = _only_consumer(gr, sc.output[0], "Transpose")
@@ -317,8 +374,16 @@ def _fold_cache_writes(gr: _Graph) -> int:
                 or axes is None or axes.size != 1 or int(axes.reshape(-1)[0]) not in (-1, 1)):
             continue
         gr.g.node.remove(t_out)  # its output is produced anew below; the ScatterND and transposes die
-        gr.append(helper.make_node("ScatterND", [t_data.input[0], _row_indices(gr, idx.input[0], t_upd.input[0], perm[0]),
-                                                 t_upd.input[0]], [t_out.output[0]], name=gr.fresh(f"{sc.name}_rows")))
+        lead = shapes.get(t_upd.input[0], [])[:perm[0] + 1]
+        key = (idx.input[0], perm[0], *lead) if len(lead) == perm[0] + 1 and None not in lead and "" not in lead else None
+        if key is not None and key in shared:
+            rows = shared[key]
+        else:
+            rows = _row_indices(gr, idx.input[0], t_upd.input[0], perm[0])
+            if key is not None:
+                shared[key] = rows
+        gr.append(helper.make_node("ScatterND", [t_data.input[0], rows, t_upd.input[0]], [t_out.output[0]],
+                                   name=gr.fresh(f"{sc.name}_rows")))
         folded += 1
     return folded
 
@@ -411,7 +476,8 @@ def _toposort(model: onnx.ModelProto) -> None:
     g.node.extend(ordered)
 
 
-def write_ort_int8(src: str | Path, dst: str | Path, *, u8s8_safe: bool | None = None) -> dict:
+def write_ort_int8(src: str | Path, dst: str | Path, *, u8s8_safe: bool | None = None,
+                   row_gemms: Sequence[str] = ("*",)) -> dict:
     """Write the onnxruntime int8 variant of the Q/DQ model ``src`` to ``dst`` (atomically); returns the counts.
 
     ``u8s8_safe`` defaults to whether this CPU has VNNI: the variant is meant for the machine
@@ -422,7 +488,7 @@ def write_ort_int8(src: str | Path, dst: str | Path, *, u8s8_safe: bool | None =
 
     src, dst = Path(src), Path(dst)
     model = onnx.load(str(src))
-    counts = lower_for_ort(model, u8s8_safe=cpu_has_vnni() if u8s8_safe is None else u8s8_safe)
+    counts = lower_for_ort(model, u8s8_safe=cpu_has_vnni() if u8s8_safe is None else u8s8_safe, row_gemms=row_gemms)
     big = sum(i.ByteSize() for i in model.graph.initializer) > EXTERNAL_DATA_BYTES
     with atomic_path(dst, suffix=".onnx") as tmp:
         onnx.save(model, tmp, save_as_external_data=big, location=dst.name + ".data")  # data lands beside dst

@@ -71,6 +71,10 @@ class Target(abc.ABC):
         """Whether weights must use 7 bits on this machine (onnxruntime's u8 x s8 kernels without VNNI)."""
         return False
 
+    def attention_sites(self) -> str:
+        """A glob of attention matmul sites this target runs in int8 whatever the recipe (``QuantConfig``)."""
+        return ""
+
     @abc.abstractmethod
     def export(self, job: ExportJob) -> dict:
         """Write the artefact into ``job.out``; return the report sections it adds (``speed`` entries merge)."""

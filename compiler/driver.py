@@ -41,12 +41,13 @@ class Quantized(NamedTuple):
 
 
 def quantize(bundle: ModelBundle, pipeline: str, bits: str | Precision, calib, *, stop_after=None, disabled=(),
-             instruments=(), exclude=(), reduce_range: bool = False, device: torch.device | str = "cpu",
+             instruments=(), exclude=(), reduce_range: bool = False, attention_sites: str = "", device: torch.device | str = "cpu",
              progress: Callable = default_progress) -> Quantized:
     """Trace the bundle (a copy of ``bundle.graph`` when set) and run the pipeline on it.
 
     ``exclude`` patterns keep sites in full precision; an ``exclude`` pass is inserted right
-    after ``canonicalize`` when the pipeline has none. ``reduce_range``: 7-bit weights.
+    after ``canonicalize`` when the pipeline has none. ``reduce_range``: 7-bit weights; ``attention_sites``:
+    attention matmuls the target runs in int8 (``QuantConfig``).
     ``device``: both graphs and the context's tensors are left there (``calib.device.to_cpu``
     brings them back).
     """
@@ -58,7 +59,7 @@ def quantize(bundle: ModelBundle, pipeline: str, bits: str | Precision, calib, *
     fp_gm = copy.deepcopy(gm)
     config = QuantConfig(precision=bits if isinstance(bits, Precision) else precision(bits),
                          weight_reduce_range=reduce_range, group_maps=bundle.extra.get("group_maps", {}),
-                         exclude=tuple(exclude))
+                         exclude=tuple(exclude), attention_sites=attention_sites)
     ctx = PassContext(config=config, calib_inputs=stream_to(calib, device),
                       probe_inputs=inputs_to(bundle.example_inputs, device), progress=progress)
     pm = PassManager(pipeline, stop_after=stop_after, disabled=disabled, instruments=instruments)
@@ -332,6 +333,7 @@ class Compiler:
                         disabled=self.config.disabled if mine else (), instruments=instruments,
                         exclude=list(exclusions),
                         reduce_range=self.target.weight_reduce_range() if reduce_range is None else reduce_range,
+                        attention_sites=self.target.attention_sites() if mine else "",
                         device=self.device if device is None else device, progress=self.progress)
 
     # -- the whole job ----------------------------------------------------------------------
@@ -382,6 +384,8 @@ class Compiler:
         reduce_range = self.target.weight_reduce_range()
         if reduce_range:
             say("this CPU has no VNNI: weights use 7 bits ([-64, 63]) so onnxruntime's int8 kernels cannot saturate")
+        if attention := self.target.attention_sites():
+            say(f"attention matmuls {attention!r} in int8 for this target (--exclude '{attention}' keeps them float)")
         say(f"[2/4] tracing, then passes: {with_exclude_pass(self.pipeline) if exclusions else self.pipeline}")
         history, pre_qdq = StatsHistory(), PreQDQSnapshot()
         fp_gm, gm, ctx, pm = self.quantize(instruments=[DumpInstrument(out / "dumps"), history, pre_qdq])

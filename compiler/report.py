@@ -137,8 +137,12 @@ def render_markdown(r: dict) -> str:
                  f"{o['ort_fast']['max_rel_diff_vs_reference']:.2e} (CPU VNNI: {'yes' if o['ort_fast']['cpu_vnni'] else 'no'}"
                  f"{'; 7-bit weights (reduce-range), because this CPU has no VNNI' if o['ort_fast'].get('reduce_range') else ''})"),
                 *([(f"onnxruntime int8 model `{m['path']}`: {m['int8_gemms']} u8s8 + {m['u8u8_gemms']} u8u8 "
-                    f"MatMulIntegerToFloat, {m['float_matmuls']} float MatMuls; max relative diff vs reference "
-                    f"{m['max_rel_diff_vs_reference']:.2e}")] if (m := o['ort_fast'].get('int8_model')) else []),
+                    f"MatMulIntegerToFloat, {m['float_matmuls']} float MatMuls"
+                    + (f", {m['row_gemms']} one-row linears as DynamicQuantizeMatMul" if m.get('row_gemms') else "")
+                    + f"; max relative diff vs reference {m['max_rel_diff_vs_reference']:.2e}"
+                    + (f" ({m['max_rel_diff_vs_reference_without_row_gemms']:.2e} with those in float)"
+                       if 'max_rel_diff_vs_reference_without_row_gemms' in m else ""))]
+                  if (m := o['ort_fast'].get('int8_model')) else []),
                 "", (f"TensorRT Q/DQ lint: {'passes' if o['tensorrt_lint']['ok'] else 'FAILS'}; "
                 f"int8 GEMMs: {', '.join(f'`{k}`' for k in o['tensorrt_lint']['int8_gemms']) or 'none'}; "
                 f"{o['tensorrt_lint']['float_gemms']} float GEMMs")]

@@ -58,7 +58,9 @@ class QuantConfig:
     ``precision``: the bit widths passes use when their own option is 0; ``weight_reduce_range``:
     7-bit weights (onnxruntime on CPUs without VNNI); ``group_maps``: module-path glob -> how that
     site merges the model's token groups; ``exclude``: patterns of sites kept in full precision;
-    ``token_groups_input``: the graph input holding the STWQ group ids (None: the one named so).
+    ``token_groups_input``: the graph input holding the STWQ group ids (None: the one named so);
+    ``attention_sites``: a glob of attention matmul sites the target runs in int8 (``act-quant``
+    quantizes their operands as with ``matmuls=true``; onnxruntime on VNNI: q @ k^T, ``*.matmul1``).
     """
 
     precision: Precision = PRECISIONS["W8A8"]
@@ -66,6 +68,7 @@ class QuantConfig:
     group_maps: dict[str, list[int]] = field(default_factory=dict)
     exclude: tuple[str, ...] = ()
     token_groups_input: str | None = None
+    attention_sites: str = ""
 
 
 @dataclass

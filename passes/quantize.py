@@ -38,7 +38,9 @@ class ActQuant(Pass):
     (TensorRT accepts per-channel scales on weights only). ``matmuls`` also quantizes both
     operands of attention matmuls per tensor, those whose site matches the glob ``matmul_sites``
     (``*.matmul1``: q @ k^T only, the choice that keeps the MNIST VAR's tokens; the probabilities
-    x V of ``*.matmul2`` lose 4 points, BENCHMARKS.md). It fills in only what no earlier pass decided,
+    x V of ``*.matmul2`` lose 4 points, BENCHMARKS.md); without ``matmuls``, the sites the target asks for
+    (``ctx.config.attention_sites``, set by ``tools.compile --target ort`` on a CPU with VNNI; ``--exclude``
+    keeps them float). It fills in only what no earlier pass decided,
     so ``stwq,act-quant{matmuls=true}`` keeps the token-wise linears and adds the matmuls.
     At a 4-bit grid of a grouped precision (``--bits W4A4``), a linear's per-tensor grid becomes
     one grid per group of input channels (``Precision.group``, ``qmath.group_size``), stored per
@@ -56,12 +58,13 @@ class ActQuant(Pass):
         if self.granularity not in ("tensor", "channel"):
             raise UserError(f"act-quant: granularity must be tensor or channel, got {self.granularity!r}")
         bits = act_bits(self.bits, ctx)
-        matmuls = [n for n, s in ctx.sites.items() if s.kind == "matmul" and fnmatch.fnmatchcase(n, self.matmul_sites)]
+        glob = self.matmul_sites if self.matmuls else ctx.config.attention_sites
+        matmuls = [n for n, s in ctx.sites.items() if s.kind == "matmul" and glob and fnmatch.fnmatchcase(n, glob)]
         if self.matmuls and self.matmul_sites != "*" and not matmuls:
             raise UserError(f"act-quant: matmul-sites={self.matmul_sites!r} matches no attention matmul")
         decided = 0
         for name, site in ctx.sites.items():
-            if site.excluded_by or (site.kind == "matmul" and not (self.matmuls and name in matmuls)):
+            if site.excluded_by or (site.kind == "matmul" and name not in matmuls):
                 continue
             for role, obs in ctx.stats.get(name, {}).items():
                 if not isinstance(obs, TensorObserver):  # fold records: smooth_scale, sym_shift, gps_scale
@@ -88,7 +91,7 @@ class ActQuant(Pass):
                 raise UserError("act-quant found no quantization sites: 'canonicalize' names them and must run "
                                 "first in the pipeline (is it disabled or missing?)")
             raise UserError("act-quant found no observed activations: run 'observe' before it in the pipeline")
-        return PassResult(gm, False, {"activations": decided, "bits": bits})
+        return PassResult(gm, False, {"activations": decided, "bits": bits, "attention_matmuls": len(matmuls)})
 
 
 @register

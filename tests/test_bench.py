@@ -85,3 +85,18 @@ def test_int8_graph_is_built_as_compile_builds_it(tmp_path, capsys):
     assert "pipeline override" in capsys.readouterr().out
     # the excluded AdaLN linears are not int8 GEMMs: two blocks x 4 linears + head = 9 quantized sites of 12
     assert note.split()[0] == "9" and e["results"][0]["backends"]["torch-int8"]["note"].split()[0] == "9"
+
+
+def test_quantize_static_peer_is_a_real_int8_model(tmp_path, capsys):
+    """ort-quant-static (onnxruntime's own static QDQ quantization, calibrated on the workload's inputs) is an int8
+    model beside ours: smaller than FP32, its logits close to the FP graph's but not equal, on a VAR step."""
+    out = tmp_path / "s.json"
+    assert main(["--model", "var-tiny", "--backends", "ort-fp32,ort-quant-static,ort-int8", "--repeats", "1",
+                 "--warmup", "0", "--json", str(out)]) == 0
+    (r,) = json.loads(out.read_text())["results"]
+    b = r["backends"]
+    static, fp32 = b["ort-quant-static"], b["ort-fp32"]
+    assert static["note"] == "onnxruntime quantize_static"
+    assert static["size_bytes"] < 0.7 * fp32["size_bytes"]  # int8 MatMul weights (its Gemms and embeddings stay float)
+    assert 10 < static["sqnr_db"] < 60 and fp32["sqnr_db"] > 80, {k: v["sqnr_db"] for k, v in b.items()}
+    assert all(t > 0 for t in static["times_s"])

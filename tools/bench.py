@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     calib = bundle.calib_inputs or [bundle.example_inputs]
     t0 = time.perf_counter()
     reduce_range = any(s.quantized and target(s.target).weight_reduce_range() for s in specs)
+    # attention matmuls a target runs in int8 (ort on VNNI: q @ k^T), for every int8 backend of the run, as reduce_range
+    attention = next((a for s in specs if s.quantized and (a := target(s.target).attention_sites())), "")
     # The int8 graph is built as tools.compile builds it: the recipe, its bits and exclusions, the family's
     # default exclusions (one-row AdaLN linears stay in float).
     build = Compiler(CompileConfig(model=f"workload:{args.model}", recipe=args.recipe, pipeline=args.pipeline,
@@ -106,8 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     exclusions = build.exclusions(announce=False)
     pipeline = args.pipeline or build.recipe.pipeline
     how = (f"pipeline override {pipeline!r}" if args.pipeline else f"recipe {build.recipe.name}") + \
-        (f", {sum(map(len, exclusions.values()))} sites excluded ({', '.join(exclusions)})" if exclusions else "")
-    fp_gm, q_gm, _, _ = quantize(bundle, pipeline, build.bits, calib, exclude=list(exclusions), reduce_range=reduce_range)
+        (f", {sum(map(len, exclusions.values()))} sites excluded ({', '.join(exclusions)})" if exclusions else "") + \
+        (f", attention matmuls {attention} in int8 (the ort target's)" if attention else "")
+    fp_gm, q_gm, _, _ = quantize(bundle, pipeline, build.bits, calib, exclude=list(exclusions), reduce_range=reduce_range,
+                                 attention_sites=attention)
     say(f"quantized with {how} ({build.bits}{', 7-bit weights' if reduce_range else ''}) in {time.perf_counter() - t0:.1f} s")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     results = []
@@ -150,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(args.json, json.dumps({"workload": args.model, "steps": args.steps, "device": device,
                                                "recipe": None if args.pipeline else build.recipe.name,
                                                "pipeline": pipeline, "pipeline_override": bool(args.pipeline),
-                                               "exclude": exclusions, "bits": build.bits,
+                                               "exclude": exclusions, "bits": build.bits, "attention_sites": attention,
                                                "results": results}, indent=1))
     return 0
 
