@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One call on the lent GPU: the suite there, then the VAR-d16 step benchmark (JSON and logs into $OUT).
-#   run: bash benchmarks/gpu_session.sh suite|step|generation
+# One call on the lent GPU: the suite there, the benchmarks (JSON and logs into $OUT). One mode per call:
+#   run: bash benchmarks/gpu_session.sh MODE   (the modes below; final3/final4 are this session's last ones)
+# -vv: pyproject's addopts has -q, so -v alone prints no line per test.
 set -o pipefail
 export PYTHONUNBUFFERED=1 ARVGQ_NO_PROGRESS=1
 OUT=${OUT:-/tmp/out}
@@ -10,7 +11,7 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 P="canonicalize,observe{histograms=false},stwq,weight-quant,insert-qdq"
 case "$1" in
   suite)  # every test, one line per test in the log (a run cut short still says what passed and failed)
-    timeout ${SUITE_S:-480} python -m pytest -v -p no:cacheprovider -n 14 -rfs --durations=20 -W ignore::Warning \
+    timeout ${SUITE_S:-480} python -m pytest -vv -p no:cacheprovider -n 14 -rfs --durations=20 -W ignore::Warning \
       > "$OUT/pytest.log" 2>&1
     grep -E "FAILED|ERROR" "$OUT/pytest.log" | cut -c1-300 | tail -30; grep -E "passed|failed" "$OUT/pytest.log" | tail -3 ;;
   all)  # one call when machines are scarce: smoke, the step at batch 64 and 16, the suite, the GEMM table
@@ -30,7 +31,7 @@ case "$1" in
       --backends torch-fp16-graphs,cuda-int8 --json "$OUT/var_d16_all.json" > "$OUT/var_d16_all.log" 2>&1
     grep -A4 "^workload" "$OUT/var_d16_all.log"; grep -i "error" "$OUT/var_d16_all.log" | tail -2 ;;
   gputests)  # every test file with GPU-gated tests, and the generation tests that run on the GPU by default
-    timeout ${SUITE_S:-230} python -m pytest -v -p no:cacheprovider -n 12 -rfs -W ignore::Warning \
+    timeout ${SUITE_S:-230} python -m pytest -vv -p no:cacheprovider -n 12 -rfs -W ignore::Warning \
       tests/test_cuda_kernels.py tests/test_cuda_lower.py tests/test_cuda_target.py tests/test_device.py \
       tests/test_frontend_infinity.py tests/test_brecq.py tests/test_generate.py tests/test_generate_edit.py \
       tests/test_frontend_mar.py tests/test_mar_tools.py tests/test_torch_int8.py > "$OUT/pytest_gpu.log" 2>&1
