@@ -410,11 +410,17 @@ def kl_vae_losses(vae, images: torch.Tensor, kl_weight: float):
 
 
 @torch.no_grad()
+def kl_tokens(vae, images: torch.Tensor) -> torch.Tensor:
+    """MAR's tokens of ``images`` (the KL VAE's scaled posterior means), encoded 500 images at a time."""
+    return torch.cat([vae.encode(chunk) for chunk in images.split(500)])
+
+
+@torch.no_grad()
 def unit_tokens(vae, images: torch.Tensor) -> float:
     """Rescale the latent space so MAR's tokens (posterior mean x ``LATENT_SCALE``) have unit standard
     deviation on ``images``, as the official 0.2325 does for KL-16: the encoder's mean and
     log-variance rows and the decoder's input columns absorb the factor exactly. Returns it."""
-    tokens = torch.cat([vae.encode(chunk) for chunk in images.split(500)])
+    tokens = kl_tokens(vae, images)
     s = 1.0 / tokens.std().item()
     c = vae.config.embed_dim
     vae.quant_conv.weight[:c].mul_(s)
@@ -609,7 +615,7 @@ def stage_mar_head(data: TrainData, out: Path, settings: Settings, seed: int, pr
     weights = unwrap_state_dict(load_checkpoint(out / model_file))
     mar = load_mar({k: v.float() for k, v in weights.items()}, CONFIGS["mnist"]).eval()
     vae = load_vae(out / tokenizer_file, mar.config).eval()
-    tokens = torch.cat([vae.encode(chunk) for chunk in data.images.split(500)])
+    tokens = kl_tokens(vae, data.images)
     log = train_mar_head(mar, tokens, data.labels, settings, g, progress)
     atomic_torch_save(mar_state_dict(mar), out / model_file)
     return {"head": log, "seconds": {"head": round(time.perf_counter() - t0, 1)},
@@ -622,7 +628,7 @@ def stage_mar(data: TrainData, out: Path, settings: Settings, seed: int, progres
     t0, c0 = time.perf_counter(), time.process_time()
     vae, vae_log = train_kl_vae(data, settings, g, progress)
     t1 = time.perf_counter()
-    tokens = torch.cat([vae.encode(chunk) for chunk in data.images.split(500)])
+    tokens = kl_tokens(vae, data.images)
     mar, mar_log = train_mar(tokens, data.labels, settings, g, progress)
     t2, c2 = time.perf_counter(), time.process_time()
     model_file, tokenizer_file = STAGE_FILES["mar"]
