@@ -202,3 +202,12 @@ def test_int8_operators_pass_opcheck():
     with visible_keys(4):
         opcheck(cached_attention_int8, (q, k, ks, v, vs, mask, 0.5))
     opcheck(kv_write_int8, (k.clone(), ks.clone(), 2, torch.tensor([1, 4, 6]), torch.randn(2, 3, 3, 8)))
+
+
+def test_a_cache_format_other_than_float_or_int8_is_refused():
+    from backends.cuda.runner import CudaStep
+    from core.errors import UserError
+
+    _, _, _, q = compiled("var", "ptq4arvg")
+    with pytest.raises(UserError, match="kv_cache must be 'float' or 'int8', got 'fp8'"):
+        CudaStep(lowered(q)[0], device="cpu", kv_cache="fp8")

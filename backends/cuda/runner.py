@@ -34,9 +34,9 @@ from torch.utils._pytree import tree_map
 
 from backends.cuda.kv_cache import (in_place_caches, int8_caches, visible_keys, visible_prefix,
                                     visible_prefix_attention)
+from backends.cuda.lower import to_device
 from backends.cuda.reference import kv_quantize
 from core.errors import UserError
-from backends.cuda.lower import to_device
 
 WARMUP_RUNS = 3
 
