@@ -45,7 +45,7 @@ from torch import nn
 from core.errors import UserError
 from frontends.families import Family, layout, meta_model, register_family, tensor_shape
 from frontends.generic import ModelBundle, step_dynamic_shapes, strict_load
-from frontends.sampling import image_generators
+from frontends.sampling import image_generators, multinomial_rows
 from frontends.var import AdaLNBeforeHead  # VAR's head norm: same names, same math (width, norm_eps)
 
 MAX_SCALE_MUL = math.log(100)  # clamp of the learnt attention temperature, as the official model
@@ -497,7 +497,7 @@ def sample_bits(model: Infinity, features_BLT: torch.Tensor, mask_BL: torch.Tens
         if on_probs is not None:
             on_probs(si, probs)
         if fixed_bits is None:
-            b = torch.stack([torch.multinomial(p, 1, replacement=True, generator=g)[:, 0] for p, g in zip(probs, generators)])
+            b = multinomial_rows(probs, generators)
         else:
             b = fixed_bits[si].to(device).reshape(B, -1)
         h, w = c.schedule(ratio)[si]

@@ -45,7 +45,7 @@ from core.errors import UserError
 from frontends import vq16
 from frontends.families import Family, register_family
 from frontends.generic import ModelBundle, load_checkpoint, step_dynamic_shapes, strict_load
-from frontends.sampling import image_generators, on_device
+from frontends.sampling import image_generators, multinomial_rows, on_device
 
 CLS_TOKEN_NUM = 1  # class-conditional models condition on one token
 
@@ -311,7 +311,7 @@ def sample(logits: torch.Tensor, generators: list[torch.Generator], temperature:
            top_p: float) -> torch.Tensor:
     """One token per position: ``logits [B,S,V]`` -> ``[B,S]``, image b drawn from ``generators[b]``."""
     probs = F.softmax(filter_logits(logits / max(temperature, 1e-5), top_k, top_p), dim=-1)
-    return torch.stack([torch.multinomial(p, 1, generator=g)[:, 0] for p, g in zip(probs, generators)])
+    return multinomial_rows(probs, generators)
 
 
 @torch.no_grad()

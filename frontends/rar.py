@@ -29,7 +29,7 @@ from core.errors import UserError
 from frontends.families import Family, register_family
 from frontends.generic import ModelBundle, step_dynamic_shapes, widen_batch
 from frontends.maskgit_vq import count_indexed, load_strict, load_tokenizer
-from frontends.sampling import image_generators, on_device
+from frontends.sampling import image_generators, multinomial_rows, on_device
 
 
 @dataclass(frozen=True)
@@ -281,7 +281,7 @@ def cfg_scale(step: int, seq_len: int, guidance_scale: float, guidance_scale_pow
 
 def sample(logits: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
     probs = logits.softmax(-1)
-    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
+    return multinomial_rows(probs, generators)
 
 
 @torch.no_grad()

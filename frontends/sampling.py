@@ -26,6 +26,22 @@ def image_generators(seed: int, n: int, device: torch.device | str = "cpu") -> l
     return [torch.Generator(device=device).manual_seed(image_seed(seed, i)) for i in range(n)]
 
 
+def multinomial_rows(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """One draw per distribution of ``probs [B, ..., V]``, image b's from ``generators[b]``: the tokens of
+    ``torch.multinomial(probs[b], 1, generator=generators[b])`` for every b, shaped ``[B, ...]``.
+
+    torch draws one sample as ``argmax(p / q)`` with ``q ~ Exp(1)`` from the generator, after two host syncs
+    that check the input: 2·B syncs a scale stall the GPU between kernels. Here each image draws its own
+    ``q`` (its stream unchanged), the division and argmax run once for the batch, and one sync checks."""
+    ok = ((probs >= 0) & (probs < torch.inf)).all() & (probs.sum(-1) > 0).all()
+    if not ok:
+        raise RuntimeError("sampling: probabilities contain inf, nan, a negative value or a row summing to 0")
+    q = torch.empty_like(probs)
+    for q_b, g in zip(q, generators, strict=True):
+        q_b.exponential_(generator=g)
+    return (probs / q).argmax(-1)
+
+
 def on_device(device: torch.device, *tensors: torch.Tensor) -> tuple:
     """Step inputs moved to the model's device: the drivers build them on the CPU, a GPU step needs them there."""
     return tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in tensors)

@@ -42,7 +42,7 @@ from torch import nn
 from core.errors import UserError
 from frontends.families import Family, layout, meta_model, register_family, tensor_shape
 from frontends.generic import ModelBundle, step_dynamic_shapes, strict_load
-from frontends.sampling import image_generators
+from frontends.sampling import image_generators, multinomial_rows
 from frontends.var_vqvae import VQVAE, MultiScaleQuantizer, VQVAEConfig, load_vqvae
 
 MAX_SCALE_MUL = math.log(100)  # clamp of the learnt attention temperature, as the official model
@@ -322,10 +322,6 @@ def _probs(logits_BTV: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return _filter_top_k_top_p(logits_BTV, top_k, top_p).softmax(dim=-1)
 
 
-def _sample(probs_BTV: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-    return torch.stack([torch.multinomial(p, 1, replacement=True, generator=g)[:, 0] for p, g in zip(probs_BTV, generators)])
-
-
 def edit_mask(patch_nums: tuple[int, ...], box: tuple[float, float, float, float], *, inpainting: bool) -> torch.Tensor:
     """The keep-mask of a zero-shot edit, ``[pn, pn]`` at the last scale (the official ``get_edit_mask``).
 
@@ -421,7 +417,7 @@ def sample_tokens(model: VAR, labels, *, quantizer: MultiScaleQuantizer | None =
         probs = _probs((1 + t) * logits[:B] - t * logits[B:], top_k, top_p)
         if on_probs is not None:
             on_probs(si, probs)
-        idx_Bl = _sample(probs, generators) if fixed_tokens is None else fixed_tokens[si].to(device)
+        idx_Bl = multinomial_rows(probs, generators) if fixed_tokens is None else fixed_tokens[si].to(device)
         if keeps is not None:
             idx_Bl = torch.where(keeps[si], edit_tokens[si].to(device), idx_Bl)
         tokens.append(idx_Bl)

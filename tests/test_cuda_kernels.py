@@ -162,6 +162,46 @@ def test_qgemm_quantized_output(gelu):
     _assert_codes(out, ref.qgemm, **args, gelu=gelu, **q)
 
 
+@pytest.mark.parametrize("quant_out", [False, True])
+@pytest.mark.parametrize("config", [None, kernels.tile_config(16, 32, 32, 4, 2, persistent=True)],
+                         ids=["autotuned", "persistent"])
+def test_qgemm_swiglu_epilogue(quant_out, config):
+    """Rows of w are gate and up interleaved: the kernel writes ``silu(gate) * up`` (N / 2 columns), or its codes."""
+    args = _gemm_args(24, 40, 46, _gen(16))
+    q = {"out_inv_scale": torch.tensor([4.0, 2.5, 6.0]), "out_zero": torch.tensor([2.0, -5.0, 0.0])} if quant_out else {}
+    out = kernels.qgemm(**_to(args, DEV), swiglu=True, out_dtype=torch.float32, config=config, **_to(q, DEV))
+    assert out.shape == (24, 23)
+    if quant_out:
+        _assert_codes(out, ref.qgemm, **args, swiglu=True, **q)
+    else:
+        expected = ref.qgemm(**args, swiglu=True, out_dtype=torch.float32)
+        y = ref.qgemm(**args, out_dtype=torch.float32)  # the contract, spelled out: pairs of columns
+        torch.testing.assert_close(expected, torch.nn.functional.silu(y[:, 0::2]) * y[:, 1::2])
+        _close(out, expected)
+    with pytest.raises(ValueError, match="swiglu needs"):
+        ops.qgemm(**{**args, "w": args["w"][:45], "w_scale": args["w_scale"][:45], "colsum": args["colsum"][:45],
+                     "bias": None}, swiglu=True)
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_qgemm_quantizes_a_float_input(fp16):
+    """``a_inv_scale``: ``a`` is float and the kernel quantizes it on its grid (odd K: masked columns) exactly
+    as ``act_quant`` would, then the GEMM equals the one on those codes."""
+    args = _gemm_args(24, 41, 40, _gen(17))
+    x = torch.randn(24, 41, generator=_gen(18)) * 20
+    x = x.half() if fp16 else x
+    inv = 1 / args["a_scale"]
+    codes = ref.act_quant(x, act="none", inv_scale=inv, zero=args["a_zero"], groups=GROUPS, tokens=T, qmin=-100, qmax=110)
+    assert codes.min() == -100 and codes.max() == 110  # both bounds reached
+    fused = kernels.qgemm(**_to({**args, "a": x}, DEV), a_inv_scale=inv.to(DEV), in_qmin=-100, in_qmax=110,
+                          out_dtype=torch.float32)
+    plain = kernels.qgemm(**_to({**args, "a": codes}, DEV), out_dtype=torch.float32)
+    torch.testing.assert_close(fused.cpu(), plain.cpu(), rtol=0, atol=0)
+    _close(fused, ref.qgemm(**{**args, "a": x}, a_inv_scale=inv, in_qmin=-100, in_qmax=110, out_dtype=torch.float32))
+    with pytest.raises(ValueError, match="must be float with a_inv_scale"):
+        ops.qgemm(**args, a_inv_scale=inv)
+
+
 def test_round_half_to_even():
     """Exact ties (acc / 4 of small integer sums; act_quant on .5 values) round like torch.round."""
     gen = _gen(15)
@@ -429,7 +469,7 @@ def test_ops_bad_input():
     args = _gemm_args(24, 40, 16, _gen(13))
     with pytest.raises(ValueError, match="K mismatch"):
         ops.qgemm(**{**args, "w": args["w"][:, :32]})
-    with pytest.raises(ValueError, match="int8 or float8_e4m3fn"):
+    with pytest.raises(ValueError, match="codes as w"):
         ops.qgemm(**{**args, "a": args["a"].float()})
     with pytest.raises(ValueError, match="w must be"):
         ops.qgemm(**{**args, "w": args["w"].float()})
@@ -466,17 +506,21 @@ from backends.cuda import kernels as k
 
 def build(fn, arch, const, ptrs, warps=4, stages=3):
     sig = {n: "constexpr" if n in const else ptrs.get(n, "*fp32") if n.endswith("_ptr")
-           else "fp32" if n in ("eps", "qmin", "qmax") else "i32" for n in fn.arg_names}
+           else "fp32" if n in ("eps", "qmin", "qmax", "in_qmin", "in_qmax") else "i32" for n in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n.endswith("_ptr")}
     triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", arch, 32),
                    options={"num_warps": warps, "num_stages": stages})
 
-flags = {"HAS_BIAS": True, "HAS_GROUPS": True, "GELU": True, "QUANT_OUT": True, "EVEN_K": False}
-for arch, code, tile in [(90, "i8", (64, 64, 64, 4, 3)), (90, "fp8e4nv", (64, 64, 64, 4, 3, True, True)),
-                         (89, "fp8e4nv", (64, 64, 64, 4, 3)), (80, "i8", (64, 64, 64, 4, 3))]:
+flags = {"HAS_BIAS": True, "HAS_GROUPS": True, "GELU": True, "QUANT_OUT": True, "EVEN_K": False, "QUANT_IN": False,
+         "SWIGLU": False}
+swiglu = {**flags, "GELU": False, "QUANT_IN": True, "SWIGLU": True}
+for arch, code, tile, f in [(90, "i8", (64, 64, 64, 4, 3), flags), (90, "fp8e4nv", (64, 64, 64, 4, 3, True, True), flags),
+                            (89, "fp8e4nv", (64, 64, 64, 4, 3), flags), (80, "i8", (64, 64, 64, 4, 3), flags),
+                            (90, "i8", (64, 64, 64, 4, 3, True, True), swiglu), (80, "i8", (32, 64, 128, 4, 4), swiglu)]:
     c = k.tile_config(*tile)
-    ptrs = {"a_ptr": "*" + code, "w_ptr": "*" + code, "out_ptr": "*" + code, "groups_ptr": "*i32"}
-    build(k._qgemm_kernel, arch, {**flags, **c.kwargs}, ptrs, c.num_warps, c.num_stages)
+    ptrs = {"a_ptr": "*fp16" if f["QUANT_IN"] else "*" + code, "w_ptr": "*" + code, "out_ptr": "*" + code,
+            "groups_ptr": "*i32"}
+    build(k._qgemm_kernel, arch, {**f, **c.kwargs}, ptrs, c.num_warps, c.num_stages)
 q = {"HAS_GROUPS": True, "BLOCK_M": 4, "BLOCK_K": 1024}
 build(k._layernorm_quant_kernel, 90, {**q, "HAS_WEIGHT": True, "HAS_BIAS": True, "HAS_MOD_SCALE": True,
       "HAS_MOD_SHIFT": True, "FP8": True, "HAS_RESIDUAL": True, "HAS_GAIN": True},

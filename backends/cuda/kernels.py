@@ -74,16 +74,22 @@ def _row_groups(rows, row_mask, groups_ptr, tokens, HAS_GROUPS: tl.constexpr):
 
 
 @triton.jit
-def _quantize(y, g, inv_scale_ptr, zero_ptr, qmin, qmax, FP8: tl.constexpr):
-    """Rows of ``y`` onto their group's grid: ``y * inv_scale[g] (+ zero[g])``, as the fake-quant graph."""
-    y = y * tl.load(inv_scale_ptr + g).to(tl.float32)[:, None]
+def _to_codes(y, zero, qmin, qmax, FP8: tl.constexpr):
+    """``y`` (already times the inverse scale) plus ``zero`` as codes; FP8 has no zero point."""
     if FP8:
         codes = tl.clamp(y, -448.0, 448.0).to(tl.float8e4nv)
     else:
-        y = y + tl.load(zero_ptr + g).to(tl.float32)[:, None]
         # Clamping to integer bounds before rounding equals rounding before clamping.
-        codes = _round_half_even(tl.clamp(y, qmin, qmax)).to(tl.int8)
+        codes = _round_half_even(tl.clamp(y + zero, qmin, qmax)).to(tl.int8)
     return codes
+
+
+@triton.jit
+def _quantize(y, g, inv_scale_ptr, zero_ptr, qmin, qmax, FP8: tl.constexpr):
+    """Rows of ``y`` onto their group's grid: ``y * inv_scale[g] (+ zero[g])``, as the fake-quant graph."""
+    y = y * tl.load(inv_scale_ptr + g).to(tl.float32)[:, None]
+    zero = 0.0 if FP8 else tl.load(zero_ptr + g).to(tl.float32)[:, None]
+    return _to_codes(y, zero, qmin, qmax, FP8)
 
 
 # ------------------------------------------------------------------------------------------------ GEMM
@@ -91,14 +97,24 @@ def _quantize(y, g, inv_scale_ptr, zero_ptr, qmin, qmax, FP8: tl.constexpr):
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _qgemm_kernel(a_ptr, w_ptr, out_ptr, w_scale_ptr, colsum_ptr, a_scale_ptr, a_zero_ptr, bias_ptr,
                   groups_ptr, out_inv_scale_ptr, out_zero_ptr, M, N, K, M_BUCKET, tokens, qmin, qmax,
+                  a_inv_scale_ptr, in_qmin, in_qmax,
                   HAS_BIAS: tl.constexpr, HAS_GROUPS: tl.constexpr, GELU: tl.constexpr,
-                  QUANT_OUT: tl.constexpr,
+                  QUANT_OUT: tl.constexpr, QUANT_IN: tl.constexpr, SWIGLU: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                   PERSISTENT: tl.constexpr, TMA: tl.constexpr, EVEN_K: tl.constexpr, FLATTEN: tl.constexpr,
                   WS_TILES: tl.constexpr, WS_K: tl.constexpr, OCCUPANCY: tl.constexpr):
-    FP8: tl.constexpr = a_ptr.dtype.element_ty == tl.float8e4nv
+    FP8: tl.constexpr = w_ptr.dtype.element_ty == tl.float8e4nv
+    # QUANT_IN: ``a`` is float and its grid's quantizer runs here, tile by tile, instead of as a kernel of its
+    # own (a launch saved: what matters at decode's few rows). SWIGLU: w's rows are gate and up interleaved.
+    if SWIGLU:
+        N_OUT = N // 2
+        BLOCK_OUT: tl.constexpr = BLOCK_N // 2
+    else:
+        N_OUT = N
+        BLOCK_OUT: tl.constexpr = BLOCK_N
     if TMA:  # Hopper's bulk tensor copies; out-of-range boxes read zeros, so no masks
-        a_desc = tl.make_tensor_descriptor(a_ptr, [M, K], [K, 1], [BLOCK_M, BLOCK_K])
+        if not QUANT_IN:
+            a_desc = tl.make_tensor_descriptor(a_ptr, [M, K], [K, 1], [BLOCK_M, BLOCK_K])
         w_desc = tl.make_tensor_descriptor(w_ptr, [N, K], [K, 1], [BLOCK_N, BLOCK_K])
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -122,17 +138,26 @@ def _qgemm_kernel(a_ptr, w_ptr, out_ptr, w_scale_ptr, colsum_ptr, a_scale_ptr, a
         a_ptrs = a_ptr + tl.where(row_ok, rows, 0).to(tl.int64)[:, None] * K + offs_k[None, :]
         w_ptrs = w_ptr + tl.where(col_ok, cols, 0).to(tl.int64)[None, :] * K + offs_k[:, None]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32 if FP8 else tl.int32)
+        g = _row_groups(rows, row_ok, groups_ptr, tokens, HAS_GROUPS)
+        a_zero = tl.load(a_zero_ptr + g)
+        if QUANT_IN:
+            in_inv = tl.load(a_inv_scale_ptr + g).to(tl.float32)[:, None]
         for k in tl.range(0, tl.cdiv(K, BLOCK_K), warp_specialize=WS_K):
-            if TMA:
+            k_ok = offs_k < K - k * BLOCK_K
+            if TMA and not QUANT_IN:
                 a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
-                b = w_desc.load([pid_n * BLOCK_N, k * BLOCK_K]).T
             elif EVEN_K:
                 a = tl.load(a_ptrs)
+            else:
+                a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            if TMA:
+                b = w_desc.load([pid_n * BLOCK_N, k * BLOCK_K]).T
+            elif EVEN_K:
                 b = tl.load(w_ptrs)
             else:
-                k_ok = offs_k < K - k * BLOCK_K
-                a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
                 b = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+            if QUANT_IN:  # padded columns become the zero point's code; w's padding is 0, so they add nothing
+                a = _to_codes(a.to(tl.float32) * in_inv, a_zero.to(tl.float32)[:, None], in_qmin, in_qmax, FP8)
             if FP8:
                 acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
             else:  # triton 3.6 asserts the accumulator's type against out_dtype (float32 by default)
@@ -140,8 +165,6 @@ def _qgemm_kernel(a_ptr, w_ptr, out_ptr, w_scale_ptr, colsum_ptr, a_scale_ptr, a
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
 
-        g = _row_groups(rows, row_ok, groups_ptr, tokens, HAS_GROUPS)
-        a_zero = tl.load(a_zero_ptr + g)
         colsum = tl.load(colsum_ptr + cols, mask=col_ok, other=0.0)
         if FP8:
             y = acc - a_zero.to(tl.float32)[:, None] * colsum.to(tl.float32)[None, :]
@@ -153,12 +176,16 @@ def _qgemm_kernel(a_ptr, w_ptr, out_ptr, w_scale_ptr, colsum_ptr, a_scale_ptr, a
             y = y + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if GELU:
             y = _gelu_tanh(y)
+        if SWIGLU:  # a tile holds gate and up of the same BLOCK_N / 2 hidden units
+            gate, up = tl.split(tl.reshape(y, (BLOCK_M, BLOCK_OUT, 2)))
+            y = gate * tl.sigmoid(gate) * up
         if QUANT_OUT:
             out = _quantize(y, g, out_inv_scale_ptr, out_zero_ptr, qmin, qmax, FP8)
         else:
             out = y.to(out_ptr.dtype.element_ty)
-        out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
-        tl.store(out_ptrs, out, mask=row_ok[:, None] & col_ok[None, :])
+        cols_out = pid_n * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+        out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * N_OUT + cols_out[None, :]
+        tl.store(out_ptrs, out, mask=row_ok[:, None] & (cols_out < N_OUT)[None, :])
 
 
 def tile_config(bm, bn, bk, warps, stages, persistent=False, tma=False, group_m=8, ws=False, flatten=None,
@@ -208,7 +235,7 @@ def _tma_scratch(size: int, alignment: int, stream):
 
 _heuristic = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_qgemm_kernel)
 _autotuned = triton.autotune([_INTERPRET_CONFIG] if INTERPRET else QGEMM_CONFIGS,
-                             key=["N", "K", "M_BUCKET"], prune_configs_by={"early_config_prune": _prune},
+                             key=["N", "K", "M_BUCKET", "SWIGLU"], prune_configs_by={"early_config_prune": _prune},
                              do_bench=functools.partial(do_bench, warmup=5, rep=20),
                              cache_results=True)(_heuristic)
 
@@ -226,15 +253,16 @@ def _check_fp8(device: torch.device) -> None:
 
 
 def qgemm(a, w, w_scale, colsum, a_scale, a_zero, bias=None, *, groups=None, tokens=1, gelu=False,
-          out_inv_scale=None, out_zero=None, qmin=-128, qmax=127, out_dtype=torch.float16, config=None):
+          out_inv_scale=None, out_zero=None, qmin=-128, qmax=127, out_dtype=torch.float16, swiglu=False,
+          a_inv_scale=None, in_qmin=-128, in_qmax=127, config=None):
     """``reference.qgemm`` in one kernel. ``config`` (a ``tile_config``) forces a tile instead of the
     autotuned one: for benchmarks and tests."""
-    fp8 = a.dtype == torch.float8_e4m3fn
+    fp8 = w.dtype == torch.float8_e4m3fn
     if fp8:
         _check_fp8(a.device)
     (M, K), N = a.shape, w.shape[0]
     quant = out_inv_scale is not None
-    out = torch.empty((M, N), device=a.device,
+    out = torch.empty((M, N // 2 if swiglu else N), device=a.device,
                       dtype=(torch.float8_e4m3fn if fp8 else torch.int8) if quant else out_dtype)
     if M == 0 or N == 0:
         return out
@@ -249,8 +277,9 @@ def qgemm(a, w, w_scale, colsum, a_scale, a_zero, bias=None, *, groups=None, tok
     triton.set_allocator(_tma_scratch)
     args = (a, w, out, w_scale, colsum, a_scale, a_zero, _or(bias, w_scale), _or(groups, a_scale),
             _or(out_inv_scale, a_scale), _or(out_zero, a_scale), M, N, K, triton.next_power_of_2(M), tokens,
-            float(qmin), float(qmax))
-    flags = {"HAS_BIAS": bias is not None, "HAS_GROUPS": groups is not None, "GELU": gelu, "QUANT_OUT": quant}
+            float(qmin), float(qmax), _or(a_inv_scale, a_scale), float(in_qmin), float(in_qmax))
+    flags = {"HAS_BIAS": bias is not None, "HAS_GROUPS": groups is not None, "GELU": gelu, "QUANT_OUT": quant,
+             "QUANT_IN": a_inv_scale is not None, "SWIGLU": swiglu}
     if config is None:
         _autotuned[grid](*args, **flags)
     else:

@@ -24,7 +24,13 @@ is a quantizer of a lowered site (otherwise the float output stays and a standal
   its shift there) is not fused: the op has no bias term;
 - tanh-GELU between two lowered linears whose outputs feed only each other -> the first's qgemm
   epilogue (``gelu=True``, ``out_inv_scale``), which then writes the second's input codes; other
-  GELUs -> ``ops.act_quant(act="gelu"|"gelu_tanh")``; ``silu(a) * b`` -> ``act="swiglu"``.
+  GELUs -> ``ops.act_quant(act="gelu"|"gelu_tanh")``;
+- ``silu(a) * b`` of two lowered linears on the same codes (LlamaGen/PAR's w1 and w3) that feeds one
+  lowered linear -> one qgemm over both weights, rows interleaved (``<w1>.gate_up_weight_int8``...), whose
+  epilogue writes the third's input codes (``swiglu=True``); other SwiGLUs -> ``act="swiglu"``;
+- no producer to fuse into, one site: the site's ``qlinear`` takes the float activation (``a_inv_scale``)
+  and the qgemm quantizes it tile by tile (at most ``PROLOGUE_ROWS`` rows on CUDA; a quantize kernel runs
+  first above that).
 
 Reads of the producer's ``.shape`` do not count as users (they move to its input). Producers feeding
 several sites with equal grids (LlamaGen's w1/w3) quantize once.
@@ -202,38 +208,52 @@ def _(x, residual, gain, weight, eps, inv_scale, zero, groups, qmin, qmax, fp8):
     return total, _codes_like(total, fp8)
 
 
+# A float input quantized inside the GEMM (``a_inv_scale``) at most this many rows: a launch saved at decode's
+# 128 rows. Above it a quantize kernel runs first: every column block would quantize the rows again.
+PROLOGUE_ROWS = 256
+
+
 @torch.library.custom_op("arvgq_cuda::qlinear", mutates_args=())
 def qlinear(a: Tensor, w: Tensor, w_scale: Tensor, colsum: Tensor, a_scale: Tensor, a_zero: Tensor, bias: OptTensor,
             groups: OptTensor, gelu: bool = False, out_inv_scale: OptTensor = None, out_zero: OptTensor = None,
-            qmin: int = -128, qmax: int = 127, min_rows: int = 0, out_dtype: torch.dtype = torch.float32) -> Tensor:
-    """``ops.qgemm`` on the rows of ``a [..., K]`` (codes); a float GEMM for few rows on CUDA."""
+            qmin: int = -128, qmax: int = 127, min_rows: int = 0, out_dtype: torch.dtype = torch.float32,
+            swiglu: bool = False, a_inv_scale: OptTensor = None, in_qmin: int = -128, in_qmax: int = 127) -> Tensor:
+    """``ops.qgemm`` on the rows of ``a [..., K]`` (codes, or float with ``a_inv_scale``: its grid's quantizer
+    runs in the GEMM for few rows, as a kernel of its own else); a float GEMM for few rows on CUDA."""
     k, tokens = a.shape[-1], _tokens(a)
     a2 = a.reshape(-1, k)
     m = a2.shape[0]
+    if a_inv_scale is not None and a2.is_cuda and not min_rows < m <= PROLOGUE_ROWS:
+        a2 = ops.act_quant(a2, act="none", inv_scale=a_inv_scale, zero=a_zero, groups=groups, tokens=tokens,
+                           qmin=in_qmin, qmax=in_qmax, fp8=w.dtype != torch.int8)
+        a_inv_scale = None
     if a2.is_cuda and m <= min_rows:
         g = (torch.zeros(m, dtype=torch.long, device=a.device) if groups is None
              else groups.long()[torch.arange(m, device=a.device) % tokens])
         x = (a2.float() - a_zero.float()[g][:, None]) * a_scale.float()[g][:, None]
         y = F.linear(x, w.float()) * w_scale.float()
         y = y if bias is None else y + bias.float()
+        y = F.silu(y[:, 0::2]) * y[:, 1::2] if swiglu else y
         if out_inv_scale is not None:
             out = ops.act_quant(y, act="gelu_tanh" if gelu else "none", inv_scale=out_inv_scale,
                                 zero=out_zero, groups=groups, tokens=tokens, qmin=qmin, qmax=qmax,
-                                fp8=a.dtype != torch.int8)
+                                fp8=w.dtype != torch.int8)
         else:
             out = (F.gelu(y, approximate="tanh") if gelu else y).to(out_dtype)
     else:
         out = ops.qgemm(a2, w, w_scale, colsum, a_scale, a_zero, bias, groups=groups, tokens=tokens,
                         gelu=gelu, out_inv_scale=out_inv_scale, out_zero=out_zero, qmin=qmin, qmax=qmax,
-                        out_dtype=out_dtype)
+                        out_dtype=out_dtype, swiglu=swiglu, a_inv_scale=a_inv_scale, in_qmin=in_qmin,
+                        in_qmax=in_qmax)
     return out.reshape(*a.shape[:-1], -1)
 
 
 @qlinear.register_fake
 def _(a, w, w_scale, colsum, a_scale, a_zero, bias, groups, gelu=False, out_inv_scale=None, out_zero=None,
-      qmin=-128, qmax=127, min_rows=0, out_dtype=torch.float32):
-    dtype = a.dtype if out_inv_scale is not None else out_dtype
-    return a.new_empty((*a.shape[:-1], w.shape[0]), dtype=dtype)
+      qmin=-128, qmax=127, min_rows=0, out_dtype=torch.float32, swiglu=False, a_inv_scale=None, in_qmin=-128,
+      in_qmax=127):
+    dtype = w.dtype if out_inv_scale is not None else out_dtype
+    return a.new_empty((*a.shape[:-1], w.shape[0] // 2 if swiglu else w.shape[0]), dtype=dtype)
 
 
 # the graph's call targets: the operators (plain functions would be traced into by torch.compile)
@@ -292,7 +312,10 @@ class _Site:
     qmax: int
     weight: tuple[str, str]  # targets of the int8 weight and its scale
     codes: fx.Node | None = None
-    out: _Site | None = None  # the site whose input this site's epilogue quantizes (GELU fused)
+    out: _Site | None = None  # the site whose input this site's epilogue quantizes (GELU or SwiGLU fused)
+    up: _Site | None = None   # SwiGLU's up projection, run by this (gate) site's qgemm: rows interleaved
+    merged: bool = False      # this site is another's ``up``: it emits no qgemm of its own
+    prologue: bool = False    # ``codes`` is the float input: the qgemm quantizes it (``qlinear``'s a_inv_scale)
 
 
 def _match_site(gm: fx.GraphModule, lin: fx.Node) -> _Site | str | None:
@@ -466,17 +489,18 @@ class _Lowering:
     stats: dict = field(default_factory=lambda: {
         "qgemm": 0, "standalone_quant": 0, "unfused": [],
         "fused": dict.fromkeys(("layernorm", "adaln_layernorm", "rmsnorm", "residual_add", "gelu_epilogue", "gelu",
-                                "swiglu"), 0)})
+                                "swiglu", "swiglu_epilogue", "qgemm_prologue"), 0)})
 
     def run(self) -> None:
         by_x: dict[fx.Node, list[_Site]] = {}
         for s in self.sites:
             by_x.setdefault(s.x, []).append(s)
-        kinds = {x: self._plan(x, group) for x, group in by_x.items()}  # before any emission: epilogues
+        kinds = {x: self._plan(x, group) or "" for x, group in by_x.items()}  # before any emission: epilogues
         for s in self.sites:  # graph order: a site's codes exist before its qgemm
-            if s.codes is None and kinds[s.x] != "gelu_epilogue":  # else the previous qgemm writes them
+            if s.codes is None and not kinds[s.x].endswith("_epilogue"):  # else the previous qgemm writes them
                 self._quantize(self.replaced.get(s.x, s.x), by_x[s.x], kinds[s.x])
-            self._qgemm(s)
+            if not s.merged:
+                self._qgemm(s)
 
     def _plan(self, x: fx.Node, group: list[_Site]) -> str | None:
         """The kind of producer that takes ``group``'s quantization, or None: a standalone quantizer."""
@@ -496,18 +520,39 @@ class _Lowering:
                                           "reason": reason})
             return None
         if kind == "gelu_tanh" and len(group) == 1 and (prev := self._epilogue_host(x.args[0])) is not None:
-            site = group[0]
-            if (prev.groups is None) != (site.groups is None):  # the qgemm has one groups map for both grids
-                grouped, single = (prev, site) if site.groups is None else (site, prev)
-                _widen(single, grouped.groups, grouped.scale.numel())
-            prev.out = site
-            self.stats["fused"]["gelu_epilogue"] += 1
+            self._epilogue(prev, group[0])
             return "gelu_epilogue"
+        if kind == "swiglu" and len(group) == 1 and (pair := self._swiglu_hosts(*match)) is not None:
+            gate, up = pair
+            gate.up, up.merged = up, True
+            self._epilogue(gate, group[0])
+            return "swiglu_epilogue"
         return kind
+
+    def _epilogue(self, prev: _Site, site: _Site) -> None:
+        """``prev``'s qgemm writes ``site``'s input codes from its epilogue."""
+        if site.groups is None and prev.groups is not None:  # the qgemm has one groups map for both grids
+            _widen(site, prev.groups, prev.scale.numel())
+        elif prev.groups is None and site.groups is not None:
+            for p in (prev, prev.up):  # up's grid stays gate's: their producer still quantizes once
+                if p is not None:
+                    _widen(p, site.groups, site.scale.numel())
+        prev.out = site
+        self.stats["fused"]["gelu_epilogue" if prev.up is None else "swiglu_epilogue"] += 1
+
+    def _swiglu_hosts(self, gate_h, up_h) -> tuple[_Site, _Site] | None:
+        """The sites whose outputs ``silu(gate_h) * up_h`` reads, when one qgemm can run both: the same input
+        codes (one grid), equal shapes, each output read only by the SwiGLU."""
+        gate, up = self._epilogue_host(gate_h), self._epilogue_host(up_h)
+        if gate is None or up is None or gate is up or gate.x is not up.x or not _same_grid(gate, up):
+            return None
+        wg, wu = (get_attr(self.gm, s.weight[0]) for s in (gate, up))
+        return (gate, up) if wg.shape == wu.shape else None
 
     def _epilogue_host(self, h) -> _Site | None:
         """The site whose output ``h`` is, when only the GELU reads it."""
-        return next((s for s in self.sites if s.end is h and s.out is None and len(h.users) == 1), None)
+        return next((s for s in self.sites if s.end is h and s.out is None and not s.merged and s.up is None
+                     and len(h.users) == 1), None)
 
     def _producer(self, x: fx.Node) -> tuple | None:
         """(kind, match) of the op that makes ``x``, if it is one the ops can fuse a quantization into."""
@@ -521,9 +566,10 @@ class _Lowering:
             return ("layernorm" if ln[1] is None and ln[2] is None else "adaln_layernorm"), ln
         return None
 
-    def _quantize(self, x: fx.Node, group: list[_Site], kind: str | None) -> None:
+    def _quantize(self, x: fx.Node, group: list[_Site], kind: str) -> None:
         """Emit the codes of every site of ``group`` after ``x``: one op per distinct grid. The producer is
         matched again here: earlier qgemms replaced nodes it reads."""
+        kind = kind or None
         match = None if kind is None else self._producer(x)[1]
         g = self.gm.graph
         if kind is not None:  # shape reads move to the producer's input (same shape), so that x can go
@@ -542,7 +588,9 @@ class _Lowering:
             with g.inserting_before(x.next):  # keeps the new nodes in order
                 _scale, inv, zero = self._tables(s)
                 grid = (inv, zero, s.groups, s.qmin, s.qmax, self.fp8)
-                if kind is None:
+                if kind is None and len(group) == 1:  # quantized in the qgemm's prologue (qlinear decides)
+                    s.codes, s.prologue = x, True
+                elif kind is None:
                     s.codes = g.call_function(activation_q, (x, "none", *grid))
                 elif kind in ("layernorm", "adaln_layernorm"):
                     (h, weight, bias, eps), factor, shift = match
@@ -564,7 +612,9 @@ class _Lowering:
                 else:  # gelu, gelu_tanh
                     s.codes = g.call_function(activation_q, (match, kind, *grid))
             done.append(s)
-            if kind is None:
+            if s.prologue:
+                self.stats["fused"]["qgemm_prologue"] += 1
+            elif kind is None:
                 self.stats["standalone_quant"] += 1
             else:
                 self.stats["fused"]["gelu" if kind == "gelu_tanh" else kind] += 1
@@ -614,30 +664,52 @@ class _Lowering:
             out.append(self.gm.graph.get_attr(f"{s.name}.input_group_{suffix}"))
         return out
 
-    def _qgemm(self, s: _Site) -> None:
-        gm, g = self.gm, self.gm.graph
-        w = get_attr(gm, s.weight[0])
-        w_scale = get_attr(gm, s.weight[1]).float().reshape(-1).expand(w.shape[0]).clone()
+    def _weights(self, s: _Site) -> tuple[torch.Tensor, torch.Tensor]:
+        """The site's GEMM weight (int8, or FP8 re-quantized) and its per-channel scale."""
+        w = get_attr(self.gm, s.weight[0])
+        w_scale = get_attr(self.gm, s.weight[1]).float().reshape(-1).expand(w.shape[0]).clone()
         if self.fp8:
             wf = w.float() * w_scale[:, None]
             w_scale = (wf.abs().amax(1) / FP8_MAX).clamp(min=1e-12)
             w = (wf / w_scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        names = [f"{s.name}.weight_{'fp8' if self.fp8 else 'int8'}", f"{s.name}.weight_scale",
-                 f"{s.name}.weight_colsum"]
+        return w, w_scale
+
+    def _qgemm(self, s: _Site) -> None:
+        gm, g = self.gm, self.gm.graph
+        w, w_scale = self._weights(s)
+        prefix, bias = f"{s.name}.", s.bias
+        if s.up is not None:  # gate and up rows interleaved: a tile's epilogue holds both halves of its units
+            w_up, scale_up = self._weights(s.up)
+            w, w_scale = (torch.stack(pair, 1).flatten(0, 1) for pair in ((w, w_up), (w_scale, scale_up)))
+            prefix = f"{s.name}.gate_up_"
+        names = [f"{prefix}weight_{'fp8' if self.fp8 else 'int8'}", f"{prefix}weight_scale",
+                 f"{prefix}weight_colsum"]
         colsum = torch.zeros_like(w_scale) if self.fp8 else w.float().sum(1)  # FP8 zero points are 0
         for name, t in zip(names, (w, w_scale, colsum)):
             set_buffer(gm, name, t)
-        with g.inserting_before(s.end.next):
-            scale, _inv, zero = self._tables(s)
+        last = s.end
+        if s.up is not None:  # after both projections: up's bias may be computed after gate's GEMM
+            order = {n: i for i, n in enumerate(g.nodes)}
+            last = max(s.end, s.up.end, key=order.__getitem__)
+        with g.inserting_before(last.next):
+            scale, inv, zero = self._tables(s)
             weights = [g.get_attr(n) for n in names]
             kwargs = {"min_rows": self.min_rows, "out_dtype": torch.float32}
+            if s.up is not None:
+                kwargs["swiglu"] = True
+                if bias is not None or s.up.bias is not None:
+                    pair = [b if b is not None else g.call_function(torch.zeros_like, (other,))
+                            for b, other in ((bias, s.up.bias), (s.up.bias, bias))]
+                    bias = g.call_function(torch.flatten, (g.call_function(torch.stack, (pair, 1)),))
+            if s.prologue:
+                kwargs.update(a_inv_scale=inv, in_qmin=s.qmin, in_qmax=s.qmax)
             if s.out is not None:
                 _s, out_inv, out_zero = self._tables(s.out)
-                kwargs.update(gelu=True, out_inv_scale=out_inv, out_zero=out_zero, qmin=s.out.qmin,
+                kwargs.update(gelu=s.up is None, out_inv_scale=out_inv, out_zero=out_zero, qmin=s.out.qmin,
                               qmax=s.out.qmax)
-            new = g.call_function(qlinear, (s.codes, *weights, scale, zero, s.bias, s.groups), kwargs)
+            new = g.call_function(qlinear, (s.codes, *weights, scale, zero, bias, s.groups), kwargs)
         new.meta["site"] = s.name
-        self.stats["qgemm"] += 1
+        self.stats["qgemm"] += 1 if s.up is None else 2
         if s.out is not None:
             s.out.codes = new
         else:
@@ -646,7 +718,8 @@ class _Lowering:
 
 
 # Buffers of the fake-quant graph that a lowered site no longer reads.
-_STALE = ("input_scale", "input_zero_point", "input_group_colsum", "weight_zero_point", "weight_int8")
+_STALE = ("input_scale", "input_zero_point", "input_group_colsum", "weight_zero_point", "weight_int8", "weight_scale",
+          "weight_colsum", "input_group_scale", "input_group_inv_scale", "input_group_zero_point")
 
 
 @register

@@ -47,20 +47,28 @@ def _check_vec(t, name, n):
 
 
 def qgemm(a, w, w_scale, colsum, a_scale, a_zero, bias=None, *, groups=None, tokens=1, gelu=False,
-          out_inv_scale=None, out_zero=None, qmin=-128, qmax=127, out_dtype=torch.float16):
+          out_inv_scale=None, out_zero=None, qmin=-128, qmax=127, out_dtype=torch.float16, swiglu=False,
+          a_inv_scale=None, in_qmin=-128, in_qmax=127):
     _check_rows(a, "a", groups, tokens)
-    _check(a.dtype in _CODES, f"a must be int8 or float8_e4m3fn codes, got {a.dtype}")
-    _check(w.dim() == 2 and w.dtype == a.dtype,
-           f"w must be 2-d [N, K] {a.dtype}, got {tuple(w.shape)} {w.dtype}")
+    _check(w.dim() == 2 and w.dtype in _CODES, f"w must be 2-d [N, K] int8 or float8_e4m3fn, got "
+           f"{tuple(w.shape)} {w.dtype}")
+    if a_inv_scale is None:
+        _check(a.dtype == w.dtype, f"a must be {w.dtype} codes as w (or float with a_inv_scale), got {a.dtype}")
+    else:
+        _check(a.is_floating_point() and a.dtype not in _CODES, f"a must be float with a_inv_scale, got {a.dtype}")
+        _check_vec(a_inv_scale, "a_inv_scale", a_scale.numel())
     _check(a.shape[1] == w.shape[1], f"K mismatch: a is {tuple(a.shape)}, w is {tuple(w.shape)}")
     for name, t in (("w_scale", w_scale), ("colsum", colsum), ("bias", bias)):
         _check_vec(t, name, w.shape[0])
     _check_vec(a_zero, "a_zero", a_scale.numel())
-    _check(out_inv_scale is None or out_zero is not None or a.dtype != torch.int8,
+    _check(out_inv_scale is None or out_zero is not None or w.dtype != torch.int8,
            "out_zero is required with out_inv_scale for int8 output")
+    _check(not swiglu or (w.shape[0] % 2 == 0 and not gelu),
+           f"swiglu needs gate and up rows in pairs (even N, got {w.shape[0]}) and no gelu")
     return _impl(a).qgemm(_c(a), _c(w), _c(w_scale), _c(colsum), _c(a_scale), _c(a_zero), _c(bias),
                           groups=_c(groups), tokens=tokens, gelu=gelu, out_inv_scale=_c(out_inv_scale),
-                          out_zero=_c(out_zero), qmin=qmin, qmax=qmax, out_dtype=out_dtype)
+                          out_zero=_c(out_zero), qmin=qmin, qmax=qmax, out_dtype=out_dtype, swiglu=swiglu,
+                          a_inv_scale=_c(a_inv_scale), in_qmin=in_qmin, in_qmax=in_qmax)
 
 
 def _check_quant(x, zero, groups, tokens, fp8):

@@ -45,19 +45,26 @@ def qgemm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, colsum: torch
           a_scale: torch.Tensor, a_zero: torch.Tensor, bias: torch.Tensor | None = None, *,
           groups: torch.Tensor | None = None, tokens: int = 1, gelu: bool = False,
           out_inv_scale: torch.Tensor | None = None, out_zero: torch.Tensor | None = None,
-          qmin: int = -128, qmax: int = 127, out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+          qmin: int = -128, qmax: int = 127, out_dtype: torch.dtype = torch.float16, swiglu: bool = False,
+          a_inv_scale: torch.Tensor | None = None, in_qmin: int = -128, in_qmax: int = 127) -> torch.Tensor:
     """Quantized linear with the whole STWQ lowering in its epilogue.
 
     ``a`` int8 [M, K] codes (or float8_e4m3fn), ``w`` int8 [N, K] (or float8_e4m3fn), ``w_scale`` f32 [N],
     ``colsum`` f32 [N] = sum over k of ``w`` (integers as float; unused when every zero is 0)::
 
+        a         = quantize_codes(a, a_inv_scale, a_zero, g, in_qmin, in_qmax)   if a_inv_scale is given
+                                                                     (a is float: its grid's quantizer, fused)
         acc[m, n] = sum_k a[m, k] * w[n, k]                          (int32, or f32 for fp8)
         y[m, n]   = (acc - a_zero[g] * colsum[n]) * a_scale[g] * w_scale[n] + bias[n]
         y         = gelu_tanh(y)                                     if gelu
+        y[m, j]   = silu(y[m, 2j]) * y[m, 2j + 1]                    if swiglu (w's rows: gate and up interleaved;
+                                                                     N / 2 columns out)
         out       = quantize_codes(y, out_inv_scale, out_zero, g)    if out_inv_scale is given (next GEMM's input)
                   = y.to(out_dtype)                                  otherwise
     """
     g = row_groups(a.shape[0], tokens, groups, a.device)
+    if a_inv_scale is not None:
+        a = quantize_codes(a, a_inv_scale, a_zero, g, in_qmin, in_qmax, fp8=w.dtype != torch.int8)
     # float64 holds every int8 x int8 sum exactly (|sum| < 2^53), and runs on CUDA too (int64 matmul does not)
     acc = a.double() @ w.double().t() if a.dtype == torch.int8 else a.float().double() @ w.float().double().t()
     y = (acc - a_zero.double()[g][:, None] * colsum.double()[None, :]) * a_scale.double()[g][:, None] * w_scale.double()[None, :]
@@ -66,6 +73,8 @@ def qgemm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, colsum: torch
         y = y + bias.float()
     if gelu:
         y = F.gelu(y, approximate="tanh")
+    if swiglu:
+        y = F.silu(y[:, 0::2]) * y[:, 1::2]
     if out_inv_scale is not None:
         return quantize_codes(y, out_inv_scale, out_zero, g, qmin, qmax, fp8=a.dtype != torch.int8)
     return y.to(out_dtype)
