@@ -202,6 +202,31 @@ def test_qgemm_quantizes_a_float_input(fp16):
         ops.qgemm(**args, a_inv_scale=inv)
 
 
+@pytest.mark.parametrize("normalize,gain", [(True, True), (False, False)])
+def test_qgemm_writes_q_and_the_kv_caches(normalize, gain):
+    """The qkv epilogue: k and v land in the caches at the tokens' positions (the other rows untouched), q comes
+    back normalized and scaled per head, all as ``reference.qgemm`` with ``qkv`` (``qkv_heads`` after the GEMM)."""
+    B, H, D, L = 3, 2, 32, 12
+    args = _gemm_args(B * T, 40, 3 * H * D, _gen(19))
+    caches = [torch.randn(B, H, L, D, generator=_gen(20 + i)) for i in range(2)]
+    index, head_gain = torch.arange(3, 3 + T), torch.rand(H, generator=_gen(22)) + 1 if gain else None
+    ours = [c.clone().to(DEV) for c in caches]
+    expected_caches = [c.clone() for c in caches]
+    q = kernels.qgemm(**_to(args, DEV), qkv=(*ours, index.to(DEV), None if head_gain is None else head_gain.to(DEV), D,
+                                             normalize, 1e-12))
+    expected = ref.qgemm(**args, qkv=(*expected_caches, index, head_gain, D, normalize, 1e-12))
+    assert q.shape == (B * T, H * D) and q.dtype == caches[0].dtype
+    _close(q, expected)
+    if normalize:  # unit norm per head, times the head's gain
+        norms = q.cpu().view(B * T, H, D).norm(dim=-1)
+        torch.testing.assert_close(norms, head_gain.expand(B * T, H), rtol=1e-5, atol=1e-5)
+    for got, want, before in zip(ours, expected_caches, caches):
+        _close(got, want)
+        assert torch.equal(got.cpu()[:, :, :3], before[:, :, :3]) and not torch.equal(want[:, :, 3:11], before[:, :, 3:11])
+    with pytest.raises(ValueError, match="qkv: caches must be"):
+        ops.qgemm(**args, qkv=(caches[0][:, :1], caches[1], index, None, D, normalize, 1e-12))
+
+
 def test_round_half_to_even():
     """Exact ties (acc / 4 of small integer sums; act_quant on .5 values) round like torch.round."""
     gen = _gen(15)
@@ -506,20 +531,22 @@ from backends.cuda import kernels as k
 
 def build(fn, arch, const, ptrs, warps=4, stages=3):
     sig = {n: "constexpr" if n in const else ptrs.get(n, "*fp32") if n.endswith("_ptr")
-           else "fp32" if n in ("eps", "qmin", "qmax", "in_qmin", "in_qmax") else "i32" for n in fn.arg_names}
+           else "fp32" if n in ("eps", "qmin", "qmax", "in_qmin", "in_qmax", "norm_eps") else "i32" for n in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n.endswith("_ptr")}
     triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", arch, 32),
                    options={"num_warps": warps, "num_stages": stages})
 
 flags = {"HAS_BIAS": True, "HAS_GROUPS": True, "GELU": True, "QUANT_OUT": True, "EVEN_K": False, "QUANT_IN": False,
-         "SWIGLU": False}
+         "SWIGLU": False, "QKV": False, "NORM_QK": False, "HAS_GAIN": False}
 swiglu = {**flags, "GELU": False, "QUANT_IN": True, "SWIGLU": True}
+qkv = {**flags, "GELU": False, "QUANT_OUT": False, "QKV": True, "NORM_QK": True, "HAS_GAIN": True}
 for arch, code, tile, f in [(90, "i8", (64, 64, 64, 4, 3), flags), (90, "fp8e4nv", (64, 64, 64, 4, 3, True, True), flags),
                             (89, "fp8e4nv", (64, 64, 64, 4, 3), flags), (80, "i8", (64, 64, 64, 4, 3), flags),
-                            (90, "i8", (64, 64, 64, 4, 3, True, True), swiglu), (80, "i8", (32, 64, 128, 4, 4), swiglu)]:
-    c = k.tile_config(*tile)
+                            (90, "i8", (64, 64, 64, 4, 3, True, True), swiglu), (80, "i8", (32, 64, 128, 4, 4), swiglu),
+                            *[(arch, "i8", k.qkv_tiles(64)[kind], qkv) for arch, kind in [(90, "hopper"), (80, "ampere")]]]:
+    c = tile if isinstance(tile, triton.Config) else k.tile_config(*tile)
     ptrs = {"a_ptr": "*fp16" if f["QUANT_IN"] else "*" + code, "w_ptr": "*" + code, "out_ptr": "*" + code,
-            "groups_ptr": "*i32"}
+            "groups_ptr": "*i32", "q_ptr": "*fp16", "kc_ptr": "*fp16", "vc_ptr": "*fp16", "index_ptr": "*i64"}
     build(k._qgemm_kernel, arch, {**f, **c.kwargs}, ptrs, c.num_warps, c.num_stages)
 q = {"HAS_GROUPS": True, "BLOCK_M": 4, "BLOCK_K": 1024}
 build(k._layernorm_quant_kernel, 90, {**q, "HAS_WEIGHT": True, "HAS_BIAS": True, "HAS_MOD_SCALE": True,

@@ -306,13 +306,19 @@ def test_fp8_on_cuda():
 def test_cuda_graphs_equal_eager(family):
     _, steps, _, q = compiled(family, "ptq4arvg")
     low, _ = lowered(q)
-    eager, graphed = CudaStep(copy.deepcopy(low), cuda_graphs=False), CudaStep(low)
+    eager, graphed = CudaStep(copy.deepcopy(low), cuda_graphs=False), CudaStep(copy.deepcopy(low), fuse_qkv=False)
+    fused = CudaStep(low)  # VAR: the qkv projections' epilogues write q and the caches
     assert len(graphed.state) == 2  # the K and V caches, updated in place
+    assert fused.qkv_fused == (steps[0][next(iter(fused.state))].shape[0] if family == "var" else 0)
     caches = set()
     for inputs in steps + steps[::-1]:  # every signature captured once, replayed with other values
-        got = graphed(*inputs)
-        for a, b in zip(eager(*inputs), got, strict=True):
+        got, expected = graphed(*inputs), eager(*inputs)
+        for a, b in zip(expected, got, strict=True):
             torch.testing.assert_close(b.float(), a, rtol=1e-3, atol=1e-3)
+        # q and k normalized from the GEMM's float32 sums instead of its fp16 output: fp16 rounding apart
+        # (measured 2.1e-3 at most on an H100)
+        for a, b in zip(expected, fused(*inputs), strict=True):
+            torch.testing.assert_close(b.float(), a, rtol=1e-2, atol=1e-2)
         caches |= {got[j].data_ptr() for j in graphed.state.values()}
     assert len(graphed._graphs) == len({tuple(t.shape for t in inputs) for inputs in steps})
     assert len(caches) == 2  # one buffer per cache, shared by every captured graph

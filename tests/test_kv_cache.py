@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from backends.cuda.kv_cache import (cached_attention, cached_attention_int8, in_place_caches, int8_caches, kv_write,
-                                    kv_write_int8, visible_keys, visible_prefix, visible_prefix_attention)
+                                    kv_write_int8, qkv_into_caches, qlinear_qkv, visible_keys, visible_prefix,
+                                    visible_prefix_attention)
 from backends.cuda.reference import kv_dequantize, kv_quantize
 from core.numerics import sqnr_db
 from tests.test_cuda_lower import FAMILIES, compiled, lowered, outputs
@@ -138,6 +139,44 @@ def test_operators_pass_opcheck():
         opcheck(cached_attention, (q, k, v, mask, 0.5))
     cache = torch.randn(2, 3, 9, 8)
     opcheck(kv_write, (cache, 2, torch.tensor([1, 4, 6]), torch.randn(2, 3, 3, 8)))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_qkv_projection_writes_the_caches(family):
+    """VAR's cosine attention: the qkv qgemm writes q and the caches (no kv_write left); the step's outputs and
+    caches equal the in-place step's. The other families' graphs (RoPE between the projection and the cache;
+    RAR's projection in another layout) have no match and stay as they are."""
+    _, steps, _, q = compiled(family, "ptq4arvg")
+    low, _ = lowered(q)
+    state = in_place_caches(low)
+    fused = copy.deepcopy(low)
+    n = qkv_into_caches(fused)
+    layers = steps[0][next(iter(state))].shape[0]
+    if family in ("var", "mnist-var"):
+        assert n == layers and not any(t.target is kv_write for t in fused.graph.nodes)
+        assert sum(t.target is qlinear_qkv for t in fused.graph.nodes) == layers
+    else:
+        assert n == 0
+    for inputs in steps[:4]:
+        a, b = _clone(inputs), _clone(inputs)
+        with torch.no_grad():
+            expected, got = low(*a), fused(*b)
+        for x, y in zip(expected, got, strict=True):
+            torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-6)
+        for i in state:
+            torch.testing.assert_close(b[i], a[i], rtol=1e-6, atol=1e-6)
+
+
+def test_qkv_operator_passes_opcheck():
+    from torch.library import opcheck
+
+    gen = torch.Generator().manual_seed(0)
+    B, T, K, H, D, L = 2, 3, 16, 2, 8, 5
+    w = torch.randint(-8, 8, (3 * H * D, K), dtype=torch.int8, generator=gen)
+    args = (torch.randint(-8, 8, (B, T, K), dtype=torch.int8, generator=gen), w, torch.rand(3 * H * D) * 0.1,
+            w.float().sum(1), torch.tensor([0.05]), torch.tensor([1.0]), None, None, torch.randn(B, H, L, D),
+            torch.randn(B, H, L, D), torch.tensor([1, 2, 4]), torch.rand(1, H, 1, 1) + 1, True, 1e-12)
+    opcheck(qlinear_qkv, args)
 
 
 # ------------------------------------------------------------------------------------------ int8 caches

@@ -97,9 +97,11 @@ def _quantize(y, g, inv_scale_ptr, zero_ptr, qmin, qmax, FP8: tl.constexpr):
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _qgemm_kernel(a_ptr, w_ptr, out_ptr, w_scale_ptr, colsum_ptr, a_scale_ptr, a_zero_ptr, bias_ptr,
                   groups_ptr, out_inv_scale_ptr, out_zero_ptr, M, N, K, M_BUCKET, tokens, qmin, qmax,
-                  a_inv_scale_ptr, in_qmin, in_qmax,
+                  a_inv_scale_ptr, in_qmin, in_qmax, q_ptr, kc_ptr, vc_ptr, index_ptr, gain_ptr, sc_b, sc_h, sc_l,
+                  norm_eps,
                   HAS_BIAS: tl.constexpr, HAS_GROUPS: tl.constexpr, GELU: tl.constexpr,
                   QUANT_OUT: tl.constexpr, QUANT_IN: tl.constexpr, SWIGLU: tl.constexpr,
+                  QKV: tl.constexpr, NORM_QK: tl.constexpr, HAS_GAIN: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                   PERSISTENT: tl.constexpr, TMA: tl.constexpr, EVEN_K: tl.constexpr, FLATTEN: tl.constexpr,
                   WS_TILES: tl.constexpr, WS_K: tl.constexpr, OCCUPANCY: tl.constexpr):
@@ -183,9 +185,44 @@ def _qgemm_kernel(a_ptr, w_ptr, out_ptr, w_scale_ptr, colsum_ptr, a_scale_ptr, a
             out = _quantize(y, g, out_inv_scale_ptr, out_zero_ptr, qmin, qmax, FP8)
         else:
             out = y.to(out_ptr.dtype.element_ty)
-        cols_out = pid_n * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
-        out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * N_OUT + cols_out[None, :]
-        tl.store(out_ptrs, out, mask=row_ok[:, None] & (cols_out < N_OUT)[None, :])
+        if QKV:
+            _qkv_epilogue(y, rows, row_ok, pid_n, N, tokens, q_ptr, kc_ptr, vc_ptr, index_ptr, gain_ptr, sc_b, sc_h,
+                          sc_l, norm_eps, BLOCK_N, NORM_QK, HAS_GAIN)
+        else:
+            cols_out = pid_n * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+            out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * N_OUT + cols_out[None, :]
+            tl.store(out_ptrs, out, mask=row_ok[:, None] & (cols_out < N_OUT)[None, :])
+
+
+@triton.jit
+def _qkv_epilogue(y, rows, row_ok, pid_n, N, tokens, q_ptr, kc_ptr, vc_ptr, index_ptr, gain_ptr, sc_b, sc_h, sc_l,
+                  norm_eps, BLOCK_N: tl.constexpr, NORM_QK: tl.constexpr, HAS_GAIN: tl.constexpr):
+    """An attention's qkv projection written where attention reads it: q (L2-normalized per head, times its
+    head's gain: VAR's cosine attention) as ``[M, C]`` rows, k (normalized) and v into the KV caches at the
+    tokens' positions. A tile is one head (BLOCK_N = D) of one of q, k, v, so the norm is a row sum. The
+    factors are selects, not branches: a branch yielding values inside the persistent, flattened tile loop
+    fails to compile. Offsets are int32 (the host checks the sizes): int64 tiles of them spill."""
+    C = N // 3
+    part = (pid_n * BLOCK_N) // C  # 0: q, 1: k, 2: v
+    head = (pid_n * BLOCK_N - part * C) // BLOCK_N
+    d = tl.arange(0, BLOCK_N)
+    if NORM_QK:  # F.normalize: x / max(|x|, eps); v keeps its values
+        factor = tl.where(part < 2, 1.0 / tl.maximum(tl.sqrt(tl.sum(y * y, axis=1)), norm_eps), 1.0)
+    else:
+        factor = tl.full((y.shape[0],), 1.0, tl.float32)
+    if HAS_GAIN:
+        factor = factor * tl.where(part == 0, tl.load(gain_ptr + head).to(tl.float32), 1.0)
+    y = (y * factor[:, None]).to(q_ptr.dtype.element_ty)
+    mask = row_ok[:, None]
+    if part == 0:
+        tl.store(q_ptr + (rows * C + head * BLOCK_N)[:, None] + d[None, :], y, mask=mask)
+    else:
+        pos = tl.load(index_ptr + rows % tokens, mask=row_ok, other=0).to(tl.int32)
+        offs = ((rows // tokens) * sc_b + pos * sc_l + head * sc_h)[:, None] + d[None, :]
+        if part == 1:
+            tl.store(kc_ptr + offs, y, mask=mask)
+        else:
+            tl.store(vc_ptr + offs, y, mask=mask)
 
 
 def tile_config(bm, bn, bk, warps, stages, persistent=False, tma=False, group_m=8, ws=False, flatten=None,
@@ -252,17 +289,35 @@ def _check_fp8(device: torch.device) -> None:
                            f"{torch.cuda.get_device_name(device)} is sm{major}{minor}: use the INT8 path")
 
 
+# Tiles of the qkv epilogue: one head's columns each (BLOCK_N = D), fixed (the autotuner's pruning cannot see the
+# head size). Large M: the sweep's winner on Hopper (persistent, TMA, two programs an SM), a plain tile elsewhere.
+def qkv_tiles(head_dim: int) -> dict:
+    # not flattened: Triton 3.6 fails to compile the epilogue's branches inside a flattened tile loop
+    return {"hopper": tile_config(128, head_dim, 128, 4, 3, persistent=True, tma=True, occupancy=2, flatten=False),
+            "ampere": tile_config(128, head_dim, 64, 4, 4), "small": tile_config(64, head_dim, 128, 4, 4),
+            "interpret": tile_config(32, head_dim, 32, 4, 1)}
+
+
+def qkv_config(m: int, n: int, head_dim: int, device):
+    """The tile of a qkv epilogue, or None: the head size must be a power of two in [16, 128] dividing N / 3."""
+    if n % 3 or head_dim not in (16, 32, 64, 128) or (n // 3) % head_dim:
+        return None
+    kind = ("interpret" if INTERPRET else "small" if m <= 256 else
+            "hopper" if torch.cuda.get_device_capability(device)[0] >= 9 else "ampere")
+    return qkv_tiles(head_dim)[kind]
+
+
 def qgemm(a, w, w_scale, colsum, a_scale, a_zero, bias=None, *, groups=None, tokens=1, gelu=False,
           out_inv_scale=None, out_zero=None, qmin=-128, qmax=127, out_dtype=torch.float16, swiglu=False,
-          a_inv_scale=None, in_qmin=-128, in_qmax=127, config=None):
-    """``reference.qgemm`` in one kernel. ``config`` (a ``tile_config``) forces a tile instead of the
-    autotuned one: for benchmarks and tests."""
+          a_inv_scale=None, in_qmin=-128, in_qmax=127, qkv=None, config=None):
+    """``reference.qgemm`` in one kernel (``reference.qgemm_qkv`` with ``qkv``: then it returns q). ``config``
+    (a ``tile_config``) forces a tile instead of the autotuned one: for benchmarks and tests."""
     fp8 = w.dtype == torch.float8_e4m3fn
     if fp8:
         _check_fp8(a.device)
     (M, K), N = a.shape, w.shape[0]
     quant = out_inv_scale is not None
-    out = torch.empty((M, N // 2 if swiglu else N), device=a.device,
+    out = torch.empty((0 if qkv else M, N // 2 if swiglu else N), device=a.device,
                       dtype=(torch.float8_e4m3fn if fp8 else torch.int8) if quant else out_dtype)
     if M == 0 or N == 0:
         return out
@@ -277,14 +332,29 @@ def qgemm(a, w, w_scale, colsum, a_scale, a_zero, bias=None, *, groups=None, tok
     triton.set_allocator(_tma_scratch)
     args = (a, w, out, w_scale, colsum, a_scale, a_zero, _or(bias, w_scale), _or(groups, a_scale),
             _or(out_inv_scale, a_scale), _or(out_zero, a_scale), M, N, K, triton.next_power_of_2(M), tokens,
-            float(qmin), float(qmax), _or(a_inv_scale, a_scale), float(in_qmin), float(in_qmax))
+            float(qmin), float(qmax), _or(a_inv_scale, a_scale))
     flags = {"HAS_BIAS": bias is not None, "HAS_GROUPS": groups is not None, "GELU": gelu, "QUANT_OUT": quant,
-             "QUANT_IN": a_inv_scale is not None, "SWIGLU": swiglu}
+             "QUANT_IN": a_inv_scale is not None, "SWIGLU": swiglu, "QKV": qkv is not None}
+    q = None
+    if qkv is None:
+        args += (float(in_qmin), float(in_qmax), *[a_scale] * 5, 0, 0, 0, 0.0)
+        flags.update(NORM_QK=False, HAS_GAIN=False)
+    else:
+        k_cache, v_cache, index, gain, head_dim, normalize, eps = qkv
+        q = torch.empty((M, N // 3), device=a.device, dtype=k_cache.dtype)
+        if max(q.numel(), k_cache.numel()) >= 2**31:
+            raise ValueError("qkv: q and the caches must each hold fewer than 2**31 elements (int32 offsets)")
+        args += (float(in_qmin), float(in_qmax), q, k_cache, v_cache, index, _or(gain, a_scale),
+                 *k_cache.stride()[:3], float(eps))
+        flags.update(NORM_QK=normalize, HAS_GAIN=gain is not None)
+        config = config or qkv_config(M, N, head_dim, a.device)
+        if config is None:
+            raise ValueError(f"no qkv tile holds whole heads of {head_dim} within {N // 3} columns")
     if config is None:
         _autotuned[grid](*args, **flags)
     else:
         _heuristic[grid](*args, **flags, **config.all_kwargs())
-    return out
+    return out if q is None else q
 
 
 def autotune_cache() -> dict:

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from backends.cuda import ops
+from backends.cuda import ops, reference
+from backends.cuda.lower import PROLOGUE_ROWS, qlinear
 
 Tensor = torch.Tensor
 
@@ -190,6 +191,140 @@ def visible_prefix(mask: torch.Tensor) -> int | None:
     if n == 0 or not bool((rows == row).all()) or not bool((row[:n] == 0).all()):
         return None
     return n if bool((row[n:] == float("-inf")).all()) else None
+
+
+# ------------------------------------------------------------------------------- qkv into the caches
+# After ``in_place_caches``, an attention whose qkv projection is a lowered ``qlinear`` reads it back to split the
+# heads, L2-normalize q and k (VAR's cosine attention), scale q per head, and copy k and v into the caches: two
+# kernels and two cache writes that read the projection's [M, 3C] output again (3.1 of 28.8 ms of a VAR-d16
+# step at batch 64 on an H100). ``qkv_into_caches(gm)`` gives that work to the GEMM's epilogue: ``qlinear_qkv``
+# writes q, and k and v straight into the caches.
+
+@torch.library.custom_op("arvgq_cuda::qlinear_qkv", mutates_args=("k_cache", "v_cache"))
+def qlinear_qkv(a: Tensor, w: Tensor, w_scale: Tensor, colsum: Tensor, a_scale: Tensor, a_zero: Tensor,
+                bias: Tensor | None, groups: Tensor | None, k_cache: Tensor, v_cache: Tensor, index: Tensor,
+                gain: Tensor | None, normalize: bool, eps: float, min_rows: int = 0, a_inv_scale: Tensor | None = None,
+                in_qmin: int = -128, in_qmax: int = 127) -> Tensor:
+    """``qlinear`` of an attention's projection ``[B, T, K] -> [B, T, 3C]``, then ``reference.qkv_heads``: k and v
+    written into the ``[B, H, L, D]`` caches at ``index``; returns q as ``[B, H, T, D]``."""
+    B, T, k = a.shape
+    _, H, _, D = k_cache.shape
+    per_head = gain is None or (gain.numel() == H and gain.shape[-2:] in ((1, 1), (H, 1)))
+    a2 = a.reshape(-1, k)
+    kernel = ops.runs_kernels(a)  # the reference takes any shape; a kernel needs a tile (and, on CUDA, rows)
+    if per_head and (not kernel or (not a.is_cuda or B * T > min_rows) and _qkv_tile(B * T, w.shape[0], D, a.device)):
+        if a.is_cuda and a_inv_scale is not None and B * T > PROLOGUE_ROWS:  # as qlinear: a quantize kernel first
+            a2 = ops.act_quant(a2, act="none", inv_scale=a_inv_scale, zero=a_zero, groups=groups, tokens=T,
+                               qmin=in_qmin, qmax=in_qmax, fp8=w.dtype != torch.int8)
+            a_inv_scale = None
+        q = ops.qgemm(a2, w, w_scale, colsum, a_scale, a_zero, bias, groups=groups, tokens=T, a_inv_scale=a_inv_scale,
+                      in_qmin=in_qmin, in_qmax=in_qmax,
+                      qkv=(k_cache, v_cache, index, None if gain is None else gain.reshape(-1), D, normalize, eps))
+    else:  # few rows (a float GEMM), an odd head size or gain, or no GPU: the projection, then the torch ops
+        y = qlinear(a, w, w_scale, colsum, a_scale, a_zero, bias, groups, min_rows=min_rows,
+                    a_inv_scale=a_inv_scale, in_qmin=in_qmin, in_qmax=in_qmax).reshape(B * T, -1)
+        q = reference.qkv_heads(y, T, k_cache, v_cache, index, None if gain is None or not per_head
+                                else gain.reshape(-1), D, normalize, eps)
+        if not per_head:
+            q = (q.view(B, T, H, D).transpose(1, 2) * gain).transpose(1, 2).to(k_cache.dtype)
+    return q.reshape(B, T, H, D).transpose(1, 2)
+
+
+def _qkv_tile(m: int, n: int, head_dim: int, device) -> bool:
+    from backends.cuda import kernels  # noqa: PLC0415 (CPU-only runs never import triton)
+
+    return kernels.qkv_config(m, n, head_dim, device) is not None
+
+
+@qlinear_qkv.register_fake
+def _(a, w, w_scale, colsum, a_scale, a_zero, bias, groups, k_cache, v_cache, index, gain, normalize, eps, min_rows=0,
+      a_inv_scale=None, in_qmin=-128, in_qmax=127):
+    B, T, _ = a.shape
+    _, H, _, D = k_cache.shape
+    return k_cache.new_empty((B, T, H, D)).transpose(1, 2)
+
+
+qlinear_qkv = torch.ops.arvgq_cuda.qlinear_qkv.default
+
+
+def _call(n, target) -> bool:
+    return isinstance(n, fx.Node) and n.op in ("call_function", "call_method") and n.target == target
+
+
+def _sole_user(n: fx.Node):
+    return next(iter(n.users)) if len(n.users) == 1 else None
+
+
+def _normalized(n: fx.Node) -> tuple[fx.Node, float | None]:
+    """``(F.normalize(n, dim=-1) or n, its eps or None)``: the L2 normalization over the head when n has it."""
+    u = _sole_user(n)
+    if _call(u, F.normalize) and u.args[0] is n and len(u.args) == 1 and u.kwargs.get("p", 2.0) == 2.0 and \
+            u.kwargs.get("dim", 1) == -1:
+        return u, float(u.kwargs.get("eps", 1e-12))
+    return n, None
+
+
+def _qkv_match(lin: fx.Node) -> dict | None:
+    """``qlinear(...).unflatten(-1, (3, H, D)).permute(2, 0, 3, 1, 4).unbind(0)`` whose k and v (k optionally
+    L2-normalized, then q too, q optionally times a gain) only go into ``kv_write(cache, 2, index, .)``."""
+    kw = lin.kwargs
+    if kw.get("gelu") or kw.get("swiglu") or kw.get("out_inv_scale") is not None:
+        return None
+    uf = _sole_user(lin)
+    if not (_call(uf, "unflatten") and len(uf.args) == 3 and uf.args[1] == -1
+            and isinstance(uf.args[2], (tuple, list)) and len(uf.args[2]) == 3 and uf.args[2][0] == 3):
+        return None
+    perm = _sole_user(uf)
+    if not (_call(perm, "permute") and tuple(perm.args[1:]) == (2, 0, 3, 1, 4)):
+        return None
+    ub = _sole_user(perm)
+    if not (_call(ub, "unbind") and tuple(ub.args[1:]) in ((), (0,)) and not ub.kwargs):
+        return None
+    parts = {u.args[1]: u for u in ub.users if _call(u, operator.getitem)}
+    if sorted(parts) != [0, 1, 2] or len(ub.users) != 3:
+        return None
+    q, q_eps = _normalized(parts[0])
+    k, k_eps = _normalized(parts[1])
+    if q_eps != k_eps:
+        return None
+    gain, mul = None, _sole_user(q)
+    if _call(mul, operator.mul) and len(mul.args) == 2 and mul.args[0] is q and isinstance(mul.args[1], fx.Node):
+        q, gain = mul, mul.args[1]
+    writes = [_sole_user(k), _sole_user(parts[2])]
+    if not all(_call(wr, kv_write) and wr.args[1] == 2 and wr.args[3] is v for wr, v in zip(writes, (k, parts[2]))):
+        return None
+    if writes[0].args[2] is not writes[1].args[2] or q in (parts[1], parts[2]):
+        return None
+    return {"q": q, "gain": gain, "writes": writes, "eps": q_eps}
+
+
+def qkv_into_caches(gm: fx.GraphModule) -> int:
+    """Rewrite each attention ``_qkv_match`` finds into one ``qlinear_qkv``; returns how many."""
+    g = gm.graph
+    order = {n: i for i, n in enumerate(g.nodes)}
+    done = 0
+    for lin in [n for n in g.nodes if n.op == "call_function" and n.target is qlinear]:
+        m = _qkv_match(lin)
+        if m is None:
+            continue
+        (k_write, v_write), q = m["writes"], m["q"]
+        first = min(k_write, v_write, *q.users, key=order.__getitem__)
+        inputs = [*lin.all_input_nodes, k_write.args[0], v_write.args[0], k_write.args[2]] + \
+            ([m["gain"]] if m["gain"] is not None else [])
+        if any(order[i] >= order[first] for i in inputs):
+            continue
+        kw = {k: v for k, v in lin.kwargs.items() if k in ("min_rows", "a_inv_scale", "in_qmin", "in_qmax")}
+        with g.inserting_before(first):
+            new = g.call_function(qlinear_qkv, (*lin.args[:8], k_write.args[0], v_write.args[0], k_write.args[2],
+                                                m["gain"], m["eps"] is not None, m["eps"] or 0.0), kw)
+        q.replace_all_uses_with(new)
+        g.erase_node(k_write)
+        g.erase_node(v_write)
+        done += 1
+    if done:
+        g.eliminate_dead_code()
+        gm.recompile()
+    return done
 
 
 # ------------------------------------------------------------------------------------- int8 caches

@@ -25,6 +25,11 @@ def _impl(x: torch.Tensor):
     return reference
 
 
+def runs_kernels(x: torch.Tensor) -> bool:
+    """Whether the ops run Triton kernels for ``x`` (else the torch reference)."""
+    return _impl(x) is not reference
+
+
 def _c(t):
     return None if t is None else t.contiguous()
 
@@ -48,7 +53,9 @@ def _check_vec(t, name, n):
 
 def qgemm(a, w, w_scale, colsum, a_scale, a_zero, bias=None, *, groups=None, tokens=1, gelu=False,
           out_inv_scale=None, out_zero=None, qmin=-128, qmax=127, out_dtype=torch.float16, swiglu=False,
-          a_inv_scale=None, in_qmin=-128, in_qmax=127):
+          a_inv_scale=None, in_qmin=-128, in_qmax=127, qkv=None):
+    """``qkv = (k_cache, v_cache, index, gain or None, head_dim, normalize, eps)``: ``reference.qkv_heads`` as
+    the epilogue (returns q)."""
     _check_rows(a, "a", groups, tokens)
     _check(w.dim() == 2 and w.dtype in _CODES, f"w must be 2-d [N, K] int8 or float8_e4m3fn, got "
            f"{tuple(w.shape)} {w.dtype}")
@@ -65,10 +72,23 @@ def qgemm(a, w, w_scale, colsum, a_scale, a_zero, bias=None, *, groups=None, tok
            "out_zero is required with out_inv_scale for int8 output")
     _check(not swiglu or (w.shape[0] % 2 == 0 and not gelu),
            f"swiglu needs gate and up rows in pairs (even N, got {w.shape[0]}) and no gelu")
+    if qkv is not None:
+        k_cache, v_cache, index, gain, head_dim, _normalize, _eps = qkv
+        c = w.shape[0] // 3
+        _check(not (gelu or swiglu or out_inv_scale is not None), "qkv takes the projection's float output only")
+        _check(w.shape[0] % 3 == 0 and k_cache.dim() == 4 and k_cache.shape[1] * head_dim == c
+               and k_cache.shape[3] == head_dim and v_cache.shape == k_cache.shape and v_cache.dtype == k_cache.dtype
+               and k_cache.shape[0] * tokens == a.shape[0] and k_cache.stride(3) == 1 and v_cache.stride() == k_cache.stride(),
+               f"qkv: caches must be equal [B, H, L, {head_dim}] with B * tokens = M and H * {head_dim} = N / 3, got "
+               f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)} for a {tuple(a.shape)} x {tuple(w.shape)} GEMM")
+        _check(index.dim() == 1 and index.numel() == tokens and not index.is_floating_point(),
+               f"qkv: index must be [T={tokens}] integers, got {tuple(index.shape)} {index.dtype}")
+        _check_vec(gain, "gain", c // head_dim)
+        qkv = (k_cache, v_cache, index.contiguous(), _c(gain), head_dim, _normalize, _eps)
     return _impl(a).qgemm(_c(a), _c(w), _c(w_scale), _c(colsum), _c(a_scale), _c(a_zero), _c(bias),
                           groups=_c(groups), tokens=tokens, gelu=gelu, out_inv_scale=_c(out_inv_scale),
                           out_zero=_c(out_zero), qmin=qmin, qmax=qmax, out_dtype=out_dtype, swiglu=swiglu,
-                          a_inv_scale=_c(a_inv_scale), in_qmin=in_qmin, in_qmax=in_qmax)
+                          a_inv_scale=_c(a_inv_scale), in_qmin=in_qmin, in_qmax=in_qmax, qkv=qkv)
 
 
 def _check_quant(x, zero, groups, tokens, fp8):

@@ -46,7 +46,8 @@ def qgemm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, colsum: torch
           groups: torch.Tensor | None = None, tokens: int = 1, gelu: bool = False,
           out_inv_scale: torch.Tensor | None = None, out_zero: torch.Tensor | None = None,
           qmin: int = -128, qmax: int = 127, out_dtype: torch.dtype = torch.float16, swiglu: bool = False,
-          a_inv_scale: torch.Tensor | None = None, in_qmin: int = -128, in_qmax: int = 127) -> torch.Tensor:
+          a_inv_scale: torch.Tensor | None = None, in_qmin: int = -128, in_qmax: int = 127,
+          qkv: tuple | None = None) -> torch.Tensor:
     """Quantized linear with the whole STWQ lowering in its epilogue.
 
     ``a`` int8 [M, K] codes (or float8_e4m3fn), ``w`` int8 [N, K] (or float8_e4m3fn), ``w_scale`` f32 [N],
@@ -60,6 +61,7 @@ def qgemm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, colsum: torch
         y[m, j]   = silu(y[m, 2j]) * y[m, 2j + 1]                    if swiglu (w's rows: gate and up interleaved;
                                                                      N / 2 columns out)
         out       = quantize_codes(y, out_inv_scale, out_zero, g)    if out_inv_scale is given (next GEMM's input)
+                  = qkv_heads(y, tokens, *qkv)                       if qkv is given (an attention's projection)
                   = y.to(out_dtype)                                  otherwise
     """
     g = row_groups(a.shape[0], tokens, groups, a.device)
@@ -75,9 +77,28 @@ def qgemm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, colsum: torch
         y = F.gelu(y, approximate="tanh")
     if swiglu:
         y = F.silu(y[:, 0::2]) * y[:, 1::2]
+    if qkv is not None:
+        return qkv_heads(y, tokens, *qkv)
     if out_inv_scale is not None:
         return quantize_codes(y, out_inv_scale, out_zero, g, qmin, qmax, fp8=a.dtype != torch.int8)
     return y.to(out_dtype)
+
+
+def qkv_heads(y: torch.Tensor, tokens: int, k_cache: torch.Tensor, v_cache: torch.Tensor, index: torch.Tensor,
+              gain: torch.Tensor | None, head_dim: int, normalize: bool, eps: float) -> torch.Tensor:
+    """An attention's projection ``y [M, 3C]`` (rows: T tokens of each image; columns: q, k, v, each H heads of
+    ``head_dim``) written where attention reads it: k and v into ``[B, H, L, D]`` caches at positions ``index``
+    (``index_copy_`` along L), q returned as ``[M, C]`` rows in the caches' dtype. ``normalize``: q and k
+    L2-normalized per head (``F.normalize(x, dim=-1, eps=eps)``); ``gain [H]``: q's per-head factor."""
+    m, c = y.shape[0], y.shape[1] // 3
+    q, k, v = y.float().view(m // tokens, tokens, 3, c // head_dim, head_dim).unbind(2)  # [B, T, H, D]
+    if normalize:
+        q, k = F.normalize(q, dim=-1, eps=eps), F.normalize(k, dim=-1, eps=eps)
+    if gain is not None:
+        q = q * gain.float().view(1, 1, -1, 1)
+    k_cache.index_copy_(2, index, k.transpose(1, 2).to(k_cache.dtype))
+    v_cache.index_copy_(2, index, v.transpose(1, 2).to(v_cache.dtype))
+    return q.reshape(m, c).to(k_cache.dtype)
 
 
 def _modulate(y: torch.Tensor, tokens: int, mod_scale, mod_shift) -> torch.Tensor:

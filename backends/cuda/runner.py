@@ -32,7 +32,7 @@ import torch
 from torch import fx
 from torch.utils._pytree import tree_map
 
-from backends.cuda.kv_cache import (in_place_caches, int8_caches, visible_keys, visible_prefix,
+from backends.cuda.kv_cache import (in_place_caches, int8_caches, qkv_into_caches, visible_keys, visible_prefix,
                                     visible_prefix_attention)
 from backends.cuda.lower import to_device
 from backends.cuda.reference import kv_quantize
@@ -59,11 +59,12 @@ def _identity(t: torch.Tensor) -> tuple:
 class CudaStep:
     """``CudaStep(gm, device=None, dtype=None, cuda_graphs=True)``: ``gm`` is a lowered graph, which it moves
     and casts in place (``lower.to_device``); ``device`` defaults to CUDA when there is one, ``dtype`` to fp16
-    on CUDA and float32 elsewhere."""
+    on CUDA and float32 elsewhere. With CUDA graphs the KV caches are updated in place (``kv_cache``: their
+    format) and, with ``fuse_qkv``, written by the qkv projections' epilogues (``kv_cache.qkv_into_caches``)."""
 
     def __init__(self, gm: fx.GraphModule, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, cuda_graphs: bool = True, compile: bool = False,
-                 float_outputs: bool = True, kv_cache: str = "float"):
+                 float_outputs: bool = True, kv_cache: str = "float", fuse_qkv: bool = True):
         if kv_cache not in ("float", "int8"):
             raise UserError(f"kv_cache must be 'float' or 'int8', got {kv_cache!r}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -74,6 +75,8 @@ class CudaStep:
         self.state = in_place_caches(self.gm) if self.cuda_graphs else {}
         self._state: dict[tuple, torch.Tensor] = {}  # (input index, shape) -> the cache's buffer
         self.mask = visible_prefix_attention(self.gm) if self.state else None  # the mask input's index
+        # the qkv projections' epilogues write k and v into the (float) caches
+        self.qkv_fused = qkv_into_caches(self.gm) if fuse_qkv and self.state and kv_cache == "float" else 0
         # the cache input behind each appended scales input, when the caches are int8
         self.kv_scales = int8_caches(self.gm, self.state) if kv_cache == "int8" and self.state else []
         self._scales: dict[tuple, torch.Tensor] = {}  # (cache input index, shape) -> its scales' buffer
