@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from backends.cuda import ops, reference
-from backends.cuda.lower import PROLOGUE_ROWS, qlinear
+from backends.cuda.lower import gemm_input, qlinear
 
 Tensor = torch.Tensor
 
@@ -213,10 +213,8 @@ def qlinear_qkv(a: Tensor, w: Tensor, w_scale: Tensor, colsum: Tensor, a_scale: 
     a2 = a.reshape(-1, k)
     kernel = ops.runs_kernels(a)  # the reference takes any shape; a kernel needs a tile (and, on CUDA, rows)
     if per_head and (not kernel or (not a.is_cuda or B * T > min_rows) and _qkv_tile(B * T, w.shape[0], D, a.device)):
-        if a.is_cuda and a_inv_scale is not None and B * T > PROLOGUE_ROWS:  # as qlinear: a quantize kernel first
-            a2 = ops.act_quant(a2, act="none", inv_scale=a_inv_scale, zero=a_zero, groups=groups, tokens=T,
-                               qmin=in_qmin, qmax=in_qmax, fp8=w.dtype != torch.int8)
-            a_inv_scale = None
+        a2, a_inv_scale = gemm_input(a2, a_inv_scale, a_zero, groups, T, in_qmin, in_qmax, min_rows,
+                                     w.dtype != torch.int8)
         q = ops.qgemm(a2, w, w_scale, colsum, a_scale, a_zero, bias, groups=groups, tokens=T, a_inv_scale=a_inv_scale,
                       in_qmin=in_qmin, in_qmax=in_qmax,
                       qkv=(k_cache, v_cache, index, None if gain is None else gain.reshape(-1), D, normalize, eps))

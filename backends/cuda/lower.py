@@ -213,6 +213,17 @@ def _(x, residual, gain, weight, eps, inv_scale, zero, groups, qmin, qmax, fp8):
 PROLOGUE_ROWS = 256
 
 
+def gemm_input(a2: Tensor, a_inv_scale: OptTensor, a_zero: Tensor, groups: OptTensor, tokens: int, qmin: int,
+               qmax: int, min_rows: int, fp8: bool) -> tuple[Tensor, OptTensor]:
+    """``(rows, a_inv_scale)`` for the qgemm: float rows stay float for its prologue to quantize only where it
+    will (on CUDA: more than ``min_rows``, at most ``PROLOGUE_ROWS``); elsewhere a kernel quantizes them first."""
+    if a_inv_scale is not None and a2.is_cuda and not min_rows < a2.shape[0] <= PROLOGUE_ROWS:
+        a2 = ops.act_quant(a2, act="none", inv_scale=a_inv_scale, zero=a_zero, groups=groups, tokens=tokens,
+                           qmin=qmin, qmax=qmax, fp8=fp8)
+        a_inv_scale = None
+    return a2, a_inv_scale
+
+
 @torch.library.custom_op("arvgq_cuda::qlinear", mutates_args=())
 def qlinear(a: Tensor, w: Tensor, w_scale: Tensor, colsum: Tensor, a_scale: Tensor, a_zero: Tensor, bias: OptTensor,
             groups: OptTensor, gelu: bool = False, out_inv_scale: OptTensor = None, out_zero: OptTensor = None,
@@ -221,12 +232,9 @@ def qlinear(a: Tensor, w: Tensor, w_scale: Tensor, colsum: Tensor, a_scale: Tens
     """``ops.qgemm`` on the rows of ``a [..., K]`` (codes, or float with ``a_inv_scale``: its grid's quantizer
     runs in the GEMM for few rows, as a kernel of its own else); a float GEMM for few rows on CUDA."""
     k, tokens = a.shape[-1], _tokens(a)
-    a2 = a.reshape(-1, k)
+    a2, a_inv_scale = gemm_input(a.reshape(-1, k), a_inv_scale, a_zero, groups, tokens, in_qmin, in_qmax, min_rows,
+                                 w.dtype != torch.int8)
     m = a2.shape[0]
-    if a_inv_scale is not None and a2.is_cuda and not min_rows < m <= PROLOGUE_ROWS:
-        a2 = ops.act_quant(a2, act="none", inv_scale=a_inv_scale, zero=a_zero, groups=groups, tokens=tokens,
-                           qmin=in_qmin, qmax=in_qmax, fp8=w.dtype != torch.int8)
-        a_inv_scale = None
     if a2.is_cuda and m <= min_rows:
         g = (torch.zeros(m, dtype=torch.long, device=a.device) if groups is None
              else groups.long()[torch.arange(m, device=a.device) % tokens])
