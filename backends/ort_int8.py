@@ -63,6 +63,16 @@ def _attr(node, name, default=None):
     return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
+def _reads(node) -> list[str]:
+    """Every name ``node`` reads: its inputs and, for control flow (``If``), the outer names its branches use."""
+    names = [i for i in node.input if i]
+    for a in node.attribute:
+        for g in [a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs:
+            inner = {i.name for i in g.input} | {i.name for i in g.initializer} | {o for n in g.node for o in n.output}
+            names += [i for n in g.node for i in _reads(n) if i not in inner]
+    return names
+
+
 class _Graph:
     def __init__(self, model: onnx.ModelProto):
         self.g = model.graph
@@ -70,10 +80,11 @@ class _Graph:
         self.producer = {o: n for n in self.g.node for o in n.output}
         self.consumers: dict[str, list] = {}
         for n in self.g.node:
-            for i in n.input:
+            for i in _reads(n):
                 self.consumers.setdefault(i, []).append(n)
         self.outputs = {o.name for o in self.g.output}
         self._names = {n.name for n in self.g.node} | set(self.inits) | set(self.producer)
+        self.uniform: dict[str, tuple[str, str]] = {}  # token-group index -> (all equal, first group); see _uniform_groups
 
     def const(self, name: str):
         return numpy_helper.to_array(self.inits[name]) if name in self.inits else None
@@ -91,7 +102,7 @@ class _Graph:
         self.g.node.append(node)
         for o in node.output:
             self.producer[o] = node
-        for i in node.input:
+        for i in _reads(node):
             self.consumers.setdefault(i, []).append(node)
         return node.output[0]
 
@@ -267,28 +278,46 @@ def lower_for_ort(model: onnx.ModelProto, *, u8s8_safe: bool, row_gemms: Sequenc
         w = gr.const(b_name)
         n_out = w.shape[-1] if w is not None else None
         epi = _group_epilogue(gr, mm, n_out) if n_out is not None and float(gr.const(a[1])) == 1.0 else None
-        if epi is not None:  # the per-row scale into a_scale, the rest into one Add
+        if epi is not None:
             a_in = group_quantize(q_a, epi["scale"], epi["groups"]) or a[0]
-            s_row = _gather(gr, gr.add_init(f"{mm.output[0]}_row_scale", epi["scale"].reshape(-1, 1).astype(np.float32)),
-                            epi["groups"])
-            gemm_out = gr.fresh(f"{mm.output[0]}_scaled") if epi["bias"] or epi["offset"] is not None else epi["out"]
-            a = (a_in, s_row, a[2])
             replaced.append(gr.producer[epi["out"]])  # its output is produced anew below; the chain before it dies
-            if epi["offset"] is not None:
-                c = _gather(gr, gr.add_init(f"{mm.output[0]}_row_offset", epi["offset"]), epi["groups"])
-                gr.append(helper.make_node("Add", [gemm_out, c], [epi["out"]], name=gr.fresh(f"{mm.name}_offset")))
-            elif epi["bias"]:
-                gr.append(helper.make_node("Add", [gemm_out, epi["bias"]], [epi["out"]], name=gr.fresh(f"{mm.name}_bias")))
-            out = gemm_out
+            scale = gr.add_init(f"{mm.output[0]}_row_scale", epi["scale"].reshape(-1, 1).astype(np.float32))
+            offset = gr.add_init(f"{mm.output[0]}_row_offset", epi["offset"]) if epi["offset"] is not None else None
+            same, first = _uniform_groups(gr, epi["groups"])
+            branches = []
+            for index in (first, epi["groups"]):  # If(one group): scalar scale, offset as the bias; else per row
+                nodes = [_gather_node(gr, scale, index)]
+                c = epi["bias"] or ""
+                if offset is not None:
+                    nodes.append(_gather_node(gr, offset, index))
+                    c = nodes[-1].output[0]
+                if index == first:  # [1] a_scale and [N] bias fuse into the GEMM's output pass
+                    gemm_in, add = [a_in, b_name, nodes[0].output[0], b_scale, a[2], b_zp, c], None
+                else:  # a [T, 1] a_scale is one more pass, which would scale the bias too: the offset is one Add
+                    gemm_in, add = [a_in, b_name, nodes[0].output[0], b_scale, a[2], b_zp], c
+                while gemm_in[-1] == "":
+                    gemm_in.pop()
+                out = gr.fresh(f"{epi['out']}_{'one_group' if index == first else 'rows'}")
+                gemm_out = gr.fresh(f"{out}_scaled") if add else out
+                nodes.append(helper.make_node("MatMulIntegerToFloat", gemm_in, [gemm_out], domain=MS_DOMAIN,
+                                              name=gr.fresh(f"{mm.name or mm.output[0]}_int8")))
+                if add:
+                    nodes.append(helper.make_node("Add", [gemm_out, add], [out], name=gr.fresh(f"{mm.name}_offset")))
+                branches.append(helper.make_graph(nodes, gr.fresh(f"{mm.name}_branch"), [],
+                                                  [helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None)]))
+            gr.append(helper.make_node("If", [same], [epi["out"]], then_branch=branches[0], else_branch=branches[1],
+                                       name=gr.fresh(f"{mm.name or mm.output[0]}_groups")))
+            replaced.append(mm)
             counts["group_epilogues"] += 1
-        else:
-            add = gr.consumers.get(out, [])
-            if out not in gr.outputs and len(add) == 1 and add[0].op_type == "Add":
-                other = _other(add[0], out)
-                c = gr.const(other)
-                if c is not None and c.ndim == 1 and c.dtype == np.float32 and c.shape[0] == n_out:
-                    bias, out = other, add[0].output[0]
-                    replaced.append(add[0])
+            counts["u8u8_gemms" if shifted else "int8_gemms"] += 1
+            continue
+        add = gr.consumers.get(out, [])
+        if out not in gr.outputs and len(add) == 1 and add[0].op_type == "Add":
+            other = _other(add[0], out)
+            c = gr.const(other)
+            if c is not None and c.ndim == 1 and c.dtype == np.float32 and c.shape[0] == n_out:
+                bias, out = other, add[0].output[0]
+                replaced.append(add[0])
         inputs = [a[0], b_name, a[1], b_scale, a[2], b_zp, bias]
         while inputs[-1] == "":
             inputs.pop()
@@ -343,10 +372,25 @@ def _quantize_row_gemms(gr: _Graph, u8s8_safe: bool, patterns: Sequence[str]) ->
     return done
 
 
+def _gather_node(gr: _Graph, table: str, index: str):
+    """A ``Gather(table, index)`` node along axis 0 (not added to any graph)."""
+    return helper.make_node("Gather", [table, index], [gr.fresh(f"{table}_gathered")], axis=0, name=gr.fresh(f"{table}_gather"))
+
+
 def _gather(gr: _Graph, table: str, index: str) -> str:
     """``Gather(table, index)`` along axis 0, appended; returns its output."""
-    out = gr.fresh(f"{table}_gathered")
-    return gr.append(helper.make_node("Gather", [table, index], [out], axis=0, name=gr.fresh(f"{table}_gather")))
+    return gr.append(_gather_node(gr, table, index))
+
+
+def _uniform_groups(gr: _Graph, groups: str) -> tuple[str, str]:
+    """(every token of the call in one group, that group) for the token-group index ``groups``, built once per index."""
+    if groups not in gr.uniform:
+        def node(op: str, inputs: list[str], **attrs) -> str:
+            return gr.append(helper.make_node(op, inputs, [gr.fresh(f"{groups}_{op.lower()}")], name=gr.fresh(f"{groups}_{op.lower()}"), **attrs))
+
+        same = node("Equal", [node("ReduceMin", [groups], keepdims=0), node("ReduceMax", [groups], keepdims=0)])
+        gr.uniform[groups] = same, node("Gather", [groups, gr.add_init("first_token", np.array(0, np.int64))], axis=0)
+    return gr.uniform[groups]
 
 
 def _fold_cache_writes(gr: _Graph) -> int:
@@ -449,7 +493,7 @@ def _prune(model: onnx.ModelProto) -> None:
         n = producer.get(name)
         if n is not None and id(n) not in keep:
             keep.add(id(n))
-            stack.extend(i for i in n.input if i)
+            stack.extend(_reads(n))
     for n in [n for n in g.node if id(n) not in keep]:
         g.node.remove(n)
     for i in [i for i in g.initializer if i.name not in needed]:
@@ -465,7 +509,7 @@ def _toposort(model: onnx.ModelProto) -> None:
     while pending:
         progressed = False
         for n in list(pending):
-            if all(i in ready for i in n.input):
+            if all(i in ready for i in _reads(n)):
                 ordered.append(n)
                 ready.update(n.output)
                 pending.remove(n)

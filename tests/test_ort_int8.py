@@ -179,29 +179,38 @@ def _group_linear_model(*, symmetric: bool, bias: bool, qmax: int, rng) -> onnx.
 
 @pytest.mark.parametrize("symmetric,bias,qmax", [(False, True, 127), (True, True, 127), (True, False, 127), (False, True, 31)])
 def test_token_group_epilogue_folds_into_the_gemm(tmp_path, symmetric, bias, qmax):
-    """The STWQ epilogue becomes MatMulIntegerToFloat's per-row a_scale plus at most one Add (bias minus the
-    zero-point correction, gathered per group), the input grid one per-row QuantizeLinear; same numbers."""
+    """The STWQ epilogue folds into MatMulIntegerToFloat, the input grid into one per-row QuantizeLinear. When all
+    tokens of a call share a group (every VAR step) the GEMM takes that group's scale as a scalar a_scale and its
+    offset (bias minus the zero-point correction) as its bias: no pass after the GEMM. Tokens of several groups
+    take the per-row a_scale plus at most one Add of the gathered offsets. Same numbers either way."""
     rng = np.random.default_rng(0)
     model = _group_linear_model(symmetric=symmetric, bias=bias, qmax=qmax, rng=rng)
     x = (rng.standard_normal((2, 7, K)) * 2).astype(np.float32)
     x[0, 0, :4] = [100.0, -100.0, 1e-3, 0.0]  # both clamps and the zero point
-    groups = rng.integers(0, 3, 7).astype(np.int64)
+    feeds = [{"x": x, "groups": rng.integers(0, 3, 7).astype(np.int64)}, {"x": x, "groups": np.full(7, 2, np.int64)}]
     onnx.save(model, tmp_path / "ref.onnx")
-    ref = make_session(tmp_path / "ref.onnx", "reference").run(None, {"x": x, "groups": groups})[0]
+    ref = [make_session(tmp_path / "ref.onnx", "reference").run(None, f)[0] for f in feeds]
 
     counts = lower_for_ort(model, u8s8_safe=True)
     onnx.save(model, tmp_path / "low.onnx")
-    got = make_session(tmp_path / "low.onnx", "fast").run(None, {"x": x, "groups": groups})[0]
+    got = [make_session(tmp_path / "low.onnx", "fast").run(None, f)[0] for f in feeds]
     ops = [n.op_type for n in model.graph.node]
     narrow = qmax < 127  # the Clip keeps the exported input side; the output side still folds
     assert counts["group_epilogues"] == 1 and counts["group_quantizers"] == (0 if narrow else 1)
-    assert ops.count("MatMulIntegerToFloat") == 1 and "Sub" not in ops
-    assert ops.count("Add") == (1 if narrow else 0) + (1 if bias or not symmetric else 0)
+    assert ops.count("If") == 1 and "MatMulIntegerToFloat" not in ops and "Sub" not in ops
+    assert ops.count("Add") == (1 if narrow else 0)
     assert ops.count("Mul") == (1 if narrow else 0)  # x * inv_s only where the input side stays
     q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear")
     assert (q.input[1] in {i.name for i in model.graph.initializer}) == narrow  # per-row scale: a Gather output
-    rel = float(np.abs(got - ref).max() / np.abs(ref).max())
-    assert rel < 1e-6, f"max relative diff {rel:.2e}"
+    branch = next(n for n in model.graph.node if n.op_type == "If")
+    one, rows = (helper.get_attribute_value(a) for a in sorted(branch.attribute, key=lambda a: a.name != "then_branch"))
+    offset = bias or not symmetric
+    assert [n.op_type for n in one.node if n.op_type != "Gather"] == ["MatMulIntegerToFloat"]  # bias fused, if any
+    assert len(one.node[-1].input) == (7 if offset else 5)
+    assert [n.op_type for n in rows.node if n.op_type != "Gather"] == ["MatMulIntegerToFloat"] + ["Add"] * offset
+    for r, g in zip(ref, got):
+        rel = float(np.abs(g - r).max() / np.abs(r).max())
+        assert rel < 1e-6, f"max relative diff {rel:.2e}"
 
 
 def test_cache_write_transposes_are_folded(tmp_path):
