@@ -25,6 +25,15 @@ point comes back exactly through ``C``; with a per-row ``a_scale`` it scales its
 too, so the bias stays in the one ``Add``. A grid narrower than 8 bits (a ``Clip`` before the
 Q) keeps the exported input side and folds only the output side.
 
+That per-row form costs two passes over the GEMM's output (onnxruntime's single-threaded ``a_scale``
+pass and the ``Add``). When every token of a call is in one group ``g`` (each VAR step feeds one
+scale, each decode step one token), an ``If`` on the group index takes the other branch::
+
+    MatMulIntegerToFloat(., W, a_scale=s[g], bias=C[g])
+
+a scalar ``a_scale`` and a ``[N]`` bias, which onnxruntime applies inside the GEMM's own output pass;
+the same numbers.
+
 The KV-cache writes (``index_copy`` along the position axis) export as ``Transpose ->
 ScatterND -> Transpose``, two more copies of the whole cache per write; they become one
 ``ScatterND`` on the cache's own layout.
