@@ -56,6 +56,7 @@ uint8 as well (zero point 128): onnxruntime then uses its u8u8 kernel, exact but
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -238,7 +239,7 @@ def lower_for_ort(model: onnx.ModelProto, *, u8s8_safe: bool, row_gemms: Sequenc
     row_gemms = _quantize_row_gemms(gr, u8s8_safe, row_gemms) if row_gemms else 0
     u8_of: dict[str, tuple[str, str, str]] = {}  # int8 Q output -> (uint8 twin, scale, uint8 zero point)
     counts = {"int8_gemms": 0, "u8u8_gemms": 0, "float_matmuls": 0, "group_epilogues": 0, "group_quantizers": 0,
-              "cache_writes": _fold_cache_writes(gr), "row_gemms": row_gemms}
+              "cache_writes": _fold_cache_writes(gr), "row_gemms": row_gemms, "gelus": _fuse_tanh_gelu(gr)}
     replaced: list = []
     grouped_u8: dict[str, str] = {}  # int8 Q output -> its per-row uint8 QuantizeLinear
 
@@ -377,6 +378,48 @@ def _quantize_row_gemms(gr: _Graph, u8s8_safe: bool, patterns: Sequence[str]) ->
             gr.consumers[i].remove(n)
         gr.append(helper.make_node("DynamicQuantizeMatMul", inputs, list(n.output), domain=MS_DOMAIN,
                                    name=gr.fresh(f"{n.name or n.output[0]}_dynamic_int8")))
+        done += 1
+    return done
+
+
+def _operand_of(gr: _Graph, node, op_type: str, value: float) -> str | None:
+    """The other input of binary ``node`` (of ``op_type``) when one input is the scalar constant ``value``."""
+    if node is None or node.op_type != op_type or len(node.input) != 2:
+        return None
+    for i in (0, 1):
+        c = gr.const(node.input[i])
+        if c is not None and c.size == 1 and np.isclose(float(c.reshape(())), value, rtol=1e-6, atol=0):
+            return node.input[1 - i]
+    return None
+
+
+def _fuse_tanh_gelu(gr: _Graph) -> int:
+    """torch's tanh GELU as exported, ``x * (0.5 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3))))`` (eight passes
+    over the activation: Pow, Mul, Add, Mul, Tanh, Add, Mul, Mul), becomes onnxruntime's ``FastGelu(x)``: the same
+    formula in one pass. Returns the number fused."""
+    def sole(name: str, node) -> bool:  # an intermediate only the chain reads
+        return name not in gr.outputs and gr.consumers.get(name, []) == [node]
+
+    done = 0
+    for t in [n for n in gr.g.node if n.op_type == "Tanh"]:
+        scaled = gr.producer.get(t.input[0])
+        inner = _operand_of(gr, scaled, "Mul", math.sqrt(2 / math.pi))
+        add = gr.producer.get(inner) if inner and sole(t.input[0], t) and sole(inner, scaled) else None
+        x = None
+        for i in (0, 1) if add is not None and add.op_type == "Add" else ():
+            cube_mul = gr.producer.get(add.input[1 - i])
+            cube = _operand_of(gr, cube_mul, "Mul", 0.044715)
+            pow_ = gr.producer.get(cube) if cube else None
+            if (pow_ is not None and _operand_of(gr, pow_, "Pow", 3.0) == add.input[i] and pow_.input[0] == add.input[i]
+                    and sole(add.input[1 - i], add) and sole(cube, cube_mul)):
+                x = add.input[i]
+        one = _only_consumer(gr, t.output[0], "Add") if x else None
+        half = _only_consumer(gr, one.output[0], "Mul") if one and _operand_of(gr, one, "Add", 1.0) == t.output[0] else None
+        last = _only_consumer(gr, half.output[0], "Mul") if half and _operand_of(gr, half, "Mul", 0.5) == one.output[0] else None
+        if last is None or _other(last, half.output[0]) != x:
+            continue
+        gr.g.node.remove(last)  # its output is produced anew below; the chain before it dies
+        gr.append(helper.make_node("FastGelu", [x], list(last.output), domain=MS_DOMAIN, name=gr.fresh(f"{last.name}_fast_gelu")))
         done += 1
     return done
 

@@ -213,6 +213,29 @@ def test_token_group_epilogue_folds_into_the_gemm(tmp_path, symmetric, bias, qma
         assert rel < 1e-6, f"max relative diff {rel:.2e}"
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_tanh_gelu_becomes_fast_gelu(tmp_path, shared):
+    """torch's tanh GELU as exported (Pow, Mul, Add, Mul, Tanh, Add, Mul, Mul) becomes one FastGelu with the same
+    numbers; a chain whose intermediate another node reads stays as it is."""
+    c = {"three": 3.0, "cubic": 0.044715, "k": float(np.sqrt(2 / np.pi)), "one": 1.0, "half": 0.5}
+    nodes = [helper.make_node("Pow", ["x", "three"], ["p"]), helper.make_node("Mul", ["cubic", "p"], ["m1"]),
+             helper.make_node("Add", ["x", "m1"], ["a1"]), helper.make_node("Mul", ["k", "a1"], ["m2"]),
+             helper.make_node("Tanh", ["m2"], ["t"]), helper.make_node("Add", ["t", "one"], ["a2"]),
+             helper.make_node("Mul", ["half", "a2"], ["m3"]), helper.make_node("Mul", ["x", "m3"], ["y"])]
+    outputs = ["y"] + (["a1"] if shared else [])
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "t", K])],
+                          [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+                          initializer=[numpy_helper.from_array(np.float32(v), n) for n, v in c.items()])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)
+    x = (np.random.default_rng(0).standard_normal((2, 7, K)) * 4).astype(np.float32)
+    ref = _run(model, x, tmp_path, "ref", "reference")
+    assert lower_for_ort(model, u8s8_safe=True)["gelus"] == (0 if shared else 1)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops == (["Pow", "Mul", "Add", "Mul", "Tanh", "Add", "Mul", "Mul"] if shared else ["FastGelu"])
+    got = _run(model, x, tmp_path, "low", "fast")
+    assert float(np.abs(got - ref).max() / np.abs(ref).max()) < 1e-6
+
+
 def test_cache_write_transposes_are_folded(tmp_path):
     """The exporter's index_copy along the position axis (Transpose -> ScatterND -> Transpose) becomes one
     ScatterND on the cache's layout: the same cache, bit for bit."""
