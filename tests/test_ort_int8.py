@@ -62,7 +62,7 @@ def test_lowered_linear_equals_the_qdq_reference(tmp_path, weight_bits, u8s8_saf
     assert ops == ["QuantizeLinear", "MatMulIntegerToFloat"], ops  # the bias Add is folded into the GEMM
     shifted = weight_bits == 8 and not u8s8_safe
     assert counts == {"int8_gemms": 0 if shifted else 1, "u8u8_gemms": 1 if shifted else 0, "float_matmuls": 0,
-                      "group_epilogues": 0, "group_quantizers": 0, "cache_writes": 0, "row_gemms": 0}
+                      "group_epilogues": 0, "group_quantizers": 0, "cache_writes": 0, "row_gemms": 0, "gelus": 0}
     q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear")
     zp = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == q.input[2]))
     assert zp.dtype == np.uint8 and int(zp) == 125  # int8 zero point -3 shifted by 128
@@ -77,7 +77,7 @@ def test_float_matmuls_are_left_alone(tmp_path):
     mm.input[0] = "x"  # activation not quantized: no integer GEMM possible
     counts = lower_for_ort(model, u8s8_safe=False)
     assert counts == {"int8_gemms": 0, "u8u8_gemms": 0, "float_matmuls": 1, "group_epilogues": 0, "group_quantizers": 0,
-                      "cache_writes": 0, "row_gemms": 0}
+                      "cache_writes": 0, "row_gemms": 0, "gelus": 0}
     assert "MatMul" in [n.op_type for n in model.graph.node]
     assert "QuantizeLinear" not in [n.op_type for n in model.graph.node]  # the dead Q is pruned
 
@@ -399,5 +399,7 @@ def test_var_ptq4arvg_lowers_to_fused_int8_nodes(tmp_path, attention):
     ops = [n.op_type for n in onnx.load(str(out / "model.ort.onnx")).graph.node]
     assert "Sub" not in ops and "DequantizeLinear" not in ops and "Gemm" not in ops
     assert ops.count("DynamicQuantizeMatMul") == 3
+    assert ops.count("If") == linears  # each linear's one-group branch and per-row branch
+    assert variant["gelus"] == ops.count("FastGelu") == 2 and "Tanh" not in ops  # the tanh GELU of each block
     assert ops.count("QuantizeLinear") == linears + (2 * 2 if matmuls else 0)  # one per linear; q and k^T per block
     _assert_lowering_exact(variant, FAST_TOL)
