@@ -34,6 +34,9 @@ scale, each decode step one token), an ``If`` on the group index takes the other
 a scalar ``a_scale`` and a ``[N]`` bias, which onnxruntime applies inside the GEMM's own output pass;
 the same numbers.
 
+torch's tanh GELU, exported as eight pointwise nodes, becomes onnxruntime's ``FastGelu`` (one pass, the same
+formula).
+
 The KV-cache writes (``index_copy`` along the position axis) export as ``Transpose ->
 ScatterND -> Transpose``, two more copies of the whole cache per write; they become one
 ``ScatterND`` on the cache's own layout.
@@ -46,7 +49,7 @@ saturate), the rows quantized per call to uint8 (per tensor, as onnxruntime's ``
 does). Only the linears the caller names (``row_gemms``: module-path globs matched on the weight's name,
 the family's ``default_exclude`` for the targets) are rewritten: a linear a user excluded stays float.
 This is the one approximation the lowering adds to the Q/DQ graph. Everything else (norms, attention)
-stays as exported.
+stays as exported (the fused GELU differs from the exported one by float rounding only).
 
 x86 without VNNI computes u8 x s8 with ``vpmaddubsw``, which saturates a pair of products in
 int16 unless |w| <= 64 (7-bit weights, ``weight-quant{reduce_range=true}``). A weight, or an
@@ -233,8 +236,8 @@ def lower_for_ort(model: onnx.ModelProto, *, u8s8_safe: bool, row_gemms: Sequenc
     because it could saturate), ``float_matmuls`` (MatMuls left in float), ``group_epilogues``
     (token-group epilogues folded into the GEMM's ``a_scale``), ``group_quantizers`` (token-group
     input grids as one per-row QuantizeLinear), ``cache_writes`` (Transpose/ScatterND/Transpose
-    triples made one ScatterND), ``row_gemms`` (float one-row linears made DynamicQuantizeMatMul).
-    """
+    triples made one ScatterND), ``row_gemms`` (float one-row linears made DynamicQuantizeMatMul), ``gelus``
+    (tanh GELUs made FastGelu)."""
     gr = _Graph(model)
     row_gemms = _quantize_row_gemms(gr, u8s8_safe, row_gemms) if row_gemms else 0
     u8_of: dict[str, tuple[str, str, str]] = {}  # int8 Q output -> (uint8 twin, scale, uint8 zero point)
