@@ -25,6 +25,18 @@ point comes back exactly through ``C``; with a per-row ``a_scale`` it scales its
 too, so the bias stays in the one ``Add``. A grid narrower than 8 bits (a ``Clip`` before the
 Q) keeps the exported input side and folds only the output side.
 
+That per-row form costs two passes over the GEMM's output (onnxruntime's single-threaded ``a_scale``
+pass and the ``Add``). When every token of a call is in one group ``g`` (each VAR step feeds one
+scale, each decode step one token), an ``If`` on the group index takes the other branch::
+
+    MatMulIntegerToFloat(., W, a_scale=s[g], bias=C[g])
+
+a scalar ``a_scale`` and a ``[N]`` bias, which onnxruntime applies inside the GEMM's own output pass;
+the same numbers.
+
+torch's tanh GELU, exported as eight pointwise nodes, becomes onnxruntime's ``FastGelu`` (one pass, the same
+formula).
+
 The KV-cache writes (``index_copy`` along the position axis) export as ``Transpose ->
 ScatterND -> Transpose``, two more copies of the whole cache per write; they become one
 ``ScatterND`` on the cache's own layout.
@@ -37,7 +49,7 @@ saturate), the rows quantized per call to uint8 (per tensor, as onnxruntime's ``
 does). Only the linears the caller names (``row_gemms``: module-path globs matched on the weight's name,
 the family's ``default_exclude`` for the targets) are rewritten: a linear a user excluded stays float.
 This is the one approximation the lowering adds to the Q/DQ graph. Everything else (norms, attention)
-stays as exported.
+stays as exported (the fused GELU differs from the exported one by float rounding only).
 
 x86 without VNNI computes u8 x s8 with ``vpmaddubsw``, which saturates a pair of products in
 int16 unless |w| <= 64 (7-bit weights, ``weight-quant{reduce_range=true}``). A weight, or an
@@ -47,6 +59,7 @@ uint8 as well (zero point 128): onnxruntime then uses its u8u8 kernel, exact but
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -63,6 +76,16 @@ def _attr(node, name, default=None):
     return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
+def _reads(node) -> list[str]:
+    """Every name ``node`` reads: its inputs and, for control flow (``If``), the outer names its branches use."""
+    names = [i for i in node.input if i]
+    for a in node.attribute:
+        for g in [a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs:
+            inner = {i.name for i in g.input} | {i.name for i in g.initializer} | {o for n in g.node for o in n.output}
+            names += [i for n in g.node for i in _reads(n) if i not in inner]
+    return names
+
+
 class _Graph:
     def __init__(self, model: onnx.ModelProto):
         self.g = model.graph
@@ -70,10 +93,11 @@ class _Graph:
         self.producer = {o: n for n in self.g.node for o in n.output}
         self.consumers: dict[str, list] = {}
         for n in self.g.node:
-            for i in n.input:
+            for i in _reads(n):
                 self.consumers.setdefault(i, []).append(n)
         self.outputs = {o.name for o in self.g.output}
         self._names = {n.name for n in self.g.node} | set(self.inits) | set(self.producer)
+        self.uniform: dict[str, tuple[str, str]] = {}  # token-group index -> (all equal, first group); see _uniform_groups
 
     def const(self, name: str):
         return numpy_helper.to_array(self.inits[name]) if name in self.inits else None
@@ -91,7 +115,7 @@ class _Graph:
         self.g.node.append(node)
         for o in node.output:
             self.producer[o] = node
-        for i in node.input:
+        for i in _reads(node):
             self.consumers.setdefault(i, []).append(node)
         return node.output[0]
 
@@ -212,13 +236,13 @@ def lower_for_ort(model: onnx.ModelProto, *, u8s8_safe: bool, row_gemms: Sequenc
     because it could saturate), ``float_matmuls`` (MatMuls left in float), ``group_epilogues``
     (token-group epilogues folded into the GEMM's ``a_scale``), ``group_quantizers`` (token-group
     input grids as one per-row QuantizeLinear), ``cache_writes`` (Transpose/ScatterND/Transpose
-    triples made one ScatterND), ``row_gemms`` (float one-row linears made DynamicQuantizeMatMul).
-    """
+    triples made one ScatterND), ``row_gemms`` (float one-row linears made DynamicQuantizeMatMul), ``gelus``
+    (tanh GELUs made FastGelu)."""
     gr = _Graph(model)
     row_gemms = _quantize_row_gemms(gr, u8s8_safe, row_gemms) if row_gemms else 0
     u8_of: dict[str, tuple[str, str, str]] = {}  # int8 Q output -> (uint8 twin, scale, uint8 zero point)
     counts = {"int8_gemms": 0, "u8u8_gemms": 0, "float_matmuls": 0, "group_epilogues": 0, "group_quantizers": 0,
-              "cache_writes": _fold_cache_writes(gr), "row_gemms": row_gemms}
+              "cache_writes": _fold_cache_writes(gr), "row_gemms": row_gemms, "gelus": _fuse_tanh_gelu(gr)}
     replaced: list = []
     grouped_u8: dict[str, str] = {}  # int8 Q output -> its per-row uint8 QuantizeLinear
 
@@ -267,28 +291,46 @@ def lower_for_ort(model: onnx.ModelProto, *, u8s8_safe: bool, row_gemms: Sequenc
         w = gr.const(b_name)
         n_out = w.shape[-1] if w is not None else None
         epi = _group_epilogue(gr, mm, n_out) if n_out is not None and float(gr.const(a[1])) == 1.0 else None
-        if epi is not None:  # the per-row scale into a_scale, the rest into one Add
+        if epi is not None:
             a_in = group_quantize(q_a, epi["scale"], epi["groups"]) or a[0]
-            s_row = _gather(gr, gr.add_init(f"{mm.output[0]}_row_scale", epi["scale"].reshape(-1, 1).astype(np.float32)),
-                            epi["groups"])
-            gemm_out = gr.fresh(f"{mm.output[0]}_scaled") if epi["bias"] or epi["offset"] is not None else epi["out"]
-            a = (a_in, s_row, a[2])
             replaced.append(gr.producer[epi["out"]])  # its output is produced anew below; the chain before it dies
-            if epi["offset"] is not None:
-                c = _gather(gr, gr.add_init(f"{mm.output[0]}_row_offset", epi["offset"]), epi["groups"])
-                gr.append(helper.make_node("Add", [gemm_out, c], [epi["out"]], name=gr.fresh(f"{mm.name}_offset")))
-            elif epi["bias"]:
-                gr.append(helper.make_node("Add", [gemm_out, epi["bias"]], [epi["out"]], name=gr.fresh(f"{mm.name}_bias")))
-            out = gemm_out
+            scale = gr.add_init(f"{mm.output[0]}_row_scale", epi["scale"].reshape(-1, 1).astype(np.float32))
+            offset = gr.add_init(f"{mm.output[0]}_row_offset", epi["offset"]) if epi["offset"] is not None else None
+            same, first = _uniform_groups(gr, epi["groups"])
+            branches = []
+            for index in (first, epi["groups"]):  # If(one group): scalar scale, offset as the bias; else per row
+                nodes = [_gather_node(gr, scale, index)]
+                c = epi["bias"] or ""
+                if offset is not None:
+                    nodes.append(_gather_node(gr, offset, index))
+                    c = nodes[-1].output[0]
+                if index == first:  # [1] a_scale and [N] bias fuse into the GEMM's output pass
+                    gemm_in, add = [a_in, b_name, nodes[0].output[0], b_scale, a[2], b_zp, c], None
+                else:  # a [T, 1] a_scale is one more pass, which would scale the bias too: the offset is one Add
+                    gemm_in, add = [a_in, b_name, nodes[0].output[0], b_scale, a[2], b_zp], c
+                while gemm_in[-1] == "":
+                    gemm_in.pop()
+                out = gr.fresh(f"{epi['out']}_{'one_group' if index == first else 'rows'}")
+                gemm_out = gr.fresh(f"{out}_scaled") if add else out
+                nodes.append(helper.make_node("MatMulIntegerToFloat", gemm_in, [gemm_out], domain=MS_DOMAIN,
+                                              name=gr.fresh(f"{mm.name or mm.output[0]}_int8")))
+                if add:
+                    nodes.append(helper.make_node("Add", [gemm_out, add], [out], name=gr.fresh(f"{mm.name}_offset")))
+                branches.append(helper.make_graph(nodes, gr.fresh(f"{mm.name}_branch"), [],
+                                                  [helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None)]))
+            gr.append(helper.make_node("If", [same], [epi["out"]], then_branch=branches[0], else_branch=branches[1],
+                                       name=gr.fresh(f"{mm.name or mm.output[0]}_groups")))
+            replaced.append(mm)
             counts["group_epilogues"] += 1
-        else:
-            add = gr.consumers.get(out, [])
-            if out not in gr.outputs and len(add) == 1 and add[0].op_type == "Add":
-                other = _other(add[0], out)
-                c = gr.const(other)
-                if c is not None and c.ndim == 1 and c.dtype == np.float32 and c.shape[0] == n_out:
-                    bias, out = other, add[0].output[0]
-                    replaced.append(add[0])
+            counts["u8u8_gemms" if shifted else "int8_gemms"] += 1
+            continue
+        add = gr.consumers.get(out, [])
+        if out not in gr.outputs and len(add) == 1 and add[0].op_type == "Add":
+            other = _other(add[0], out)
+            c = gr.const(other)
+            if c is not None and c.ndim == 1 and c.dtype == np.float32 and c.shape[0] == n_out:
+                bias, out = other, add[0].output[0]
+                replaced.append(add[0])
         inputs = [a[0], b_name, a[1], b_scale, a[2], b_zp, bias]
         while inputs[-1] == "":
             inputs.pop()
@@ -343,10 +385,67 @@ def _quantize_row_gemms(gr: _Graph, u8s8_safe: bool, patterns: Sequence[str]) ->
     return done
 
 
+def _operand_of(gr: _Graph, node, op_type: str, value: float) -> str | None:
+    """The other input of binary ``node`` (of ``op_type``) when one input is the scalar constant ``value``."""
+    if node is None or node.op_type != op_type or len(node.input) != 2:
+        return None
+    for i in (0, 1):
+        c = gr.const(node.input[i])
+        if c is not None and c.size == 1 and np.isclose(float(c.reshape(())), value, rtol=1e-6, atol=0):
+            return node.input[1 - i]
+    return None
+
+
+def _fuse_tanh_gelu(gr: _Graph) -> int:
+    """torch's tanh GELU as exported, ``x * (0.5 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3))))`` (eight passes
+    over the activation: Pow, Mul, Add, Mul, Tanh, Add, Mul, Mul), becomes onnxruntime's ``FastGelu(x)``: the same
+    formula in one pass. Returns the number fused."""
+    def sole(name: str, node) -> bool:  # an intermediate only the chain reads
+        return name not in gr.outputs and gr.consumers.get(name, []) == [node]
+
+    done = 0
+    for t in [n for n in gr.g.node if n.op_type == "Tanh"]:
+        scaled = gr.producer.get(t.input[0])
+        inner = _operand_of(gr, scaled, "Mul", math.sqrt(2 / math.pi))
+        add = gr.producer.get(inner) if inner and sole(t.input[0], t) and sole(inner, scaled) else None
+        x = None
+        for i in (0, 1) if add is not None and add.op_type == "Add" else ():
+            cube_mul = gr.producer.get(add.input[1 - i])
+            cube = _operand_of(gr, cube_mul, "Mul", 0.044715)
+            pow_ = gr.producer.get(cube) if cube else None
+            if (pow_ is not None and _operand_of(gr, pow_, "Pow", 3.0) == add.input[i] and pow_.input[0] == add.input[i]
+                    and sole(add.input[1 - i], add) and sole(cube, cube_mul)):
+                x = add.input[i]
+        one = _only_consumer(gr, t.output[0], "Add") if x else None
+        half = _only_consumer(gr, one.output[0], "Mul") if one and _operand_of(gr, one, "Add", 1.0) == t.output[0] else None
+        last = _only_consumer(gr, half.output[0], "Mul") if half and _operand_of(gr, half, "Mul", 0.5) == one.output[0] else None
+        if last is None or _other(last, half.output[0]) != x:
+            continue
+        gr.g.node.remove(last)  # its output is produced anew below; the chain before it dies
+        gr.append(helper.make_node("FastGelu", [x], list(last.output), domain=MS_DOMAIN, name=gr.fresh(f"{last.name}_fast_gelu")))
+        done += 1
+    return done
+
+
+def _gather_node(gr: _Graph, table: str, index: str):
+    """A ``Gather(table, index)`` node along axis 0 (not added to any graph)."""
+    return helper.make_node("Gather", [table, index], [gr.fresh(f"{table}_gathered")], axis=0, name=gr.fresh(f"{table}_gather"))
+
+
 def _gather(gr: _Graph, table: str, index: str) -> str:
     """``Gather(table, index)`` along axis 0, appended; returns its output."""
-    out = gr.fresh(f"{table}_gathered")
-    return gr.append(helper.make_node("Gather", [table, index], [out], axis=0, name=gr.fresh(f"{table}_gather")))
+    return gr.append(_gather_node(gr, table, index))
+
+
+def _uniform_groups(gr: _Graph, groups: str) -> tuple[str, str]:
+    """(every token of the call in one group, that group) for the token-group index ``groups``, built once per index."""
+    if groups not in gr.uniform:
+        def node(op: str, inputs: list[str], **attrs) -> str:
+            return gr.append(helper.make_node(op, inputs, [gr.fresh(f"{groups}_{op.lower()}")], name=gr.fresh(f"{groups}_{op.lower()}"), **attrs))
+
+        same = node("Equal", [node("ReduceMin", [groups], keepdims=0), node("ReduceMax", [groups], keepdims=0)])
+        gr.uniform[groups] = same, node("Gather", [groups, gr.add_init("first_token", np.array(0, np.int64))], axis=0)
+    return gr.uniform[groups]
 
 
 def _fold_cache_writes(gr: _Graph) -> int:
@@ -449,7 +548,7 @@ def _prune(model: onnx.ModelProto) -> None:
         n = producer.get(name)
         if n is not None and id(n) not in keep:
             keep.add(id(n))
-            stack.extend(i for i in n.input if i)
+            stack.extend(_reads(n))
     for n in [n for n in g.node if id(n) not in keep]:
         g.node.remove(n)
     for i in [i for i in g.initializer if i.name not in needed]:
@@ -465,7 +564,7 @@ def _toposort(model: onnx.ModelProto) -> None:
     while pending:
         progressed = False
         for n in list(pending):
-            if all(i in ready for i in n.input):
+            if all(i in ready for i in _reads(n)):
                 ordered.append(n)
                 ready.update(n.output)
                 pending.remove(n)

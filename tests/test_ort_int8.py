@@ -62,7 +62,7 @@ def test_lowered_linear_equals_the_qdq_reference(tmp_path, weight_bits, u8s8_saf
     assert ops == ["QuantizeLinear", "MatMulIntegerToFloat"], ops  # the bias Add is folded into the GEMM
     shifted = weight_bits == 8 and not u8s8_safe
     assert counts == {"int8_gemms": 0 if shifted else 1, "u8u8_gemms": 1 if shifted else 0, "float_matmuls": 0,
-                      "group_epilogues": 0, "group_quantizers": 0, "cache_writes": 0, "row_gemms": 0}
+                      "group_epilogues": 0, "group_quantizers": 0, "cache_writes": 0, "row_gemms": 0, "gelus": 0}
     q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear")
     zp = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == q.input[2]))
     assert zp.dtype == np.uint8 and int(zp) == 125  # int8 zero point -3 shifted by 128
@@ -77,7 +77,7 @@ def test_float_matmuls_are_left_alone(tmp_path):
     mm.input[0] = "x"  # activation not quantized: no integer GEMM possible
     counts = lower_for_ort(model, u8s8_safe=False)
     assert counts == {"int8_gemms": 0, "u8u8_gemms": 0, "float_matmuls": 1, "group_epilogues": 0, "group_quantizers": 0,
-                      "cache_writes": 0, "row_gemms": 0}
+                      "cache_writes": 0, "row_gemms": 0, "gelus": 0}
     assert "MatMul" in [n.op_type for n in model.graph.node]
     assert "QuantizeLinear" not in [n.op_type for n in model.graph.node]  # the dead Q is pruned
 
@@ -179,29 +179,61 @@ def _group_linear_model(*, symmetric: bool, bias: bool, qmax: int, rng) -> onnx.
 
 @pytest.mark.parametrize("symmetric,bias,qmax", [(False, True, 127), (True, True, 127), (True, False, 127), (False, True, 31)])
 def test_token_group_epilogue_folds_into_the_gemm(tmp_path, symmetric, bias, qmax):
-    """The STWQ epilogue becomes MatMulIntegerToFloat's per-row a_scale plus at most one Add (bias minus the
-    zero-point correction, gathered per group), the input grid one per-row QuantizeLinear; same numbers."""
+    """The STWQ epilogue folds into MatMulIntegerToFloat, the input grid into one per-row QuantizeLinear. When all
+    tokens of a call share a group (every VAR step) the GEMM takes that group's scale as a scalar a_scale and its
+    offset (bias minus the zero-point correction) as its bias: no pass after the GEMM. Tokens of several groups
+    take the per-row a_scale plus at most one Add of the gathered offsets. Same numbers either way."""
     rng = np.random.default_rng(0)
     model = _group_linear_model(symmetric=symmetric, bias=bias, qmax=qmax, rng=rng)
     x = (rng.standard_normal((2, 7, K)) * 2).astype(np.float32)
     x[0, 0, :4] = [100.0, -100.0, 1e-3, 0.0]  # both clamps and the zero point
-    groups = rng.integers(0, 3, 7).astype(np.int64)
+    feeds = [{"x": x, "groups": rng.integers(0, 3, 7).astype(np.int64)}, {"x": x, "groups": np.full(7, 2, np.int64)}]
     onnx.save(model, tmp_path / "ref.onnx")
-    ref = make_session(tmp_path / "ref.onnx", "reference").run(None, {"x": x, "groups": groups})[0]
+    ref = [make_session(tmp_path / "ref.onnx", "reference").run(None, f)[0] for f in feeds]
 
     counts = lower_for_ort(model, u8s8_safe=True)
     onnx.save(model, tmp_path / "low.onnx")
-    got = make_session(tmp_path / "low.onnx", "fast").run(None, {"x": x, "groups": groups})[0]
+    got = [make_session(tmp_path / "low.onnx", "fast").run(None, f)[0] for f in feeds]
     ops = [n.op_type for n in model.graph.node]
     narrow = qmax < 127  # the Clip keeps the exported input side; the output side still folds
     assert counts["group_epilogues"] == 1 and counts["group_quantizers"] == (0 if narrow else 1)
-    assert ops.count("MatMulIntegerToFloat") == 1 and "Sub" not in ops
-    assert ops.count("Add") == (1 if narrow else 0) + (1 if bias or not symmetric else 0)
+    assert ops.count("If") == 1 and "MatMulIntegerToFloat" not in ops and "Sub" not in ops
+    assert ops.count("Add") == (1 if narrow else 0)
     assert ops.count("Mul") == (1 if narrow else 0)  # x * inv_s only where the input side stays
     q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear")
     assert (q.input[1] in {i.name for i in model.graph.initializer}) == narrow  # per-row scale: a Gather output
-    rel = float(np.abs(got - ref).max() / np.abs(ref).max())
-    assert rel < 1e-6, f"max relative diff {rel:.2e}"
+    branch = next(n for n in model.graph.node if n.op_type == "If")
+    one, rows = (helper.get_attribute_value(a) for a in sorted(branch.attribute, key=lambda a: a.name != "then_branch"))
+    offset = bias or not symmetric
+    assert [n.op_type for n in one.node if n.op_type != "Gather"] == ["MatMulIntegerToFloat"]  # bias fused, if any
+    assert len(one.node[-1].input) == (7 if offset else 5)
+    assert [n.op_type for n in rows.node if n.op_type != "Gather"] == ["MatMulIntegerToFloat"] + ["Add"] * offset
+    for r, g in zip(ref, got):
+        rel = float(np.abs(g - r).max() / np.abs(r).max())
+        assert rel < 1e-6, f"max relative diff {rel:.2e}"
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_tanh_gelu_becomes_fast_gelu(tmp_path, shared):
+    """torch's tanh GELU as exported (Pow, Mul, Add, Mul, Tanh, Add, Mul, Mul) becomes one FastGelu with the same
+    numbers; a chain whose intermediate another node reads stays as it is."""
+    c = {"three": 3.0, "cubic": 0.044715, "k": float(np.sqrt(2 / np.pi)), "one": 1.0, "half": 0.5}
+    nodes = [helper.make_node("Pow", ["x", "three"], ["p"]), helper.make_node("Mul", ["cubic", "p"], ["m1"]),
+             helper.make_node("Add", ["x", "m1"], ["a1"]), helper.make_node("Mul", ["k", "a1"], ["m2"]),
+             helper.make_node("Tanh", ["m2"], ["t"]), helper.make_node("Add", ["t", "one"], ["a2"]),
+             helper.make_node("Mul", ["half", "a2"], ["m3"]), helper.make_node("Mul", ["x", "m3"], ["y"])]
+    outputs = ["y"] + (["a1"] if shared else [])
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "t", K])],
+                          [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+                          initializer=[numpy_helper.from_array(np.float32(v), n) for n, v in c.items()])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)
+    x = (np.random.default_rng(0).standard_normal((2, 7, K)) * 4).astype(np.float32)
+    ref = _run(model, x, tmp_path, "ref", "reference")
+    assert lower_for_ort(model, u8s8_safe=True)["gelus"] == (0 if shared else 1)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops == (["Pow", "Mul", "Add", "Mul", "Tanh", "Add", "Mul", "Mul"] if shared else ["FastGelu"])
+    got = _run(model, x, tmp_path, "low", "fast")
+    assert float(np.abs(got - ref).max() / np.abs(ref).max()) < 1e-6
 
 
 def test_cache_write_transposes_are_folded(tmp_path):
@@ -367,5 +399,7 @@ def test_var_ptq4arvg_lowers_to_fused_int8_nodes(tmp_path, attention):
     ops = [n.op_type for n in onnx.load(str(out / "model.ort.onnx")).graph.node]
     assert "Sub" not in ops and "DequantizeLinear" not in ops and "Gemm" not in ops
     assert ops.count("DynamicQuantizeMatMul") == 3
+    assert ops.count("If") == linears  # each linear's one-group branch and per-row branch
+    assert variant["gelus"] == ops.count("FastGelu") == 2 and "Tanh" not in ops  # the tanh GELU of each block
     assert ops.count("QuantizeLinear") == linears + (2 * 2 if matmuls else 0)  # one per linear; q and k^T per block
     _assert_lowering_exact(variant, FAST_TOL)
