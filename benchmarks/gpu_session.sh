@@ -16,7 +16,7 @@ FP16_INT8=torch-fp16-graphs,cuda-int8
 bench() {  # NAME SECONDS ARGS...: tools.bench with the override pipeline, JSON and log as $OUT/NAME.*
   local name=$1 limit=$2; shift 2
   timeout "$limit" python -m tools.bench --pipeline "$P" --json "$OUT/$name.json" "$@" > "$OUT/$name.log" 2>&1
-  grep -A6 "^workload" "$OUT/$name.log" | grep -v "^---" | cut -c1-180; grep -i "error" "$OUT/$name.log" | tail -3
+  grep -A6 "^workload" "$OUT/$name.log" | grep -v "^---" | cut -c1-180; grep -i "error" "$OUT/$name.log" | tail -3 || true
 }
 
 tests() {  # NAME SECONDS FILES...: pytest, one line per test in $OUT/NAME.log

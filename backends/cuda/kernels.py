@@ -200,8 +200,8 @@ def _qkv_epilogue(y, rows, row_ok, pid_n, N, tokens, q_ptr, kc_ptr, vc_ptr, inde
     """An attention's qkv projection written where attention reads it: q (L2-normalized per head, times its
     head's gain: VAR's cosine attention) as ``[M, C]`` rows, k (normalized) and v into the KV caches at the
     tokens' positions. A tile is one head (BLOCK_N = D) of one of q, k, v, so the norm is a row sum. The
-    factors are selects, not branches: a branch yielding values inside the persistent, flattened tile loop
-    fails to compile. Offsets are int32 (the host checks the sizes): int64 tiles of them spill."""
+    factors are selects, not branches (Triton 3.6 failed to compile a branch yielding values in the persistent
+    tile loop); each part has its own store. Offsets are int32 (the host checks the sizes): int64 tiles spill."""
     C = N // 3
     part = (pid_n * BLOCK_N) // C  # 0: q, 1: k, 2: v
     head = (pid_n * BLOCK_N - part * C) // BLOCK_N
