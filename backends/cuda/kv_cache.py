@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from backends.cuda import ops, reference
-from backends.cuda.lower import gemm_input, qlinear
+from backends.cuda.lower import _is, _only_user, gemm_input, qlinear
 
 Tensor = torch.Tensor
 
@@ -221,10 +221,9 @@ def qlinear_qkv(a: Tensor, w: Tensor, w_scale: Tensor, colsum: Tensor, a_scale: 
     else:  # few rows (a float GEMM), an odd head size or gain, or no GPU: the projection, then the torch ops
         y = qlinear(a, w, w_scale, colsum, a_scale, a_zero, bias, groups, min_rows=min_rows,
                     a_inv_scale=a_inv_scale, in_qmin=in_qmin, in_qmax=in_qmax).reshape(B * T, -1)
-        q = reference.qkv_heads(y, T, k_cache, v_cache, index, None if gain is None or not per_head
-                                else gain.reshape(-1), D, normalize, eps)
-        if not per_head:
-            q = (q.view(B, T, H, D).transpose(1, 2) * gain).transpose(1, 2).to(k_cache.dtype)
+        q = reference.qkv_heads(y, T, k_cache, v_cache, index, None, D, normalize, eps)
+        if gain is not None:  # as the traced step multiplies it: broadcast over [B, H, T, D]
+            return (q.reshape(B, T, H, D).transpose(1, 2) * gain).to(k_cache.dtype)
     return q.reshape(B, T, H, D).transpose(1, 2)
 
 
@@ -245,18 +244,10 @@ def _(a, w, w_scale, colsum, a_scale, a_zero, bias, groups, k_cache, v_cache, in
 qlinear_qkv = torch.ops.arvgq_cuda.qlinear_qkv.default
 
 
-def _call(n, target) -> bool:
-    return isinstance(n, fx.Node) and n.op in ("call_function", "call_method") and n.target == target
-
-
-def _sole_user(n: fx.Node):
-    return next(iter(n.users)) if len(n.users) == 1 else None
-
-
 def _normalized(n: fx.Node) -> tuple[fx.Node, float | None]:
     """``(F.normalize(n, dim=-1) or n, its eps or None)``: the L2 normalization over the head when n has it."""
-    u = _sole_user(n)
-    if _call(u, F.normalize) and u.args[0] is n and len(u.args) == 1 and u.kwargs.get("p", 2.0) == 2.0 and \
+    u = _only_user(n)
+    if _is(u, F.normalize) and u.args[0] is n and len(u.args) == 1 and u.kwargs.get("p", 2.0) == 2.0 and \
             u.kwargs.get("dim", 1) == -1:
         return u, float(u.kwargs.get("eps", 1e-12))
     return n, None
@@ -268,30 +259,30 @@ def _qkv_match(lin: fx.Node) -> dict | None:
     kw = lin.kwargs
     if kw.get("gelu") or kw.get("swiglu") or kw.get("out_inv_scale") is not None:
         return None
-    uf = _sole_user(lin)
-    if not (_call(uf, "unflatten") and len(uf.args) == 3 and uf.args[1] == -1
+    uf = _only_user(lin)
+    if not (_is(uf, "unflatten") and len(uf.args) == 3 and uf.args[1] == -1
             and isinstance(uf.args[2], (tuple, list)) and len(uf.args[2]) == 3 and uf.args[2][0] == 3):
         return None
-    perm = _sole_user(uf)
-    if not (_call(perm, "permute") and tuple(perm.args[1:]) == (2, 0, 3, 1, 4)):
+    perm = _only_user(uf)
+    if not (_is(perm, "permute") and tuple(perm.args[1:]) == (2, 0, 3, 1, 4)):
         return None
-    ub = _sole_user(perm)
-    if not (_call(ub, "unbind") and tuple(ub.args[1:]) in ((), (0,)) and not ub.kwargs):
+    ub = _only_user(perm)
+    if not (_is(ub, "unbind") and tuple(ub.args[1:]) in ((), (0,)) and not ub.kwargs):
         return None
-    parts = {u.args[1]: u for u in ub.users if _call(u, operator.getitem)}
+    parts = {u.args[1]: u for u in ub.users if _is(u, operator.getitem)}
     if sorted(parts) != [0, 1, 2] or len(ub.users) != 3:
         return None
     q, q_eps = _normalized(parts[0])
     k, k_eps = _normalized(parts[1])
     if q_eps != k_eps:
         return None
-    gain, mul = None, _sole_user(q)
-    if _call(mul, operator.mul) and len(mul.args) == 2 and mul.args[0] is q and isinstance(mul.args[1], fx.Node):
+    gain, mul = None, _only_user(q)
+    if _is(mul, operator.mul) and len(mul.args) == 2 and mul.args[0] is q and isinstance(mul.args[1], fx.Node):
         q, gain = mul, mul.args[1]
-    writes = [_sole_user(k), _sole_user(parts[2])]
-    if not all(_call(wr, kv_write) and wr.args[1] == 2 and wr.args[3] is v for wr, v in zip(writes, (k, parts[2]))):
+    writes = [_only_user(k), _only_user(parts[2])]
+    if not all(_is(wr, kv_write) and wr.args[1] == 2 and wr.args[3] is v for wr, v in zip(writes, (k, parts[2]))):
         return None
-    if writes[0].args[2] is not writes[1].args[2] or q in (parts[1], parts[2]):
+    if writes[0].args[2] is not writes[1].args[2]:  # one index: the kernel writes both at the same positions
         return None
     return {"q": q, "gain": gain, "writes": writes, "eps": q_eps}
 
