@@ -45,7 +45,7 @@ from torch import nn
 from core.errors import UserError
 from frontends.families import Family, layout, meta_model, register_family, tensor_shape
 from frontends.generic import ModelBundle, step_dynamic_shapes, strict_load
-from frontends.sampling import image_generators, multinomial_rows
+from frontends.sampling import filter_top_k_top_p, image_generators, multinomial_rows
 from frontends.var import AdaLNBeforeHead  # VAR's head norm: same names, same math (width, norm_eps)
 
 MAX_SCALE_MUL = math.log(100)  # clamp of the learnt attention temperature, as the official model
@@ -453,19 +453,6 @@ class InfinitySamples(NamedTuple):
     codes: torch.Tensor  # summed BSQ codes [B, d, 1, H, W]: what the VAE decodes
 
 
-def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """The official filter (top-k, then the nucleus of mass top_p, always keeping the most likely)."""
-    if top_k > 0:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, -torch.inf)
-    if top_p > 0:
-        ascending, order = logits.sort(dim=-1)
-        drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
-        drop[..., -1] = False
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), -torch.inf)
-    return logits
-
-
 @torch.no_grad()
 def sample_bits(model: Infinity, features_BLT: torch.Tensor, mask_BL: torch.Tensor, *, ratio: float = 1.0,
                 cfg: float = 4.0, tau: float = 0.5, top_k: int = 900, top_p: float = 0.97, seed: int = 0,
@@ -493,7 +480,7 @@ def sample_bits(model: Infinity, features_BLT: torch.Tensor, mask_BL: torch.Tens
         logits, k_cache, v_cache = step(*model.step_inputs(si, ratio, x, cond, text, text_bias, k_cache, v_cache))
         logits = torch.as_tensor(logits).to(device) / tau
         mixed = cfg * logits[:B] - (cfg - 1) * logits[B:]
-        probs = _filter_top_k_top_p(mixed.reshape(B, -1, 2), top_k, top_p).softmax(dim=-1)
+        probs = filter_top_k_top_p(mixed.reshape(B, -1, 2), top_k, top_p).softmax(dim=-1)
         if on_probs is not None:
             on_probs(si, probs)
         if fixed_bits is None:

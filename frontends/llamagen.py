@@ -45,7 +45,7 @@ from core.errors import UserError
 from frontends import vq16
 from frontends.families import Family, register_family
 from frontends.generic import ModelBundle, load_checkpoint, step_dynamic_shapes, strict_load
-from frontends.sampling import image_generators, multinomial_rows, on_device
+from frontends.sampling import filter_top_k_top_p, image_generators, multinomial_rows, on_device
 
 CLS_TOKEN_NUM = 1  # class-conditional models condition on one token
 
@@ -293,24 +293,10 @@ LlamaGenStep = Transformer  # the traced step module is the model itself (module
 
 # ------------------------------------------------------------------------------------ sampling
 
-def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Set to -inf what top-k / nucleus (top-p) filtering drops (HF semantics, as the official code)."""
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        above = F.softmax(sorted_logits, dim=-1).cumsum(-1) > top_p
-        above[..., 1:] = above[..., :-1].clone()  # keep the first token that crosses top_p
-        above[..., 0] = False
-        logits = logits.masked_fill(above.scatter(-1, order, above), float("-inf"))
-    return logits
-
-
 def sample(logits: torch.Tensor, generators: list[torch.Generator], temperature: float, top_k: int,
            top_p: float) -> torch.Tensor:
     """One token per position: ``logits [B,S,V]`` -> ``[B,S]``, image b drawn from ``generators[b]``."""
-    probs = F.softmax(filter_logits(logits / max(temperature, 1e-5), top_k, top_p), dim=-1)
+    probs = F.softmax(filter_top_k_top_p(logits / max(temperature, 1e-5), top_k, top_p, rule="hf"), dim=-1)
     return multinomial_rows(probs, generators)
 
 

@@ -42,6 +42,39 @@ def multinomial_rows(probs: torch.Tensor, generators: list[torch.Generator]) -> 
     return (probs / q).argmax(-1)
 
 
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float, *, rule: str = "var") -> torch.Tensor:
+    """``logits`` with -inf where top-k, then nucleus (top-p) filtering drops a token, over the last dim.
+
+    Top-k keeps the logits >= the k-th largest (ties with it included); ``top_k <= 0`` keeps all. The nucleus
+    follows the family's official code: ``rule="var"`` (VAR, Infinity: ``top_p > 0`` drops the least likely
+    tokens while their cumulative mass, summed from the least likely, is <= 1 - top_p) or ``"hf"`` (LlamaGen:
+    ``top_p < 1`` drops the tokens after the cumulative mass, from the most likely, exceeds top_p; the token
+    that crosses it stays). The most likely token always stays.
+
+    One descending sort serves both filters: the k-th largest is its k-th entry, and the nucleus sums the
+    same sorted values as the official code's sort of the top-k-filtered logits, so the probabilities and their
+    sums are the same numbers (only equal logits at the nucleus' edge may be ordered otherwise). The official
+    order (``topk``, then a sort of the filtered logits) sorts twice."""
+    if rule not in ("var", "hf"):
+        raise ValueError(f"unknown nucleus rule {rule!r}: 'var' or 'hf'")
+    k = min(top_k, logits.shape[-1])
+    if not (top_p > 0 if rule == "var" else top_p < 1):
+        if k <= 0:
+            return logits
+        return logits.masked_fill(logits < logits.topk(k, dim=-1).values[..., -1:], -torch.inf)
+    desc, order = logits.sort(dim=-1, descending=True)
+    if k > 0:
+        desc = desc.masked_fill(desc < desc[..., k - 1 : k], -torch.inf)
+    if rule == "var":  # mass summed from the least likely, as the official ascending sort sums it
+        drop = (desc.flip(-1).softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p).flip(-1)
+    else:  # a token goes when the tokens before it already hold more than top_p
+        crossed = desc.softmax(dim=-1).cumsum(dim=-1) > top_p
+        drop = torch.cat((torch.zeros_like(crossed[..., :1]), crossed[..., :-1]), dim=-1)
+    drop[..., 0] = False  # the most likely token
+    drop |= desc == -torch.inf  # top-k's
+    return logits.masked_fill(drop.scatter(-1, order, drop), -torch.inf)
+
+
 def on_device(device: torch.device, *tensors: torch.Tensor) -> tuple:
     """Step inputs moved to the model's device: the drivers build them on the CPU, a GPU step needs them there."""
     return tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in tensors)

@@ -42,7 +42,7 @@ from torch import nn
 from core.errors import UserError
 from frontends.families import Family, layout, meta_model, register_family, tensor_shape
 from frontends.generic import ModelBundle, step_dynamic_shapes, strict_load
-from frontends.sampling import image_generators, multinomial_rows
+from frontends.sampling import filter_top_k_top_p, image_generators, multinomial_rows
 from frontends.var_vqvae import VQVAE, MultiScaleQuantizer, VQVAEConfig, load_vqvae
 
 MAX_SCALE_MUL = math.log(100)  # clamp of the learnt attention temperature, as the official model
@@ -305,21 +305,8 @@ def standin_quantizer(cfg: VARConfig) -> MultiScaleQuantizer:
         return MultiScaleQuantizer(vq_cfg).eval()
 
 
-def _filter_top_k_top_p(logits_BTV: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Set to -inf the logits outside the top-k, then those outside the nucleus of mass top_p."""
-    if top_k > 0:
-        kth = logits_BTV.topk(min(top_k, logits_BTV.shape[-1]), dim=-1).values[..., -1:]
-        logits_BTV = logits_BTV.masked_fill(logits_BTV < kth, -torch.inf)
-    if top_p > 0:
-        ascending, order = logits_BTV.sort(dim=-1)
-        drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
-        drop[..., -1] = False  # always keep the most likely token
-        logits_BTV = logits_BTV.masked_fill(drop.scatter(-1, order, drop), -torch.inf)
-    return logits_BTV
-
-
 def _probs(logits_BTV: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    return _filter_top_k_top_p(logits_BTV, top_k, top_p).softmax(dim=-1)
+    return filter_top_k_top_p(logits_BTV, top_k, top_p).softmax(dim=-1)
 
 
 def edit_mask(patch_nums: tuple[int, ...], box: tuple[float, float, float, float], *, inpainting: bool) -> torch.Tensor:

@@ -11,7 +11,8 @@ from torch import fx
 from core.errors import UserError
 from frontends import load_model, trace, vq16
 from frontends.families import bundle_from_state_dict
-from frontends.llamagen import CONFIGS, Transformer, build, checkpoint_config, detect, filter_logits, generate
+from frontends.llamagen import CONFIGS, Transformer, build, checkpoint_config, detect, generate
+from frontends.sampling import filter_top_k_top_p
 
 
 def random_model(cls, cfg, seed=0):
@@ -163,9 +164,9 @@ def test_first_image_does_not_depend_on_batch_size_and_traced_step_samples_the_s
 
 def test_filter_logits_top_k_and_top_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    assert torch.isinf(filter_logits(logits, top_k=2, top_p=1.0)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_top_k_top_p(logits, 2, 1.0, rule="hf")).tolist() == [[False, False, True, True]]
     # nucleus keeps the smallest prefix whose mass reaches top_p: 0.5 + 0.3 >= 0.7
-    assert torch.isinf(filter_logits(logits, top_k=0, top_p=0.7)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_top_k_top_p(logits, 0, 0.7, rule="hf")).tolist() == [[False, False, True, True]]
 
 
 def test_vq_decode_and_encode_shapes():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from core.errors import UserError
 from frontends import trace
@@ -17,7 +18,7 @@ from frontends.var import (
     generate,
     sample_tokens,
 )
-from frontends.var_vqvae import VQVAE, VQVAE_CONFIGS
+from frontends.var_vqvae import VQVAE, VQVAE_CONFIGS, bicubic_upsample
 
 TINY = CONFIGS["tiny"]
 
@@ -168,6 +169,14 @@ def test_generation_is_deterministic_per_image(tiny):
     assert pair.images.shape == (2, 3, 32, 32)
     assert 0 <= pair.images.min() and pair.images.max() <= 1
     torch.testing.assert_close(pair.images[:1], alone.images, rtol=0, atol=1e-4)  # conv sums vary with batch
+
+
+@pytest.mark.parametrize("shape,size", [((2, 3, 1, 1), 16), ((2, 3, 5, 5), 16), ((4, 32, 10, 10), 16),
+                                        ((1, 2, 4, 6), 9)])
+def test_bicubic_upsample_is_torch_bicubic(shape, size):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(size))
+    expected = F.interpolate(x, size=(size, size), mode="bicubic")
+    assert torch.allclose(bicubic_upsample(x, size), expected, atol=1e-5, rtol=0)
 
 
 def test_vqvae_round_trip_shapes(tiny):

@@ -1,8 +1,8 @@
-"""frontends.sampling.multinomial_rows: torch.multinomial's draws, image by image, without its host syncs."""
+"""frontends.sampling: torch.multinomial's draws without its host syncs; top-k / top-p filtering in one sort."""
 import pytest
 import torch
 
-from frontends.sampling import image_generators, multinomial_rows
+from frontends.sampling import filter_top_k_top_p, image_generators, multinomial_rows
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -56,3 +56,46 @@ def test_bad_probabilities_are_refused(bad):
         multinomial_rows(probs, image_generators(0, 2))
     with pytest.raises(ValueError):  # one generator per image
         multinomial_rows(_probs((2, 3, 10), 3, "cpu"), image_generators(0, 3))
+
+
+def _official(logits, top_k, top_p, rule):
+    """The official order: top-k by ``topk``, then a sort of the filtered logits for the nucleus (VAR's
+    ``sample_with_top_k_top_p_``, HF's ``TopPLogitsWarper`` for LlamaGen)."""
+    if top_k > 0:
+        logits = logits.masked_fill(logits < logits.topk(min(top_k, logits.shape[-1])).values[..., -1:], -torch.inf)
+    if rule == "var" and top_p > 0:
+        ascending, order = logits.sort(dim=-1)
+        drop = ascending.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop[..., -1] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), -torch.inf)
+    if rule == "hf" and top_p < 1:
+        descending, order = logits.sort(dim=-1, descending=True)
+        drop = descending.softmax(-1).cumsum(-1) > top_p
+        drop[..., 1:] = drop[..., :-1].clone()
+        drop[..., 0] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), -torch.inf)
+    return logits
+
+
+@pytest.mark.parametrize("rule", ["var", "hf"])
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.5), (20, 0.0), (20, 1.0), (20, 0.9), (64, 0.96), (100, 0.3)])
+def test_filter_is_the_official_two_pass_filter(rule, top_k, top_p):
+    logits = torch.randn(3, 40, 64, generator=torch.Generator().manual_seed(top_k)) * 2
+    ours = filter_top_k_top_p(logits, top_k, top_p, rule=rule)
+    assert torch.equal(ours, _official(logits, top_k, top_p, rule))
+    kept = (ours > -torch.inf).sum(-1)
+    assert kept.min() >= 1 and kept.max() <= (top_k if 0 < top_k < 64 else 64)
+    if 0 < top_p < 1:
+        assert kept.float().std() > 0  # the nucleus changes from row to row
+
+
+def test_top_k_keeps_ties_with_the_kth_logit():
+    logits = torch.tensor([[3.0, 1.0, 2.0, 2.0, 0.0]]).half()  # k = 2: the 2s tie
+    for top_p in (0.0, 0.99):
+        ours = filter_top_k_top_p(logits, 2, top_p)
+        assert torch.isinf(ours).tolist() == [[False, True, False, False, True]]
+
+
+def test_unknown_nucleus_rule_is_refused():
+    with pytest.raises(ValueError, match="nucleus rule"):
+        filter_top_k_top_p(torch.zeros(2, 5), 2, 0.5, rule="topp")
