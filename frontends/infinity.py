@@ -45,7 +45,7 @@ from torch import nn
 from core.errors import UserError
 from frontends.families import Family, layout, meta_model, register_family, tensor_shape
 from frontends.generic import ModelBundle, step_dynamic_shapes, strict_load
-from frontends.sampling import filter_top_k_top_p, image_generators, multinomial_rows
+from frontends.sampling import check_probs, filter_top_k_top_p, image_generators, multinomial_rows
 from frontends.var import AdaLNBeforeHead  # VAR's head norm: same names, same math (width, norm_eps)
 
 MAX_SCALE_MUL = math.log(100)  # clamp of the learnt attention temperature, as the official model
@@ -475,7 +475,7 @@ def sample_bits(model: Infinity, features_BLT: torch.Tensor, mask_BL: torch.Tens
     generators = image_generators(seed, B, device)
     x = model.sos(cond)
     k_cache, v_cache = model.new_kv_cache(2 * B)
-    acc, bits = CodeAccumulator(c, ratio), []
+    acc, bits, bad = CodeAccumulator(c, ratio), [], []  # bad: the draws' checks, read at the end
     for si in range(len(c.schedule(ratio))):
         logits, k_cache, v_cache = step(*model.step_inputs(si, ratio, x, cond, text, text_bias, k_cache, v_cache))
         logits = torch.as_tensor(logits).to(device) / tau
@@ -484,7 +484,7 @@ def sample_bits(model: Infinity, features_BLT: torch.Tensor, mask_BL: torch.Tens
         if on_probs is not None:
             on_probs(si, probs)
         if fixed_bits is None:
-            b = multinomial_rows(probs, generators)
+            b = multinomial_rows(probs, generators, bad=bad)
         else:
             b = fixed_bits[si].to(device).reshape(B, -1)
         h, w = c.schedule(ratio)[si]
@@ -493,6 +493,7 @@ def sample_bits(model: Infinity, features_BLT: torch.Tensor, mask_BL: torch.Tens
         nxt = acc.add(si, b)
         if nxt is not None:
             x = model.embed_codes(nxt.to(x.dtype), si + 1).repeat(2, 1, 1)
+    check_probs(bad)
     return InfinitySamples(bits, acc.summed)
 
 

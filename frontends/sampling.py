@@ -26,16 +26,33 @@ def image_generators(seed: int, n: int, device: torch.device | str = "cpu") -> l
     return [torch.Generator(device=device).manual_seed(image_seed(seed, i)) for i in range(n)]
 
 
-def multinomial_rows(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+def bad_probs(probs: torch.Tensor) -> torch.Tensor:
+    """A 0-dim bool on ``probs``' device: some distribution holds inf, nan, a negative value or no mass."""
+    return ~(((probs >= 0) & (probs < torch.inf)).all() & (probs.sum(-1) > 0).all())
+
+
+def check_probs(flags: list[torch.Tensor]) -> None:
+    """Raise if any ``bad_probs`` flag is set: one host sync for all of them."""
+    if flags and bool(torch.stack(flags).any()):
+        raise RuntimeError("sampling: probabilities contain inf, nan, a negative value or a row summing to 0")
+
+
+def multinomial_rows(probs: torch.Tensor, generators: list[torch.Generator], *,
+                     bad: list[torch.Tensor] | None = None) -> torch.Tensor:
     """One draw per distribution of ``probs [B, ..., V]``, image b's from ``generators[b]``: the tokens of
     ``torch.multinomial(probs[b], 1, generator=generators[b])`` for every b, shaped ``[B, ...]``.
 
     torch draws one sample as ``argmax(p / q)`` with ``q ~ Exp(1)`` from the generator, after two host syncs
     that check the input: 2·B syncs a scale stall the GPU between kernels. Here each image draws its own
-    ``q`` (its stream unchanged), the division and argmax run once for the batch, and one sync checks."""
-    ok = ((probs >= 0) & (probs < torch.inf)).all() & (probs.sum(-1) > 0).all()
-    if not ok:
-        raise RuntimeError("sampling: probabilities contain inf, nan, a negative value or a row summing to 0")
+    ``q`` (its stream unchanged), the division and argmax run once for the batch, and the input is checked
+    with one sync, or none with ``bad``: a list the check's flag is appended to, for the sampler to check every
+    draw's at the end (``check_probs``), so the GPU never waits for the host between steps. A bad distribution
+    still draws some token in range."""
+    flag = bad_probs(probs)
+    if bad is None:
+        check_probs([flag])
+    else:
+        bad.append(flag)
     q = torch.empty_like(probs)
     for q_b, g in zip(q, generators, strict=True):
         q_b.exponential_(generator=g)

@@ -42,7 +42,7 @@ from torch import nn
 from core.errors import UserError
 from frontends.families import Family, layout, meta_model, register_family, tensor_shape
 from frontends.generic import ModelBundle, step_dynamic_shapes, strict_load
-from frontends.sampling import filter_top_k_top_p, image_generators, multinomial_rows
+from frontends.sampling import check_probs, filter_top_k_top_p, image_generators, multinomial_rows
 from frontends.var_vqvae import VQVAE, MultiScaleQuantizer, VQVAEConfig, load_vqvae
 
 MAX_SCALE_MUL = math.log(100)  # clamp of the learnt attention temperature, as the official model
@@ -396,7 +396,7 @@ def sample_tokens(model: VAR, labels, *, quantizer: MultiScaleQuantizer | None =
     k_cache, v_cache = model.new_kv_cache(2 * B)
     f_hat = cond_BD.new_zeros(B, model.config.cvae, last_pn, last_pn)
     keeps = None if keep_mask is None else [k.to(device) for k in scale_keep_masks(keep_mask, model.config.patch_nums, B)]
-    tokens = []
+    tokens, bad = [], []  # bad: the draws' input checks, read once at the end (no host sync between scales)
     for si in range(SN):
         logits, k_cache, v_cache = step(*model.step_inputs(si, x_BTC, cond_BD, k_cache, v_cache))
         logits = torch.as_tensor(logits)  # an onnxruntime wrapper may return numpy
@@ -404,7 +404,7 @@ def sample_tokens(model: VAR, labels, *, quantizer: MultiScaleQuantizer | None =
         probs = _probs((1 + t) * logits[:B] - t * logits[B:], top_k, top_p)
         if on_probs is not None:
             on_probs(si, probs)
-        idx_Bl = multinomial_rows(probs, generators) if fixed_tokens is None else fixed_tokens[si].to(device)
+        idx_Bl = multinomial_rows(probs, generators, bad=bad) if fixed_tokens is None else fixed_tokens[si].to(device)
         if keeps is not None:
             idx_Bl = torch.where(keeps[si], edit_tokens[si].to(device), idx_Bl)
         tokens.append(idx_Bl)
@@ -412,6 +412,7 @@ def sample_tokens(model: VAR, labels, *, quantizer: MultiScaleQuantizer | None =
         if next_map is not None:
             next_BTCv = next_map.flatten(2).transpose(1, 2)
             x_BTC = model.embed_tokens(next_BTCv, model.begin_ends[si + 1][0]).repeat(2, 1, 1)
+    check_probs(bad)
     return tokens
 
 

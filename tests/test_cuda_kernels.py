@@ -202,18 +202,20 @@ def test_qgemm_quantizes_a_float_input(fp16):
         ops.qgemm(**args, a_inv_scale=inv)
 
 
-@pytest.mark.parametrize("normalize,gain", [(True, True), (False, False)])
-def test_qgemm_writes_q_and_the_kv_caches(normalize, gain):
+@pytest.mark.parametrize("normalize,gain,heads_per_tile", [(True, True, 1), (False, False, 1), (True, True, 2)])
+def test_qgemm_writes_q_and_the_kv_caches(normalize, gain, heads_per_tile):
     """The qkv epilogue: k and v land in the caches at the tokens' positions (the other rows untouched), q comes
-    back normalized and scaled per head, all as ``reference.qgemm`` with ``qkv`` (``qkv_heads`` after the GEMM)."""
-    B, H, D, L = 3, 2, 32, 12
+    back normalized and scaled per head, all as ``reference.qgemm`` with ``qkv`` (``qkv_heads`` after the GEMM).
+    A tile holds one head (the interpreter's tile) or two (Hopper's 128 columns at D = 64)."""
+    B, H, D, L = 3, 4, 16, 12
+    config = kernels.tile_config(32, heads_per_tile * D, 32, 4, 1) if heads_per_tile > 1 else None
     args = _gemm_args(B * T, 40, 3 * H * D, _gen(19))
     caches = [torch.randn(B, H, L, D, generator=_gen(20 + i)) for i in range(2)]
     index, head_gain = torch.arange(3, 3 + T), torch.rand(H, generator=_gen(22)) + 1 if gain else None
     ours = [c.clone().to(DEV) for c in caches]
     expected_caches = [c.clone() for c in caches]
     q = kernels.qgemm(**_to(args, DEV), qkv=(*ours, index.to(DEV), None if head_gain is None else head_gain.to(DEV), D,
-                                             normalize, 1e-12))
+                                             normalize, 1e-12), config=config)
     expected = ref.qgemm(**args, qkv=(*expected_caches, index, head_gain, D, normalize, 1e-12))
     assert q.shape == (B * T, H * D) and q.dtype == caches[0].dtype
     _close(q, expected)
@@ -537,13 +539,14 @@ def build(fn, arch, const, ptrs, warps=4, stages=3):
                    options={"num_warps": warps, "num_stages": stages})
 
 flags = {"HAS_BIAS": True, "HAS_GROUPS": True, "GELU": True, "QUANT_OUT": True, "EVEN_K": False, "QUANT_IN": False,
-         "SWIGLU": False, "QKV": False, "NORM_QK": False, "HAS_GAIN": False}
+         "SWIGLU": False, "QKV": False, "NORM_QK": False, "HAS_GAIN": False, "HEAD_D": 1}
 swiglu = {**flags, "GELU": False, "QUANT_IN": True, "SWIGLU": True}
 qkv = {**flags, "GELU": False, "QUANT_OUT": False, "QKV": True, "NORM_QK": True, "HAS_GAIN": True}
 for arch, code, tile, f in [(90, "i8", (64, 64, 64, 4, 3), flags), (90, "fp8e4nv", (64, 64, 64, 4, 3, True, True), flags),
                             (89, "fp8e4nv", (64, 64, 64, 4, 3), flags), (80, "i8", (64, 64, 64, 4, 3), flags),
                             (90, "i8", (64, 64, 64, 4, 3, True, True), swiglu), (80, "i8", (32, 64, 128, 4, 4), swiglu),
-                            *[(arch, "i8", k.qkv_tiles(64)[kind], qkv) for arch, kind in [(90, "hopper"), (80, "ampere")]]]:
+                            *[(arch, "i8", k.qkv_tiles(64)[kind], {**qkv, "HEAD_D": 64})
+                              for arch, kind in [(90, "hopper"), (80, "ampere")]]]:
     c = tile if isinstance(tile, triton.Config) else k.tile_config(*tile)
     ptrs = {"a_ptr": "*fp16" if f["QUANT_IN"] else "*" + code, "w_ptr": "*" + code, "out_ptr": "*" + code,
             "groups_ptr": "*i32", "q_ptr": "*fp16", "kc_ptr": "*fp16", "vc_ptr": "*fp16", "index_ptr": "*i64"}

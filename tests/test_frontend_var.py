@@ -171,6 +171,21 @@ def test_generation_is_deterministic_per_image(tiny):
     torch.testing.assert_close(pair.images[:1], alone.images, rtol=0, atol=1e-4)  # conv sums vary with batch
 
 
+def test_bad_logits_fail_the_generation_once_at_its_end(tiny):
+    """The draws' checks are read after the last scale (no host sync between scales), and still raise."""
+    var, vae = tiny
+    step, calls = VARStep(var).eval(), []
+
+    def nan_at_scale_1(*inputs):
+        logits, k, v = step(*inputs)
+        calls.append(1)
+        return (logits * torch.nan if len(calls) == 2 else logits), k, v
+
+    with pytest.raises(RuntimeError, match="probabilities contain"):
+        sample_tokens(var, [1, 2], quantizer=vae.quantize, step=nan_at_scale_1)
+    assert len(calls) == var.num_scales
+
+
 @pytest.mark.parametrize("shape,size", [((2, 3, 1, 1), 16), ((2, 3, 5, 5), 16), ((4, 32, 10, 10), 16),
                                         ((1, 2, 4, 6), 9)])
 def test_bicubic_upsample_is_torch_bicubic(shape, size):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from frontends.sampling import filter_top_k_top_p, image_generators, multinomial_rows
+from frontends.sampling import check_probs, filter_top_k_top_p, image_generators, multinomial_rows
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -54,6 +54,13 @@ def test_bad_probabilities_are_refused(bad):
         probs[1, 2] = 0
     with pytest.raises(RuntimeError, match="probabilities contain"):
         multinomial_rows(probs, image_generators(0, 2))
+    flags, good = [], []  # deferred: no error (nor host sync) at the draw, one at the check
+    tokens = multinomial_rows(probs, image_generators(0, 2), bad=flags)
+    assert tokens.shape == (2, 3) and bool(((tokens >= 0) & (tokens < 10)).all())
+    multinomial_rows(_probs((2, 3, 10), 3, "cpu"), image_generators(0, 2), bad=good)
+    check_probs(good)
+    with pytest.raises(RuntimeError, match="probabilities contain"):
+        check_probs(good + flags)
     with pytest.raises(ValueError):  # one generator per image
         multinomial_rows(_probs((2, 3, 10), 3, "cpu"), image_generators(0, 3))
 

@@ -101,7 +101,7 @@ def _qgemm_kernel(a_ptr, w_ptr, out_ptr, w_scale_ptr, colsum_ptr, a_scale_ptr, a
                   norm_eps,
                   HAS_BIAS: tl.constexpr, HAS_GROUPS: tl.constexpr, GELU: tl.constexpr,
                   QUANT_OUT: tl.constexpr, QUANT_IN: tl.constexpr, SWIGLU: tl.constexpr,
-                  QKV: tl.constexpr, NORM_QK: tl.constexpr, HAS_GAIN: tl.constexpr,
+                  QKV: tl.constexpr, NORM_QK: tl.constexpr, HAS_GAIN: tl.constexpr, HEAD_D: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                   PERSISTENT: tl.constexpr, TMA: tl.constexpr, EVEN_K: tl.constexpr, FLATTEN: tl.constexpr,
                   WS_TILES: tl.constexpr, WS_K: tl.constexpr, OCCUPANCY: tl.constexpr):
@@ -187,7 +187,7 @@ def _qgemm_kernel(a_ptr, w_ptr, out_ptr, w_scale_ptr, colsum_ptr, a_scale_ptr, a
             out = y.to(out_ptr.dtype.element_ty)
         if QKV:
             _qkv_epilogue(y, rows, row_ok, pid_n, N, tokens, q_ptr, kc_ptr, vc_ptr, index_ptr, gain_ptr, sc_b, sc_h,
-                          sc_l, norm_eps, BLOCK_N, NORM_QK, HAS_GAIN)
+                          sc_l, norm_eps, BLOCK_N, HEAD_D, NORM_QK, HAS_GAIN)
         else:
             cols_out = pid_n * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
             out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * N_OUT + cols_out[None, :]
@@ -196,29 +196,36 @@ def _qgemm_kernel(a_ptr, w_ptr, out_ptr, w_scale_ptr, colsum_ptr, a_scale_ptr, a
 
 @triton.jit
 def _qkv_epilogue(y, rows, row_ok, pid_n, N, tokens, q_ptr, kc_ptr, vc_ptr, index_ptr, gain_ptr, sc_b, sc_h, sc_l,
-                  norm_eps, BLOCK_N: tl.constexpr, NORM_QK: tl.constexpr, HAS_GAIN: tl.constexpr):
+                  norm_eps, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, NORM_QK: tl.constexpr,
+                  HAS_GAIN: tl.constexpr):
     """An attention's qkv projection written where attention reads it: q (L2-normalized per head, times its
     head's gain: VAR's cosine attention) as ``[M, C]`` rows, k (normalized) and v into the KV caches at the
-    tokens' positions. A tile is one head (BLOCK_N = D) of one of q, k, v, so the norm is a row sum. The
-    factors are selects, not branches (Triton 3.6 failed to compile a branch yielding values in the persistent
-    tile loop); each part has its own store. Offsets are int32 (the host checks the sizes): int64 tiles spill."""
+    tokens' positions. A tile holds whole heads (BLOCK_N a multiple of HEAD_D) of one of q, k, v, so a head's
+    norm is a masked row sum. The factors are selects, not branches (Triton 3.6 failed to compile a branch
+    yielding values in the persistent tile loop); each part has its own store. Offsets are int32 (the host
+    checks the sizes): int64 tiles spill."""
     C = N // 3
     part = (pid_n * BLOCK_N) // C  # 0: q, 1: k, 2: v
-    head = (pid_n * BLOCK_N - part * C) // BLOCK_N
+    head0 = (pid_n * BLOCK_N - part * C) // HEAD_D
     d = tl.arange(0, BLOCK_N)
+    head = d // HEAD_D  # of the tile's heads
     if NORM_QK:  # F.normalize: x / max(|x|, eps); v keeps its values
-        factor = tl.where(part < 2, 1.0 / tl.maximum(tl.sqrt(tl.sum(y * y, axis=1)), norm_eps), 1.0)
-    else:
-        factor = tl.full((y.shape[0],), 1.0, tl.float32)
+        sq = y * y
+        inv = tl.zeros_like(y)
+        for h in tl.static_range(BLOCK_N // HEAD_D):
+            mine = (head == h)[None, :]
+            norm = tl.sqrt(tl.sum(tl.where(mine, sq, 0.0), axis=1))
+            inv = tl.where(mine, (1.0 / tl.maximum(norm, norm_eps))[:, None], inv)
+        y = y * tl.where(part < 2, inv, 1.0)
     if HAS_GAIN:
-        factor = factor * tl.where(part == 0, tl.load(gain_ptr + head).to(tl.float32), 1.0)
-    y = (y * factor[:, None]).to(q_ptr.dtype.element_ty)
+        y = y * tl.where(part == 0, tl.load(gain_ptr + head0 + head).to(tl.float32)[None, :], 1.0)
+    y = y.to(q_ptr.dtype.element_ty)
     mask = row_ok[:, None]
     if part == 0:
-        tl.store(q_ptr + (rows * C + head * BLOCK_N)[:, None] + d[None, :], y, mask=mask)
+        tl.store(q_ptr + (rows * C + head0 * HEAD_D)[:, None] + d[None, :], y, mask=mask)
     else:
         pos = tl.load(index_ptr + rows % tokens, mask=row_ok, other=0).to(tl.int32)
-        offs = ((rows // tokens) * sc_b + pos * sc_l + head * sc_h)[:, None] + d[None, :]
+        offs = ((rows // tokens) * sc_b + pos * sc_l + head0 * sc_h)[:, None] + (head * sc_h + d % HEAD_D)[None, :]
         if part == 1:
             tl.store(kc_ptr + offs, y, mask=mask)
         else:
@@ -289,11 +296,13 @@ def _check_fp8(device: torch.device) -> None:
                            f"{torch.cuda.get_device_name(device)} is sm{major}{minor}: use the INT8 path")
 
 
-# Tiles of the qkv epilogue: one head's columns each (BLOCK_N = D), fixed (the autotuner's pruning cannot see the
-# head size). Large M: the sweep's winner on Hopper (persistent, TMA, two programs an SM), a plain tile elsewhere.
-def qkv_tiles(head_dim: int) -> dict:
+# Tiles of the qkv epilogue, fixed (the autotuner's pruning cannot see the head size): whole heads each. Large M
+# on Hopper: the sweep's winner (128 x 128 x 128, persistent, TMA, two programs an SM), two heads of 64 a tile;
+# one head a tile (BLOCK_N = D) elsewhere.
+def qkv_tiles(head_dim: int, width: int = 128) -> dict:
+    """``width``: the Hopper tile's columns, a multiple of ``head_dim`` dividing C (``qkv_config`` checks)."""
     # not flattened: Triton 3.6 fails to compile the epilogue's branches inside a flattened tile loop
-    return {"hopper": tile_config(128, head_dim, 128, 4, 3, persistent=True, tma=True, occupancy=2, flatten=False),
+    return {"hopper": tile_config(128, width, 128, 4, 3, persistent=True, tma=True, occupancy=2, flatten=False),
             "ampere": tile_config(128, head_dim, 64, 4, 4), "small": tile_config(64, head_dim, 128, 4, 4),
             "interpret": tile_config(32, head_dim, 32, 4, 1)}
 
@@ -304,7 +313,8 @@ def qkv_config(m: int, n: int, head_dim: int, device):
         return None
     kind = ("interpret" if INTERPRET else "small" if m <= 256 else
             "hopper" if torch.cuda.get_device_capability(device)[0] >= 9 else "ampere")
-    return qkv_tiles(head_dim)[kind]
+    width = 128 if head_dim <= 128 and (n // 3) % 128 == 0 else head_dim
+    return qkv_tiles(head_dim, width)[kind]
 
 
 def qgemm(a, w, w_scale, colsum, a_scale, a_zero, bias=None, *, groups=None, tokens=1, gelu=False,
@@ -338,7 +348,7 @@ def qgemm(a, w, w_scale, colsum, a_scale, a_zero, bias=None, *, groups=None, tok
     q = None
     if qkv is None:
         args += (float(in_qmin), float(in_qmax), *[a_scale] * 5, 0, 0, 0, 0.0)
-        flags.update(NORM_QK=False, HAS_GAIN=False)
+        flags.update(NORM_QK=False, HAS_GAIN=False, HEAD_D=1)
     else:
         k_cache, v_cache, index, gain, head_dim, normalize, eps = qkv
         q = torch.empty((M, N // 3), device=a.device, dtype=k_cache.dtype)
@@ -346,7 +356,7 @@ def qgemm(a, w, w_scale, colsum, a_scale, a_zero, bias=None, *, groups=None, tok
             raise ValueError("qkv: q and the caches must each hold fewer than 2**31 elements (int32 offsets)")
         args += (float(in_qmin), float(in_qmax), q, k_cache, v_cache, index, _or(gain, a_scale),
                  *k_cache.stride()[:3], float(eps))
-        flags.update(NORM_QK=normalize, HAS_GAIN=gain is not None)
+        flags.update(NORM_QK=normalize, HAS_GAIN=gain is not None, HEAD_D=head_dim)
         config = config or qkv_config(M, N, head_dim, a.device)
         if config is None:
             raise ValueError(f"no qkv tile holds whole heads of {head_dim} within {N // 3} columns")
