@@ -423,6 +423,18 @@ def test_attention_int8(T, masked, dtype):
     assert masked == (not torch.allclose(got.float().cpu(), plain, atol=0.1))  # the mask was applied (moves >1.6)
 
 
+def test_gemm_tiles_follow_the_row_count():
+    """The GEMM autotuner's pruning (on a GPU): small tiles for decode, large ones for a whole VAR scale, both in
+    between; TMA tiles only where rows are 16-byte aligned."""
+    def heights(m, k=1024):
+        return {c.kwargs["BLOCK_M"] for c in kernels._prune(kernels.QGEMM_CONFIGS, {"M_BUCKET": m, "K": k,
+                                                                                      "a_ptr": torch.empty(1)})}
+    assert max(heights(128)) <= 64 and min(heights(32768)) >= 128
+    assert min(heights(2048)) <= 64 < max(heights(2048))
+    unaligned = kernels._prune(kernels.QGEMM_CONFIGS, {"M_BUCKET": 32768, "K": 1000, "a_ptr": torch.empty(1)})
+    assert unaligned and not any(c.kwargs["TMA"] for c in unaligned)
+
+
 def test_attention_tiles_follow_the_query_count():
     """The autotuner's pruning (on a GPU; the interpreter runs one tile): 16-row tiles for decode, larger ones
     for many queries, whichever way Triton hands it the bucket."""

@@ -5,8 +5,8 @@ dispatches). They run on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET
 triton was first imported.
 
 Numerics:
-- Rounding is half-to-even: libdevice ``rint`` when compiled; floor arithmetic under the interpreter, which
-  has no libdevice (CI tests that path, a GPU run the other).
+- Rounding is half-to-even, by the float unit itself (``_int8_round``): the same instructions compiled and
+  under the interpreter.
 - INT8 GEMM: int32 accumulation, and the zero-point correction ``acc - a_zero[g] * colsum[n]`` in int32 too,
   exact since ``a_zero`` and ``colsum`` hold integers (the contract); the rest of the epilogue is fp32.
 - FP8 GEMM: fp32 accumulation, promoted every ``BLOCK_K`` on sm90 (``max_num_imprecise_acc``), as
@@ -28,13 +28,7 @@ import triton.language as tl
 from triton import knobs
 from triton.testing import do_bench
 
-try:
-    from triton.language.extra import libdevice
-except ImportError:  # older layouts
-    from triton.language.extra.cuda import libdevice
-
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read by triton.jit when this module is imported
-_RINT = tl.constexpr(not INTERPRET)
 
 
 def _or(t, dummy):
@@ -45,15 +39,13 @@ def _or(t, dummy):
 # --------------------------------------------------------------------------------------------- helpers
 
 @triton.jit
-def _round_half_even(x):
-    if _RINT:
-        r = libdevice.rint(x)
-    else:
-        f = tl.floor(x)
-        d = x - f  # exact for |x| < 2**23
-        odd = f - 2.0 * tl.floor(0.5 * f) == 1.0
-        r = tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
-    return r
+def _int8_round(x):
+    """``x`` (within int8's range) rounded half to even, as int8. Adding 1.5 * 2**23 leaves the rounded integer in
+    the float's low mantissa bits (the FPU rounds half to even), read back with an integer subtract: a float add
+    and integer ops instead of ``rint`` and a float-to-int conversion, which Hopper runs at 1/8 of its FMA rate
+    (in an epilogue every output element pays them)."""
+    r = x + 12582912.0
+    return (r.to(tl.int32, bitcast=True) - 0x4B400000).to(tl.int8)
 
 
 @triton.jit
@@ -80,7 +72,7 @@ def _to_codes(y, zero, qmin, qmax, FP8: tl.constexpr):
         codes = tl.clamp(y, -448.0, 448.0).to(tl.float8e4nv)
     else:
         # Clamping to integer bounds before rounding equals rounding before clamping.
-        codes = _round_half_even(tl.clamp(y + zero, qmin, qmax)).to(tl.int8)
+        codes = _int8_round(tl.clamp(y + zero, qmin, qmax))
     return codes
 
 
@@ -265,11 +257,13 @@ _INTERPRET_CONFIG = tile_config(32, 32, 32, 4, 1)
 
 
 def _prune(configs, named_args, **kwargs):
-    """Small-M tiles for small M and large ones else; TMA only on Hopper+ and with 16-byte aligned rows."""
-    small = named_args["M_BUCKET"] <= 256
+    """Small tiles up to 8192 rows, large ones from 512: both are tried in between, where a large tile can leave
+    SMs without work (VAR's middle scales: 2048 rows x 1024 columns are 128 tiles of 128 x 128 for 132 SMs, two
+    programs each). TMA only on Hopper+ and with 16-byte aligned rows."""
+    m = named_args["M_BUCKET"]
     hopper = INTERPRET or torch.cuda.get_device_capability(named_args["a_ptr"].device)[0] >= 9
     tma = hopper and named_args["K"] % 16 == 0
-    return [c for c in configs if (c.kwargs["BLOCK_M"] <= 64) == small and (tma or not c.kwargs["TMA"])]
+    return [c for c in configs if (m <= 8192 if c.kwargs["BLOCK_M"] <= 64 else m > 256) and (tma or not c.kwargs["TMA"])]
 
 
 def _tma_scratch(size: int, alignment: int, stream):
@@ -599,8 +593,8 @@ def _kv_write_int8_kernel(cache_ptr, scale_ptr, value_ptr, index_ptr, T, H, D, s
     v = v.to(tl.float32)
     amax = tl.max(tl.abs(v), axis=1)
     inv = tl.where(amax > 0, tl.div_rn(tl.full([BLOCK_T], 127.0, tl.float32), tl.maximum(amax, 1e-30)), 0.0)
-    codes = tl.minimum(tl.maximum(_round_half_even(v * inv[:, None]), -127.0), 127.0)
-    tl.store(cache_ptr + b * sc_b + h * sc_h + rows[:, None] * sc_l + d[None, :], codes.to(tl.int8), mask=mask)
+    codes = _int8_round(tl.clamp(v * inv[:, None], -127.0, 127.0))
+    tl.store(cache_ptr + b * sc_b + h * sc_h + rows[:, None] * sc_l + d[None, :], codes, mask=mask)
     tl.store(scale_ptr + b * ss_b + h * ss_h + rows, tl.div_rn(amax, tl.full([BLOCK_T], 127.0, tl.float32)),
              mask=t_ok)
 
