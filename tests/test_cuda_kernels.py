@@ -299,15 +299,16 @@ def test_rmsnorm_quant(weight, fp8):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_norms_take_the_residual_add(norm, gain, dtype):
     """``s = x + residual * gain[image]`` before the norm: ``s`` written in x's dtype (to float rounding), the
-    codes of the norm of ``s`` as the reference's."""
+    codes of the norm of ``s`` as the reference's. The per-image tables are column chunks of one table, as
+    AdaLN's linear gives them (strided rows, read in place)."""
     gen = _gen(8)
     M, K = 24, 40
     x = (torch.randn(M, K, generator=gen) * 3).to(dtype)
+    tables = torch.cat([torch.randn(3, K, generator=gen), torch.randn(3, K, generator=gen) * 0.2], dim=1)
     args = {"residual": (torch.randn(M, K, generator=gen) * 2).to(dtype),
-            "gain": torch.randn(3, K, generator=gen) if gain else None, "eps": 1e-6, **_quant(gen)}
+            "gain": tables[:, :K] if gain else None, "eps": 1e-6, **_quant(gen)}
     if norm == "layernorm":
-        args.update(weight=torch.rand(K, generator=gen) + 0.5, bias=None, mod_scale=torch.randn(3, K, generator=gen) * 0.2,
-                    mod_shift=None)
+        args.update(weight=torch.rand(K, generator=gen) + 0.5, bias=None, mod_scale=tables[:, K:], mod_shift=None)
     else:
         args.update(weight=torch.rand(K, generator=gen) + 0.5)
     total, codes = getattr(kernels, f"{norm}_quant")(x.to(DEV), **_to(args, DEV))

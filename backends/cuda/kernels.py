@@ -402,14 +402,15 @@ def _load_rows(x_ptr, M, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _add_residual(x, rows, cols, mask, K, tokens, res_ptr, gain_ptr, sum_ptr, HAS_RESIDUAL: tl.constexpr,
+def _add_residual(x, rows, cols, mask, K, tokens, res_ptr, gain_ptr, gain_stride, sum_ptr, HAS_RESIDUAL: tl.constexpr,
                   HAS_GAIN: tl.constexpr):
-    """``x + residual * gain[image]`` (the residual stream's add before a norm), stored; else ``x``."""
+    """``x + residual * gain[image]`` (the residual stream's add before a norm), stored; else ``x``. Per-image
+    tables (gain, AdaLN's scale and shift) come with their row stride: they are chunks of one linear's output."""
     if HAS_RESIDUAL:
         offs = rows.to(tl.int64)[:, None] * K + cols[None, :]
         r = tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_GAIN:
-            r = r * tl.load(gain_ptr + (rows // tokens).to(tl.int64)[:, None] * K + cols[None, :], mask=mask,
+            r = r * tl.load(gain_ptr + (rows // tokens).to(tl.int64)[:, None] * gain_stride + cols[None, :], mask=mask,
                             other=0.0).to(tl.float32)
         x = x + r
         tl.store(sum_ptr + offs, x.to(sum_ptr.dtype.element_ty), mask=mask)
@@ -419,12 +420,13 @@ def _add_residual(x, rows, cols, mask, K, tokens, res_ptr, gain_ptr, sum_ptr, HA
 @triton.jit
 def _layernorm_quant_kernel(x_ptr, out_ptr, weight_ptr, bias_ptr, mod_scale_ptr, mod_shift_ptr, groups_ptr,
                             inv_scale_ptr, zero_ptr, res_ptr, gain_ptr, sum_ptr, M, K, tokens, eps, qmin, qmax,
+                            scale_stride, shift_stride, gain_stride,
                             HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MOD_SCALE: tl.constexpr,
                             HAS_MOD_SHIFT: tl.constexpr, HAS_GROUPS: tl.constexpr, FP8: tl.constexpr,
                             HAS_RESIDUAL: tl.constexpr, HAS_GAIN: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     rows, cols, row_ok, col_ok, mask, x = _load_rows(x_ptr, M, K, BLOCK_M, BLOCK_K)
-    x = _add_residual(x, rows, cols, mask, K, tokens, res_ptr, gain_ptr, sum_ptr, HAS_RESIDUAL, HAS_GAIN)
+    x = _add_residual(x, rows, cols, mask, K, tokens, res_ptr, gain_ptr, gain_stride, sum_ptr, HAS_RESIDUAL, HAS_GAIN)
     mean = tl.sum(x, 1) / K
     xc = tl.where(mask, x - mean[:, None], 0.0)
     y = xc * tl.rsqrt(tl.sum(xc * xc, 1) / K + eps)[:, None]
@@ -433,22 +435,23 @@ def _layernorm_quant_kernel(x_ptr, out_ptr, weight_ptr, bias_ptr, mod_scale_ptr,
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     # AdaLN: row m belongs to image m // tokens.
-    mod = (rows // tokens).to(tl.int64)[:, None] * K + cols[None, :]
+    image = (rows // tokens).to(tl.int64)[:, None]
     if HAS_MOD_SCALE:
-        y = y * (1.0 + tl.load(mod_scale_ptr + mod, mask=mask, other=0.0).to(tl.float32))
+        y = y * (1.0 + tl.load(mod_scale_ptr + image * scale_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32))
     if HAS_MOD_SHIFT:
-        y = y + tl.load(mod_shift_ptr + mod, mask=mask, other=0.0).to(tl.float32)
+        y = y + tl.load(mod_shift_ptr + image * shift_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     _store_codes(out_ptr, y, rows, cols, row_ok, mask, K, groups_ptr, tokens, inv_scale_ptr, zero_ptr, qmin,
                  qmax, HAS_GROUPS, FP8)
 
 
 @triton.jit
 def _rmsnorm_quant_kernel(x_ptr, out_ptr, weight_ptr, groups_ptr, inv_scale_ptr, zero_ptr, res_ptr, gain_ptr,
-                          sum_ptr, M, K, tokens, eps, qmin, qmax, HAS_WEIGHT: tl.constexpr, HAS_GROUPS: tl.constexpr,
+                          sum_ptr, M, K, tokens, eps, qmin, qmax, gain_stride, HAS_WEIGHT: tl.constexpr,
+                          HAS_GROUPS: tl.constexpr,
                           FP8: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_GAIN: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     rows, cols, row_ok, col_ok, mask, x = _load_rows(x_ptr, M, K, BLOCK_M, BLOCK_K)
-    x = _add_residual(x, rows, cols, mask, K, tokens, res_ptr, gain_ptr, sum_ptr, HAS_RESIDUAL, HAS_GAIN)
+    x = _add_residual(x, rows, cols, mask, K, tokens, res_ptr, gain_ptr, gain_stride, sum_ptr, HAS_RESIDUAL, HAS_GAIN)
     y = x * tl.rsqrt(tl.sum(x * x, 1) / K + eps)[:, None]
     if HAS_WEIGHT:
         y = y * tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -497,6 +500,11 @@ def _residual_args(x, residual, gain, d):
             {"HAS_RESIDUAL": residual is not None, "HAS_GAIN": gain is not None}, total)
 
 
+def _row_stride(table) -> int:
+    """A per-image table's row stride (``ops`` hands the kernels tables whose columns are contiguous)."""
+    return 0 if table is None else table.stride(0)
+
+
 def layernorm_quant(x, weight, bias, eps, *, inv_scale, zero, groups=None, tokens=1, mod_scale=None,
                     mod_shift=None, qmin=-128, qmax=127, fp8=False, residual=None, gain=None):
     """``reference.layernorm_quant`` in one kernel."""
@@ -507,7 +515,8 @@ def layernorm_quant(x, weight, bias, eps, *, inv_scale, zero, groups=None, token
         grid, meta = _row_launch(M, K, whole_rows=True)
         _layernorm_quant_kernel[grid](
             x, out, _or(weight, d), _or(bias, d), _or(mod_scale, d), _or(mod_shift, d), _or(groups, d), inv_scale,
-            _or(zero, d), *res, M, K, tokens, float(eps), float(qmin), float(qmax),
+            _or(zero, d), *res, M, K, tokens, float(eps), float(qmin), float(qmax), _row_stride(mod_scale),
+            _row_stride(mod_shift), _row_stride(gain),
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_MOD_SCALE=mod_scale is not None,
             HAS_MOD_SHIFT=mod_shift is not None, HAS_GROUPS=groups is not None, FP8=fp8, **flags, **meta)
     return out if residual is None else (total, out)
@@ -523,7 +532,7 @@ def rmsnorm_quant(x, weight, eps, *, inv_scale, zero, groups=None, tokens=1, qmi
         grid, meta = _row_launch(M, K, whole_rows=True)
         _rmsnorm_quant_kernel[grid](
             x, out, _or(weight, d), _or(groups, d), inv_scale, _or(zero, d), *res, M, K, tokens, float(eps),
-            float(qmin), float(qmax),
+            float(qmin), float(qmax), _row_stride(gain),
             HAS_WEIGHT=weight is not None, HAS_GROUPS=groups is not None, FP8=fp8, **flags, **meta)
     return out if residual is None else (total, out)
 

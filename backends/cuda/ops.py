@@ -34,6 +34,12 @@ def _c(t):
     return None if t is None else t.contiguous()
 
 
+def _rows(t):
+    """A per-image table ``[B, K]`` as the kernels take it: any row stride, contiguous columns (AdaLN's chunks are
+    strided views; copying them was a kernel launch each, six a VAR block)."""
+    return None if t is None else t if t.stride(1) == 1 else t.contiguous()
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
@@ -118,9 +124,9 @@ def layernorm_quant(x, weight, bias, eps, *, inv_scale, zero, groups=None, token
     _check_table(mod_shift, "mod_shift", x, tokens)
     _check_residual(x, residual, gain, tokens)
     return _impl(x).layernorm_quant(_c(x), _c(weight), _c(bias), eps, inv_scale=_c(inv_scale), zero=_c(zero),
-                                    groups=_c(groups), tokens=tokens, mod_scale=_c(mod_scale),
-                                    mod_shift=_c(mod_shift), qmin=qmin, qmax=qmax, fp8=fp8, residual=_c(residual),
-                                    gain=_c(gain))
+                                    groups=_c(groups), tokens=tokens, mod_scale=_rows(mod_scale),
+                                    mod_shift=_rows(mod_shift), qmin=qmin, qmax=qmax, fp8=fp8, residual=_c(residual),
+                                    gain=_rows(gain))
 
 
 def rmsnorm_quant(x, weight, eps, *, inv_scale, zero, groups=None, tokens=1, qmin=-128, qmax=127, fp8=False,
@@ -130,7 +136,7 @@ def rmsnorm_quant(x, weight, eps, *, inv_scale, zero, groups=None, tokens=1, qmi
     _check_residual(x, residual, gain, tokens)
     return _impl(x).rmsnorm_quant(_c(x), _c(weight), eps, inv_scale=_c(inv_scale), zero=_c(zero),
                                   groups=_c(groups), tokens=tokens, qmin=qmin, qmax=qmax, fp8=fp8,
-                                  residual=_c(residual), gain=_c(gain))
+                                  residual=_c(residual), gain=_rows(gain))
 
 
 def act_quant(x, *, act, inv_scale, zero, groups=None, tokens=1, gate=None, qmin=-128, qmax=127, fp8=False):
