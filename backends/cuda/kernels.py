@@ -5,8 +5,9 @@ dispatches). They run on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET
 triton was first imported.
 
 Numerics:
-- Rounding is half-to-even, by the float unit itself (``_int8_round``): the same instructions compiled and
-  under the interpreter.
+- Rounding is half-to-even: by the float unit itself in epilogues and norms (``_int8_round``, the same
+  instructions compiled and under the interpreter); libdevice ``rint`` in the GEMM's input prologue (floor
+  arithmetic under the interpreter, which has no libdevice).
 - INT8 GEMM: int32 accumulation, and the zero-point correction ``acc - a_zero[g] * colsum[n]`` in int32 too,
   exact since ``a_zero`` and ``colsum`` hold integers (the contract); the rest of the epilogue is fp32.
 - FP8 GEMM: fp32 accumulation, promoted every ``BLOCK_K`` on sm90 (``max_num_imprecise_acc``), as
@@ -28,7 +29,13 @@ import triton.language as tl
 from triton import knobs
 from triton.testing import do_bench
 
+try:
+    from triton.language.extra import libdevice
+except ImportError:  # older layouts
+    from triton.language.extra.cuda import libdevice
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read by triton.jit when this module is imported
+_RINT = tl.constexpr(not INTERPRET)
 
 
 def _or(t, dummy):
@@ -37,6 +44,19 @@ def _or(t, dummy):
 
 
 # --------------------------------------------------------------------------------------------- helpers
+
+@triton.jit
+def _round_half_even(x):
+    """libdevice ``rint`` when compiled; floor arithmetic under the interpreter, which has no libdevice."""
+    if _RINT:
+        r = libdevice.rint(x)
+    else:
+        f = tl.floor(x)
+        d = x - f  # exact for |x| < 2**23
+        odd = f - 2.0 * tl.floor(0.5 * f) == 1.0
+        r = tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
+    return r
+
 
 @triton.jit
 def _int8_round(x):
@@ -66,10 +86,14 @@ def _row_groups(rows, row_mask, groups_ptr, tokens, HAS_GROUPS: tl.constexpr):
 
 
 @triton.jit
-def _to_codes(y, zero, qmin, qmax, FP8: tl.constexpr):
-    """``y`` (already times the inverse scale) plus ``zero`` as codes; FP8 has no zero point."""
+def _to_codes(y, zero, qmin, qmax, FP8: tl.constexpr, CONVERT: tl.constexpr):
+    """``y`` (already times the inverse scale) plus ``zero`` as codes; FP8 has no zero point. ``CONVERT``: round
+    with ``rint`` and a conversion (the GEMM's input prologue, verified on the GPU that way; its tiles feed the MMA)
+    instead of ``_int8_round``'s float add (epilogues and norms)."""
     if FP8:
         codes = tl.clamp(y, -448.0, 448.0).to(tl.float8e4nv)
+    elif CONVERT:
+        codes = _round_half_even(tl.clamp(y + zero, qmin, qmax)).to(tl.int8)
     else:
         # Clamping to integer bounds before rounding equals rounding before clamping.
         codes = _int8_round(tl.clamp(y + zero, qmin, qmax))
@@ -81,7 +105,7 @@ def _quantize(y, g, inv_scale_ptr, zero_ptr, qmin, qmax, FP8: tl.constexpr):
     """Rows of ``y`` onto their group's grid: ``y * inv_scale[g] (+ zero[g])``, as the fake-quant graph."""
     y = y * tl.load(inv_scale_ptr + g).to(tl.float32)[:, None]
     zero = 0.0 if FP8 else tl.load(zero_ptr + g).to(tl.float32)[:, None]
-    return _to_codes(y, zero, qmin, qmax, FP8)
+    return _to_codes(y, zero, qmin, qmax, FP8, False)
 
 
 # ------------------------------------------------------------------------------------------------ GEMM
@@ -151,7 +175,7 @@ def _qgemm_kernel(a_ptr, w_ptr, out_ptr, w_scale_ptr, colsum_ptr, a_scale_ptr, a
             else:
                 b = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
             if QUANT_IN:  # padded columns become the zero point's code; w's padding is 0, so they add nothing
-                a = _to_codes(a.to(tl.float32) * in_inv, a_zero.to(tl.float32)[:, None], in_qmin, in_qmax, FP8)
+                a = _to_codes(a.to(tl.float32) * in_inv, a_zero.to(tl.float32)[:, None], in_qmin, in_qmax, FP8, True)
             if FP8:
                 acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
             else:  # triton 3.6 asserts the accumulator's type against out_dtype (float32 by default)
