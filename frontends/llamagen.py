@@ -45,7 +45,7 @@ from core.errors import UserError
 from frontends import vq16
 from frontends.families import Family, register_family
 from frontends.generic import ModelBundle, load_checkpoint, step_dynamic_shapes, strict_load
-from frontends.sampling import filter_top_k_top_p, image_generators, multinomial_rows, on_device
+from frontends.sampling import check_probs, filter_top_k_top_p, image_generators, multinomial_rows, on_device
 
 CLS_TOKEN_NUM = 1  # class-conditional models condition on one token
 
@@ -250,11 +250,12 @@ class Transformer(nn.Module):
         allowed = self.attention_allowed()
         return torch.zeros(allowed.shape, dtype=self.freqs_cis.dtype).masked_fill(~allowed, float("-inf"))
 
-    def empty_cache(self, batch: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def empty_cache(self, batch: int, length: int | None = None,
+                    device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         length = self.seq_len if length is None else length
         shape = (self.config.n_layer, batch, self.config.n_head, length, self.config.head_dim)
         dtype = self.output.weight.dtype
-        return torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+        return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Look ``ids`` up in the table their range selects; every table is read (no branches)."""
@@ -294,10 +295,11 @@ LlamaGenStep = Transformer  # the traced step module is the model itself (module
 # ------------------------------------------------------------------------------------ sampling
 
 def sample(logits: torch.Tensor, generators: list[torch.Generator], temperature: float, top_k: int,
-           top_p: float) -> torch.Tensor:
-    """One token per position: ``logits [B,S,V]`` -> ``[B,S]``, image b drawn from ``generators[b]``."""
+           top_p: float, bad: list | None = None) -> torch.Tensor:
+    """One token per position: ``logits [B,S,V]`` -> ``[B,S]``, image b drawn from ``generators[b]``;
+    ``bad``: as ``multinomial_rows``'."""
     probs = F.softmax(filter_top_k_top_p(logits / max(temperature, 1e-5), top_k, top_p, rule="hf"), dim=-1)
-    return multinomial_rows(probs, generators)
+    return multinomial_rows(probs, generators, bad=bad)
 
 
 @torch.no_grad()
@@ -317,18 +319,22 @@ def generate(model: Transformer, labels, *, cfg_scale: float, top_k: int = 0, to
     cond = torch.cat([labels, torch.full_like(labels, model.config.num_classes)]) if guided else labels
     generators = image_generators(seed, batch, device)  # per image: independent of the batch
     tokens = torch.zeros(cond.shape[0], model.config.num_tokens, dtype=torch.long, device=device)
-    k_cache, v_cache = on_device(device, *model.empty_cache(cond.shape[0]))
-    mask = model.attention_mask()
-    for pos_cpu in model.schedule():
-        pos = pos_cpu.to(device)
+    k_cache, v_cache = model.empty_cache(cond.shape[0], device=device)
+    # every step's positions and mask rows reach the device at once, and the draws' checks are read at the end:
+    # no host sync between steps, so the GPU is never left waiting for the next step's launches
+    schedule = model.schedule()
+    order, sizes = torch.cat(schedule), [len(p) for p in schedule]
+    steps = zip(order.to(device).split(sizes), model.attention_mask()[order].to(device).split(sizes))
+    bad = []
+    for pos, mask in steps:
         ids = model.sequence_ids(tokens, cond)[:, pos]
-        logits, k_cache, v_cache = step(*on_device(device, ids, pos, mask[pos_cpu], k_cache, v_cache,
-                                                   model.token_groups(pos)))
+        logits, k_cache, v_cache = step(*on_device(device, ids, pos, mask, k_cache, v_cache, model.token_groups(pos)))
         if guided:
             c, u = logits.chunk(2)
             logits = u + (c - u) * cfg_scale
-        new = sample(logits, generators, temperature, top_k, top_p)
+        new = sample(logits, generators, temperature, top_k, top_p, bad=bad)
         tokens[:, pos] = new.repeat(2, 1) if guided else new
+    check_probs(bad)
     return model.to_raster(tokens[:batch])
 
 

@@ -29,7 +29,7 @@ from core.errors import UserError
 from frontends.families import Family, register_family
 from frontends.generic import ModelBundle, step_dynamic_shapes, widen_batch
 from frontends.maskgit_vq import count_indexed, load_strict, load_tokenizer
-from frontends.sampling import image_generators, multinomial_rows, on_device
+from frontends.sampling import check_probs, image_generators, multinomial_rows, on_device
 
 
 @dataclass(frozen=True)
@@ -255,8 +255,10 @@ def causal_mask(positions: torch.Tensor, length: int) -> torch.Tensor:
     return torch.zeros(hidden.shape).masked_fill(hidden, float("-inf"))
 
 
-def empty_cache(config: RARConfig, batch: int, length: int | None = None) -> torch.Tensor:
-    return torch.zeros(config.depth, batch, config.num_heads, length or config.cache_len, config.head_dim)
+def empty_cache(config: RARConfig, batch: int, length: int | None = None,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.zeros(config.depth, batch, config.num_heads, length or config.cache_len, config.head_dim,
+                       device=device)
 
 
 def prefix_ids(config: RARConfig, condition: torch.Tensor) -> torch.Tensor:
@@ -264,11 +266,16 @@ def prefix_ids(config: RARConfig, condition: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.full_like(condition, config.mask_token_id), condition], 1)
 
 
+def position_inputs(config: RARConfig, positions: torch.Tensor) -> tuple:
+    """``(positions, their mask rows, their token groups)``: the step inputs that follow from the positions."""
+    groups = positions.clamp(max=IMAGE_GROUP)  # position 0 = cls, 1 = class token, >= 2 image tokens
+    return positions, causal_mask(positions, config.cache_len), groups
+
+
 def step_inputs(config: RARConfig, input_ids, condition, start: int, k_cache, v_cache) -> tuple:
     """Arguments of ``RARStep.forward`` for tokens placed at positions ``start, start + 1, ...``."""
-    positions = torch.arange(start, start + input_ids.shape[1])
-    groups = positions.clamp(max=IMAGE_GROUP)  # position 0 = cls, 1 = class token, >= 2 image tokens
-    return input_ids, condition, positions, causal_mask(positions, config.cache_len), k_cache, v_cache, groups
+    positions, mask, groups = position_inputs(config, torch.arange(start, start + input_ids.shape[1]))
+    return input_ids, condition, positions, mask, k_cache, v_cache, groups
 
 
 def cfg_scale(step: int, seq_len: int, guidance_scale: float, guidance_scale_pow: float) -> torch.Tensor:
@@ -279,9 +286,9 @@ def cfg_scale(step: int, seq_len: int, guidance_scale: float, guidance_scale_pow
     return (guidance_scale - 1) * ramp + 1
 
 
-def sample(logits: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+def sample(logits: torch.Tensor, generators: list[torch.Generator], bad: list | None = None) -> torch.Tensor:
     probs = logits.softmax(-1)
-    return multinomial_rows(probs, generators)
+    return multinomial_rows(probs, generators, bad=bad)
 
 
 @torch.no_grad()
@@ -302,17 +309,24 @@ def generate(model: RAR, labels, *, guidance_scale: float, guidance_scale_pow: f
     if guidance_scale != 0:
         condition = torch.cat([condition, torch.full_like(condition, cfg.none_condition_id)])
     generators = image_generators(seed, n, device)
-    k_cache, v_cache = on_device(device, empty_cache(cfg, len(condition)), empty_cache(cfg, len(condition)))
-    ids, start, tokens = prefix_ids(cfg, condition), 0, []
+    k_cache, v_cache = empty_cache(cfg, len(condition), device=device), empty_cache(cfg, len(condition), device=device)
+    # every step's positions, mask rows, groups and CFG scale reach the device at once, and the draws' checks are
+    # read at the end: no host sync between tokens. The prefix step places 2 positions, every later one 1.
+    sizes = [2] + [1] * (cfg.image_seq_len - 1)
+    positions, masks, groups = (t.to(device).split(sizes) for t in position_inputs(cfg, torch.arange(sum(sizes))))
+    scales = torch.cat([cfg_scale(i, cfg.image_seq_len, guidance_scale, guidance_scale_pow)
+                        for i in range(cfg.image_seq_len)]).to(device)
+    ids, tokens, bad = prefix_ids(cfg, condition), [], []
     for i in range(cfg.image_seq_len):
-        logits, k_cache, v_cache = step(*on_device(device, *step_inputs(cfg, ids, condition, start, k_cache, v_cache)))
+        logits, k_cache, v_cache = step(*on_device(device, ids, condition, positions[i], masks[i], k_cache, v_cache,
+                                                   groups[i]))
         logits = logits[:, -1]
         if guidance_scale != 0:
             cond, uncond = logits[:n], logits[n:]
-            logits = uncond + (cond - uncond) * cfg_scale(i, cfg.image_seq_len, guidance_scale, guidance_scale_pow).to(device)
-        tokens.append(sample(logits / temperature, generators))
-        start += ids.shape[1]
+            logits = uncond + (cond - uncond) * scales[i : i + 1]
+        tokens.append(sample(logits / temperature, generators, bad=bad))
         ids = tokens[-1].repeat(len(condition) // n).unsqueeze(1)
+    check_probs(bad)
     return torch.stack(tokens, 1)
 
 

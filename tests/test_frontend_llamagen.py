@@ -162,6 +162,20 @@ def test_first_image_does_not_depend_on_batch_size_and_traced_step_samples_the_s
     assert torch.equal(generate(tiny, [3, 1, 3], cfg_scale=2.0, seed=7, step=fx.symbolic_trace(tiny)), tokens)
 
 
+def test_bad_logits_fail_the_generation_once_at_its_end(tiny):
+    """The draws' checks are read after the last step (no host sync between steps), and still raise."""
+    calls = []
+
+    def nan_at_step_3(*inputs):
+        logits, k, v = tiny(*inputs)
+        calls.append(1)
+        return (logits * torch.nan if len(calls) == 3 else logits), k, v
+
+    with pytest.raises(RuntimeError, match="probabilities contain"):
+        generate(tiny, [1, 2], cfg_scale=2.0, step=nan_at_step_3)
+    assert len(calls) == len(tiny.schedule())
+
+
 def test_filter_logits_top_k_and_top_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     assert torch.isinf(filter_top_k_top_p(logits, 2, 1.0, rule="hf")).tolist() == [[False, False, True, True]]
