@@ -46,6 +46,8 @@ part() {
     decode) bench gpt_b_decode 80 --model gpt-b-decode --batch 64 --repeats 20 --warmup 3 --profile --backends $FP16_INT8 ;;
     decode_kv8) bench gpt_b_decode 80 --model gpt-b-decode --batch 64 --repeats 20 --warmup 3 --profile \
       --backends $FP16_INT8,cuda-int8-kv8 ;;
+    gen_gptb) bench gpt_b_all_b64 240 --model gpt-b-decode --steps all --batch 64 --repeats 3 --warmup 1 \
+      --backends $FP16_INT8 ;;  # a whole GPT-B generation: 256 decode steps, no host sync between them
     gen16) bench var_d16_all 300 --model var-d16 --steps all --batch 16 --repeats 5 --warmup 2 --backends $FP16_INT8 ;;
     gen64) bench var_d16_all_b64 300 --model var-d16 --steps all --batch 64 --repeats 5 --warmup 2 --profile \
       --backends $FP16_INT8 ;;

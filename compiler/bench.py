@@ -200,10 +200,11 @@ def workloads() -> dict[str, Callable[[int], ModelBundle]]:
 def generation(runner: Runner, bundle: ModelBundle, images: int) -> Callable[[tuple], object]:
     """A full generation (every step, sampling included) driven through the runner's step."""
     from frontends import infinity as I
+    from frontends import llamagen as L
     from frontends import var as V
 
-    if bundle.family not in ("var", "infinity"):
-        raise UserError("--steps all is implemented for VAR and Infinity workloads")
+    if bundle.family not in ("var", "infinity", "llamagen", "par"):
+        raise UserError("--steps all is implemented for VAR, Infinity, LlamaGen and PAR workloads")
     model = copy.deepcopy(bundle.extra["model"]).to(runner.device, runner.dtype)
 
     run_step, convert = runner.fn, runner.convert  # bound now: the caller replaces runner.fn by this generation
@@ -215,6 +216,8 @@ def generation(runner: Runner, bundle: ModelBundle, images: int) -> Callable[[tu
         features, mask = I.standin_text(model.config, images)
         return lambda _: I.sample_bits(model, features, mask, step=step, seed=0)
     labels = torch.arange(images) % model.config.num_classes
+    if bundle.family in ("llamagen", "par"):  # the official FID sampling (top-k 0, top-p 1), the config's guidance
+        return lambda _: L.generate(model, labels, cfg_scale=model.config.cfg_scale, step=step, seed=0)
     return lambda _: V.sample_tokens(model, labels, step=step, seed=0)
 
 

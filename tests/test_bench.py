@@ -32,6 +32,14 @@ def test_bench_generation_on_var(capsys):
     assert "full generation" in capsys.readouterr().out
 
 
+def test_bench_generation_on_llamagen(capsys):
+    """A whole LlamaGen generation (class token, then one token a step) through each backend's step."""
+    assert main(["--model", "gpt-tiny-decode", "--steps", "all", "--backends", "torch-fp32,torch-int8",
+                 "--repeats", "1", "--warmup", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "full generation" in out and "torch-int8" in out
+
+
 def test_bench_rejects_unknown_names(capsys):
     assert main(["--model", "nope"]) == 2
     assert main(["--backends", "tensorrt-int4"]) == 2
@@ -48,7 +56,7 @@ def test_bench_llamagen_decode(capsys):
 
 
 def test_steps_all_is_var_only(capsys):
-    assert main(["--model", "gpt-tiny-decode", "--steps", "all", "--backends", "torch-fp32", "--repeats", "1"]) == 2
+    assert main(["--model", "block-d16", "--steps", "all", "--backends", "torch-fp32", "--repeats", "1"]) == 2
     assert "VAR" in capsys.readouterr().err
 
 

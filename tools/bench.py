@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", default="2", help="images per batch, or a comma-separated list measured in turn "
                                                  "(CFG doubles the rows of family workloads)")
     p.add_argument("--steps", choices=("last", "all"), default="last",
-                   help="last: one step at the last scale; all: a whole generation, sampling included")
+                   help="last: one step (VAR, Infinity: the last scale; LlamaGen: a decode step); all: a whole "
+                        "generation, sampling included (VAR, Infinity, LlamaGen, PAR)")
     p.add_argument("--recipe", help="recipe of the int8 backends (default: tools.compile's, ptq4arvg for family "
                                      "models); its exclusions and the family's default ones apply, as in tools.compile")
     p.add_argument("--pipeline", help="pass pipeline for the int8 backends (overrides the recipe's; labelled as an override)")
