@@ -45,7 +45,7 @@ from torch import nn
 from core.errors import UserError
 from frontends.families import Family, layout, meta_model, register_family, tensor_shape
 from frontends.generic import ModelBundle, step_dynamic_shapes, strict_load
-from frontends.sampling import check_probs, filter_top_k_top_p, image_generators, multinomial_rows
+from frontends.sampling import check_probs, filter_top_k_top_p, image_generators, multinomial_rows, zero_cache
 from frontends.var import AdaLNBeforeHead  # VAR's head norm: same names, same math (width, norm_eps)
 
 MAX_SCALE_MUL = math.log(100)  # clamp of the learnt attention temperature, as the official model
@@ -328,9 +328,10 @@ class Infinity(nn.Module):
         return self.word_embed(next_BTd) + self.lvl_embed.weight[si]
 
     def new_kv_cache(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero caches as broadcast zeros (``frontends.sampling.zero_cache``): steps update them out of place."""
         c = self.config
         shape = (c.depth, batch, c.heads, c.seq_len, c.head_dim)
-        return self.pos_start.new_zeros(shape), self.pos_start.new_zeros(shape)
+        return zero_cache(self.pos_start, shape), zero_cache(self.pos_start, shape)
 
     def blocks(self) -> list[CrossAttnBlock]:
         return [b for chunk in self.block_chunks for b in chunk.module]

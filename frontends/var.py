@@ -42,7 +42,7 @@ from torch import nn
 from core.errors import UserError
 from frontends.families import Family, layout, meta_model, register_family, tensor_shape
 from frontends.generic import ModelBundle, step_dynamic_shapes, strict_load
-from frontends.sampling import check_probs, filter_top_k_top_p, image_generators, multinomial_rows
+from frontends.sampling import check_probs, filter_top_k_top_p, image_generators, multinomial_rows, zero_cache
 from frontends.var_vqvae import VQVAE, MultiScaleQuantizer, VQVAEConfig, load_vqvae
 
 MAX_SCALE_MUL = math.log(100)  # clamp of the learnt attention temperature, as the official model
@@ -210,9 +210,10 @@ class VAR(nn.Module):
         return self.word_embed(x_BTCv) + self.lvl_pos()[:, begin : begin + x_BTCv.shape[1]]
 
     def new_kv_cache(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero caches as broadcast zeros (``frontends.sampling.zero_cache``): steps update them out of place."""
         c = self.config
         shape = (c.depth, batch, c.heads, c.seq_len, c.head_dim)
-        return self.pos_1LC.new_zeros(shape), self.pos_1LC.new_zeros(shape)
+        return zero_cache(self.pos_1LC, shape), zero_cache(self.pos_1LC, shape)
 
     def step_inputs(self, si: int, x_BTC, cond_BD, k_cache, v_cache) -> tuple:
         """The ``VARStep`` arguments of scale ``si``: positions, mask rows and token groups added."""

@@ -427,12 +427,14 @@ def test_attention_int8(T, masked, dtype):
 def test_gemm_tiles_follow_the_row_count():
     """The GEMM autotuner's pruning (on a GPU): small tiles for decode, large ones for a whole VAR scale, both in
     between; TMA tiles only where rows are 16-byte aligned."""
-    def heights(m, k=1024):
-        return {c.kwargs["BLOCK_M"] for c in kernels._prune(kernels.QGEMM_CONFIGS, {"M_BUCKET": m, "K": k,
-                                                                                      "a_ptr": torch.empty(1, device=DEV)})}
+    def tiles(m, k=1024):
+        return kernels._prune(kernels.QGEMM_CONFIGS, {"M_BUCKET": m, "K": k, "a_ptr": torch.empty(1, device=DEV)})
+
+    def heights(m):
+        return {c.kwargs["BLOCK_M"] for c in tiles(m)}
     assert max(heights(128)) <= 64 and min(heights(32768)) >= 128
     assert min(heights(2048)) <= 64 < max(heights(2048))
-    unaligned = kernels._prune(kernels.QGEMM_CONFIGS, {"M_BUCKET": 32768, "K": 1000, "a_ptr": torch.empty(1, device=DEV)})
+    unaligned = tiles(32768, k=1000)
     assert unaligned and not any(c.kwargs["TMA"] for c in unaligned)
 
 

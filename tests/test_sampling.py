@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from frontends.sampling import check_probs, filter_top_k_top_p, image_generators, multinomial_rows
+from frontends.sampling import check_probs, filter_top_k_top_p, image_generators, multinomial_rows, zero_cache
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -106,3 +106,13 @@ def test_top_k_keeps_ties_with_the_kth_logit():
 def test_unknown_nucleus_rule_is_refused():
     with pytest.raises(ValueError, match="nucleus rule"):
         filter_top_k_top_p(torch.zeros(2, 5), 2, 0.5, rule="topp")
+
+
+def test_zero_cache_is_one_broadcast_zero():
+    """No memory and no fill until a step writes it, out of place, as the steps do."""
+    like = torch.ones(3, dtype=torch.float16)
+    cache = zero_cache(like, (2, 4, 5))
+    assert cache.shape == (2, 4, 5) and cache.dtype == torch.float16 and cache.untyped_storage().nbytes() == 2
+    assert torch.equal(cache, torch.zeros(2, 4, 5, dtype=torch.float16))
+    written = cache.index_copy(1, torch.tensor([1]), torch.ones(2, 1, 5, dtype=torch.float16))
+    assert written.sum((0, 2)).tolist() == [0, 10, 0, 0] and written.is_contiguous()

@@ -287,7 +287,8 @@ def _prune(configs, named_args, **kwargs):
     m = named_args["M_BUCKET"]
     hopper = INTERPRET or torch.cuda.get_device_capability(named_args["a_ptr"].device)[0] >= 9
     tma = hopper and named_args["K"] % 16 == 0
-    return [c for c in configs if (m <= 8192 if c.kwargs["BLOCK_M"] <= 64 else m > 256) and (tma or not c.kwargs["TMA"])]
+    return [c for c in configs
+            if (m <= 8192 if c.kwargs["BLOCK_M"] <= 64 else m > 256) and (tma or not c.kwargs["TMA"])]
 
 
 def _tma_scratch(size: int, alignment: int, stream):
@@ -461,7 +462,8 @@ def _layernorm_quant_kernel(x_ptr, out_ptr, weight_ptr, bias_ptr, mod_scale_ptr,
     # AdaLN: row m belongs to image m // tokens.
     image = (rows // tokens).to(tl.int64)[:, None]
     if HAS_MOD_SCALE:
-        y = y * (1.0 + tl.load(mod_scale_ptr + image * scale_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32))
+        scale = tl.load(mod_scale_ptr + image * scale_stride + cols[None, :], mask=mask, other=0.0)
+        y = y * (1.0 + scale.to(tl.float32))
     if HAS_MOD_SHIFT:
         y = y + tl.load(mod_shift_ptr + image * shift_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     _store_codes(out_ptr, y, rows, cols, row_ok, mask, K, groups_ptr, tokens, inv_scale_ptr, zero_ptr, qmin,
