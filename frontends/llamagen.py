@@ -296,8 +296,8 @@ LlamaGenStep = Transformer  # the traced step module is the model itself (module
 
 def sample(logits: torch.Tensor, generators: list[torch.Generator], temperature: float, top_k: int,
            top_p: float, bad: list | None = None) -> torch.Tensor:
-    """One token per position: ``logits [B,S,V]`` -> ``[B,S]``, image b drawn from ``generators[b]``;
-    ``bad``: as ``multinomial_rows``'."""
+    """One token per position: ``logits [B,S,V]`` -> ``[B,S]``, image b drawn from ``generators[b]``
+    (``bad``: see ``multinomial_rows``)."""
     probs = F.softmax(filter_top_k_top_p(logits / max(temperature, 1e-5), top_k, top_p, rule="hf"), dim=-1)
     return multinomial_rows(probs, generators, bad=bad)
 
