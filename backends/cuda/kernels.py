@@ -332,7 +332,7 @@ def qkv_config(m: int, n: int, head_dim: int, device):
         return None
     kind = ("interpret" if INTERPRET else "small" if m <= 256 else
             "hopper" if torch.cuda.get_device_capability(device)[0] >= 9 else "ampere")
-    width = 128 if head_dim <= 128 and (n // 3) % 128 == 0 else head_dim
+    width = 128 if (n // 3) % 128 == 0 else head_dim  # head_dim divides 128 (checked above)
     return qkv_tiles(head_dim, width)[kind]
 
 
@@ -429,8 +429,8 @@ def _load_rows(x_ptr, M, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
 @triton.jit
 def _add_residual(x, rows, cols, mask, K, tokens, res_ptr, gain_ptr, gain_stride, sum_ptr, HAS_RESIDUAL: tl.constexpr,
                   HAS_GAIN: tl.constexpr):
-    """``x + residual * gain[image]`` (the residual stream's add before a norm), stored; else ``x``. Per-image
-    tables (gain, AdaLN's scale and shift) come with their row stride: they are chunks of one linear's output."""
+    """``x + residual * gain[image]`` (the residual stream's add before a norm), stored; else ``x``. ``gain``
+    comes with its row stride, as every per-image table: a chunk of one linear's output, read in place."""
     if HAS_RESIDUAL:
         offs = rows.to(tl.int64)[:, None] * K + cols[None, :]
         r = tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
