@@ -51,7 +51,7 @@ part() {
     gen16) bench var_d16_all 300 --model var-d16 --steps all --batch 16 --repeats 5 --warmup 2 --backends $FP16_INT8 ;;
     gen64) bench var_d16_all_b64 300 --model var-d16 --steps all --batch 64 --repeats 5 --warmup 2 --profile \
       --backends $FP16_INT8 ;;
-    attention) timeout 300 python benchmarks/attention_bench.py --json "$OUT/attention.json" 2>&1 | tail -30 ;;
+    attention) timeout 240 python benchmarks/attention_bench.py --json "$OUT/attention.json" 2>&1 | tail -20 ;;
     gemms) timeout 60 python benchmarks/gemm_bench.py --json "$OUT/gemm.json" 2>&1 | tail -25 ;;
     *) echo "unknown part: $1" >&2; exit 2 ;;
   esac
