@@ -580,11 +580,9 @@ build(k._kv_write_kernel, 80, {"BLOCK_T": 64, "BLOCK_D": 64},
       {"cache_ptr": "*fp16", "value_ptr": "*fp16", "index_ptr": "*i64"})
 build(k._kv_write_int8_kernel, 80, {"BLOCK_T": 64, "BLOCK_D": 64},
       {"cache_ptr": "*i8", "value_ptr": "*fp16", "index_ptr": "*i64"})
-for arch, c, modes, kv in [(90, k.ATTENTION_CONFIGS[3], (1, 1), ("i8", "i8")), (80, k.ATTENTION_CONFIGS[0], (1, 1), ("i8", "i8")),
-                           (90, k.ATTENTION_CONFIGS[-1], (2, 2), ("i8", "fp8e4nv")), (80, k.ATTENTION_CONFIGS[4], (2, 0), ("i8", "fp16")),
-                           (90, k.ATTENTION_CONFIGS[4], (3, 2), ("fp8e4nv", "fp8e4nv")), (80, k.ATTENTION_CONFIGS[2], (0, 0), ("fp16", "fp16"))]:
-    build(k._attention_kernel, arch, {"HAS_MASK": True, "BLOCK_D": 64, "K_MODE": modes[0], "V_MODE": modes[1], **c.kwargs},
-          {"q_ptr": "*fp16", "k_ptr": "*" + kv[0], "v_ptr": "*" + kv[1], "out_ptr": "*fp16"}, c.num_warps, c.num_stages)
+for arch, c in [(90, k.ATTENTION_CONFIGS[3]), (80, k.ATTENTION_CONFIGS[0])]:
+    build(k._attention_int8_kernel, arch, {"HAS_MASK": True, "BLOCK_D": 64, **c.kwargs},
+          {"q_ptr": "*fp16", "k_ptr": "*i8", "v_ptr": "*i8", "out_ptr": "*fp16"}, c.num_warps, c.num_stages)
 """
 
 

@@ -69,14 +69,6 @@ def _int8_round(x):
 
 
 @triton.jit
-def _int_to_float(x):
-    """int32 ``x`` with ``|x| < 2**22`` as float32, exactly: the integer added to 1.5 * 2**23's bit pattern is that
-    float's mantissa, so a float subtract reads it back (an integer add and a float add, instead of a conversion
-    that Hopper runs at 1/8 of its FMA rate)."""
-    return (x + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
-
-
-@triton.jit
 def _gelu_tanh(y):
     """Compiled: ``0.5 * y * (1 + tanh(u))`` with the special-function unit's ``tanh.approx`` (relative error
     2**-11, below fp16's rounding), one such instruction an element where ``exp`` and a division take two: fc1's
@@ -661,21 +653,14 @@ def kv_write_int8(cache, scale, index, value) -> None:
 
 
 @triton.jit(do_not_specialize=["T_BUCKET"])
-def _attention_kernel(q_ptr, k_ptr, ks_ptr, v_ptr, vs_ptr, mask_ptr, out_ptr, T, H, D, N_KEYS, qk_scale,
-                      sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_l, sks_b, sks_h, sv_b, sv_h, sv_l, sv_d, svs_b, svs_h,
-                      sm_b, sm_h, sm_t, sm_l, T_BUCKET, HAS_MASK: tl.constexpr, K_MODE: tl.constexpr,
-                      V_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Flash attention (online softmax in base 2) of fp16/bf16 queries over KV caches; ``out`` is ``[B, T, H, D]``.
-
-    ``K_MODE``: 0 keys in the queries' dtype; 1 int8 codes with a scale per cached row, dequantized tile by tile
-    to the queries' dtype (as ``reference.attention_int8``); 2 the same codes multiplied in int8: each query row
-    is quantized to int8 (its own scale, amax / 127) once, ``q . k`` accumulates in int32 and is scaled by both
-    rows' scales (``reference.attention_quantized``); 3 e4m3 codes with a scale per row, queries quantized to e4m3
-    (amax / 448) and multiplied in FP8.
-    ``V_MODE``: 0 values in the queries' dtype; 1 int8 codes with a scale per row, dequantized; 2 e4m3 codes with a
-    scale per row: the probabilities times each key's scale, times 448 over the largest of those scales, are
-    rounded to e4m3 and multiplied in FP8 (Hopper's FP8 MMA wants the keys' axis contiguous: ``sv_l == 1``)."""
-    pid_m = tl.program_id(0)  # the fastest grid axis: a head's query tiles run together and share its keys in L2
+def _attention_int8_kernel(q_ptr, k_ptr, ks_ptr, v_ptr, vs_ptr, mask_ptr, out_ptr, T, H, D, N_KEYS, qk_scale,
+                           sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_l, sks_b, sks_h, sv_b, sv_h, sv_l, svs_b, svs_h,
+                           sm_b, sm_h, sm_t, sm_l, T_BUCKET, HAS_MASK: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Flash attention (online softmax in base 2) of fp16/bf16 queries over int8 keys and values with a scale
+    per cached row, dequantized tile by tile to the queries' dtype as the reference does; ``out`` is
+    ``[B, T, H, D]``."""
+    pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -684,25 +669,8 @@ def _attention_kernel(q_ptr, k_ptr, ks_ptr, v_ptr, vs_ptr, mask_ptr, out_ptr, T,
     q = tl.load(q_ptr + b * sq_b + h * sq_h + offs_m.to(tl.int64)[:, None] * sq_t + offs_d[None, :] * sq_d,
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     dt = q.dtype
-    row_scale = tl.full((BLOCK_M,), 1.0, tl.float32)
-    if K_MODE == 2:  # |q . k| <= 64 * 127 * 127 * (BLOCK_D / 64) < 2**22: the int32 sum converts by _int_to_float
-        amax = tl.max(tl.abs(q.to(tl.float32)), axis=1)
-        row_scale = tl.where(amax > 0, amax / 127.0, 1.0)
-        q = _int8_round(q.to(tl.float32) / row_scale[:, None])
-    elif K_MODE == 3:
-        amax = tl.max(tl.abs(q.to(tl.float32)), axis=1)
-        row_scale = tl.where(amax > 0, amax / 448.0, 1.0)
-        q = (q.to(tl.float32) / row_scale[:, None]).to(tl.float8e4nv)
-    row_scale = row_scale * qk_scale  # log2 units: qk_scale = softmax scale * log2(e)
     k_base, v_base = k_ptr + b * sk_b + h * sk_h, v_ptr + b * sv_b + h * sv_h
     ks_base, vs_base = ks_ptr + b * sks_b + h * sks_h, vs_ptr + b * svs_b + h * svs_h
-    p_scale = 1.0
-    if V_MODE == 2:  # probabilities times value scales, stretched so the largest is e4m3's 448 (not subnormal)
-        vmax = 0.0
-        for start in range(0, N_KEYS, BLOCK_N):
-            offs_n = start + tl.arange(0, BLOCK_N)
-            vmax = tl.maximum(vmax, tl.max(tl.load(vs_base + offs_n, mask=offs_n < N_KEYS, other=0.0)))
-        p_scale = tl.where(vmax > 0, 448.0 / vmax, 1.0)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
@@ -710,17 +678,10 @@ def _attention_kernel(q_ptr, k_ptr, ks_ptr, v_ptr, vs_ptr, mask_ptr, out_ptr, T,
         offs_n = start + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N_KEYS
         rows = offs_n.to(tl.int64)
-        kc = tl.load(k_base + rows[None, :] * sk_l + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        if K_MODE == 0:
-            s = tl.dot(q, kc) * row_scale[:, None]
-        else:
-            ks = tl.load(ks_base + rows, mask=n_ok, other=0.0)
-            if K_MODE == 1:
-                s = tl.dot(q, (kc.to(tl.float32) * ks[None, :]).to(dt)) * row_scale[:, None]
-            elif K_MODE == 2:
-                s = _int_to_float(tl.dot(q, kc, out_dtype=tl.int32)) * row_scale[:, None] * ks[None, :]
-            else:
-                s = tl.dot(q, kc) * row_scale[:, None] * ks[None, :]
+        kc = tl.load(k_base + rows[None, :] * sk_l + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0)
+        ks = tl.load(ks_base + rows, mask=n_ok, other=0.0)
+        k = (kc.to(tl.float32) * ks[None, :]).to(dt)  # [D, N], the reference's dequantized keys
+        s = tl.dot(q, k) * qk_scale  # log2 units: qk_scale = softmax scale * log2(e)
         if HAS_MASK:
             am = tl.load(mask_ptr + b * sm_b + h * sm_h + offs_m.to(tl.int64)[:, None] * sm_t + rows[None, :] * sm_l,
                          mask=m_ok[:, None] & n_ok[None, :], other=0.0)
@@ -731,19 +692,12 @@ def _attention_kernel(q_ptr, k_ptr, ks_ptr, v_ptr, vs_ptr, mask_ptr, out_ptr, T,
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        vc = tl.load(v_base + rows[:, None] * sv_l + offs_d[None, :] * sv_d, mask=n_ok[:, None] & d_ok[None, :],
-                     other=0.0)
-        if V_MODE == 0:
-            pv = tl.dot(p.to(dt), vc)
-        else:
-            vs = tl.load(vs_base + rows, mask=n_ok, other=0.0)
-            if V_MODE == 1:
-                pv = tl.dot(p.to(dt), (vc.to(tl.float32) * vs[:, None]).to(dt))
-            else:
-                pv = tl.dot((p * (vs * p_scale)[None, :]).to(tl.float8e4nv), vc)
-        acc = acc * alpha[:, None] + pv
+        vc = tl.load(v_base + rows[:, None] * sv_l + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0)
+        vs = tl.load(vs_base + rows, mask=n_ok, other=0.0)
+        v = (vc.to(tl.float32) * vs[:, None]).to(dt)
+        acc = acc * alpha[:, None] + tl.dot(p.to(dt), v)
         m_i = m_new
-    out = acc / (l_i * p_scale)[:, None]
+    out = acc / l_i[:, None]
     # out [B, T, H, D] contiguous
     o = out_ptr + ((b * T + offs_m.to(tl.int64)[:, None]) * H + h) * D + offs_d[None, :]
     tl.store(o, out.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
@@ -756,44 +710,40 @@ def _attention_config(bm, bn, warps, stages) -> triton.Config:
 # Few queries (decode, VAR's first scales) take 16-row tiles; many take 64 or 128.
 ATTENTION_CONFIGS = [_attention_config(16, 64, 4, 3), _attention_config(16, 128, 4, 3),
                      _attention_config(64, 64, 4, 3), _attention_config(128, 64, 8, 3),
-                     _attention_config(128, 64, 4, 2), _attention_config(128, 128, 8, 2),
-                     _attention_config(64, 128, 4, 2), _attention_config(256, 64, 8, 2)]
+                     _attention_config(128, 64, 4, 2), _attention_config(128, 128, 8, 2)]
 
 
 def _prune_attention(configs, named_args, **kwargs):
-    """16-row tiles for at most 16 queries, larger ones (up to the query count) else. (Triton passes the positional arguments as
+    """16-row tiles for at most 16 queries, larger ones else. (Triton passes the positional arguments as
     ``named_args``, the keyword ones as ``kwargs``.)"""
-    t = {**named_args, **kwargs}["T_BUCKET"]
-    return [c for c in configs if (c.kwargs["BLOCK_M"] == 16) == (t <= 16) and c.kwargs["BLOCK_M"] <= max(t, 16)]
+    few = {**named_args, **kwargs}["T_BUCKET"] <= 16
+    return [c for c in configs if (c.kwargs["BLOCK_M"] == 16) == few]
 
 
 def attention_tuner(configs, bench=functools.partial(do_bench, warmup=5, rep=20), cache_results=True):
     """The attention kernel autotuned over ``configs`` (a test passes its own ``bench`` to run the GPU's
     path of tuning under the interpreter)."""
-    return triton.autotune(configs, key=["T_BUCKET", "D", "HAS_MASK", "K_MODE", "V_MODE"],
+    return triton.autotune(configs, key=["T_BUCKET", "D", "HAS_MASK"],
                            prune_configs_by={"early_config_prune": _prune_attention}, do_bench=bench,
-                           cache_results=cache_results)(_attention_kernel)
+                           cache_results=cache_results)(_attention_int8_kernel)
 
 
 _attention_autotuned = attention_tuner([_attention_config(16, 16, 4, 1)] if INTERPRET else ATTENTION_CONFIGS)
 
 
-def attention(q, k, k_scale, v, v_scale, mask, n_keys, scale, *, k_mode=1, v_mode=1, config=None):
-    """``reference.attention_int8`` (modes 1, the default) or ``reference.attention_quantized`` in one kernel
-    (``_attention_kernel`` says what the modes hold; a scale is None where its mode is 0); the result
-    ``[B, T, H, D]`` contiguous, returned as its ``[B, H, T, D]`` view."""
+def attention_int8(q, k, k_scale, v, v_scale, mask, n_keys, scale, *, config=None):
+    """``reference.attention_int8`` in one kernel; the result ``[B, T, H, D]`` contiguous, returned as its
+    ``[B, H, T, D]`` view."""
     B, H, T, D = q.shape
     out = torch.empty((B, T, H, D), device=q.device, dtype=q.dtype)
     if out.numel() == 0:
         return out.transpose(1, 2)
     sm = (0, 0, 0, 0) if mask is None else mask.stride()
-    ks, vs = _or(k_scale, q), _or(v_scale, q)
-    args = (q, k, ks, v, vs, _or(mask, q), out, T, H, D, n_keys, scale * 1.4426950408889634,
-            *q.stride(), k.stride(0), k.stride(1), k.stride(2), ks.stride(0), ks.stride(1),
-            v.stride(0), v.stride(1), v.stride(2), v.stride(3), vs.stride(0), vs.stride(1), *sm,
+    args = (q, k, k_scale, v, v_scale, _or(mask, k_scale), out, T, H, D, n_keys, scale * 1.4426950408889634,
+            *q.stride(), k.stride(0), k.stride(1), k.stride(2), k_scale.stride(0), k_scale.stride(1),
+            v.stride(0), v.stride(1), v.stride(2), v_scale.stride(0), v_scale.stride(1), *sm,
             triton.next_power_of_2(T))  # T_BUCKET: positional, as the autotuner's key and its pruning read it
-    meta = {"HAS_MASK": mask is not None, "BLOCK_D": max(16, triton.next_power_of_2(D)), "K_MODE": k_mode,
-            "V_MODE": v_mode}
+    meta = {"HAS_MASK": mask is not None, "BLOCK_D": max(16, triton.next_power_of_2(D))}
 
     def grid(m):
         return (triton.cdiv(T, m["BLOCK_M"]), B * H)
@@ -801,8 +751,5 @@ def attention(q, k, k_scale, v, v_scale, mask, n_keys, scale, *, k_mode=1, v_mod
     if config is None:
         _attention_autotuned[grid](*args, **meta)
     else:
-        _attention_kernel[grid](*args, **meta, **config.all_kwargs())
+        _attention_int8_kernel[grid](*args, **meta, **config.all_kwargs())
     return out.transpose(1, 2)
-
-
-attention_int8 = functools.partial(attention, k_mode=1, v_mode=1)  # ``reference.attention_int8``

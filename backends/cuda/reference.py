@@ -183,21 +183,13 @@ def kv_write(cache: torch.Tensor, index: torch.Tensor, value: torch.Tensor) -> N
 KV_QMAX = 127.0
 
 
-FP8_MAX = 448.0  # e4m3's largest finite value
-
-
-def kv_quantize(value: torch.Tensor, fp8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows ``[..., D]`` as int8 codes (e4m3 with ``fp8``: ``amax / 448``) and their float32 scales ``[...]`` (a
-    zero row: codes 0, scale 0)."""
+def kv_quantize(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``[..., D]`` as int8 codes and their float32 scales ``[...]`` (a zero row: codes 0, scale 0)."""
     v = value.float()
     amax = v.abs().amax(-1)
-    top = FP8_MAX if fp8 else KV_QMAX
-    inv = torch.where(amax > 0, top / amax, torch.zeros_like(amax))
-    if fp8:
-        codes = torch.clamp(v * inv[..., None], -top, top).to(torch.float8_e4m3fn)
-    else:
-        codes = torch.clamp(torch.round(v * inv[..., None]), -top, top).to(torch.int8)
-    return codes, amax / top
+    inv = torch.where(amax > 0, KV_QMAX / amax, torch.zeros_like(amax))
+    codes = torch.clamp(torch.round(v * inv[..., None]), -KV_QMAX, KV_QMAX).to(torch.int8)
+    return codes, amax / KV_QMAX
 
 
 def kv_dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -221,33 +213,3 @@ def attention_int8(q: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor, v: t
     vf = kv_dequantize(v[..., :n_keys, :], v_scale[..., :n_keys], q.dtype).float()
     m = None if mask is None else mask[..., :n_keys].float()
     return F.scaled_dot_product_attention(q.float(), kf, vf, attn_mask=m, scale=scale).to(q.dtype)
-
-
-def attention_quantized(q: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor | None, v: torch.Tensor,
-                        v_scale: torch.Tensor | None, mask: torch.Tensor | None, n_keys: int, scale: float,
-                        k_mode: int, v_mode: int) -> torch.Tensor:
-    """What ``kernels.attention`` computes with quantized products (``k_mode`` 2: int8 q . k, each query row on
-    its own int8 grid; 3: the same in e4m3; ``v_mode`` 2: the probabilities times each key's scale rounded to e4m3
-    before the product with the e4m3 values), over the first ``n_keys`` rows, in float32; the kernel's online
-    softmax rounds the probabilities against a running maximum where this uses the final one."""
-    qf, n = q.float(), n_keys
-    if k_mode == 0:
-        s = qf @ k[..., :n, :].float().transpose(-1, -2)
-    else:
-        fp8 = k_mode == 3
-        codes, rs = kv_quantize(qf, fp8=fp8)
-        rs = torch.where(rs > 0, rs, torch.ones_like(rs))  # the kernel's scale for a zero row
-        s = (codes.float() @ k[..., :n, :].float().transpose(-1, -2)) * rs[..., None] * k_scale[..., None, :n]
-    s = s * scale
-    if mask is not None:
-        s = s + mask[..., :n].float()
-    m = s.amax(-1, keepdim=True)
-    p = torch.exp(s - torch.where(m == float("-inf"), torch.zeros_like(m), m))
-    if v_mode == 2:
-        stretch = FP8_MAX / v_scale[..., :n].amax(-1, keepdim=True).clamp(min=1e-30)  # the kernel's p_scale
-        p8 = (p * (v_scale[..., None, :n] * stretch[..., None])).clamp(max=FP8_MAX).to(torch.float8_e4m3fn).float()
-        pv = p8 @ v[..., :n, :].float() / stretch[..., None]
-    else:
-        vf = v[..., :n, :].float() if v_mode == 0 else kv_dequantize(v[..., :n, :], v_scale[..., :n], q.dtype).float()
-        pv = p @ vf
-    return (pv / p.sum(-1, keepdim=True)).to(q.dtype)
