@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import statistics
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -237,12 +238,39 @@ def profile_table(r: Runner, rows: int = 15) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if r.device == "cuda" else [])
+    sync(r.device)
     with profile(activities=acts) as prof:
+        start = time.perf_counter()
         for _ in range(3):
             r.fn(r.inputs)
         sync(r.device)
+        wall_ms = (time.perf_counter() - start) * 1e3
     key = "self_cuda_time_total" if r.device == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70)
+    table = prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70)
+    if r.device != "cuda":
+        return table
+    kernels = [(e.time_range.start / 1e3, e.time_range.end / 1e3) for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy, span = busy_and_span(kernels)
+    return (f"{table}\nGPU timeline of the 3 calls: {wall_ms:.2f} ms on the host clock (profiled), first kernel to last "
+            f"{span:.2f} ms, some kernel running {busy:.2f} ms: {span - busy:.2f} ms idle between kernels, "
+            f"{wall_ms - span:.2f} ms before the first and after the last")
+
+
+def busy_and_span(intervals: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """``(busy, span)`` of ``(start, end)`` intervals: the length of their union, and from the first start to the
+    last end (0, 0 for none): a device timeline's busy time and what it spans."""
+    busy, reach = 0.0, None
+    for a, b in sorted(intervals):
+        if reach is None or a > reach:
+            busy += b - a
+            reach = b
+        elif b > reach:
+            busy += b - reach
+            reach = b
+    if reach is None:
+        return 0.0, 0.0
+    return busy, max(b for _, b in intervals) - min(a for a, _ in intervals)
 
 
 def output_sqnr(fp_gm, runners: list[Runner], inputs: tuple) -> None:

@@ -108,3 +108,12 @@ def test_quantize_static_peer_is_a_real_int8_model(tmp_path, capsys):
     assert static["size_bytes"] < 0.7 * fp32["size_bytes"]  # int8 MatMul weights (its Gemms and embeddings stay float)
     assert 10 < static["sqnr_db"] < 60 and fp32["sqnr_db"] > 80, {k: v["sqnr_db"] for k, v in b.items()}
     assert all(t > 0 for t in static["times_s"])
+
+
+def test_busy_and_span_unions_kernel_intervals():
+    """The profile's GPU timeline: overlapping and nested kernels count once, gaps not at all."""
+    from compiler.bench import busy_and_span
+
+    busy, span = busy_and_span([(5.0, 6.0), (0.0, 2.0), (1.0, 3.0), (5.5, 5.7), (10.0, 10.5)])
+    assert (busy, span) == (4.5, 10.5)
+    assert busy_and_span([]) == (0.0, 0.0)
