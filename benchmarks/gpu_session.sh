@@ -27,7 +27,7 @@ tests() {  # NAME SECONDS FILES...: pytest, one line per test in $OUT/NAME.log
 
 part() {
   case "$1" in
-    suite) tests pytest "${SUITE_S:-$((585 - SECONDS))}" --durations=20 ;;  # every test
+    suite) tests pytest "${SUITE_S:-$((585 - SECONDS))}" -n 16 --durations=20 ;;  # every test, a worker a core
     backend_tests) tests pytest_gpu 150 tests/test_cuda_kernels.py tests/test_cuda_lower.py tests/test_cuda_target.py \
       tests/test_kv_cache.py tests/test_sampling.py ;;
     gputests) tests pytest_gpu "${SUITE_S:-230}" tests/test_cuda_kernels.py tests/test_cuda_lower.py \
