@@ -10,6 +10,8 @@ Numerics:
   arithmetic under the interpreter, which has no libdevice).
 - INT8 GEMM: int32 accumulation, and the zero-point correction ``acc - a_zero[g] * colsum[n]`` in int32 too,
   exact since ``a_zero`` and ``colsum`` hold integers (the contract); the rest of the epilogue is fp32.
+- tanh-GELU: compiled, its tanh is the special-function unit's ``tanh.approx`` (relative error 2**-11);
+  interpreted, the exact formula.
 - FP8 GEMM: fp32 accumulation, promoted every ``BLOCK_K`` on sm90 (``max_num_imprecise_acc``), as
   ``_scaled_mm`` does without fast accumulation. FP8 needs sm89+; INT8 also runs on sm80.
 
