@@ -5,7 +5,7 @@
 Per GEMM (last VAR-d16 scale, batch 64 with CFG: M = 32768), the sweep's tile (128 x 128 x 128, persistent, TMA,
 two programs an SM): cuBLAS FP16 + bias, the bare GEMM (no epilogue), and each variant with the epilogue as
 lowered (``gemm_bench.operands``). fc1's variants also report how many output codes differ from variant 0.
-Times: ``triton.testing.do_bench`` medians, variants interleaved over three rounds (the minimum kept).
+Times: ``triton.testing.do_bench`` medians, variants interleaved over two rounds (the minimum kept).
 """
 from __future__ import annotations
 
@@ -27,22 +27,25 @@ from gemm_bench import _compile_only, error, operands  # noqa: E402
 
 T = kernels.tile_config
 TILES = {"P4": T(128, 128, 128, 4, 3, persistent=True, tma=True, occupancy=2),  # QGEMM_CONFIGS' large-M winner
+         "P4s2": T(128, 128, 128, 4, 2, persistent=True, tma=True, occupancy=2),
          "P4nf": T(128, 128, 128, 4, 3, persistent=True, tma=True, occupancy=2, flatten=False),
          "P8o1": T(128, 128, 128, 8, 3, persistent=True, tma=True),
          "P8o1s4": T(128, 128, 128, 8, 4, persistent=True, tma=True),
-         "P8o2r128": T(128, 128, 128, 8, 3, persistent=True, tma=True, occupancy=2, maxnreg=128),
-         "P8o2r128nf": T(128, 128, 128, 8, 3, persistent=True, tma=True, occupancy=2, maxnreg=128, flatten=False),
+         "P8o2r128": T(128, 128, 128, 8, 2, persistent=True, tma=True, occupancy=2, maxnreg=128),
          "P256x128": T(256, 128, 128, 8, 3, persistent=True, tma=True),
          "P128x256": T(128, 256, 128, 8, 3, persistent=True, tma=True)}
 W = 1024
 M = 32768
-# (gemm, K, N, epilogue, variants): 2 GELU + quantization folded, 8 the residual add with a per-image gate
-SHAPES = [("qkv", W, 3 * W, "bias", [0]), ("proj", W, W, "bias", [0, 8]),
-          ("fc1", W, 4 * W, "bias+gelu+quant", [0, 2]), ("fc2", 4 * W, W, "bias", [0, 8])]
+# (gemm, K, N, epilogue, variants): 2 GELU + quantization folded, 8 the residual add with a per-image gate,
+# 16 a TMA store of the output
+SHAPES = [("qkv", W, 3 * W, "bias", [0, 16]), ("proj", W, W, "bias", [0, 16, 8, 24]),
+          ("fc1", W, 4 * W, "bias+gelu+quant", [0, 2, 16, 18]), ("fc2", 4 * W, W, "bias", [0, 16, 8, 24])]
 
 
 def args_for(K, N, epilogue, epi):
     ops = operands(M, K, N, epilogue, torch.int8)
+    if epilogue == "bare":  # no groups, zero point, bias: the GEMM alone
+        ops.update(groups=None, a_zero=torch.zeros_like(ops["a_zero"]))
     if epi & 8:
         gen = torch.Generator(device="cuda").manual_seed(1)
         ops["residual"] = torch.randn(M, N, device="cuda", dtype=torch.float16, generator=gen)
@@ -64,7 +67,7 @@ def main():
     p.add_argument("--json")
     args = p.parse_args()
     jobs = [(K, N, e, epi, t) for _, K, N, e, variants in SHAPES for epi in variants for t in TILES]
-    jobs += [(K, N, "", 0, t) for _, K, N, _, _ in SHAPES for t in TILES]
+    jobs += [(K, N, "bare", epi, t) for _, K, N, _, _ in SHAPES for t in TILES for epi in (0, 16)]
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(min(16, os.cpu_count()), mp_context=spawn, initializer=_compile_only) as pool:
         failed = [e for e in pool.map(_compile, jobs) if e]
@@ -75,16 +78,16 @@ def main():
         x = torch.randn(M, K, device="cuda", dtype=torch.float16)
         w = torch.randn(N, K, device="cuda", dtype=torch.float16)
         bias = torch.randn(N, device="cuda", dtype=torch.float16)
-        bare = operands(M, K, N, "", torch.int8)
-        bare.update(groups=None, a_zero=torch.zeros_like(bare["a_zero"]))
+        bare = args_for(K, N, "bare", 0)
         fns = {"cublas_fp16_bias": lambda: F.linear(x, w, bias)}
         variant_args = {epi: args_for(K, N, epilogue, epi) for epi in variants}
         for t, tile in TILES.items():
             fns[f"bare/{t}"] = (lambda tile=tile: kernels.qgemm(**bare, config=tile))
+            fns[f"bare16/{t}"] = (lambda tile=tile: kernels.qgemm(**bare, config=tile, epi=16))
             for epi, a in variant_args.items():
                 fns[f"epi{epi}/{t}"] = (lambda a=a, epi=epi, tile=tile: kernels.qgemm(**a, config=tile, epi=epi))
         times = {}
-        for _ in range(3):
+        for _ in range(2):
             for label, fn in fns.items():
                 try:
                     t = do_bench(fn, warmup=10, rep=40, return_mode="median")

@@ -255,6 +255,9 @@ def _qgemm_kernel(a_ptr, w_ptr, out_ptr, w_scale_ptr, colsum_ptr, a_scale_ptr, a
         if QKV:
             _qkv_epilogue(y, rows, row_ok, pid_n, N, tokens, q_ptr, kc_ptr, vc_ptr, index_ptr, gain_ptr, sc_b, sc_h,
                           sc_l, norm_eps, BLOCK_N, HEAD_D, NORM_QK, HAS_GAIN)
+        elif (EPI & 16) != 0:  # EXPERIMENT: a TMA store (the box's out-of-range part is dropped)
+            o_desc = tl.make_tensor_descriptor(out_ptr, [M, N_OUT], [N_OUT, 1], [BLOCK_M, BLOCK_OUT])
+            o_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_OUT], out)
         else:
             cols_out = pid_n * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
             out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * N_OUT + cols_out[None, :]
