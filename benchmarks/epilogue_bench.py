@@ -3,7 +3,8 @@
     python benchmarks/epilogue_bench.py [--json FILE]
 
 Per GEMM (last VAR-d16 scale, batch 64 with CFG: M = 32768), the sweep's tile (128 x 128 x 128, persistent, TMA,
-two programs an SM): cuBLAS FP16 + bias, the bare GEMM (no epilogue), and each variant with the epilogue as
+two programs an SM) and others, each with the plain and the TMA store: cuBLAS FP16 + bias, the bare GEMM (no
+epilogue), and each variant with the epilogue as
 lowered (``gemm_bench.operands``). fc1's variants also report how many output codes differ from variant 0.
 Times: ``triton.testing.do_bench`` medians, variants interleaved over two rounds (the minimum kept).
 """
@@ -26,20 +27,21 @@ from backends.cuda import kernels  # noqa: E402
 from gemm_bench import _compile_only, error, operands  # noqa: E402
 
 T = kernels.tile_config
-TILES = {"P4": T(128, 128, 128, 4, 3, persistent=True, tma=True, occupancy=2),  # QGEMM_CONFIGS' large-M winner
-         "P4s2": T(128, 128, 128, 4, 2, persistent=True, tma=True, occupancy=2),
-         "P4nf": T(128, 128, 128, 4, 3, persistent=True, tma=True, occupancy=2, flatten=False),
-         "P8o1": T(128, 128, 128, 8, 3, persistent=True, tma=True),
-         "P8o1s4": T(128, 128, 128, 8, 4, persistent=True, tma=True),
-         "P8o2r128": T(128, 128, 128, 8, 2, persistent=True, tma=True, occupancy=2, maxnreg=128),
-         "P256x128": T(256, 128, 128, 8, 3, persistent=True, tma=True),
-         "P128x256": T(128, 256, 128, 8, 3, persistent=True, tma=True)}
+BASE = {"P4": (128, 128, 128, 4, 3, True, True, 8, False, None, 2),  # QGEMM_CONFIGS' large-M winner before
+        "P4s2": (128, 128, 128, 4, 2, True, True, 8, False, None, 2),
+        "P4nf": (128, 128, 128, 4, 3, True, True, 8, False, False, 2),
+        "P8o1": (128, 128, 128, 8, 3, True, True),
+        "P8o1s4": (128, 128, 128, 8, 4, True, True),
+        "P8o2r128": (128, 128, 128, 8, 2, True, True, 8, False, None, 2, 128),
+        "P256x128": (256, 128, 128, 8, 3, True, True),
+        "P128x256": (128, 256, 128, 8, 3, True, True)}
+# each with the plain store and the TMA store (+S)
+TILES = {name + s: T(*t, **({"tma_store": True} if s else {})) for name, t in BASE.items() for s in ("", "+S")}
 W = 1024
 M = 32768
-# (gemm, K, N, epilogue, variants): 2 GELU + quantization folded, 8 the residual add with a per-image gate,
-# 16 a TMA store of the output
-SHAPES = [("qkv", W, 3 * W, "bias", [0, 16]), ("proj", W, W, "bias", [0, 16, 8, 24]),
-          ("fc1", W, 4 * W, "bias+gelu+quant", [0, 2, 16, 18]), ("fc2", 4 * W, W, "bias", [0, 16, 8, 24])]
+# (gemm, K, N, epilogue, variants): 2 GELU + quantization folded, 8 the residual add with a per-image gate
+SHAPES = [("qkv", W, 3 * W, "bias", [0]), ("proj", W, W, "bias", [0, 8]),
+          ("fc1", W, 4 * W, "bias+gelu+quant", [0, 2]), ("fc2", 4 * W, W, "bias", [0, 8])]
 
 
 def args_for(K, N, epilogue, epi):
@@ -67,7 +69,7 @@ def main():
     p.add_argument("--json")
     args = p.parse_args()
     jobs = [(K, N, e, epi, t) for _, K, N, e, variants in SHAPES for epi in variants for t in TILES]
-    jobs += [(K, N, "bare", epi, t) for _, K, N, _, _ in SHAPES for t in TILES for epi in (0, 16)]
+    jobs += [(K, N, "bare", 0, t) for _, K, N, _, _ in SHAPES for t in TILES]
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(min(16, os.cpu_count()), mp_context=spawn, initializer=_compile_only) as pool:
         failed = [e for e in pool.map(_compile, jobs) if e]
@@ -83,7 +85,6 @@ def main():
         variant_args = {epi: args_for(K, N, epilogue, epi) for epi in variants}
         for t, tile in TILES.items():
             fns[f"bare/{t}"] = (lambda tile=tile: kernels.qgemm(**bare, config=tile))
-            fns[f"bare16/{t}"] = (lambda tile=tile: kernels.qgemm(**bare, config=tile, epi=16))
             for epi, a in variant_args.items():
                 fns[f"epi{epi}/{t}"] = (lambda a=a, epi=epi, tile=tile: kernels.qgemm(**a, config=tile, epi=epi))
         times = {}

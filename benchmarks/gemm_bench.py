@@ -100,7 +100,7 @@ def precompile(shapes=None, configs=None):
     jobs = {}
     shapes = shapes or [(M, K, N, epilogue) for _, M, gemms in blocks() for _, K, N, epilogue in gemms]
     for M, K, N, epilogue in shapes:
-        args = {"M_BUCKET": triton.next_power_of_2(M), "K": K, "a_ptr": torch.empty(0, device="cuda")}
+        args = {"M_BUCKET": triton.next_power_of_2(M), "K": K, "N": N, "a_ptr": torch.empty(0, device="cuda")}
         for c in kernels._prune(configs or kernels.QGEMM_CONFIGS, args):
             config = (tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages)
             for dtype in DTYPES:

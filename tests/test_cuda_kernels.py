@@ -154,6 +154,23 @@ def test_qgemm_epilogue(gelu, out_dtype):
     _close(out, expected, rtol=max(1e-5 if out_dtype == torch.float32 else 1e-3, GELU_RTOL if gelu else 0))
 
 
+@pytest.mark.skipif(CUDA and not SM90, reason="TMA stores need a Hopper GPU (or the interpreter)")
+@pytest.mark.parametrize("out", ["float32", "float16", "codes"])
+def test_qgemm_tma_store_equals_the_plain_store(out):
+    """The same tile with its output stored by TMA: rows past M (40 of 2 x 32) dropped, values identical."""
+    args = _gemm_args(40, 64, 64, _gen(21))
+    kw = {"gelu": True, **({"out_inv_scale": torch.tensor([40.0, 25.0, 60.0]), "out_zero": torch.tensor([2.0, -5.0, 0.0])}
+                          if out == "codes" else {"out_dtype": getattr(torch, out)})}
+    plain, stored = (kernels.tile_config(32, 32, 32, 4, 2, persistent=True, tma=True, tma_store=s) for s in (False, True))
+    got = kernels.qgemm(**_to(args, DEV), **_to(kw, DEV), config=stored)
+    assert got.shape == (40, 64)
+    assert torch.equal(got, kernels.qgemm(**_to(args, DEV), **_to(kw, DEV), config=plain))
+    if out == "codes":
+        _assert_codes(got.cpu(), ref.qgemm, **args, **kw, tol=GELU_RTOL)
+    else:
+        _close(got, ref.qgemm(**args, **kw), rtol=max(GELU_RTOL, 1e-3 if out == "float16" else 1e-5))
+
+
 @pytest.mark.parametrize("gelu", [False, True])
 def test_qgemm_quantized_output(gelu):
     args = _gemm_args(24, 64, 48, _gen(3))
@@ -428,9 +445,10 @@ def test_attention_int8(T, masked, dtype):
 
 def test_gemm_tiles_follow_the_row_count():
     """The GEMM autotuner's pruning (on a GPU): small tiles for decode, large ones for a whole VAR scale, both in
-    between; TMA tiles only where rows are 16-byte aligned."""
-    def tiles(m, k=1024):
-        return kernels._prune(kernels.QGEMM_CONFIGS, {"M_BUCKET": m, "K": k, "a_ptr": torch.empty(1, device=DEV)})
+    between; TMA tiles only where rows are 16-byte aligned (the input's for loads, the output's for stores)."""
+    def tiles(m, k=1024, n=1024):
+        return kernels._prune(kernels.QGEMM_CONFIGS, {"M_BUCKET": m, "K": k, "N": n,
+                                                      "a_ptr": torch.empty(1, device=DEV)})
 
     def heights(m):
         return {c.kwargs["BLOCK_M"] for c in tiles(m)}
@@ -438,6 +456,11 @@ def test_gemm_tiles_follow_the_row_count():
     assert min(heights(2048)) <= 64 < max(heights(2048))
     unaligned = tiles(32768, k=1000)
     assert unaligned and not any(c.kwargs["TMA"] for c in unaligned)
+    if CUDA and torch.cuda.get_device_capability()[0] < 9:
+        return  # no TMA tiles at all
+    assert any(c.kwargs["TMA_STORE"] for c in tiles(32768))
+    stored = tiles(32768, n=1000)
+    assert stored and not any(c.kwargs["TMA_STORE"] for c in stored) and any(c.kwargs["TMA"] for c in stored)
 
 
 def test_attention_tiles_follow_the_query_count():
@@ -562,6 +585,8 @@ qkv = {**flags, "GELU": False, "QUANT_OUT": False, "QKV": True, "NORM_QK": True,
 for arch, code, tile, f in [(90, "i8", (64, 64, 64, 4, 3), flags), (90, "fp8e4nv", (64, 64, 64, 4, 3, True, True), flags),
                             (89, "fp8e4nv", (64, 64, 64, 4, 3), flags), (80, "i8", (64, 64, 64, 4, 3), flags),
                             (90, "i8", (64, 64, 64, 4, 3, True, True), swiglu), (80, "i8", (32, 64, 128, 4, 4), swiglu),
+                            (90, "i8", k.tile_config(128, 128, 128, 4, 3, True, True, occupancy=2, tma_store=True), flags),
+                            (90, "i8", k.tile_config(128, 128, 128, 8, 3, True, True, tma_store=True), swiglu),
                             *[(arch, "i8", k.qkv_tiles(64)[kind], {**qkv, "HEAD_D": 64})
                               for arch, kind in [(90, "hopper"), (80, "ampere")]]]:
     c = tile if isinstance(tile, triton.Config) else k.tile_config(*tile)

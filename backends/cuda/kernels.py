@@ -159,7 +159,8 @@ def _qgemm_kernel(a_ptr, w_ptr, out_ptr, w_scale_ptr, colsum_ptr, a_scale_ptr, a
                   QKV: tl.constexpr, NORM_QK: tl.constexpr, HAS_GAIN: tl.constexpr, HEAD_D: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                   PERSISTENT: tl.constexpr, TMA: tl.constexpr, EVEN_K: tl.constexpr, FLATTEN: tl.constexpr,
-                  WS_TILES: tl.constexpr, WS_K: tl.constexpr, OCCUPANCY: tl.constexpr, EPI: tl.constexpr = 0):
+                  WS_TILES: tl.constexpr, WS_K: tl.constexpr, OCCUPANCY: tl.constexpr, TMA_STORE: tl.constexpr,
+                  EPI: tl.constexpr = 0):
     # EPI (EXPERIMENT, a bit mask): 1 exact int-to-float on the ALU; 2 GELU + quantization folded; 4 its tanh
     # in f16x2; 8 the residual add (x + gate[image] * y) read in the epilogue
     FP8: tl.constexpr = w_ptr.dtype.element_ty == tl.float8e4nv
@@ -255,7 +256,7 @@ def _qgemm_kernel(a_ptr, w_ptr, out_ptr, w_scale_ptr, colsum_ptr, a_scale_ptr, a
         if QKV:
             _qkv_epilogue(y, rows, row_ok, pid_n, N, tokens, q_ptr, kc_ptr, vc_ptr, index_ptr, gain_ptr, sc_b, sc_h,
                           sc_l, norm_eps, BLOCK_N, HEAD_D, NORM_QK, HAS_GAIN)
-        elif (EPI & 16) != 0:  # EXPERIMENT: a TMA store (the box's out-of-range part is dropped)
+        elif TMA_STORE:  # no per-element addresses or masks (the box's out-of-range part is dropped)
             o_desc = tl.make_tensor_descriptor(out_ptr, [M, N_OUT], [N_OUT, 1], [BLOCK_M, BLOCK_OUT])
             o_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_OUT], out)
         else:
@@ -303,14 +304,14 @@ def _qkv_epilogue(y, rows, row_ok, pid_n, N, tokens, q_ptr, kc_ptr, vc_ptr, inde
 
 
 def tile_config(bm, bn, bk, warps, stages, persistent=False, tma=False, group_m=8, ws=False, flatten=None,
-                occupancy=1, maxnreg=None) -> triton.Config:
+                occupancy=1, maxnreg=None, tma_store=False) -> triton.Config:
     """A ``qgemm`` tile: BLOCK_M x BLOCK_N x BLOCK_K, warps, pipeline stages, persistent grid (``occupancy``
     programs per SM), TMA loads, warp specialization (of the tile loop when persistent, else of the K loop),
     flattened tile loop (default: persistent without warp specialization)."""
     flatten = persistent and not ws if flatten is None else flatten
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m,
                           "PERSISTENT": persistent, "TMA": tma, "FLATTEN": flatten, "WS_TILES": ws and persistent,
-                          "WS_K": ws and not persistent, "OCCUPANCY": occupancy},
+                          "WS_K": ws and not persistent, "OCCUPANCY": occupancy, "TMA_STORE": tma_store},
                          num_warps=warps, num_stages=stages, maxnreg=maxnreg)
 
 
@@ -329,6 +330,12 @@ QGEMM_CONFIGS = [
     tile_config(128, 128, 128, 4, 3, persistent=True, occupancy=2), tile_config(128, 128, 128, 4, 3),
     tile_config(128, 128, 64, 4, 4), tile_config(256, 128, 128, 8, 3),
     tile_config(128, 256, 128, 8, 4, persistent=True, tma=True),
+    # TMA stores: no per-element addresses, masks or register spills in the epilogue (SASS of the tile above
+    # without them: 255 registers and 1.2 kB of spills a thread). Three stages and an fp16 tile to store leave
+    # room for one program an SM, two stages for two.
+    tile_config(128, 128, 128, 4, 3, persistent=True, tma=True, occupancy=2, tma_store=True),
+    tile_config(128, 128, 128, 4, 2, persistent=True, tma=True, occupancy=2, tma_store=True),
+    tile_config(128, 128, 128, 8, 3, persistent=True, tma=True, tma_store=True),
 ]
 # The interpreter runs one small tile: tests need no tuning and stay fast.
 _INTERPRET_CONFIG = tile_config(32, 32, 32, 4, 1)
@@ -341,8 +348,9 @@ def _prune(configs, named_args, **kwargs):
     m = named_args["M_BUCKET"]
     hopper = INTERPRET or torch.cuda.get_device_capability(named_args["a_ptr"].device)[0] >= 9
     tma = hopper and named_args["K"] % 16 == 0
-    return [c for c in configs
-            if (m <= 8192 if c.kwargs["BLOCK_M"] <= 64 else m > 256) and (tma or not c.kwargs["TMA"])]
+    store = tma and named_args["N"] % 32 == 0  # the output's rows 16-byte aligned (N / 2 int8 for SwiGLU)
+    return [c for c in configs if (m <= 8192 if c.kwargs["BLOCK_M"] <= 64 else m > 256)
+            and (tma or not c.kwargs["TMA"]) and (store or not c.kwargs["TMA_STORE"])]
 
 
 def _tma_scratch(size: int, alignment: int, stream):
