@@ -35,6 +35,11 @@ CANDIDATES = [
     T(128, 256, 128, 8, 3, tma=True, ws=True), T(128, 256, 128, 8, 3, persistent=True, tma=True, ws=True),
     T(128, 128, 128, 4, 3, persistent=True, tma=True, ws=True, occupancy=2),
     T(256, 128, 128, 8, 3, persistent=True, tma=True, ws=True), T(128, 128, 128, 8, 4, tma=True, ws=True),
+    T(128, 128, 128, 4, 3, persistent=True, tma=True, occupancy=2, tma_store=True),
+    T(128, 128, 128, 4, 2, persistent=True, tma=True, occupancy=2, tma_store=True),
+    T(128, 128, 128, 8, 3, persistent=True, tma=True, tma_store=True),
+    T(128, 128, 128, 8, 4, persistent=True, tma=True, tma_store=True),
+    T(256, 128, 128, 8, 3, persistent=True, tma=True, tma_store=True),
 ]
 WIDTH = 1024
 SHAPES = [(32768, WIDTH, 3 * WIDTH, "bias", "qkv"), (32768, WIDTH, WIDTH, "bias", "proj"),
@@ -48,7 +53,7 @@ def bench(fn):
 def describe(c) -> str:
     kw = c.kwargs
     flags = "".join(f for f, on in (("P", kw["PERSISTENT"]), ("T", kw["TMA"]), ("W", kw["WS_TILES"] or kw["WS_K"]),
-                                    ("F", kw["FLATTEN"])) if on)
+                                    ("F", kw["FLATTEN"]), ("S", kw["TMA_STORE"])) if on)
     return (f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{c.num_warps} s{c.num_stages} g{kw['GROUP_M']}"
             f" o{kw['OCCUPANCY']} {flags or '-'}")
 

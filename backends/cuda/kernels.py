@@ -87,35 +87,6 @@ def _gelu_tanh(y):
 
 
 @triton.jit
-def _i32_to_f32(x):
-    """Exact int32 -> float32 (round to nearest) without the conversion unit: both 16-bit halves through the
-    float add trick, joined by one FMA (EXPERIMENT: ALU pipes instead of the special-function pipe)."""
-    hi = x >> 16
-    lo = x & 0xFFFF
-    fh = (hi + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
-    fl = (lo + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
-    return fh * 65536.0 + fl
-
-
-@triton.jit
-def _gelu_quant_folded(y, g, inv_scale_ptr, zero_ptr, qmin, qmax, EPI: tl.constexpr):
-    """EXPERIMENT: GELU and the int8 grid in fewer float ops: the polynomial in Horner form, 0.5 * inv_scale
-    folded into one multiply, the zero point and the rounding constant added together, the clamp after it."""
-    y2 = y * y
-    u = y * (0.7978845608028654 + 0.035677408136300125 * y2)
-    if (EPI & 4) != 0:
-        t = tl.inline_asm_elementwise("tanh.approx.f16x2 $0, $1;", "=r,r", [u.to(tl.float16)], dtype=tl.float16,
-                                      is_pure=True, pack=2).to(tl.float32)
-    else:
-        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [u], dtype=tl.float32, is_pure=True,
-                                      pack=1)
-    h = y * (0.5 * tl.load(inv_scale_ptr + g).to(tl.float32))[:, None]
-    v = h * t + h + (tl.load(zero_ptr + g).to(tl.float32) + 12582912.0)[:, None]
-    v = tl.clamp(v, qmin + 12582912.0, qmax + 12582912.0)
-    return (v.to(tl.int32, bitcast=True) - 0x4B400000).to(tl.int8)
-
-
-@triton.jit
 def _row_groups(rows, row_mask, groups_ptr, tokens, HAS_GROUPS: tl.constexpr):
     if HAS_GROUPS:
         g = tl.load(groups_ptr + rows % tokens, mask=row_mask, other=0)
@@ -153,16 +124,13 @@ def _quantize(y, g, inv_scale_ptr, zero_ptr, qmin, qmax, FP8: tl.constexpr):
 def _qgemm_kernel(a_ptr, w_ptr, out_ptr, w_scale_ptr, colsum_ptr, a_scale_ptr, a_zero_ptr, bias_ptr,
                   groups_ptr, out_inv_scale_ptr, out_zero_ptr, M, N, K, M_BUCKET, tokens, qmin, qmax,
                   a_inv_scale_ptr, in_qmin, in_qmax, q_ptr, kc_ptr, vc_ptr, index_ptr, gain_ptr, sc_b, sc_h, sc_l,
-                  norm_eps, residual_ptr, res_scale_ptr,
+                  norm_eps,
                   HAS_BIAS: tl.constexpr, HAS_GROUPS: tl.constexpr, GELU: tl.constexpr,
                   QUANT_OUT: tl.constexpr, QUANT_IN: tl.constexpr, SWIGLU: tl.constexpr,
                   QKV: tl.constexpr, NORM_QK: tl.constexpr, HAS_GAIN: tl.constexpr, HEAD_D: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                   PERSISTENT: tl.constexpr, TMA: tl.constexpr, EVEN_K: tl.constexpr, FLATTEN: tl.constexpr,
-                  WS_TILES: tl.constexpr, WS_K: tl.constexpr, OCCUPANCY: tl.constexpr, TMA_STORE: tl.constexpr,
-                  EPI: tl.constexpr = 0):
-    # EPI (EXPERIMENT, a bit mask): 1 exact int-to-float on the ALU; 2 GELU + quantization folded; 4 its tanh
-    # in f16x2; 8 the residual add (x + gate[image] * y) read in the epilogue
+                  WS_TILES: tl.constexpr, WS_K: tl.constexpr, OCCUPANCY: tl.constexpr, TMA_STORE: tl.constexpr):
     FP8: tl.constexpr = w_ptr.dtype.element_ty == tl.float8e4nv
     # QUANT_IN: ``a`` is float and its grid's quantizer runs here, tile by tile, instead of as a kernel of its
     # own (a launch saved: what matters at decode's few rows). SWIGLU: w's rows are gate and up interleaved.
@@ -228,28 +196,18 @@ def _qgemm_kernel(a_ptr, w_ptr, out_ptr, w_scale_ptr, colsum_ptr, a_scale_ptr, a
         colsum = tl.load(colsum_ptr + cols, mask=col_ok, other=0.0)
         if FP8:
             y = acc - a_zero.to(tl.float32)[:, None] * colsum.to(tl.float32)[None, :]
-        elif (EPI & 1) != 0:
-            y = _i32_to_f32(acc - a_zero.to(tl.int32)[:, None] * colsum.to(tl.int32)[None, :])
         else:
             y = (acc - a_zero.to(tl.int32)[:, None] * colsum.to(tl.int32)[None, :]).to(tl.float32)
         y = y * tl.load(a_scale_ptr + g).to(tl.float32)[:, None]
         y = y * tl.load(w_scale_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_BIAS:
             y = y + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        if GELU and ((EPI & 2) == 0 or FP8):
+        if GELU:
             y = _gelu_tanh(y)
-        if (EPI & 8) != 0:
-            offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
-            both = row_ok[:, None] & col_ok[None, :]
-            gain = tl.load(res_scale_ptr + (rows // tokens).to(tl.int64)[:, None] * N + cols[None, :], mask=both,
-                           other=0.0)
-            y = y * gain.to(tl.float32) + tl.load(residual_ptr + offs, mask=both, other=0.0).to(tl.float32)
         if SWIGLU:  # a tile holds gate and up of the same BLOCK_N / 2 hidden units
             gate, up = tl.split(tl.reshape(y, (BLOCK_M, BLOCK_OUT, 2)))
             y = gate * tl.sigmoid(gate) * up
-        if QUANT_OUT and GELU and (EPI & 2) != 0 and not FP8:
-            out = _gelu_quant_folded(y, g, out_inv_scale_ptr, out_zero_ptr, qmin, qmax, EPI)
-        elif QUANT_OUT:
+        if QUANT_OUT:
             out = _quantize(y, g, out_inv_scale_ptr, out_zero_ptr, qmin, qmax, FP8)
         else:
             out = y.to(out_ptr.dtype.element_ty)
@@ -304,15 +262,15 @@ def _qkv_epilogue(y, rows, row_ok, pid_n, N, tokens, q_ptr, kc_ptr, vc_ptr, inde
 
 
 def tile_config(bm, bn, bk, warps, stages, persistent=False, tma=False, group_m=8, ws=False, flatten=None,
-                occupancy=1, maxnreg=None, tma_store=False) -> triton.Config:
+                occupancy=1, tma_store=False) -> triton.Config:
     """A ``qgemm`` tile: BLOCK_M x BLOCK_N x BLOCK_K, warps, pipeline stages, persistent grid (``occupancy``
     programs per SM), TMA loads, warp specialization (of the tile loop when persistent, else of the K loop),
-    flattened tile loop (default: persistent without warp specialization)."""
+    flattened tile loop (default: persistent without warp specialization), the output stored by TMA."""
     flatten = persistent and not ws if flatten is None else flatten
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m,
                           "PERSISTENT": persistent, "TMA": tma, "FLATTEN": flatten, "WS_TILES": ws and persistent,
                           "WS_K": ws and not persistent, "OCCUPANCY": occupancy, "TMA_STORE": tma_store},
-                         num_warps=warps, num_stages=stages, maxnreg=maxnreg)
+                         num_warps=warps, num_stages=stages)
 
 
 # Candidates, small-M (decode) tiles first (at GPT-B decode, 128 rows x 768 columns make 24 tiles of 64 x 64 for
@@ -400,7 +358,7 @@ def qkv_config(m: int, n: int, head_dim: int, device):
 
 def qgemm(a, w, w_scale, colsum, a_scale, a_zero, bias=None, *, groups=None, tokens=1, gelu=False,
           out_inv_scale=None, out_zero=None, qmin=-128, qmax=127, out_dtype=torch.float16, swiglu=False,
-          a_inv_scale=None, in_qmin=-128, in_qmax=127, qkv=None, config=None, epi=0, residual=None, res_scale=None):
+          a_inv_scale=None, in_qmin=-128, in_qmax=127, qkv=None, config=None):
     """``reference.qgemm`` in one kernel (``reference.qgemm_qkv`` with ``qkv``: then it returns q). ``config``
     (a ``tile_config``) forces a tile instead of the autotuned one: for benchmarks and tests."""
     fp8 = w.dtype == torch.float8_e4m3fn
@@ -429,7 +387,6 @@ def qgemm(a, w, w_scale, colsum, a_scale, a_zero, bias=None, *, groups=None, tok
     q = None
     if qkv is None:
         args += (float(in_qmin), float(in_qmax), *[a_scale] * 5, 0, 0, 0, 0.0)
-        args += (_or(residual, a_scale), _or(res_scale, a_scale))
         flags.update(NORM_QK=False, HAS_GAIN=False, HEAD_D=1)
     else:
         k_cache, v_cache, index, gain, head_dim, normalize, eps = qkv
@@ -437,13 +394,11 @@ def qgemm(a, w, w_scale, colsum, a_scale, a_zero, bias=None, *, groups=None, tok
         if max(q.numel(), k_cache.numel()) >= 2**31:
             raise ValueError("qkv: q and the caches must each hold fewer than 2**31 elements (int32 offsets)")
         args += (float(in_qmin), float(in_qmax), q, k_cache, v_cache, index, _or(gain, a_scale),
-                 *k_cache.stride()[:3], float(eps), a_scale, a_scale)
+                 *k_cache.stride()[:3], float(eps))
         flags.update(NORM_QK=normalize, HAS_GAIN=gain is not None, HEAD_D=head_dim)
         config = config or qkv_config(M, N, head_dim, a.device)
         if config is None:
             raise ValueError(f"no qkv tile holds whole heads of {head_dim} within {N // 3} columns")
-    if epi:
-        flags["EPI"] = epi
     if config is None:
         _autotuned[grid](*args, **flags)
     else:
