@@ -1,4 +1,4 @@
-"""What ``ptxas`` makes of the large-M ``qgemm`` tiles on Hopper, without a GPU: registers, spills, instructions.
+"""The large-M ``qgemm`` tiles as ``ptxas`` compiles them for Hopper, no GPU needed: registers, spills, SASS.
 
     python benchmarks/qgemm_sass.py [--json FILE] [--arch 90]
 
@@ -23,15 +23,16 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from backends.cuda import kernels  # noqa: E402
+from backends.cuda import kernels
 
 T = kernels.tile_config
 TILES = {"128x128 w4 s3 o2": T(128, 128, 128, 4, 3, persistent=True, tma=True, occupancy=2),
          "128x128 w8 s3 o1": T(128, 128, 128, 8, 3, persistent=True, tma=True)}
-FLAGS = {"HAS_BIAS": True, "HAS_GROUPS": True, "GELU": True, "QUANT_OUT": True, "EVEN_K": True, "QUANT_IN": False,
-         "SWIGLU": False, "QKV": False, "NORM_QK": False, "HAS_GAIN": False, "HEAD_D": 1}
-EPILOGUES = {"fc1 (bias, GELU, int8 out)": FLAGS, "fc2 (bias, fp16 out)": {**FLAGS, "GELU": False, "QUANT_OUT": False},
-             "bare (fp16 out)": {**FLAGS, "GELU": False, "QUANT_OUT": False, "HAS_BIAS": False, "HAS_GROUPS": False}}
+FLAGS = {"HAS_BIAS": True, "HAS_GROUPS": True, "GELU": True, "QUANT_OUT": True, "EVEN_K": True,
+         "QUANT_IN": False, "SWIGLU": False, "QKV": False, "NORM_QK": False, "HAS_GAIN": False, "HEAD_D": 1}
+FP16_OUT = {**FLAGS, "GELU": False, "QUANT_OUT": False}
+EPILOGUES = {"fc1 (bias, GELU, int8 out)": FLAGS, "fc2 (bias, fp16 out)": FP16_OUT,
+             "bare (fp16 out)": {**FP16_OUT, "HAS_BIAS": False, "HAS_GROUPS": False}}
 OPS = ["FFMA", "FMUL", "FADD", "IMAD", "IADD3", "LOP3", "SHF", "ISETP", "PRMT", "MUFU", "I2FP", "STG", "STS",
        "UTMASTG", "STL", "LDL"]
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -55,10 +56,8 @@ def inspect(binary: bytes) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(binary)
         f.flush()
-        sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", f.name], capture_output=True, text=True,
-                              check=True).stdout
-        usage = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", f.name], capture_output=True,
-                               text=True, check=True).stdout
+        sass, usage = (subprocess.run([os.path.join(BIN, "cuobjdump"), flag, f.name], capture_output=True,
+                                      text=True, check=True).stdout for flag in ("-sass", "-res-usage"))
     ops = collections.Counter(re.findall(r"\s([A-Z][A-Z0-9]+)(?:\.[A-Z0-9_.]+)?\s", sass))
     regs = re.search(r"REG:(\d+)", usage)
     stack = re.search(r"STACK:(\d+)", usage)
@@ -81,8 +80,9 @@ def main():
                 r = {"epilogue": epilogue, "tile": tile, "store": "TMA" if store else "plain",
                      **inspect(cubin(flags, c, args.arch))}
                 rows.append(r)
-                print(f"{epilogue:28s} {tile:18s} {r['store']:5s} regs {r['registers']:3d} stack {r['stack_bytes']:5d} B"
-                      f"  instructions {r['instructions']:6d}  " + " ".join(f"{op} {r[op]}" for op in OPS), flush=True)
+                print(f"{epilogue:28s} {tile:18s} {r['store']:5s} regs {r['registers']:3d}"
+                      f" stack {r['stack_bytes']:5d} B  instructions {r['instructions']:6d}  "
+                      + " ".join(f"{op} {r[op]}" for op in OPS), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"triton": triton.__version__, "arch": f"sm{args.arch}", "rows": rows}, f, indent=1)

@@ -159,9 +159,10 @@ def test_qgemm_epilogue(gelu, out_dtype):
 def test_qgemm_tma_store_equals_the_plain_store(out):
     """The same tile with its output stored by TMA: rows past M (40 of 2 x 32) dropped, values identical."""
     args = _gemm_args(40, 64, 64, _gen(21))
-    kw = {"gelu": True, **({"out_inv_scale": torch.tensor([40.0, 25.0, 60.0]), "out_zero": torch.tensor([2.0, -5.0, 0.0])}
-                          if out == "codes" else {"out_dtype": getattr(torch, out)})}
-    plain, stored = (kernels.tile_config(32, 32, 32, 4, 2, persistent=True, tma=True, tma_store=s) for s in (False, True))
+    grid = {"out_inv_scale": torch.tensor([40.0, 25.0, 60.0]), "out_zero": torch.tensor([2.0, -5.0, 0.0])}
+    kw = {"gelu": True, **(grid if out == "codes" else {"out_dtype": getattr(torch, out)})}
+    plain, stored = (kernels.tile_config(32, 32, 32, 4, 2, persistent=True, tma=True, tma_store=s)
+                     for s in (False, True))
     got = kernels.qgemm(**_to(args, DEV), **_to(kw, DEV), config=stored)
     assert got.shape == (40, 64)
     assert torch.equal(got, kernels.qgemm(**_to(args, DEV), **_to(kw, DEV), config=plain))
@@ -585,7 +586,8 @@ qkv = {**flags, "GELU": False, "QUANT_OUT": False, "QKV": True, "NORM_QK": True,
 for arch, code, tile, f in [(90, "i8", (64, 64, 64, 4, 3), flags), (90, "fp8e4nv", (64, 64, 64, 4, 3, True, True), flags),
                             (89, "fp8e4nv", (64, 64, 64, 4, 3), flags), (80, "i8", (64, 64, 64, 4, 3), flags),
                             (90, "i8", (64, 64, 64, 4, 3, True, True), swiglu), (80, "i8", (32, 64, 128, 4, 4), swiglu),
-                            (90, "i8", k.tile_config(128, 128, 128, 4, 3, True, True, occupancy=2, tma_store=True), flags),
+                            (90, "i8", k.tile_config(128, 128, 128, 4, 3, True, True, occupancy=2, tma_store=True),
+                             flags),
                             (90, "i8", k.tile_config(128, 128, 128, 8, 3, True, True, tma_store=True), swiglu),
                             *[(arch, "i8", k.qkv_tiles(64)[kind], {**qkv, "HEAD_D": 64})
                               for arch, kind in [(90, "hopper"), (80, "ampere")]]]:

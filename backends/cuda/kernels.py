@@ -130,7 +130,8 @@ def _qgemm_kernel(a_ptr, w_ptr, out_ptr, w_scale_ptr, colsum_ptr, a_scale_ptr, a
                   QKV: tl.constexpr, NORM_QK: tl.constexpr, HAS_GAIN: tl.constexpr, HEAD_D: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                   PERSISTENT: tl.constexpr, TMA: tl.constexpr, EVEN_K: tl.constexpr, FLATTEN: tl.constexpr,
-                  WS_TILES: tl.constexpr, WS_K: tl.constexpr, OCCUPANCY: tl.constexpr, TMA_STORE: tl.constexpr):
+                  WS_TILES: tl.constexpr, WS_K: tl.constexpr, OCCUPANCY: tl.constexpr,
+                  TMA_STORE: tl.constexpr):
     FP8: tl.constexpr = w_ptr.dtype.element_ty == tl.float8e4nv
     # QUANT_IN: ``a`` is float and its grid's quantizer runs here, tile by tile, instead of as a kernel of its
     # own (a launch saved: what matters at decode's few rows). SWIGLU: w's rows are gate and up interleaved.
@@ -288,13 +289,12 @@ QGEMM_CONFIGS = [
     tile_config(128, 128, 128, 4, 3, persistent=True, occupancy=2), tile_config(128, 128, 128, 4, 3),
     tile_config(128, 128, 64, 4, 4), tile_config(256, 128, 128, 8, 3),
     tile_config(128, 256, 128, 8, 4, persistent=True, tma=True),
-    # TMA stores: no per-element addresses, masks or register spills in the epilogue (benchmarks/qgemm_sass.py:
-    # the 4-warp tile above spills 1.2 kB a thread with plain stores, none with TMA). The autotuner takes it for
-    # fc1's int8 output (H100: 0.314 against 0.326 ms for the plain store, benchmarks/h100_s9b_qgemm_sweep.json);
-    # with an fp16 tile to store, three stages leave room for one program an SM, two stages for two.
+    # The output stored by TMA: no per-element addresses, masks or register spills in the epilogue
+    # (benchmarks/qgemm_sass.py: the 4-warp tile above spills 1.2 kB a thread with plain stores, none with
+    # TMA). It wins for fc1's int8 output (H100: 0.314 against 0.326 ms, benchmarks/h100_s9b_qgemm_sweep.json);
+    # an fp16 tile to store takes the shared memory a second program needs, and loses (qkv 0.284 against
+    # 0.225 ms). Two stages or 8 warps with TMA stores lost at every d16 shape.
     tile_config(128, 128, 128, 4, 3, persistent=True, tma=True, occupancy=2, tma_store=True),
-    tile_config(128, 128, 128, 4, 2, persistent=True, tma=True, occupancy=2, tma_store=True),
-    tile_config(128, 128, 128, 8, 3, persistent=True, tma=True, tma_store=True),
 ]
 # The interpreter runs one small tile: tests need no tuning and stay fast.
 _INTERPRET_CONFIG = tile_config(32, 32, 32, 4, 1)
