@@ -219,22 +219,43 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(runners: list[Runner], *, warmup: int, repeats: int) -> None:
-    """Time every runner on its inputs, interleaved round by round after a warm-up, so drift in
-    machine load hits every backend alike; on CUDA also the memory one call needs beyond what is resident."""
-    for r in runners:
+ORDERS = ("interleaved", "blocked")
+
+
+def measure(runners: list[Runner], *, warmup: int, repeats: int, order: str = "interleaved") -> None:
+    """Time every runner on its inputs after a warm-up; on CUDA also the memory one call needs beyond what is
+    resident. ``interleaved``: round by round, so drift in machine load hits every backend alike. ``blocked``:
+    each runner's warm-up and repeats in one block, so a GPU at its power cap settles into that runner's own
+    clock instead of the one the previous backend left (H100, VAR-d16: the int8 step takes 23.2 ms after
+    itself and 25.1 ms after the FP16 step; BENCHMARKS.md)."""
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+
+    def warm(r: Runner) -> None:
         for _ in range(warmup):
             r.fn(r.inputs)
         sync(r.device)
         if r.device == "cuda":
             torch.cuda.empty_cache()
-    for _ in range(repeats):
+
+    def timed(r: Runner) -> None:
+        sync(r.device)
+        t0 = time.perf_counter()
+        r.fn(r.inputs)
+        sync(r.device)
+        r.times.append(time.perf_counter() - t0)
+
+    if order == "blocked":
         for r in runners:
-            sync(r.device)
-            t0 = time.perf_counter()
-            r.fn(r.inputs)
-            sync(r.device)
-            r.times.append(time.perf_counter() - t0)
+            warm(r)
+            for _ in range(repeats):
+                timed(r)
+    else:
+        for r in runners:
+            warm(r)
+        for _ in range(repeats):
+            for r in runners:
+                timed(r)
     for r in runners:
         if r.device == "cuda":
             torch.cuda.empty_cache()

@@ -117,3 +117,32 @@ def test_busy_and_span_unions_kernel_intervals():
     busy, span = busy_and_span([(5.0, 6.0), (0.0, 2.0), (1.0, 3.0), (5.5, 5.7), (10.0, 10.5)])
     assert (busy, span) == (4.5, 10.5)
     assert busy_and_span([]) == (0.0, 0.0)
+
+
+def test_measure_orders_interleave_or_block_the_backends():
+    """Interleaved: the backends take turns every repeat; blocked: each one's warm-up and repeats together (a GPU
+    at its power cap then runs each at its own clock). Every timed call is recorded either way."""
+    import pytest
+    import torch
+
+    from backends.registry import Runner, measure
+
+    for order, expected in (("interleaved", "aabb" + "ab" * 3), ("blocked", "aa" + "a" * 3 + "bb" + "b" * 3)):
+        calls = []
+        runs = [Runner(name, lambda _, name=name: calls.append(name), lambda x: x, 0, "cpu", torch.float32)
+                for name in "ab"]
+        measure(runs, warmup=2, repeats=3, order=order)
+        assert "".join(calls) == expected, order
+        assert [len(r.times) for r in runs] == [3, 3]
+    with pytest.raises(ValueError, match="order must be one of"):
+        measure(runs, warmup=1, repeats=1, order="random")
+
+
+def test_bench_order_is_in_the_header_and_the_json(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert main(["--model", "tiny-block", "--backends", "torch-fp32,torch-int8", "--repeats", "2", "--warmup", "1",
+                 "--order", "blocked", "--json", str(out)]) == 0
+    assert "2 blocked repeats after 1 warm-up" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["order"] == "blocked"
+    assert all(len(b["times_s"]) == 2 for b in data["results"][0]["backends"].values())

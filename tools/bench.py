@@ -1,7 +1,7 @@
 """``python -m tools.bench --model NAME --backends ort-int8,ort-fp32,torch-fp32 --batch B``
 
 Runs every backend on the same inputs in one process, interleaved round by round after a
-warm-up, and prints median / min / max latency, the ratio against the first floating-point
+warm-up (``--order blocked``: each backend's warm-up and repeats in one block), and prints median / min / max latency, the ratio against the first floating-point
 backend, the SQNR of the step's first output (logits) against the FP graph's on the same inputs
 (``--steps last``), the memory one call needs beyond the resident weights and inputs ("run MB",
 CUDA only) and the model size. Timings on shared machines are noisy: compare ratios
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from backends.registry import Runner, measure, runner, runners, target
+from backends.registry import ORDERS, Runner, measure, runner, runners, target
 from compiler.bench import generation, output_sqnr, profile_table, render, workloads
 from compiler.config import CompileConfig
 from compiler.driver import Compiler, quantize
@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", choices=sorted(PRECISIONS), help="default: the recipe's")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--order", choices=ORDERS, default="interleaved",
+                   help="interleaved: the backends take turns each repeat; blocked: each backend's warm-up and "
+                        "repeats in one block (a GPU at its power cap keeps that backend's own clock)")
     p.add_argument("--threads", type=int, help="torch / onnxruntime CPU threads")
     p.add_argument("--json", metavar="FILE", help="also write the measurements as JSON")
     p.add_argument("--profile", action="store_true",
@@ -132,13 +135,13 @@ def main(argv: list[str] | None = None) -> int:
                     r.inputs = r.convert(inputs)
                 timed.append(r)
             say(f"timing {', '.join(backends)} at batch {batch}")
-            measure(timed, warmup=args.warmup, repeats=args.repeats)
+            measure(timed, warmup=args.warmup, repeats=args.repeats, order=args.order)
             if args.steps == "last":  # fidelity beside speed: the step's logits against the FP graph's
                 output_sqnr(fp_gm, timed, inputs)
             table, speedup = render(timed)
             what = ("full generation" if args.steps == "all" else
                     "one decode step" if bundle.family == "llamagen" else "one last-scale step")
-            print(f"workload {args.model} ({what}), batch {batch}, {args.repeats} interleaved repeats after "
+            print(f"workload {args.model} ({what}), batch {batch}, {args.repeats} {args.order} repeats after "
                   f"{args.warmup} warm-up; {device}; int8 graph: {how}, {build.bits}")
             print(table, flush=True)
             if args.profile:  # after the table: at d16 on a CPU the profiles take minutes
@@ -153,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             del timed
     if args.json:
         atomic_write_text(args.json, json.dumps({"workload": args.model, "steps": args.steps, "device": device,
+                                               "order": args.order,
                                                "recipe": None if args.pipeline else build.recipe.name,
                                                "pipeline": pipeline, "pipeline_override": bool(args.pipeline),
                                                "exclude": exclusions, "bits": build.bits, "attention_sites": attention,
