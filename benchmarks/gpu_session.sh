@@ -55,8 +55,6 @@ part() {
       --backends $FP16_INT8 ;;
     attention) timeout 240 python benchmarks/attention_bench.py --json "$OUT/attention.json" 2>&1 | tail -20 ;;
     gemms) timeout 90 python benchmarks/gemm_bench.py --json "$OUT/gemm.json" 2>&1 | tail -25 ;;
-    sweep_res) timeout 220 python benchmarks/qgemm_sweep.py --dtypes int8 --shapes proj,fc2,proj+res,fc2+res \
-      --json "$OUT/qgemm_sweep_res.json" 2>&1 | grep -v "^   .*Error" | tail -40 ;;  # the residual add's cost
     *) echo "unknown part: $1" >&2; exit 2 ;;
   esac
 }

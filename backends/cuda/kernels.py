@@ -124,14 +124,14 @@ def _quantize(y, g, inv_scale_ptr, zero_ptr, qmin, qmax, FP8: tl.constexpr):
 def _qgemm_kernel(a_ptr, w_ptr, out_ptr, w_scale_ptr, colsum_ptr, a_scale_ptr, a_zero_ptr, bias_ptr,
                   groups_ptr, out_inv_scale_ptr, out_zero_ptr, M, N, K, M_BUCKET, tokens, qmin, qmax,
                   a_inv_scale_ptr, in_qmin, in_qmax, q_ptr, kc_ptr, vc_ptr, index_ptr, gain_ptr, sc_b, sc_h, sc_l,
-                  norm_eps, res_ptr, res_gain_ptr, res_gain_stride,
+                  norm_eps,
                   HAS_BIAS: tl.constexpr, HAS_GROUPS: tl.constexpr, GELU: tl.constexpr,
                   QUANT_OUT: tl.constexpr, QUANT_IN: tl.constexpr, SWIGLU: tl.constexpr,
                   QKV: tl.constexpr, NORM_QK: tl.constexpr, HAS_GAIN: tl.constexpr, HEAD_D: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                   PERSISTENT: tl.constexpr, TMA: tl.constexpr, EVEN_K: tl.constexpr, FLATTEN: tl.constexpr,
                   WS_TILES: tl.constexpr, WS_K: tl.constexpr, OCCUPANCY: tl.constexpr,
-                  TMA_STORE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_RES_GAIN: tl.constexpr):
+                  TMA_STORE: tl.constexpr):
     FP8: tl.constexpr = w_ptr.dtype.element_ty == tl.float8e4nv
     # QUANT_IN: ``a`` is float and its grid's quantizer runs here, tile by tile, instead of as a kernel of its
     # own (a launch saved: what matters at decode's few rows). SWIGLU: w's rows are gate and up interleaved.
@@ -208,14 +208,6 @@ def _qgemm_kernel(a_ptr, w_ptr, out_ptr, w_scale_ptr, colsum_ptr, a_scale_ptr, a
         if SWIGLU:  # a tile holds gate and up of the same BLOCK_N / 2 hidden units
             gate, up = tl.split(tl.reshape(y, (BLOCK_M, BLOCK_OUT, 2)))
             y = gate * tl.sigmoid(gate) * up
-        if HAS_RESIDUAL:  # the residual stream's add: out = stream + y * gain[image] (a float output: N_OUT = N)
-            if HAS_RES_GAIN:  # a tile's rows span few images: a vector of gains each, not a gathered tile
-                image = rows // tokens
-                for i in range((pid_m * BLOCK_M) // tokens, (tl.minimum(pid_m * BLOCK_M + BLOCK_M, M) - 1) // tokens + 1):
-                    gain = tl.load(res_gain_ptr + i * res_gain_stride + cols, mask=col_ok, other=0.0).to(tl.float32)
-                    y = tl.where((image == i)[:, None], y * gain[None, :], y)
-            offs = rows.to(tl.int64)[:, None] * N + cols[None, :]  # as the plain store's below
-            y = y + tl.load(res_ptr + offs, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
         if QUANT_OUT:
             out = _quantize(y, g, out_inv_scale_ptr, out_zero_ptr, qmin, qmax, FP8)
         else:
@@ -367,7 +359,7 @@ def qkv_config(m: int, n: int, head_dim: int, device):
 
 def qgemm(a, w, w_scale, colsum, a_scale, a_zero, bias=None, *, groups=None, tokens=1, gelu=False,
           out_inv_scale=None, out_zero=None, qmin=-128, qmax=127, out_dtype=torch.float16, swiglu=False,
-          a_inv_scale=None, in_qmin=-128, in_qmax=127, qkv=None, residual=None, residual_gain=None, config=None):
+          a_inv_scale=None, in_qmin=-128, in_qmax=127, qkv=None, config=None):
     """``reference.qgemm`` in one kernel (``reference.qgemm_qkv`` with ``qkv``: then it returns q). ``config``
     (a ``tile_config``) forces a tile instead of the autotuned one: for benchmarks and tests."""
     fp8 = w.dtype == torch.float8_e4m3fn
@@ -392,8 +384,7 @@ def qgemm(a, w, w_scale, colsum, a_scale, a_zero, bias=None, *, groups=None, tok
             _or(out_inv_scale, a_scale), _or(out_zero, a_scale), M, N, K, triton.next_power_of_2(M), tokens,
             float(qmin), float(qmax), _or(a_inv_scale, a_scale))
     flags = {"HAS_BIAS": bias is not None, "HAS_GROUPS": groups is not None, "GELU": gelu, "QUANT_OUT": quant,
-             "QUANT_IN": a_inv_scale is not None, "SWIGLU": swiglu, "QKV": qkv is not None,
-             "HAS_RESIDUAL": residual is not None, "HAS_RES_GAIN": residual_gain is not None}
+             "QUANT_IN": a_inv_scale is not None, "SWIGLU": swiglu, "QKV": qkv is not None}
     q = None
     if qkv is None:
         args += (float(in_qmin), float(in_qmax), *[a_scale] * 5, 0, 0, 0, 0.0)
@@ -409,7 +400,6 @@ def qgemm(a, w, w_scale, colsum, a_scale, a_zero, bias=None, *, groups=None, tok
         config = config or qkv_config(M, N, head_dim, a.device)
         if config is None:
             raise ValueError(f"no qkv tile holds whole heads of {head_dim} within {N // 3} columns")
-    args += (_or(residual, a_scale), _or(residual_gain, a_scale), _row_stride(residual_gain))
     if config is None:
         _autotuned[grid](*args, **flags)
     else:
@@ -458,24 +448,17 @@ def _load_rows(x_ptr, M, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _plus_residual(x, r, rows, cols, mask, tokens, gain_ptr, gain_stride, HAS_GAIN: tl.constexpr):
-    """``x + r * gain[image]`` in fp32 (the residual stream's add). ``gain`` comes with its row stride, as every
-    per-image table: a chunk of one linear's output, read in place."""
-    r = r.to(tl.float32)
-    if HAS_GAIN:
-        r = r * tl.load(gain_ptr + (rows // tokens).to(tl.int64)[:, None] * gain_stride + cols[None, :], mask=mask,
-                        other=0.0).to(tl.float32)
-    return x + r
-
-
-@triton.jit
 def _add_residual(x, rows, cols, mask, K, tokens, res_ptr, gain_ptr, gain_stride, sum_ptr, HAS_RESIDUAL: tl.constexpr,
                   HAS_GAIN: tl.constexpr):
-    """``x + residual * gain[image]`` (the residual stream's add before a norm), stored; else ``x``."""
+    """``x + residual * gain[image]`` (the residual stream's add before a norm), stored; else ``x``. ``gain``
+    comes with its row stride, as every per-image table: a chunk of one linear's output, read in place."""
     if HAS_RESIDUAL:
         offs = rows.to(tl.int64)[:, None] * K + cols[None, :]
-        x = _plus_residual(x, tl.load(res_ptr + offs, mask=mask, other=0.0), rows, cols, mask, tokens, gain_ptr,
-                           gain_stride, HAS_GAIN)
+        r = tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_GAIN:
+            r = r * tl.load(gain_ptr + (rows // tokens).to(tl.int64)[:, None] * gain_stride + cols[None, :], mask=mask,
+                            other=0.0).to(tl.float32)
+        x = x + r
         tl.store(sum_ptr + offs, x.to(sum_ptr.dtype.element_ty), mask=mask)
     return x
 

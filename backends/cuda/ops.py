@@ -59,10 +59,9 @@ def _check_vec(t, name, n):
 
 def qgemm(a, w, w_scale, colsum, a_scale, a_zero, bias=None, *, groups=None, tokens=1, gelu=False,
           out_inv_scale=None, out_zero=None, qmin=-128, qmax=127, out_dtype=torch.float16, swiglu=False,
-          a_inv_scale=None, in_qmin=-128, in_qmax=127, qkv=None, residual=None, residual_gain=None):
+          a_inv_scale=None, in_qmin=-128, in_qmax=127, qkv=None):
     """``qkv = (k_cache, v_cache, index, gain or None, head_dim, normalize, eps)``: ``reference.qkv_heads`` as
-    the epilogue (returns q). ``residual [M, N]`` (and a per-image ``residual_gain [B, N]``): the output is
-    ``residual + y * residual_gain``, the residual stream's add."""
+    the epilogue (returns q)."""
     _check_rows(a, "a", groups, tokens)
     _check(w.dim() == 2 and w.dtype in _CODES, f"w must be 2-d [N, K] int8 or float8_e4m3fn, got "
            f"{tuple(w.shape)} {w.dtype}")
@@ -92,15 +91,10 @@ def qgemm(a, w, w_scale, colsum, a_scale, a_zero, bias=None, *, groups=None, tok
                f"qkv: index must be [T={tokens}] integers, got {tuple(index.shape)} {index.dtype}")
         _check_vec(gain, "gain", c // head_dim)
         qkv = (k_cache, v_cache, index.contiguous(), _c(gain), head_dim, _normalize, _eps)
-    if residual is not None:
-        _check(not (swiglu or qkv is not None or out_inv_scale is not None),
-               "residual takes the GEMM's float output only (no swiglu, qkv or output quantization)")
-    _check_residual((a.shape[0], w.shape[0]), residual, residual_gain, tokens)
     return _impl(a).qgemm(_c(a), _c(w), _c(w_scale), _c(colsum), _c(a_scale), _c(a_zero), _c(bias),
                           groups=_c(groups), tokens=tokens, gelu=gelu, out_inv_scale=_c(out_inv_scale),
                           out_zero=_c(out_zero), qmin=qmin, qmax=qmax, out_dtype=out_dtype, swiglu=swiglu,
-                          a_inv_scale=_c(a_inv_scale), in_qmin=in_qmin, in_qmax=in_qmax, qkv=qkv,
-                          residual=_c(residual), residual_gain=_rows(residual_gain))
+                          a_inv_scale=_c(a_inv_scale), in_qmin=in_qmin, in_qmax=in_qmax, qkv=qkv)
 
 
 def _check_quant(x, zero, groups, tokens, fp8):
@@ -109,17 +103,16 @@ def _check_quant(x, zero, groups, tokens, fp8):
     _check(zero is not None or fp8, "zero is required for int8 codes")
 
 
-def _check_table(t, name, shape, tokens):
-    """A per-image ``[B, K]`` table for rows of ``shape`` ``(M, K)``."""
-    _check(t is None or (t.dim() == 2 and t.shape[1] == shape[1] and t.shape[0] * tokens >= shape[0]),
+def _check_table(t, name, x, tokens):
+    _check(t is None or (t.dim() == 2 and t.shape[1] == x.shape[1] and t.shape[0] * tokens >= x.shape[0]),
            f"{name} must be [B, K] with B * tokens >= M, got {None if t is None else tuple(t.shape)}")
 
 
-def _check_residual(shape, residual, gain, tokens):
-    _check(residual is None or tuple(residual.shape) == tuple(shape),
-           f"residual must be {tuple(shape)}, got {None if residual is None else tuple(residual.shape)}")
+def _check_residual(x, residual, gain, tokens):
+    _check(residual is None or residual.shape == x.shape,
+           f"residual must match x {tuple(x.shape)}, got {None if residual is None else tuple(residual.shape)}")
     _check(gain is None or residual is not None, "gain goes with a residual")
-    _check_table(gain, "gain", shape, tokens)
+    _check_table(gain, "gain", x, tokens)
 
 
 def layernorm_quant(x, weight, bias, eps, *, inv_scale, zero, groups=None, tokens=1, mod_scale=None,
@@ -127,9 +120,9 @@ def layernorm_quant(x, weight, bias, eps, *, inv_scale, zero, groups=None, token
     _check_quant(x, zero, groups, tokens, fp8)
     _check_vec(weight, "weight", x.shape[1])
     _check_vec(bias, "bias", x.shape[1])
-    _check_table(mod_scale, "mod_scale", x.shape, tokens)
-    _check_table(mod_shift, "mod_shift", x.shape, tokens)
-    _check_residual(x.shape, residual, gain, tokens)
+    _check_table(mod_scale, "mod_scale", x, tokens)
+    _check_table(mod_shift, "mod_shift", x, tokens)
+    _check_residual(x, residual, gain, tokens)
     return _impl(x).layernorm_quant(_c(x), _c(weight), _c(bias), eps, inv_scale=_c(inv_scale), zero=_c(zero),
                                     groups=_c(groups), tokens=tokens, mod_scale=_rows(mod_scale),
                                     mod_shift=_rows(mod_shift), qmin=qmin, qmax=qmax, fp8=fp8, residual=_c(residual),
@@ -140,7 +133,7 @@ def rmsnorm_quant(x, weight, eps, *, inv_scale, zero, groups=None, tokens=1, qmi
                   residual=None, gain=None):
     _check_quant(x, zero, groups, tokens, fp8)
     _check_vec(weight, "weight", x.shape[1])
-    _check_residual(x.shape, residual, gain, tokens)
+    _check_residual(x, residual, gain, tokens)
     return _impl(x).rmsnorm_quant(_c(x), _c(weight), eps, inv_scale=_c(inv_scale), zero=_c(zero),
                                   groups=_c(groups), tokens=tokens, qmin=qmin, qmax=qmax, fp8=fp8,
                                   residual=_c(residual), gain=_rows(gain))

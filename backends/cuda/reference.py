@@ -47,8 +47,7 @@ def qgemm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, colsum: torch
           out_inv_scale: torch.Tensor | None = None, out_zero: torch.Tensor | None = None,
           qmin: int = -128, qmax: int = 127, out_dtype: torch.dtype = torch.float16, swiglu: bool = False,
           a_inv_scale: torch.Tensor | None = None, in_qmin: int = -128, in_qmax: int = 127,
-          qkv: tuple | None = None, residual: torch.Tensor | None = None,
-          residual_gain: torch.Tensor | None = None) -> torch.Tensor:
+          qkv: tuple | None = None) -> torch.Tensor:
     """Quantized linear with the whole STWQ lowering in its epilogue.
 
     ``a`` int8 [M, K] codes (or float8_e4m3fn), ``w`` int8 [N, K] (or float8_e4m3fn), ``w_scale`` f32 [N],
@@ -63,9 +62,6 @@ def qgemm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, colsum: torch
                                                                      N / 2 columns out)
         out       = quantize_codes(y, out_inv_scale, out_zero, g)    if out_inv_scale is given (next GEMM's input)
                   = qkv_heads(y, tokens, *qkv)                       if qkv is given (an attention's projection)
-                  = (residual + y * residual_gain[image]).to(out_dtype)
-                                                                     if residual is given (the residual stream's
-                                                                     add, in fp32; gain per image, optional)
                   = y.to(out_dtype)                                  otherwise
     """
     g = row_groups(a.shape[0], tokens, groups, a.device)
@@ -85,8 +81,6 @@ def qgemm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, colsum: torch
         return qkv_heads(y, tokens, *qkv)
     if out_inv_scale is not None:
         return quantize_codes(y, out_inv_scale, out_zero, g, qmin, qmax, fp8=a.dtype != torch.int8)
-    if residual is not None:
-        y = _residual_sum(residual, y, residual_gain, tokens)
     return y.to(out_dtype)
 
 
