@@ -51,6 +51,8 @@ part() {
     gen_gptb) bench gpt_b_all_b64 240 --model gpt-b-decode --steps all --batch 64 --repeats 3 --warmup 1 \
       --backends $FP16_INT8 ;;  # a whole GPT-B generation: 256 decode steps, no host sync between them
     gen16) bench var_d16_all 300 --model var-d16 --steps all --batch 16 --repeats 5 --warmup 2 --backends $FP16_INT8 ;;
+    gen100) bench var_d16_all_b100 300 --model var-d16 --steps all --batch 100 --repeats 4 --warmup 2 \
+      --backends $FP16_INT8 ;;
     gen64) bench var_d16_all_b64 300 --model var-d16 --steps all --batch 64 --repeats 5 --warmup 2 --profile \
       --backends $FP16_INT8 ;;
     attention) timeout 240 python benchmarks/attention_bench.py --json "$OUT/attention.json" 2>&1 | tail -20 ;;
