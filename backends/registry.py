@@ -106,6 +106,8 @@ class Runner:
     inputs: tuple = ()
     times: list[float] = field(default_factory=list)
     peak_bytes: int | None = None
+    clocks_mhz: list[int] = field(default_factory=list)  # CUDA: the SM clock after each timed call (NVML)
+    energy_mj: list[int] = field(default_factory=list)  # CUDA: the GPU's energy over each timed call (NVML)
     note: str = ""
     onnx: tuple[Path, str] | None = None  # onnxruntime runners: (model file, session mode), for profiles
     sqnr_db: float | None = None  # its step's first output (logits) against the FP graph's, on the timed inputs
@@ -222,14 +224,20 @@ def sync(device: str) -> None:
 ORDERS = ("interleaved", "blocked")
 
 
-def measure(runners: list[Runner], *, warmup: int, repeats: int, order: str = "interleaved") -> None:
+def measure(runners: list[Runner], *, warmup: int, repeats: int, order: str = "interleaved") -> str:
     """Time every runner on its inputs after a warm-up; on CUDA also the memory one call needs beyond what is
-    resident. ``interleaved``: round by round, so drift in machine load hits every backend alike. ``blocked``:
-    each runner's warm-up and repeats in one block, so a GPU at its power cap settles into that runner's own
-    clock instead of the one the previous backend left (H100, VAR-d16: the int8 step takes 23.2 ms after
-    itself and 25.1 ms after the FP16 step; BENCHMARKS.md)."""
+    resident, and from NVML the SM clock after each timed call and the energy it took. ``interleaved``: round by
+    round, so drift in machine load hits every backend alike. ``blocked``: each runner's warm-up and repeats in
+    one block, so a GPU at its power cap settles into that runner's own clock instead of the one the previous
+    backend left (H100, VAR-d16: the int8 step takes 23.2 ms after itself and 25.1 ms after the FP16 step;
+    BENCHMARKS.md). Returns why clocks or energy are missing on CUDA, else ""."""
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    meter, missing = None, ""
+    if any(r.device == "cuda" for r in runners):
+        from backends.nvml import meter as nvml_meter
+
+        meter, missing = nvml_meter(torch.cuda.current_device())
 
     def warm(r: Runner) -> None:
         for _ in range(warmup):
@@ -240,10 +248,17 @@ def measure(runners: list[Runner], *, warmup: int, repeats: int, order: str = "i
 
     def timed(r: Runner) -> None:
         sync(r.device)
+        on_gpu = meter is not None and r.device == "cuda"
+        e0 = meter.sample()[0] if on_gpu else None
         t0 = time.perf_counter()
         r.fn(r.inputs)
         sync(r.device)
         r.times.append(time.perf_counter() - t0)
+        if on_gpu:
+            e1, mhz = meter.sample()
+            r.clocks_mhz.append(mhz)
+            if e0 is not None:
+                r.energy_mj.append(e1 - e0)
 
     if order == "blocked":
         for r in runners:
@@ -264,3 +279,4 @@ def measure(runners: list[Runner], *, warmup: int, repeats: int, order: str = "i
             r.fn(r.inputs)
             sync("cuda")
             r.peak_bytes = torch.cuda.max_memory_allocated() - resident
+    return missing

@@ -142,6 +142,40 @@ def test_measure_orders_interleave_or_block_the_backends():
         measure(runs, warmup=1, repeats=1, order="random")
 
 
+def test_nvml_meter_reads_the_gpu_or_says_why_not():
+    """On CUDA: the SM clock after each timed call, and the energy over it where the GPU counts it (data-center
+    GPUs do); without a GPU driver the meter is absent and says why."""
+    import torch
+
+    from backends.nvml import meter
+    from backends.registry import Runner, measure
+
+    if not torch.cuda.is_available():
+        m, why = meter(0)
+        assert m is None and "NVML" in why
+        return
+    x = torch.randn(4096, 4096, device="cuda", dtype=torch.float16)
+    run = Runner("mm", lambda _: [x @ x for _ in range(50)], lambda t: t, 0, "cuda", torch.float16)
+    assert measure([run], warmup=1, repeats=4) == ""  # H100/H200: clocks and energy
+    assert len(run.clocks_mhz) == 4 and all(300 <= c <= 3000 for c in run.clocks_mhz)
+    assert len(run.energy_mj) == 4 and sum(run.energy_mj) > 0
+
+
+def test_table_shows_the_gpu_clock_and_energy():
+    import torch
+
+    from backends.registry import Runner
+    from compiler.bench import render
+
+    runs = [Runner(name, None, None, 2**20, "cuda", torch.float16, times=[t, t * 1.1, t * 0.9],
+                   clocks_mhz=clocks, energy_mj=[7000, 7500, 8500]) for name, t, clocks in
+            (("torch-fp16-graphs", 0.035, [1500, 1600, 1700]), ("cuda-int8", 0.025, [1800, 1900, 1980]))]
+    header, fp16, int8 = render(runs)[0].splitlines()
+    assert "SM MHz" in header and "J/call" in header
+    assert fp16.split()[5:7] == ["1600", "7.67"] and int8.split()[5:7] == ["1900", "7.67"]
+    assert int8.split()[4] == "1.40x"
+
+
 def test_bench_order_is_in_the_header_and_the_json(tmp_path, capsys):
     out = tmp_path / "b.json"
     assert main(["--model", "tiny-block", "--backends", "torch-fp32,torch-int8", "--repeats", "2", "--warmup", "1",

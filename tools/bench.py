@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                     r.inputs = r.convert(inputs)
                 timed.append(r)
             say(f"timing {', '.join(backends)} at batch {batch}")
-            measure(timed, warmup=args.warmup, repeats=args.repeats, order=args.order)
+            missing = measure(timed, warmup=args.warmup, repeats=args.repeats, order=args.order)
             if args.steps == "last":  # fidelity beside speed: the step's logits against the FP graph's
                 output_sqnr(fp_gm, timed, inputs)
             table, speedup = render(timed)
@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"workload {args.model} ({what}), batch {batch}, {args.repeats} {args.order} repeats after "
                   f"{args.warmup} warm-up; {device}; int8 graph: {how}, {build.bits}")
             print(table, flush=True)
+            if missing:
+                print(f"SM clock and energy not recorded: {missing}")
             if args.profile:  # after the table: at d16 on a CPU the profiles take minutes
                 for r in timed:
                     print(f"--- profile of {r.name} (3 calls)")
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"speedup_vs_fp32={speedup:.3f}" if speedup else "speedup_vs_fp32=n/a", flush=True)
             results.append({"batch": batch, "speedup_vs_fp32": speedup, "backends": {
                 r.name: {"times_s": r.times, "peak_bytes": r.peak_bytes, "size_bytes": r.size_bytes, "note": r.note,
-                         "sqnr_db": r.sqnr_db}
+                         "sqnr_db": r.sqnr_db, "clocks_mhz": r.clocks_mhz, "energy_mj": r.energy_mj}
                 for r in timed}})
             del timed
     if args.json:
