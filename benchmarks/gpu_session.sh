@@ -37,6 +37,8 @@ part() {
     smoke) python -m tools.bench --model var-tiny --batch 4 --pipeline "$P" --repeats 3 --warmup 1 \
       --backends torch-fp16-graphs,cuda-int8,cuda-int8-eager,cuda-fp8 2>&1 | tail -12 ;;  # the runners, seconds
     step64) bench var_d16_last 240 --model var-d16 --batch 64 --repeats 15 --warmup 3 --profile --backends $FP16_INT8 ;;
+    step64both) bench var_d16_last_both 300 --model var-d16 --batch 64 --repeats 20 --warmup 5 --profile \
+      --order interleaved,blocked --backends $FP16_INT8 ;;  # both orders on the same compiled backends
     step64blocked) bench var_d16_last_blocked 200 --model var-d16 --batch 64 --repeats 30 --warmup 5 --order blocked \
       --backends $FP16_INT8 ;;  # each backend in its own block: its own clock at the power cap
     step64ab) bench var_d16_last 220 --model var-d16 --batch 64 --repeats 15 --warmup 3 --profile \

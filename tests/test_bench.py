@@ -182,5 +182,21 @@ def test_bench_order_is_in_the_header_and_the_json(tmp_path, capsys):
                  "--order", "blocked", "--json", str(out)]) == 0
     assert "2 blocked repeats after 1 warm-up" in capsys.readouterr().out
     data = json.loads(out.read_text())
-    assert data["order"] == "blocked"
+    assert data["order"] == "blocked" and [r["order"] for r in data["results"]] == ["blocked"]
     assert all(len(b["times_s"]) == 2 for b in data["results"][0]["backends"].values())
+
+
+def test_bench_times_both_orders_in_one_run(tmp_path, capsys):
+    """--order interleaved,blocked: a table for each, on the same compiled backends; the JSON keeps both."""
+    out = tmp_path / "b.json"
+    assert main(["--model", "tiny-block", "--backends", "torch-fp32,torch-int8", "--repeats", "3", "--warmup", "1",
+                 "--batch", "1,2", "--order", "interleaved,blocked", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("3 interleaved repeats") == 2 and printed.count("3 blocked repeats") == 2
+    data = json.loads(out.read_text())
+    assert [(r["batch"], r["order"]) for r in data["results"]] == [
+        (1, "interleaved"), (1, "blocked"), (2, "interleaved"), (2, "blocked")]
+    assert all(len(b["times_s"]) == 3 for r in data["results"] for b in r["backends"].values())
+    for bad in ("sideways", "blocked,blocked"):
+        assert main(["--model", "tiny-block", "--backends", "torch-fp32", "--order", bad]) == 2
+        assert "--order must be one or more of interleaved, blocked" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """``python -m tools.bench --model NAME --backends ort-int8,ort-fp32,torch-fp32 --batch B``
 
 Runs every backend on the same inputs in one process, interleaved round by round after a
-warm-up (``--order blocked``: each backend's warm-up and repeats in one block), and prints median / min / max latency, the ratio against the first floating-point
+warm-up (``--order blocked``: each backend's warm-up and repeats in one block; ``--order interleaved,blocked``:
+both in turn), and prints median / min / max latency, the ratio against the first floating-point
 backend, the SQNR of the step's first output (logits) against the FP graph's on the same inputs
 (``--steps last``), the memory one call needs beyond the resident weights and inputs ("run MB",
 CUDA only) and the model size. Timings on shared machines are noisy: compare ratios
@@ -17,6 +18,7 @@ u8 x s8 kernels cannot saturate.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -56,9 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", choices=sorted(PRECISIONS), help="default: the recipe's")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--order", choices=ORDERS, default="interleaved",
+    p.add_argument("--order", default="interleaved",
                    help="interleaved: the backends take turns each repeat; blocked: each backend's warm-up and "
-                        "repeats in one block (a GPU at its power cap keeps that backend's own clock)")
+                        "repeats in one block (a GPU at its power cap keeps that backend's own clock); "
+                        "'interleaved,blocked': both, one after the other on the same compiled backends")
     p.add_argument("--threads", type=int, help="torch / onnxruntime CPU threads")
     p.add_argument("--json", metavar="FILE", help="also write the measurements as JSON")
     p.add_argument("--profile", action="store_true",
@@ -92,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--batch must be integers separated by commas, got {args.batch!r}") from None
     if min(batches) < 1:
         raise UserError(f"--batch sizes must be at least 1, got {args.batch!r}")
+    orders = [o.strip() for o in args.order.split(",")]
+    if not orders or any(o not in ORDERS for o in orders) or len(set(orders)) < len(orders):
+        raise UserError(f"--order must be one or more of {', '.join(ORDERS)} separated by commas, got {args.order!r}")
     if args.repeats < 1 or args.warmup < 0:
         raise UserError(f"--repeats must be at least 1 and --warmup at least 0, got {args.repeats} and {args.warmup}")
     if args.json:
@@ -122,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         prepared = [s.prepare(fp_gm, q_gm, Path(tmp), bundle) for s in specs]
         step_fns = [(r.fn, r.convert) for r in prepared]
-        for batch in batches:
+        for batch, order in itertools.product(batches, orders):
             first = prepared[0]  # inputs are made once, on the first backend's device and dtype, and shared
             inputs = (bundle.extra["inputs_for_batch"](batch, device=first.device, dtype=first.dtype)
                       if "inputs_for_batch" in bundle.extra else bundle.example_inputs)
@@ -135,30 +141,30 @@ def main(argv: list[str] | None = None) -> int:
                     r.inputs = r.convert(inputs)
                 timed.append(r)
             say(f"timing {', '.join(backends)} at batch {batch}")
-            missing = measure(timed, warmup=args.warmup, repeats=args.repeats, order=args.order)
+            missing = measure(timed, warmup=args.warmup, repeats=args.repeats, order=order)
             if args.steps == "last":  # fidelity beside speed: the step's logits against the FP graph's
                 output_sqnr(fp_gm, timed, inputs)
             table, speedup = render(timed)
             what = ("full generation" if args.steps == "all" else
                     "one decode step" if bundle.family == "llamagen" else "one last-scale step")
-            print(f"workload {args.model} ({what}), batch {batch}, {args.repeats} {args.order} repeats after "
+            print(f"workload {args.model} ({what}), batch {batch}, {args.repeats} {order} repeats after "
                   f"{args.warmup} warm-up; {device}; int8 graph: {how}, {build.bits}")
             print(table, flush=True)
             if missing:
                 print(f"SM clock and energy not recorded: {missing}")
-            if args.profile:  # after the table: at d16 on a CPU the profiles take minutes
+            if args.profile and order == orders[0]:  # after the table: at d16 on a CPU the profiles take minutes
                 for r in timed:
                     print(f"--- profile of {r.name} (3 calls)")
                     print(profile_table(r), flush=True)
             print(f"speedup_vs_fp32={speedup:.3f}" if speedup else "speedup_vs_fp32=n/a", flush=True)
-            results.append({"batch": batch, "speedup_vs_fp32": speedup, "backends": {
+            results.append({"batch": batch, "order": order, "speedup_vs_fp32": speedup, "backends": {
                 r.name: {"times_s": r.times, "peak_bytes": r.peak_bytes, "size_bytes": r.size_bytes, "note": r.note,
                          "sqnr_db": r.sqnr_db, "clocks_mhz": r.clocks_mhz, "energy_mj": r.energy_mj}
                 for r in timed}})
             del timed
     if args.json:
         atomic_write_text(args.json, json.dumps({"workload": args.model, "steps": args.steps, "device": device,
-                                               "order": args.order,
+                                               "order": ",".join(orders),
                                                "recipe": None if args.pipeline else build.recipe.name,
                                                "pipeline": pipeline, "pipeline_override": bool(args.pipeline),
                                                "exclude": exclusions, "bits": build.bits, "attention_sites": attention,
