@@ -154,11 +154,12 @@ def test_nvml_meter_reads_the_gpu_or_says_why_not():
         m, why = meter(0)
         assert m is None and "NVML" in why
         return
-    x = torch.randn(4096, 4096, device="cuda", dtype=torch.float16)
-    run = Runner("mm", lambda _: [x @ x for _ in range(50)], lambda t: t, 0, "cuda", torch.float16)
-    assert measure([run], warmup=1, repeats=4) == ""  # H100/H200: clocks and energy
-    assert len(run.clocks_mhz) == 4 and all(300 <= c <= 3000 for c in run.clocks_mhz)
-    assert len(run.energy_mj) == 4 and sum(run.energy_mj) > 0
+    x, y = (torch.randn(4096, 4096, device="cuda", dtype=torch.float16) for _ in range(2))
+    # about 50 ms a call, 300 ms in all: longer than the energy counter's update interval
+    run = Runner("mm", lambda _: [torch.mm(x, x, out=y) for _ in range(250)], lambda t: t, 0, "cuda", torch.float16)
+    assert measure([run], warmup=1, repeats=6) == ""  # H100/H200: clocks and energy
+    assert len(run.clocks_mhz) == 6 and all(300 <= c <= 3000 for c in run.clocks_mhz)
+    assert len(run.energy_mj) == 6 and sum(run.energy_mj) > 0
 
 
 def test_table_shows_the_gpu_clock_and_energy():

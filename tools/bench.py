@@ -5,8 +5,10 @@ warm-up (``--order blocked``: each backend's warm-up and repeats in one block; `
 both in turn), and prints median / min / max latency, the ratio against the first floating-point
 backend, the SQNR of the step's first output (logits) against the FP graph's on the same inputs
 (``--steps last``), the memory one call needs beyond the resident weights and inputs ("run MB",
-CUDA only) and the model size. Timings on shared machines are noisy: compare ratios
-from one run, never absolute numbers across runs. The last line is machine-readable:
+CUDA only) and the model size; on CUDA also the SM clock after each call (median) and the energy per call
+(NVML: the counter updates at its own interval, so read J/call from blocked runs of many repeats). Timings on
+shared machines are noisy: compare ratios from one run, never absolute numbers across runs. The last line is
+machine-readable:
 ``speedup_vs_fp32=<first int8 backend / first fp backend>``.
 
 Backends are the runners of ``backends.registry`` (``--list-backends``): the torch runners
