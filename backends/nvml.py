@@ -13,8 +13,9 @@ _CLOCK_SM = 1  # nvmlClockType_t NVML_CLOCK_SM
 class Meter:
     """``sample() -> (energy in mJ, or None where the GPU has no counter; SM clock in MHz)``."""
 
-    def __init__(self, lib, handle, has_energy: bool):
-        self._lib, self._handle, self.has_energy = lib, handle, has_energy
+    def __init__(self, lib, handle):
+        self._lib, self._handle = lib, handle
+        self.has_energy = self._energy() is not None
 
     def _energy(self) -> int | None:
         mj = ctypes.c_ulonglong()
@@ -46,6 +47,5 @@ def meter(device: torch.device | int) -> tuple[Meter | None, str]:
     rc = lib.nvmlDeviceGetHandleByPciBusId_v2(ctypes.c_char_p(bus), ctypes.byref(handle))
     if rc != 0:
         return None, f"NVML has no device at PCI address {bus.decode()} (error {rc})"
-    m = Meter(lib, handle, has_energy=True)
-    m.has_energy = m._energy() is not None
+    m = Meter(lib, handle)
     return m, "" if m.has_energy else "this GPU has no energy counter"
