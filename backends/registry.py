@@ -71,6 +71,10 @@ class Target(abc.ABC):
         """Whether weights must use 7 bits on this machine (onnxruntime's u8 x s8 kernels without VNNI)."""
         return False
 
+    def weight_format(self) -> str:
+        """The weights' grid this target runs: ``int8`` (every integer width), or ``fp8`` (E4M3)."""
+        return "int8"
+
     def attention_sites(self) -> str:
         """A glob of attention matmul sites this target runs in int8 whatever the recipe (``QuantConfig``)."""
         return ""

@@ -41,13 +41,13 @@ class Quantized(NamedTuple):
 
 
 def quantize(bundle: ModelBundle, pipeline: str, bits: str | Precision, calib, *, stop_after=None, disabled=(),
-             instruments=(), exclude=(), reduce_range: bool = False, attention_sites: str = "", device: torch.device | str = "cpu",
-             progress: Callable = default_progress) -> Quantized:
+             instruments=(), exclude=(), reduce_range: bool = False, attention_sites: str = "", weight_format: str = "int8",
+             device: torch.device | str = "cpu", progress: Callable = default_progress) -> Quantized:
     """Trace the bundle (a copy of ``bundle.graph`` when set) and run the pipeline on it.
 
     ``exclude`` patterns keep sites in full precision; an ``exclude`` pass is inserted right
     after ``canonicalize`` when the pipeline has none. ``reduce_range``: 7-bit weights; ``attention_sites``:
-    attention matmuls the target runs in int8 (``QuantConfig``).
+    attention matmuls the target runs in int8; ``weight_format``: ``int8`` or ``fp8`` (``QuantConfig``).
     ``device``: both graphs and the context's tensors are left there (``calib.device.to_cpu``
     brings them back).
     """
@@ -59,7 +59,7 @@ def quantize(bundle: ModelBundle, pipeline: str, bits: str | Precision, calib, *
     fp_gm = copy.deepcopy(gm)
     config = QuantConfig(precision=bits if isinstance(bits, Precision) else precision(bits),
                          weight_reduce_range=reduce_range, group_maps=bundle.extra.get("group_maps", {}),
-                         exclude=tuple(exclude), attention_sites=attention_sites)
+                         exclude=tuple(exclude), attention_sites=attention_sites, weight_format=weight_format)
     ctx = PassContext(config=config, calib_inputs=stream_to(calib, device),
                       probe_inputs=inputs_to(bundle.example_inputs, device), progress=progress)
     pm = PassManager(pipeline, stop_after=stop_after, disabled=disabled, instruments=instruments)
@@ -334,6 +334,7 @@ class Compiler:
                         exclude=list(exclusions),
                         reduce_range=self.target.weight_reduce_range() if reduce_range is None else reduce_range,
                         attention_sites=self.target.attention_sites() if mine else "",
+                        weight_format=self.target.weight_format() if mine else "int8",
                         device=self.device if device is None else device, progress=self.progress)
 
     # -- the whole job ----------------------------------------------------------------------

@@ -4,6 +4,8 @@ One place for the formulas every other module uses (observers, weight quantizers
 the ONNX lowering). Integers are always stored as int8: a b-bit asymmetric grid is the signed
 range [-2^(b-1), 2^(b-1)-1] with a zero point, which is the reference code's unsigned
 [0, 2^b-1] grid shifted by 2^(b-1). Rounding is half-to-even, as ONNX QuantizeLinear does.
+FP8 (E4M3, ``fp8=True``) grids are symmetric: codes ``x / scale`` stored as ``float8_e4m3fn``,
+``scale = amax / 448``, zero point 0.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 _EPS = 1e-8
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
 
 
 def qrange(bits: int) -> tuple[int, int]:
@@ -35,6 +38,7 @@ class QParams:
     symmetric: bool = True
     granularity: str = "tensor"  # tensor | channel | group
     axis: int = 0
+    fp8: bool = False  # E4M3 codes (symmetric, bits 8) instead of integers
 
     @property
     def qmin(self) -> int:
@@ -49,6 +53,7 @@ class QParams:
         return {
             "granularity": self.granularity,
             "bits": self.bits,
+            **({"format": "fp8"} if self.fp8 else {}),
             "symmetric": self.symmetric,
             "axis": self.axis if self.granularity != "tensor" else None,
             "n_scales": int(s.numel()),
@@ -76,6 +81,16 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric:
     return scale, zp
 
 
+def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
+    """The FP8 (E4M3) scale that maps ``amax`` (elementwise) onto 448."""
+    return (amax.float() / FP8_MAX).clamp(min=_EPS)
+
+
+def fp8_codes(y: torch.Tensor) -> torch.Tensor:
+    """``y`` (already divided by its scale) as E4M3 codes, saturated at +-448 (the cast alone would overflow)."""
+    return y.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
 def _broadcast(t: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
     if t.numel() == 1:
         return t.reshape(())
@@ -99,6 +114,13 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axi
     return torch.clamp(torch.round(x / s) + z, qmin, qmax).to(torch.int8)
 
 
+def quantize_as(x: torch.Tensor, qp: QParams) -> torch.Tensor:
+    """``x``'s codes on ``qp``'s grid: int8, or float8_e4m3fn for an FP8 grid."""
+    if qp.fp8:
+        return fp8_codes(x / broadcast_like(qp.scale, x, qp.axis).to(x.dtype))
+    return quantize(x, qp.scale, qp.zero_point, qp.axis, qp.qmin, qp.qmax)
+
+
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int) -> torch.Tensor:
     s = broadcast_like(scale, q, axis).float()
     z = broadcast_like(zero_point, q, axis).float()
@@ -107,7 +129,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, a
 
 def fake_quant(x: torch.Tensor, qp: QParams) -> torch.Tensor:
     """Quantize then dequantize with per-tensor or per-channel params (per-group is lowered elsewhere)."""
-    return dequantize(quantize(x, qp.scale, qp.zero_point, qp.axis, qp.qmin, qp.qmax), qp.scale, qp.zero_point, qp.axis).to(x.dtype)
+    return dequantize(quantize_as(x, qp), qp.scale, qp.zero_point, qp.axis).to(x.dtype)
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,8 @@ class QuantConfig:
     site merges the model's token groups; ``exclude``: patterns of sites kept in full precision;
     ``token_groups_input``: the graph input holding the STWQ group ids (None: the one named so);
     ``attention_sites``: a glob of attention matmul sites the target runs in int8 (``act-quant``
-    quantizes their operands as with ``matmuls=true``; onnxruntime on VNNI: q @ k^T, ``*.matmul1``).
+    quantizes their operands as with ``matmuls=true``; onnxruntime on VNNI: q @ k^T, ``*.matmul1``);
+    ``weight_format``: ``int8``, or ``fp8`` (E4M3 weights, ``--target cuda-fp8``).
     """
 
     precision: Precision = PRECISIONS["W8A8"]
@@ -69,6 +70,7 @@ class QuantConfig:
     exclude: tuple[str, ...] = ()
     token_groups_input: str | None = None
     attention_sites: str = ""
+    weight_format: str = "int8"
 
 
 @dataclass

@@ -14,7 +14,8 @@ the int8 GEMM, and the scale (and the zero point's exact correction) applied to 
     y = F.linear(v, W) * s - (z * s) * colsum(W) + bias   # == F.linear((v - z) * s, W, bias)
 
 Weights are stored once, as int8 buffers with per-channel scales (the float weight is
-removed), so the exported ONNX carries int8 initializers and a DequantizeLinear. Scales are
+removed), so the exported ONNX carries int8 initializers and a DequantizeLinear; an FP8 weight grid
+(``--target cuda-fp8``) stores ``s.weight_fp8`` (float8_e4m3fn) instead. Scales are
 buffers named after the site, so ONNX initializers and reports carry the user's module path.
 """
 from __future__ import annotations
@@ -150,11 +151,12 @@ class InsertQDQ(Pass):
                 if is_linear(node) and wqp is not None:
                     w_node = args[1]
                     w = get_attr(gm, w_node.target)
-                    set_buffer(gm, f"{site}.weight_int8", quantized_weight(w, wqp))
+                    codes = f"{site}.weight_{'fp8' if wqp.fp8 else 'int8'}"
+                    set_buffer(gm, codes, quantized_weight(w, wqp))
                     set_buffer(gm, f"{site}.weight_scale", wqp.scale.float().clone())
                     set_buffer(gm, f"{site}.weight_zero_point", wqp.zero_point.clone())
                     args[1] = g.create_node("call_function", ops.DQ, (
-                        g.get_attr(f"{site}.weight_int8"), g.get_attr(f"{site}.weight_scale"),
+                        g.get_attr(codes), g.get_attr(f"{site}.weight_scale"),
                         g.get_attr(f"{site}.weight_zero_point"), wqp.axis), name=f"{site.replace('.', '_')}_weight_dq")
                     counts["weights"] += 1
                     if len(w_node.users) == 1:  # only this linear used the float weight

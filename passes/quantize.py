@@ -108,6 +108,8 @@ class WeightQuant(Pass):
     u8 x s8 kernels on x86 without VNNI saturate int16 pair sums with full-range weights.
     At 4 bits with a grouped precision (``--bits W4A6|W4A4``), each row gets one grid per group of
     input channels (granularity ``block``, scales ``[out, in / group]`` on axis 1).
+    ``ctx.config.weight_format == "fp8"`` (``--target cuda-fp8``): the FP8 (E4M3) grid per output channel,
+    ``amax / 448`` (``method=mse``: the range among amax and ``PERCENTILES`` with the lowest FP8 round-trip MSE).
     """
 
     name = "weight-quant"
@@ -120,13 +122,25 @@ class WeightQuant(Pass):
         if self.method not in ("minmax", "mse"):
             raise UserError(f"weight-quant: method must be minmax or mse, got {self.method!r}")
         bits = weight_bits(self.bits, ctx)
-        if self.reduce_range or ctx.config.weight_reduce_range:
+        fp8 = ctx.config.weight_format == "fp8"
+        if fp8 and (bits != 8 or ctx.config.precision.groups(bits)):
+            raise UserError(f"weight-quant: FP8 weights are 8-bit with a scale per output channel; --bits "
+                            f"{ctx.config.precision.name} asks for {bits}-bit weights"
+                            + (f" in groups of {ctx.config.precision.group}" if ctx.config.precision.group else ""))
+        if (self.reduce_range or ctx.config.weight_reduce_range) and not fp8:
             bits = min(bits, 7)
         decided = groups = 0
         for name, site in ctx.sites.items():
             if site.kind != "linear" or site.excluded_by:
                 continue
             w = get_attr(gm, site.weight or f"{name}.weight").detach().float()
+            if fp8:
+                lo, hi = mse_row_ranges(w, bits, True, fp8=True) if self.method == "mse" else (w.amin(1), w.amax(1))
+                scale = qmath.fp8_scale(torch.maximum(-lo, hi))
+                ctx.qparams[f"{name}.weight"] = QParams(scale, torch.zeros_like(scale, dtype=torch.int8), 8, True,
+                                                        "channel", 0, fp8=True)
+                decided += 1
+                continue
             group = ctx.config.precision.groups(bits) and qmath.group_size(w.shape[1], ctx.config.precision.group)
             rows = w.reshape(-1, group) if group else w  # group-wise: each group of a row is a row here
             lo, hi = mse_row_ranges(rows, bits, self.symmetric) if self.method == "mse" else (rows.amin(1), rows.amax(1))
@@ -139,20 +153,24 @@ class WeightQuant(Pass):
             groups = max(groups, group)
             decided += 1
         return PassResult(gm, False, {"weights": decided, "bits": bits, "method": self.method,
-                                      **({"group": groups} if groups else {})})
+                                      **({"format": "fp8"} if fp8 else {}), **({"group": groups} if groups else {})})
 
 
 PERCENTILES = (0.999, 0.9999, 0.99999)  # the reference's candidates (method.md §2.1)
 
 
-def mse_row_ranges(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of ``w``, the percentile range with the lowest quantize/dequantize MSE (first on ties)."""
-    qmin, qmax = qmath.qrange(bits)
+def mse_row_ranges(w: torch.Tensor, bits: int, symmetric: bool, fp8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``w``, the percentile range with the lowest quantize/dequantize MSE (first on ties). On the FP8
+    grid (symmetric) the full range is a candidate too, first: a float grid's relative step makes clipping pay less."""
     best_err = best_lo = best_hi = None
-    for p in PERCENTILES:
+    for p in (1.0, *PERCENTILES) if fp8 else PERCENTILES:
         lo, hi = torch.quantile(w, 1 - p, dim=1), torch.quantile(w, p, dim=1)
-        scale, zp = qmath.qparams_from_range(lo, hi, bits, symmetric)
-        back = qmath.dequantize(qmath.quantize(w, scale, zp, 0, qmin, qmax), scale, zp, 0)
+        if fp8:
+            scale = qmath.fp8_scale(torch.maximum(-lo, hi))
+            qp = QParams(scale, torch.zeros_like(scale, dtype=torch.int8), granularity="channel", fp8=True)
+        else:
+            qp = QParams(*qmath.qparams_from_range(lo, hi, bits, symmetric), bits, symmetric, "channel")
+        back = qmath.dequantize(qmath.quantize_as(w, qp), qp.scale, qp.zero_point, 0)
         err = (back - w).pow(2).mean(1)
         if best_err is None:
             best_err, best_lo, best_hi = err, lo, hi
@@ -164,5 +182,5 @@ def mse_row_ranges(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.T
 
 
 def quantized_weight(w: torch.Tensor, qp: QParams) -> torch.Tensor:
-    """The int8 codes of ``w`` on its grid (per tensor, per channel or blocked)."""
-    return qmath.quantize(w.detach().float(), qp.scale, qp.zero_point, qp.axis, qp.qmin, qp.qmax)
+    """The codes of ``w`` on its grid (per tensor, per channel or blocked): int8, or float8_e4m3fn."""
+    return qmath.quantize_as(w.detach().float(), qp)

@@ -81,6 +81,33 @@ def test_generate_runs_the_artefact(compiled, tmp_path):
     assert 0.8 < agree < 1.0  # quantized: close to FP, not equal to it
 
 
+def test_fp8_target_quantizes_weights_for_fp8(compiled, tmp_path):
+    """``--target cuda-fp8``: weight-quant puts the weights on the FP8 grid itself; the lowering takes them as they
+    are (none re-quantized from int8), and they are saved as E4M3."""
+    from safetensors import safe_open
+
+    out = tmp_path / "fp8"
+    rc, err = _run(compile_main, ["builtin:mnist-var", "--target", "cuda-fp8", "--recipe", "minmax", "--evaluate",
+                                  "0", "--no-site-sqnr", "--calib-samples", "2", "--calib-cache",
+                                  str(compiled.parent / "cache"), "--out", str(out)])
+    assert rc == 0, err
+    report = json.loads((out / "report.json").read_text())
+    stats = {p["name"]: p["stats"] for p in report["passes"]}
+    assert stats["weight-quant"]["format"] == "fp8"
+    assert stats["lower-cuda"]["weights_from_int8"] == 0 and stats["lower-cuda"]["qgemm"] == 17
+    with safe_open(out / "weights.safetensors", "pt") as f:
+        names = [k for k in f.keys() if k.endswith(("weight_fp8", "weight_int8"))]
+        assert len(names) == 17 and all(f.get_tensor(k).dtype == torch.float8_e4m3fn for k in names)
+    assert json.loads((out / "cuda.json").read_text())["format"] == "fp8"
+
+
+def test_fp8_target_refuses_other_bit_widths(tmp_path):
+    rc, err = _run(compile_main, ["builtin:mnist-var", "--target", "cuda-fp8", "--bits", "W6A6", "--out",
+                                  str(tmp_path / "out")])
+    assert rc == 2 and err.strip().splitlines()[-1].startswith("error: --bits W6A6: FP8 (E4M3) has 8 bits")
+    assert not (tmp_path / "out").exists()
+
+
 def test_cuda_runners_need_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the message a machine without CUDA gives
     rc, err = _run(bench_main, ["--model", "tiny-block", "--backends", "torch-fp32,cuda-int8", "--repeats", "1"])

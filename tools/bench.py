@@ -122,13 +122,19 @@ def main(argv: list[str] | None = None) -> int:
     how = (f"pipeline override {pipeline!r}" if args.pipeline else f"recipe {build.recipe.name}") + \
         (f", {sum(map(len, exclusions.values()))} sites excluded ({', '.join(exclusions)})" if exclusions else "") + \
         (f", attention matmuls {attention} in int8 (the ort target's)" if attention else "")
-    fp_gm, q_gm, _, _ = quantize(bundle, pipeline, build.bits, calib, exclude=list(exclusions), reduce_range=reduce_range,
-                                 attention_sites=attention)
-    say(f"quantized with {how} ({build.bits}{', 7-bit weights' if reduce_range else ''}) in {time.perf_counter() - t0:.1f} s")
+    # one quantized graph per weight format the backends run: FP8 backends get weights calibrated for FP8
+    formats = [target(s.target).weight_format() if s.quantized else "int8" for s in specs]
+    q_gms = {}
+    for fmt in dict.fromkeys(formats):
+        fp_gm, q_gms[fmt], _, _ = quantize(bundle, pipeline, build.bits, calib, exclude=list(exclusions),
+                                           reduce_range=reduce_range, attention_sites=attention, weight_format=fmt)
+    fp8 = ", FP8 weights for " + ", ".join(s.name for s, f in zip(specs, formats) if f == "fp8") if "fp8" in q_gms else ""
+    say(f"quantized with {how} ({build.bits}{', 7-bit weights' if reduce_range else ''}{fp8}) "
+        f"in {time.perf_counter() - t0:.1f} s")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     results = []
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
-        prepared = [s.prepare(fp_gm, q_gm, Path(tmp), bundle) for s in specs]
+        prepared = [s.prepare(fp_gm, q_gms[f], Path(tmp), bundle) for s, f in zip(specs, formats)]
         step_fns = [(r.fn, r.convert) for r in prepared]
         for batch, order in itertools.product(batches, orders):
             first = prepared[0]  # inputs are made once, on the first backend's device and dtype, and shared

@@ -35,10 +35,11 @@ is a quantizer of a lowered site (otherwise the float output stays and a standal
 Reads of the producer's ``.shape`` do not count as users (they move to its input). Producers feeding
 several sites with equal grids (LlamaGen's w1/w3) quantize once.
 
-``format="fp8"``: weights become ``float8_e4m3fn`` with a per-channel scale ``amax / 448`` of the
-dequantized int8 weight (the FP8 weight re-quantizes the int8 grid, so it carries both errors),
-and every activation grid becomes the symmetric FP8 grid ``amax / 448`` that covers the int8
-grid's float range per group, zero point 0.
+``format="fp8"``: the weights are the FP8 codes ``weight-quant`` gave the fake-quant graph for the FP8 grid
+(``QuantConfig.weight_format``, set by ``--target cuda-fp8``). A graph quantized for int8 gets FP8 weights
+re-quantized from its int8 weights (per-channel ``amax / 448``; they carry both roundings, and the stat
+``weights_from_int8`` counts them). Every activation grid becomes the symmetric FP8 grid ``amax / 448`` that covers
+the calibrated grid's float range per group, zero point 0.
 
 ``min_rows``: a qgemm with at most that many rows at run time (AdaLN linears, one-token decode)
 dequantizes and runs a float GEMM on CUDA instead, as ``torch_int8.int8_linear`` does. Off CUDA
@@ -57,11 +58,11 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from backends.cuda import ops
-from core.errors import UserError
+from core.errors import PassError, UserError
+from core.qmath import fp8_codes, fp8_scale
 from passes import ops as qdq
 from passes.infra import Pass, PassContext, PassResult, delete_attr, get_attr, register, set_buffer
 
-FP8_MAX = 448.0
 FP8_DTYPES = (torch.float8_e4m3fn,)
 
 
@@ -333,7 +334,7 @@ def _match_site(gm: fx.GraphModule, lin: fx.Node) -> _Site | str | None:
         return None
     site = lin.meta.get("site", lin.name)
     if not (_is(w_dq, qdq.DQ) and all(a.op == "get_attr" for a in w_dq.args[:3])):
-        return "weight is not a dequantized int8 buffer"
+        return "weight is not a dequantized int8 or FP8 buffer"
     w_scale = get_attr(gm, w_dq.args[1].target)
     if get_attr(gm, w_dq.args[2].target).any():
         return "asymmetric weight grid (nonzero zero point)"
@@ -462,7 +463,7 @@ def _swiglu(n) -> tuple | None:
 def _fp8_grid(site: _Site) -> None:
     """The symmetric FP8 grid covering the int8 grid's float range, per group."""
     lo, hi = ((site.qmin - site.zero) * site.scale).abs(), ((site.qmax - site.zero) * site.scale).abs()
-    site.scale = (torch.maximum(lo, hi) / FP8_MAX).clamp(min=1e-12)
+    site.scale = fp8_scale(torch.maximum(lo, hi))
     site.inv, site.zero = 1 / site.scale, torch.zeros_like(site.scale)
 
 
@@ -495,7 +496,7 @@ class _Lowering:
     sites: list[_Site] = field(default_factory=list)
     replaced: dict[fx.Node, fx.Node] = field(default_factory=dict)  # a site's old output -> its qgemm
     stats: dict = field(default_factory=lambda: {
-        "qgemm": 0, "standalone_quant": 0, "unfused": [],
+        "qgemm": 0, "standalone_quant": 0, "weights_from_int8": 0, "unfused": [],
         "fused": dict.fromkeys(("layernorm", "adaln_layernorm", "rmsnorm", "residual_add", "gelu_epilogue", "gelu",
                                 "swiglu", "swiglu_epilogue", "qgemm_prologue"), 0)})
 
@@ -673,13 +674,18 @@ class _Lowering:
         return out
 
     def _weights(self, s: _Site) -> tuple[torch.Tensor, torch.Tensor]:
-        """The site's GEMM weight (int8, or FP8 re-quantized) and its per-channel scale."""
+        """The site's GEMM weight (int8, or FP8: as calibrated, else re-quantized from int8) and its per-channel
+        scale."""
         w = get_attr(self.gm, s.weight[0])
         w_scale = get_attr(self.gm, s.weight[1]).float().reshape(-1).expand(w.shape[0]).clone()
-        if self.fp8:
+        if w.dtype in FP8_DTYPES and not self.fp8:
+            raise PassError(f"lower-cuda: {s.name} has FP8 weights (quantized for --target cuda-fp8); "
+                            f"lower it with format=fp8")
+        if self.fp8 and w.dtype not in FP8_DTYPES:
             wf = w.float() * w_scale[:, None]
-            w_scale = (wf.abs().amax(1) / FP8_MAX).clamp(min=1e-12)
-            w = (wf / w_scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+            w_scale = fp8_scale(wf.abs().amax(1))
+            w = fp8_codes(wf / w_scale[:, None])
+            self.stats["weights_from_int8"] += 1
         return w, w_scale
 
     def _qgemm(self, s: _Site) -> None:
@@ -726,8 +732,8 @@ class _Lowering:
 
 
 # Buffers of the fake-quant graph that a lowered site no longer reads.
-_STALE = ("input_scale", "input_zero_point", "input_group_colsum", "weight_zero_point", "weight_int8", "weight_scale",
-          "weight_colsum", "input_group_scale", "input_group_inv_scale", "input_group_zero_point")
+_STALE = ("input_scale", "input_zero_point", "input_group_colsum", "weight_zero_point", "weight_int8", "weight_fp8",
+          "weight_scale", "weight_colsum", "input_group_scale", "input_group_inv_scale", "input_group_zero_point")
 
 
 @register

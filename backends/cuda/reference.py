@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-FP8_MAX = 448.0
+from core.qmath import fp8_codes
 
 
 def row_groups(m: int, tokens: int, groups: torch.Tensor | None, device) -> torch.Tensor:
@@ -37,7 +37,7 @@ def quantize_codes(y: torch.Tensor, inv_scale: torch.Tensor, zero: torch.Tensor,
     """Rows of ``y`` [M, K] onto their group's grid: int8 codes, or float8_e4m3fn codes when ``fp8``."""
     y = y.float() * inv_scale.float()[g][:, None]
     if fp8:
-        return y.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        return fp8_codes(y)
     return torch.clamp(torch.round(y + zero.float()[g][:, None]), qmin, qmax).to(torch.int8)
 
 

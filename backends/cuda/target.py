@@ -99,6 +99,15 @@ class CudaFp8Target(_CudaTarget):
     lowering = "fuse-attention,lower-cuda{format=fp8}"
     format = "fp8"
 
+    def precision_blocker(self, precision) -> str | None:
+        if (precision.weight, precision.act) != (8, 8):
+            return (f"--bits {precision.name}: FP8 (E4M3) has 8 bits for weights and activations; use --bits W8A8, "
+                    f"or --target cuda for integer grids")
+        return super().precision_blocker(precision)
+
+    def weight_format(self) -> str:
+        return "fp8"
+
 
 def _lowered_step(name: str, fmt: str, compile_: bool = True, kv_cache: str = "float", fuse_qkv: bool = True):
     def prepare(fp_gm, q_gm, workdir, bundle) -> Runner:
