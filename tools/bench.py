@@ -15,7 +15,8 @@ Backends are the runners of ``backends.registry`` (``--list-backends``): the tor
 (``backends.torch_target``), the onnxruntime runners and onnxruntime's own quantizers as peers
 (``backends.onnx_target``), and the GPU backend's (``backends.cuda``). On a CPU without VNNI the
 int8 weights of onnxruntime runners are quantized to 7 bits (reduce-range), so that onnxruntime's
-u8 x s8 kernels cannot saturate.
+u8 x s8 kernels cannot saturate. FP8 backends (cuda-fp8) run a second quantized graph whose weights were
+quantized for the FP8 grid, as ``tools.compile --target cuda-fp8`` quantizes them.
 """
 from __future__ import annotations
 
