@@ -201,3 +201,28 @@ def test_bench_times_both_orders_in_one_run(tmp_path, capsys):
     for bad in ("sideways", "blocked,blocked"):
         assert main(["--model", "tiny-block", "--backends", "torch-fp32", "--order", bad]) == 2
         assert "--order must be one or more of interleaved, blocked" in capsys.readouterr().err
+
+
+def test_bench_gives_fp8_backends_a_graph_quantized_for_fp8(monkeypatch, capsys):
+    """An FP8 backend gets weights quantized for the FP8 grid (as ``--target cuda-fp8`` compiles them), an INT8
+    backend of the same run int8 weights. Probed with two CPU runners standing in for cuda-fp8 and cuda-int8."""
+    import torch
+
+    from backends import registry
+
+    seen = {}
+
+    def probe(name):
+        def prepare(fp_gm, q_gm, workdir, bundle):
+            seen[name] = {t.dtype for n, t in q_gm.named_buffers() if n.endswith(("weight_int8", "weight_fp8"))}
+            return registry.Runner(name, lambda x: q_gm(*x), registry.converter("cpu", torch.float32), 0, "cpu",
+                                   torch.float32)
+        return prepare
+
+    registry.runners()  # the built-in runners first
+    for name, tgt in (("probe-int8", "cuda"), ("probe-fp8", "cuda-fp8")):
+        monkeypatch.setitem(registry._RUNNERS, name, registry.RunnerSpec(name, tgt, True, probe(name)))
+    assert main(["--model", "tiny-block", "--backends", "torch-fp32,probe-int8,probe-fp8", "--repeats", "1",
+                 "--warmup", "0"]) == 0
+    assert seen == {"probe-int8": {torch.int8}, "probe-fp8": {torch.float8_e4m3fn}}
+    assert "FP8 weights for probe-fp8" in capsys.readouterr().err
