@@ -111,7 +111,9 @@ class Runner:
     times: list[float] = field(default_factory=list)
     peak_bytes: int | None = None
     clocks_mhz: list[int] = field(default_factory=list)  # CUDA: the SM clock after each timed call (NVML)
-    energy_mj: list[int] = field(default_factory=list)  # CUDA: the GPU's energy over each timed call (NVML)
+    # CUDA, blocked order: the GPU's energy over the block of timed calls (NVML). Its counter moves about every
+    # 100 ms, so one call's reading is 0 or 100 ms' worth: only a block of calls has a meaningful figure.
+    block_energy_mj: int | None = None
     note: str = ""
     onnx: tuple[Path, str] | None = None  # onnxruntime runners: (model file, session mode), for profiles
     sqnr_db: float | None = None  # its step's first output (logits) against the FP graph's, on the timed inputs
@@ -234,7 +236,8 @@ def measure(runners: list[Runner], *, warmup: int, repeats: int, order: str = "i
     round, so drift in machine load hits every backend alike. ``blocked``: each runner's warm-up and repeats in
     one block, so a GPU at its power cap settles into that runner's own clock instead of the one the previous
     backend left (H100, VAR-d16: the int8 step takes 23.2 ms after itself and 25.1 ms after the FP16 step;
-    BENCHMARKS.md). Returns why clocks or energy are missing on CUDA, else ""."""
+    BENCHMARKS.md); only then is the energy recorded, over each runner's block. Returns why clocks or energy are
+    missing on CUDA, else ""."""
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     meter, missing = None, ""
@@ -242,6 +245,9 @@ def measure(runners: list[Runner], *, warmup: int, repeats: int, order: str = "i
         from backends.nvml import meter as nvml_meter
 
         meter, missing = nvml_meter(torch.cuda.current_device())
+        if meter is not None and meter.has_energy and order != "blocked":
+            missing = ("energy per call in blocked order only: NVML's counter moves about every 100 ms, "
+                       "longer than a call")
 
     def warm(r: Runner) -> None:
         for _ in range(warmup):
@@ -252,23 +258,21 @@ def measure(runners: list[Runner], *, warmup: int, repeats: int, order: str = "i
 
     def timed(r: Runner) -> None:
         sync(r.device)
-        on_gpu = meter is not None and r.device == "cuda"
-        e0 = meter.sample()[0] if on_gpu else None
         t0 = time.perf_counter()
         r.fn(r.inputs)
         sync(r.device)
         r.times.append(time.perf_counter() - t0)
-        if on_gpu:
-            e1, mhz = meter.sample()
-            r.clocks_mhz.append(mhz)
-            if e0 is not None:
-                r.energy_mj.append(e1 - e0)
+        if meter is not None and r.device == "cuda":
+            r.clocks_mhz.append(meter.sample()[1])
 
     if order == "blocked":
         for r in runners:
             warm(r)
+            e0 = meter.sample()[0] if meter is not None and r.device == "cuda" else None
             for _ in range(repeats):
                 timed(r)
+            if e0 is not None:
+                r.block_energy_mj = meter.sample()[0] - e0
     else:
         for r in runners:
             warm(r)

@@ -291,7 +291,7 @@ def render(runners: list[Runner]) -> tuple[str, float | None]:
     q = next((r for r in runners if is_quantized(r.name)), None)
     bases = [(f.name, statistics.median(f.times)) for f in fps]
     sqnr = any(r.sqnr_db is not None for r in runners)
-    gpu = any(r.clocks_mhz for r in runners)  # NVML's SM clock after each call, energy over each
+    gpu = any(r.clocks_mhz for r in runners)  # NVML's SM clock after each call, energy over a blocked run
     lines = [f"{'backend':20s} {'median ms':>10s} {'min ms':>8s} {'max ms':>8s} "
              + "".join(f"{'vs ' + n:>17s}" for n, _ in bases) + (f" {'SQNR dB':>8s}" if sqnr else "")
              + (f" {'SM MHz':>7s} {'J/call':>7s}" if gpu else "") + f" {'run MB':>7s} {'size MB':>8s}  note"]
@@ -299,7 +299,7 @@ def render(runners: list[Runner]) -> tuple[str, float | None]:
         med = statistics.median(r.times)
         peak = f"{r.peak_bytes / 2**20:.0f}" if r.peak_bytes else "n/a"
         clock = f"{statistics.median(r.clocks_mhz):.0f}" if r.clocks_mhz else "n/a"
-        joules = f"{sum(r.energy_mj) / len(r.energy_mj) / 1e3:.2f}" if r.energy_mj else "n/a"
+        joules = f"{r.block_energy_mj / len(r.times) / 1e3:.2f}" if r.block_energy_mj is not None else "n/a"
         lines.append(f"{r.name:20s} {med * 1e3:10.2f} {min(r.times) * 1e3:8.2f} {max(r.times) * 1e3:8.2f} "
                      + "".join(f"{f'{b / med:.2f}x':>17s}" for _, b in bases)
                      + (f" {r.sqnr_db:8.1f}" if sqnr and r.sqnr_db is not None else f" {'n/a':>8s}" if sqnr else "")

@@ -155,11 +155,49 @@ def test_nvml_meter_reads_the_gpu_or_says_why_not():
         assert m is None and "NVML" in why
         return
     x, y = (torch.randn(4096, 4096, device="cuda", dtype=torch.float16) for _ in range(2))
-    # about 50 ms a call, 300 ms in all: longer than the energy counter's update interval
+    # about 50 ms a call, 300 ms in all: longer than the energy counter's update interval (about 100 ms)
     run = Runner("mm", lambda _: [torch.mm(x, x, out=y) for _ in range(250)], lambda t: t, 0, "cuda", torch.float16)
-    assert measure([run], warmup=1, repeats=6) == ""  # H100/H200: clocks and energy
+    assert measure([run], warmup=1, repeats=6, order="blocked") == ""  # H100/H200: clocks and energy
     assert len(run.clocks_mhz) == 6 and all(300 <= c <= 3000 for c in run.clocks_mhz)
-    assert len(run.energy_mj) == 6 and sum(run.energy_mj) > 0
+    # 50 to 1000 W over the block
+    assert 50 * sum(run.times) < run.block_energy_mj / 1e3 < 1000 * sum(run.times) + 100 * 1e-3 * 1000
+
+
+def test_energy_is_measured_over_a_blocked_run_only(monkeypatch):
+    """NVML's energy counter moves about every 100 ms, so one call's reading is 0 or a tenth of a second's worth
+    (measured on an H100: 8 of 20 calls of 34 ms saw it move). The energy is read around each backend's block in
+    blocked order; interleaved runs say why they have none. Checked with a counter that moves with the calls."""
+    import torch
+
+    from backends import nvml
+    from backends.registry import Runner, measure
+
+    calls = {"n": 0}
+
+    class Counter:  # 3000 mJ a call, at 1500 MHz
+        has_energy = True
+
+        def sample(self):
+            return 3000 * calls["n"], 1500
+
+    for name in ("synchronize", "empty_cache", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a: None)
+    for name in ("current_device", "memory_allocated", "max_memory_allocated"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a: 0)
+    monkeypatch.setattr(nvml, "meter", lambda device: (Counter(), ""))
+
+    def runs():
+        def fn(_):
+            calls["n"] += 1
+        return [Runner(name, fn, lambda t: t, 0, "cuda", torch.float16) for name in ("a", "b")]
+
+    blocked = runs()
+    assert measure(blocked, warmup=2, repeats=5, order="blocked") == ""
+    assert [r.block_energy_mj for r in blocked] == [15000, 15000]  # the warm-up calls are not counted
+    assert all(r.clocks_mhz == [1500] * 5 for r in blocked)
+    interleaved = runs()
+    assert "blocked order only" in measure(interleaved, warmup=2, repeats=5)
+    assert [r.block_energy_mj for r in interleaved] == [None, None] and len(interleaved[0].clocks_mhz) == 5
 
 
 def test_table_shows_the_gpu_clock_and_energy():
@@ -169,11 +207,11 @@ def test_table_shows_the_gpu_clock_and_energy():
     from compiler.bench import render
 
     runs = [Runner(name, None, None, 2**20, "cuda", torch.float16, times=[t, t * 1.1, t * 0.9],
-                   clocks_mhz=clocks, energy_mj=[7000, 7500, 8500]) for name, t, clocks in
-            (("torch-fp16-graphs", 0.035, [1500, 1600, 1700]), ("cuda-int8", 0.025, [1800, 1900, 1980]))]
+                   clocks_mhz=clocks, block_energy_mj=energy) for name, t, clocks, energy in
+            (("torch-fp16-graphs", 0.035, [1500, 1600, 1700], 23000), ("cuda-int8", 0.025, [1800, 1900, 1980], None))]
     header, fp16, int8 = render(runs)[0].splitlines()
     assert "SM MHz" in header and "J/call" in header
-    assert fp16.split()[5:7] == ["1600", "7.67"] and int8.split()[5:7] == ["1900", "7.67"]
+    assert fp16.split()[5:7] == ["1600", "7.67"] and int8.split()[5:7] == ["1900", "n/a"]
     assert int8.split()[4] == "1.40x"
 
 

@@ -5,10 +5,10 @@ warm-up (``--order blocked``: each backend's warm-up and repeats in one block; `
 both in turn), and prints median / min / max latency, the ratio against the first floating-point
 backend, the SQNR of the step's first output (logits) against the FP graph's on the same inputs
 (``--steps last``), the memory one call needs beyond the resident weights and inputs ("run MB",
-CUDA only) and the model size; on CUDA also the SM clock after each call (median) and the energy per call
-(NVML: the counter updates at its own interval, so read J/call from blocked runs of many repeats). Timings on
-shared machines are noisy: compare ratios from one run, never absolute numbers across runs. The last line is
-machine-readable:
+CUDA only) and the model size; on CUDA also the SM clock after each call (median) and, in blocked order,
+the energy per call (the energy over the block of calls over their number: NVML's counter moves about every
+100 ms, so a block of a second or more gives a figure within 10 %). Timings on shared machines are noisy:
+compare ratios from one run, never absolute numbers across runs. The last line is machine-readable:
 ``speedup_vs_fp32=<first int8 backend / first fp backend>``.
 
 Backends are the runners of ``backends.registry`` (``--list-backends``): the torch runners
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{args.warmup} warm-up; {device}; int8 graph: {how}, {build.bits}")
             print(table, flush=True)
             if missing:
-                print(f"SM clock and energy not recorded: {missing}")
+                print(f"not recorded: {missing}")
             if args.profile and order == orders[0]:  # after the table: at d16 on a CPU the profiles take minutes
                 for r in timed:
                     print(f"--- profile of {r.name} (3 calls)")
@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"speedup_vs_fp32={speedup:.3f}" if speedup else "speedup_vs_fp32=n/a", flush=True)
             results.append({"batch": batch, "order": order, "speedup_vs_fp32": speedup, "backends": {
                 r.name: {"times_s": r.times, "peak_bytes": r.peak_bytes, "size_bytes": r.size_bytes, "note": r.note,
-                         "sqnr_db": r.sqnr_db, "clocks_mhz": r.clocks_mhz, "energy_mj": r.energy_mj}
+                         "sqnr_db": r.sqnr_db, "clocks_mhz": r.clocks_mhz,
+                         "block_energy_mj": r.block_energy_mj}
                 for r in timed}})
             del timed
     if args.json:
