@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"unknown workload {args.model!r}; choose from {', '.join(sorted(named))}")
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     specs = [runner(b) for b in backends]  # an unknown name fails here
+    if not torch.cuda.is_available() and (gpu_only := [s.name for s in specs if s.needs_cuda]):
+        raise UserError(f"backend {gpu_only[0]} needs CUDA")  # before the workload is built and quantized
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be at least 1, got {args.threads}")
     if args.threads:
