@@ -102,6 +102,9 @@ class Brecq(Pass):
                  and f"{n.meta['site']}.weight" in ctx.qparams and ctx.sites[n.meta["site"]].kind == "linear"]
         if not sites:
             raise UserError("brecq: no linear has a weight grid: run 'weight-quant' before 'brecq'")
+        if fp8 := [s for s in sites if ctx.qparams[f"{s}.weight"].fp8]:
+            raise UserError(f"brecq: {fp8[0]} has an FP8 weight grid (--target cuda-fp8); brecq learns the rounding "
+                            f"of integer grids: use --target cuda, or a recipe without brecq")
         generator = torch.Generator().manual_seed(self.seed)
         stats = {}
         with frozen_parameters(gm):

@@ -75,6 +75,19 @@ def test_brecq_needs_weight_grids():
         compile_graph(M.llama_block(), "canonicalize,brecq")
 
 
+def test_brecq_refuses_fp8_weight_grids():
+    """Learned rounding is for integer grids: on an FP8 grid (``--target cuda-fp8``) brecq would clamp codes to
+    +-127 of a scale made for +-448."""
+    from core.errors import UserError
+    from frontends import trace
+    from passes.infra import PassContext, QuantConfig
+
+    bundle = M.llama_block()
+    ctx = PassContext(config=QuantConfig(weight_format="fp8"), calib_inputs=list(bundle.calib_inputs))
+    with pytest.raises(UserError, match="FP8 weight grid"):
+        PassManager("canonicalize,weight-quant,brecq").run(trace(bundle), ctx)
+
+
 def test_brecq_recipe_compiles_tiny_var(tmp_path):
     out = tmp_path / "out"
     rc = main([*_var(tmp_path), "--recipe", "brecq", "--bits", "W4A8", "--pipeline",
