@@ -172,6 +172,21 @@ def test_qgemm_tma_store_equals_the_plain_store(out):
         _close(got, ref.qgemm(**args, **kw), rtol=max(GELU_RTOL, 1e-3 if out == "float16" else 1e-5))
 
 
+@pytest.mark.parametrize("quant", [False, True])
+def test_qgemm_int64_offsets_store_the_same(monkeypatch, quant):
+    """Outputs of 2**31 elements or more are addressed with int64 offsets (int32 ones spill less): forced here,
+    the same values land in the same places."""
+    args = _gemm_args(40, 64, 72, _gen(22))
+    kw = {"out_inv_scale": torch.tensor([40.0, 25.0, 60.0]), "out_zero": torch.tensor([2.0, -5.0, 0.0])} if quant \
+        else {"out_dtype": torch.float32}
+    int32 = kernels.qgemm(**_to(args, DEV), **_to(kw, DEV), gelu=True)
+    assert not kernels._offs64({"M": 40, "N": 72})
+    assert kernels._offs64({"M": 2**31 // 1024, "N": 1024}) and not kernels._offs64({"M": 2**21 - 512, "N": 1024})
+    monkeypatch.setattr(kernels, "OFFS64_FROM", 0)
+    assert kernels._offs64({"M": 40, "N": 72})
+    assert torch.equal(kernels.qgemm(**_to(args, DEV), **_to(kw, DEV), gelu=True), int32)
+
+
 @pytest.mark.parametrize("gelu", [False, True])
 def test_qgemm_quantized_output(gelu):
     args = _gemm_args(24, 64, 48, _gen(3))
@@ -580,10 +595,11 @@ def build(fn, arch, const, ptrs, warps=4, stages=3):
                    options={"num_warps": warps, "num_stages": stages})
 
 flags = {"HAS_BIAS": True, "HAS_GROUPS": True, "GELU": True, "QUANT_OUT": True, "EVEN_K": False, "QUANT_IN": False,
-         "SWIGLU": False, "QKV": False, "NORM_QK": False, "HAS_GAIN": False, "HEAD_D": 1}
+         "SWIGLU": False, "QKV": False, "NORM_QK": False, "HAS_GAIN": False, "HEAD_D": 1, "OFFS64": False}
 swiglu = {**flags, "GELU": False, "QUANT_IN": True, "SWIGLU": True}
 qkv = {**flags, "GELU": False, "QUANT_OUT": False, "QKV": True, "NORM_QK": True, "HAS_GAIN": True}
-for arch, code, tile, f in [(90, "i8", (64, 64, 64, 4, 3), flags), (90, "fp8e4nv", (64, 64, 64, 4, 3, True, True), flags),
+for arch, code, tile, f in [(90, "i8", (64, 64, 64, 4, 3), flags), (80, "i8", (64, 64, 64, 4, 3), {**flags, "OFFS64": True}),
+                            (90, "fp8e4nv", (64, 64, 64, 4, 3, True, True), flags),
                             (89, "fp8e4nv", (64, 64, 64, 4, 3), flags), (80, "i8", (64, 64, 64, 4, 3), flags),
                             (90, "i8", (64, 64, 64, 4, 3, True, True), swiglu), (80, "i8", (32, 64, 128, 4, 4), swiglu),
                             (90, "i8", k.tile_config(128, 128, 128, 4, 3, True, True, occupancy=2, tma_store=True),

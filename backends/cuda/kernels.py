@@ -131,7 +131,7 @@ def _qgemm_kernel(a_ptr, w_ptr, out_ptr, w_scale_ptr, colsum_ptr, a_scale_ptr, a
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                   PERSISTENT: tl.constexpr, TMA: tl.constexpr, EVEN_K: tl.constexpr, FLATTEN: tl.constexpr,
                   WS_TILES: tl.constexpr, WS_K: tl.constexpr, OCCUPANCY: tl.constexpr,
-                  TMA_STORE: tl.constexpr):
+                  TMA_STORE: tl.constexpr, OFFS64: tl.constexpr):
     FP8: tl.constexpr = w_ptr.dtype.element_ty == tl.float8e4nv
     # QUANT_IN: ``a`` is float and its grid's quantizer runs here, tile by tile, instead of as a kernel of its
     # own (a launch saved: what matters at decode's few rows). SWIGLU: w's rows are gate and up interleaved.
@@ -220,8 +220,11 @@ def _qgemm_kernel(a_ptr, w_ptr, out_ptr, w_scale_ptr, colsum_ptr, a_scale_ptr, a
             o_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_OUT], out)
         else:
             cols_out = pid_n * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
-            out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * N_OUT + cols_out[None, :]
-            tl.store(out_ptrs, out, mask=row_ok[:, None] & (cols_out < N_OUT)[None, :])
+            if OFFS64:
+                offs = rows.to(tl.int64)[:, None] * N_OUT + cols_out[None, :]
+            else:  # int64 offsets spill the 4-warp tile's epilogue (1.2 kB a thread: benchmarks/qgemm_sass.py)
+                offs = rows[:, None] * N_OUT + cols_out[None, :]
+            tl.store(out_ptr + offs, out, mask=row_ok[:, None] & (cols_out < N_OUT)[None, :])
 
 
 @triton.jit
@@ -290,8 +293,10 @@ QGEMM_CONFIGS = [
     tile_config(128, 128, 64, 4, 4), tile_config(256, 128, 128, 8, 3),
     tile_config(128, 256, 128, 8, 4, persistent=True, tma=True),
     # The output stored by TMA: no per-element addresses, masks or register spills in the epilogue
-    # (benchmarks/qgemm_sass.py: the 4-warp tile above spills 1.2 kB a thread with plain stores, none with
-    # TMA). It wins for fc1's int8 output (H100: 0.314 against 0.326 ms, benchmarks/h100_s9b_qgemm_sweep.json);
+    # (benchmarks/qgemm_sass.py: the 4-warp tile above spilled 1.2 kB a thread with plain stores at int64
+    # offsets, none with TMA; with int32 offsets the plain store spills none either for fp16 outputs, 64 B for
+    # fc1's: sm90_qgemm_sass_triton36_offs32.json, not yet timed). It won for fc1's int8 output (H100: 0.314
+    # against 0.326 ms at int64 offsets, benchmarks/h100_s9b_qgemm_sweep.json);
     # an fp16 tile to store takes the shared memory a second program needs, and loses (qkv 0.284 against
     # 0.225 ms). With TMA stores, two stages or 8 warps on 128 x 128 lost at every d16 shape.
     tile_config(128, 128, 128, 4, 3, persistent=True, tma=True, occupancy=2, tma_store=True),
@@ -317,7 +322,16 @@ def _tma_scratch(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cpu" if INTERPRET else "cuda")
 
 
-_heuristic = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_qgemm_kernel)
+# Outputs from this many elements on (a tile's padded rows included) are addressed with int64 offsets.
+OFFS64_FROM = 2**31
+
+
+def _offs64(args) -> bool:
+    return (args["M"] + 256) * args["N"] >= OFFS64_FROM
+
+
+_heuristic = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
+                                "OFFS64": _offs64})(_qgemm_kernel)
 _autotuned = triton.autotune([_INTERPRET_CONFIG] if INTERPRET else QGEMM_CONFIGS,
                              key=["N", "K", "M_BUCKET", "SWIGLU"], prune_configs_by={"early_config_prune": _prune},
                              do_bench=functools.partial(do_bench, warmup=5, rep=20),
