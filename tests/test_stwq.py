@@ -183,7 +183,7 @@ def test_fp8_weight_grid_in_a_pipeline():
     back = codes.float() * qp.scale[:, None]
     rel = (back - w).abs() / w.abs().clamp(min=1e-6)
     assert float(rel[w.abs() > qp.scale[:, None] * 2 ** -6].max()) <= 2 ** -4 + 1e-6  # E4M3's normals: 3 mantissa bits
-    _, gm_mse, ctx_mse = _run("canonicalize,observe,stwq,weight-quant{method=mse},insert-qdq", weight_format="fp8")
+    _, _, ctx_mse = _run("canonicalize,observe,stwq,weight-quant{method=mse},insert-qdq", weight_format="fp8")
     assert (ctx_mse.qparams["block.fc1.weight"].scale <= qp.scale + 1e-12).all()  # amax is the widest candidate
 
 
