@@ -86,6 +86,12 @@ def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
     return (amax.float() / FP8_MAX).clamp(min=_EPS)
 
 
+def fp8_qparams(lo: torch.Tensor, hi: torch.Tensor) -> QParams:
+    """The per-channel (axis 0) FP8 grid covering ``[lo, hi]`` of each row."""
+    scale = fp8_scale(torch.maximum(-lo, hi))
+    return QParams(scale, torch.zeros_like(scale, dtype=torch.int8), 8, True, "channel", 0, fp8=True)
+
+
 def fp8_codes(y: torch.Tensor) -> torch.Tensor:
     """``y`` (already divided by its scale) as E4M3 codes, saturated at +-448 (the cast alone would overflow)."""
     return y.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)

@@ -123,10 +123,9 @@ class WeightQuant(Pass):
             raise UserError(f"weight-quant: method must be minmax or mse, got {self.method!r}")
         bits = weight_bits(self.bits, ctx)
         fp8 = ctx.config.weight_format == "fp8"
-        if fp8 and (bits != 8 or ctx.config.precision.groups(bits)):
+        if fp8 and bits != 8:
             raise UserError(f"weight-quant: FP8 weights are 8-bit with a scale per output channel; --bits "
-                            f"{ctx.config.precision.name} asks for {bits}-bit weights"
-                            + (f" in groups of {ctx.config.precision.group}" if ctx.config.precision.group else ""))
+                            f"{ctx.config.precision.name} asks for {bits}-bit weights")
         if (self.reduce_range or ctx.config.weight_reduce_range) and not fp8:
             bits = min(bits, 7)
         decided = groups = 0
@@ -136,9 +135,7 @@ class WeightQuant(Pass):
             w = get_attr(gm, site.weight or f"{name}.weight").detach().float()
             if fp8:
                 lo, hi = mse_row_ranges(w, bits, True, fp8=True) if self.method == "mse" else (w.amin(1), w.amax(1))
-                scale = qmath.fp8_scale(torch.maximum(-lo, hi))
-                ctx.qparams[f"{name}.weight"] = QParams(scale, torch.zeros_like(scale, dtype=torch.int8), 8, True,
-                                                        "channel", 0, fp8=True)
+                ctx.qparams[f"{name}.weight"] = qmath.fp8_qparams(lo, hi)
                 decided += 1
                 continue
             group = ctx.config.precision.groups(bits) and qmath.group_size(w.shape[1], ctx.config.precision.group)
@@ -165,11 +162,8 @@ def mse_row_ranges(w: torch.Tensor, bits: int, symmetric: bool, fp8: bool = Fals
     best_err = best_lo = best_hi = None
     for p in (1.0, *PERCENTILES) if fp8 else PERCENTILES:
         lo, hi = torch.quantile(w, 1 - p, dim=1), torch.quantile(w, p, dim=1)
-        if fp8:
-            scale = qmath.fp8_scale(torch.maximum(-lo, hi))
-            qp = QParams(scale, torch.zeros_like(scale, dtype=torch.int8), granularity="channel", fp8=True)
-        else:
-            qp = QParams(*qmath.qparams_from_range(lo, hi, bits, symmetric), bits, symmetric, "channel")
+        qp = qmath.fp8_qparams(lo, hi) if fp8 else QParams(*qmath.qparams_from_range(lo, hi, bits, symmetric), bits,
+                                                           symmetric, "channel")
         back = qmath.dequantize(qmath.quantize_as(w, qp), qp.scale, qp.zero_point, 0)
         err = (back - w).pow(2).mean(1)
         if best_err is None:
