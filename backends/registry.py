@@ -111,9 +111,9 @@ class Runner:
     times: list[float] = field(default_factory=list)
     peak_bytes: int | None = None
     clocks_mhz: list[int] = field(default_factory=list)  # CUDA: the SM clock after each timed call (NVML)
-    # CUDA, blocked order: the GPU's energy over the block of timed calls (NVML). Its counter moves about every
-    # 100 ms, so one call's reading is 0 or 100 ms' worth: only a block of calls has a meaningful figure.
-    block_energy_mj: int | None = None
+    # CUDA, blocked order: the GPU's mean power over the block of timed calls (NVML), between the first and the
+    # last update of its energy counter seen in the block (``block_power``); J/call is it times the median call.
+    power_w: float | None = None
     note: str = ""
     onnx: tuple[Path, str] | None = None  # onnxruntime runners: (model file, session mode), for profiles
     sqnr_db: float | None = None  # its step's first output (logits) against the FP graph's, on the timed inputs
@@ -230,14 +230,28 @@ def sync(device: str) -> None:
 ORDERS = ("interleaved", "blocked")
 
 
+def block_power(readings: list[tuple[float, int]]) -> float | None:
+    """Mean power in W from ``(time s, energy counter mJ)`` read after each call of a block (the first before it),
+    between the first and the last reading that saw the counter move; None when it moved fewer than twice.
+    NVML updates the counter about every 100 ms, so a reading can be that old: a window from the block's start
+    to its end (as first measured) can open up to an update early, in the warm-up, and it gave 800-900 W on a
+    700 W H100. Between two updates, each seen within a call of when it happened, the window is the counter's
+    own."""
+    moves = [readings[i] for i in range(1, len(readings)) if readings[i][1] != readings[i - 1][1]]
+    if len(moves) < 2 or moves[-1][0] <= moves[0][0]:
+        return None
+    (t0, e0), (t1, e1) = moves[0], moves[-1]
+    return (e1 - e0) / 1e3 / (t1 - t0)
+
+
 def measure(runners: list[Runner], *, warmup: int, repeats: int, order: str = "interleaved") -> str:
     """Time every runner on its inputs after a warm-up; on CUDA also the memory one call needs beyond what is
     resident, and from NVML the SM clock after each timed call and the energy it took. ``interleaved``: round by
     round, so drift in machine load hits every backend alike. ``blocked``: each runner's warm-up and repeats in
     one block, so a GPU at its power cap settles into that runner's own clock instead of the one the previous
     backend left (H100, VAR-d16: the int8 step takes 23.2 ms after itself and 25.1 ms after the FP16 step;
-    BENCHMARKS.md); only then is the energy recorded, over each runner's block. Returns why clocks or energy are
-    missing on CUDA, else ""."""
+    BENCHMARKS.md); only then is the power recorded, over each runner's block (``block_power``). Returns why
+    clocks or energy are missing on CUDA, else ""."""
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     meter, missing = None, ""
@@ -256,23 +270,31 @@ def measure(runners: list[Runner], *, warmup: int, repeats: int, order: str = "i
         if r.device == "cuda":
             torch.cuda.empty_cache()
 
-    def timed(r: Runner) -> None:
+    def timed(r: Runner, readings: list | None = None) -> None:
         sync(r.device)
         t0 = time.perf_counter()
         r.fn(r.inputs)
         sync(r.device)
-        r.times.append(time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        r.times.append(t1 - t0)
         if meter is not None and r.device == "cuda":
-            r.clocks_mhz.append(meter.sample()[1])
+            energy, mhz = meter.sample()
+            r.clocks_mhz.append(mhz)
+            if readings is not None:
+                readings.append((t1, energy))
 
     if order == "blocked":
         for r in runners:
             warm(r)
-            e0 = meter.sample()[0] if meter is not None and r.device == "cuda" else None
+            readings = [(time.perf_counter(), meter.sample()[0])] \
+                if meter is not None and meter.has_energy and r.device == "cuda" else None
             for _ in range(repeats):
-                timed(r)
-            if e0 is not None:
-                r.block_energy_mj = meter.sample()[0] - e0
+                timed(r, readings)
+            if readings is not None:
+                r.power_w = block_power(readings)
+                if r.power_w is None:
+                    missing = ("energy: a block shorter than two updates of NVML's counter (about 200 ms); "
+                               "give it more --repeats")
     else:
         for r in runners:
             warm(r)

@@ -299,7 +299,7 @@ def render(runners: list[Runner]) -> tuple[str, float | None]:
         med = statistics.median(r.times)
         peak = f"{r.peak_bytes / 2**20:.0f}" if r.peak_bytes else "n/a"
         clock = f"{statistics.median(r.clocks_mhz):.0f}" if r.clocks_mhz else "n/a"
-        joules = f"{r.block_energy_mj / len(r.times) / 1e3:.2f}" if r.block_energy_mj is not None else "n/a"
+        joules = f"{r.power_w * med:.2f}" if r.power_w is not None else "n/a"
         lines.append(f"{r.name:20s} {med * 1e3:10.2f} {min(r.times) * 1e3:8.2f} {max(r.times) * 1e3:8.2f} "
                      + "".join(f"{f'{b / med:.2f}x':>17s}" for _, b in bases)
                      + (f" {r.sqnr_db:8.1f}" if sqnr and r.sqnr_db is not None else f" {'n/a':>8s}" if sqnr else "")

@@ -155,49 +155,66 @@ def test_nvml_meter_reads_the_gpu_or_says_why_not():
         assert m is None and "NVML" in why
         return
     x, y = (torch.randn(4096, 4096, device="cuda", dtype=torch.float16) for _ in range(2))
-    # about 50 ms a call, 300 ms in all: longer than the energy counter's update interval (about 100 ms)
+    # about 50 ms a call, 500 ms in all: several updates of the energy counter (about every 100 ms)
     run = Runner("mm", lambda _: [torch.mm(x, x, out=y) for _ in range(250)], lambda t: t, 0, "cuda", torch.float16)
-    assert measure([run], warmup=1, repeats=6, order="blocked") == ""  # H100/H200: clocks and energy
-    assert len(run.clocks_mhz) == 6 and all(300 <= c <= 3000 for c in run.clocks_mhz)
-    # 50 to 1000 W over the block
-    assert 50 * sum(run.times) < run.block_energy_mj / 1e3 < 1000 * sum(run.times) + 100 * 1e-3 * 1000
+    assert measure([run], warmup=1, repeats=10, order="blocked") == ""  # H100/H200: clocks and energy
+    assert len(run.clocks_mhz) == 10 and all(300 <= c <= 3000 for c in run.clocks_mhz)
+    # GEMMs back to back: a busy GPU, under its power cap (700 W for an H100 or H200 SXM)
+    power = torch.cuda.get_device_properties(0).name, run.power_w
+    assert 100 < run.power_w < 750, power
 
 
 def test_energy_is_measured_over_a_blocked_run_only(monkeypatch):
     """NVML's energy counter moves about every 100 ms, so one call's reading is 0 or a tenth of a second's worth
-    (measured on an H100: 8 of 20 calls of 34 ms saw it move). The energy is read around each backend's block in
-    blocked order; interleaved runs say why they have none. Checked with a counter that moves with the calls."""
+    (measured on an H100: 8 of 20 calls of 34 ms saw it move). The power is read over each backend's block in
+    blocked order, between the counter's first and last move in it; interleaved runs say why they have none.
+    Checked with calls of 10 ms on a fake clock and a counter that moves by 9 J every third call (300 W); a
+    block of three calls sees one move, and says so."""
     import torch
 
-    from backends import nvml
+    from backends import nvml, registry
     from backends.registry import Runner, measure
 
-    calls = {"n": 0}
+    state = {"calls": 0, "t": 0.0}
 
-    class Counter:  # 3000 mJ a call, at 1500 MHz
+    class Counter:  # 9000 mJ each third call, at 1500 MHz
         has_energy = True
 
         def sample(self):
-            return 3000 * calls["n"], 1500
+            return 9000 * (state["calls"] // 3), 1500
 
     for name in ("synchronize", "empty_cache", "reset_peak_memory_stats"):
         monkeypatch.setattr(torch.cuda, name, lambda *a: None)
     for name in ("current_device", "memory_allocated", "max_memory_allocated"):
         monkeypatch.setattr(torch.cuda, name, lambda *a: 0)
     monkeypatch.setattr(nvml, "meter", lambda device: (Counter(), ""))
+    monkeypatch.setattr(registry.time, "perf_counter", lambda: state["t"])
 
     def runs():
         def fn(_):
-            calls["n"] += 1
+            state["calls"] += 1
+            state["t"] += 0.010
         return [Runner(name, fn, lambda t: t, 0, "cuda", torch.float16) for name in ("a", "b")]
 
     blocked = runs()
-    assert measure(blocked, warmup=2, repeats=5, order="blocked") == ""
-    assert [r.block_energy_mj for r in blocked] == [15000, 15000]  # the warm-up calls are not counted
-    assert all(r.clocks_mhz == [1500] * 5 for r in blocked)
+    assert measure(blocked, warmup=2, repeats=12, order="blocked") == ""
+    assert [round(r.power_w, 6) for r in blocked] == [300.0, 300.0]
+    assert all(r.clocks_mhz == [1500] * 12 for r in blocked)
+    short = runs()  # three calls: the counter moves once in the block
+    assert "shorter than two updates" in measure(short, warmup=2, repeats=3, order="blocked")
+    assert [r.power_w for r in short] == [None, None]
     interleaved = runs()
     assert "blocked order only" in measure(interleaved, warmup=2, repeats=5)
-    assert [r.block_energy_mj for r in interleaved] == [None, None] and len(interleaved[0].clocks_mhz) == 5
+    assert [r.power_w for r in interleaved] == [None, None] and len(interleaved[0].clocks_mhz) == 5
+
+
+def test_block_power_is_taken_between_the_counters_moves():
+    from backends.registry import block_power
+
+    # before the block: a stale reading (the counter last moved in the warm-up); then moves at 0.25 s and 0.45 s
+    readings = [(0.0, 1000), (0.1, 1000), (0.25, 61000), (0.35, 61000), (0.45, 121000), (0.5, 121000)]
+    assert abs(block_power(readings) - 60 / 0.2) < 1e-9  # 60 J in 0.2 s, not 120 J in 0.5 s
+    assert block_power(readings[:4]) is None  # one move: no window
 
 
 def test_table_shows_the_gpu_clock_and_energy():
@@ -207,8 +224,8 @@ def test_table_shows_the_gpu_clock_and_energy():
     from compiler.bench import render
 
     runs = [Runner(name, None, None, 2**20, "cuda", torch.float16, times=[t, t * 1.1, t * 0.9],
-                   clocks_mhz=clocks, block_energy_mj=energy) for name, t, clocks, energy in
-            (("torch-fp16-graphs", 0.035, [1500, 1600, 1700], 23000), ("cuda-int8", 0.025, [1800, 1900, 1980], None))]
+                   clocks_mhz=clocks, power_w=power) for name, t, clocks, power in
+            (("torch-fp16-graphs", 0.035, [1500, 1600, 1700], 219.0), ("cuda-int8", 0.025, [1800, 1900, 1980], None))]
     header, fp16, int8 = render(runs)[0].splitlines()
     assert "SM MHz" in header and "J/call" in header
     assert fp16.split()[5:7] == ["1600", "7.67"] and int8.split()[5:7] == ["1900", "n/a"]

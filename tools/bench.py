@@ -6,8 +6,8 @@ both in turn), and prints median / min / max latency, the ratio against the firs
 backend, the SQNR of the step's first output (logits) against the FP graph's on the same inputs
 (``--steps last``), the memory one call needs beyond the resident weights and inputs ("run MB",
 CUDA only) and the model size; on CUDA also the SM clock after each call (median) and, in blocked order,
-the energy per call (the energy over the block of calls over their number: NVML's counter moves about every
-100 ms, so a block of a second or more gives a figure within 10 %). Timings on shared machines are noisy:
+the energy per call: the block's mean power (between the first and last update of NVML's energy counter seen
+in it; the counter moves about every 100 ms, so a block needs 200 ms or more) times the median call. Timings on shared machines are noisy:
 compare ratios from one run, never absolute numbers across runs. The last line is machine-readable:
 ``speedup_vs_fp32=<first int8 backend / first fp backend>``.
 
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append({"batch": batch, "order": order, "speedup_vs_fp32": speedup, "backends": {
                 r.name: {"times_s": r.times, "peak_bytes": r.peak_bytes, "size_bytes": r.size_bytes, "note": r.note,
                          "sqnr_db": r.sqnr_db, "clocks_mhz": r.clocks_mhz,
-                         "block_energy_mj": r.block_energy_mj}
+                         "power_w": r.power_w}
                 for r in timed}})
             del timed
     if args.json:
