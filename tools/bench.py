@@ -7,8 +7,8 @@ backend, the SQNR of the step's first output (logits) against the FP graph's on 
 (``--steps last``), the memory one call needs beyond the resident weights and inputs ("run MB",
 CUDA only) and the model size; on CUDA also the SM clock after each call (median) and, in blocked order,
 the energy per call: the block's mean power (between the first and last update of NVML's energy counter seen
-in it; the counter moves about every 100 ms, so a block needs 200 ms or more) times the median call. Timings on shared machines are noisy:
-compare ratios from one run, never absolute numbers across runs. The last line is machine-readable:
+in it; the counter moves about every 100 ms, so a block needs 200 ms or more) times the median call. Timings
+on shared machines are noisy: compare ratios from one run, never absolute numbers across runs. The last line is machine-readable:
 ``speedup_vs_fp32=<first int8 backend / first fp backend>``.
 
 Backends are the runners of ``backends.registry`` (``--list-backends``): the torch runners
