@@ -34,6 +34,7 @@ part() {
       tests/test_cuda_target.py tests/test_device.py tests/test_frontend_infinity.py tests/test_brecq.py \
       tests/test_generate.py tests/test_generate_edit.py tests/test_frontend_mar.py tests/test_mar_tools.py \
       tests/test_torch_int8.py ;;  # every file with GPU-gated tests, and the generation tests that use the GPU
+    nvml) tests nvml_test 90 tests/test_bench.py -k "nvml or energy or power or clock" ;;  # the meter on the GPU
     smoke) python -m tools.bench --model var-tiny --batch 4 --pipeline "$P" --repeats 3 --warmup 1 \
       --backends torch-fp16-graphs,cuda-int8,cuda-int8-eager,cuda-fp8 2>&1 | tail -12 ;;  # the runners, seconds
     step64) bench var_d16_last 240 --model var-d16 --batch 64 --repeats 15 --warmup 3 --profile --backends $FP16_INT8 ;;
@@ -65,6 +66,7 @@ part() {
 
 # Earlier sessions' modes, as parts (BENCHMARKS.md cites them).
 case "$1" in
+  next) set -- nvml step64blocked gemms ;;  # what the second session of 2026-12-07 left unrun on a GPU
   all) set -- smoke step64fp8 suite gemms ;;
   final) set -- suite decode gen16 ;;
   measure|step|step2|final2) set -- step64fp8 step16_100 backend_tests ;;
