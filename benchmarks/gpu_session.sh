@@ -58,6 +58,8 @@ part() {
       --backends $FP16_INT8 ;;
     gen64) bench var_d16_all_b64 300 --model var-d16 --steps all --batch 64 --repeats 5 --warmup 2 --profile \
       --backends $FP16_INT8 ;;
+    gen64_all) bench var_d16_all_b64_all 330 --model var-d16 --steps all --batch 64 --repeats 3 --warmup 1 \
+      --backends $FP16_INT8,cuda-fp8,cuda-int8-kv8 ;;  # the whole generation in FP8 and with int8 KV caches too
     attention) timeout 240 python benchmarks/attention_bench.py --json "$OUT/attention.json" 2>&1 | tail -20 ;;
     gemms) timeout 90 python benchmarks/gemm_bench.py --json "$OUT/gemm.json" 2>&1 | tail -25 ;;
     *) echo "unknown part: $1" >&2; exit 2 ;;
@@ -66,7 +68,7 @@ part() {
 
 # Earlier sessions' modes, as parts (BENCHMARKS.md cites them).
 case "$1" in
-  next) set -- nvml step64blocked gemms ;;  # what the second session of 2026-12-07 left unrun on a GPU
+  next) set -- nvml step64blocked gen64_all ;;  # what the second session of 2026-12-07 left unrun on a GPU
   all) set -- smoke step64fp8 suite gemms ;;
   final) set -- suite decode gen16 ;;
   measure|step|step2|final2) set -- step64fp8 step16_100 backend_tests ;;
