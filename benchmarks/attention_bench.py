@@ -1,12 +1,17 @@
-"""Attention over int8 KV caches (our Triton kernel) against SDPA over fp16 caches, at the step shapes.
+"""Our attention kernel against cuDNN SDPA over fp16 caches, at the step shapes, alone and with the output
+projection's input quantization.
 
     python benchmarks/attention_bench.py [--json FILE]
 
-Per shape (``B`` rows with CFG, heads, queries ``T``, cached keys ``L``, head dim 64): cuDNN/flash SDPA over
-the visible keys of fp16 caches (what ``cached_attention`` runs), our ``attention_int8`` over int8 caches with
-a scale per row, every tile of ``kernels.ATTENTION_CONFIGS`` that fits the query count, and the cache writes
-(``kv_write`` fp16 vs ``kv_write_int8``) of the step's new rows. The error column is the int8 result against
-SDPA over the float caches it was quantized from. Times: ``triton.testing.do_bench`` medians.
+Per shape (``B`` rows with CFG, heads, queries ``T``, cached keys ``L``, head dim 64):
+- ``sdpa``: cuDNN/flash SDPA over the visible keys of fp16 caches (what ``cached_attention`` runs), and
+  ``sdpa_quant``: the same followed by the quantize kernel of the projection's input (``act_quant``, three token
+  groups), what a step ran before ``attention_into_codes``;
+- ``ours``: ``ops.attention`` over the fp16 caches, float out, and ``ours_codes``: writing the codes itself (what
+  ``cached_attention_codes`` runs), with every tile of ``kernels.ATTENTION_CONFIGS`` that fits the query count;
+- ``int8``/``int8_codes``: the same over int8 caches with a scale per row;
+- the cache writes (``kv_write`` fp16 vs ``kv_write_int8``) of the step's new rows.
+The error columns are against SDPA in float32 over the float caches. Times: ``triton.testing.do_bench`` medians.
 """
 from __future__ import annotations
 
@@ -44,31 +49,45 @@ def main() -> None:
         kf = torch.randn(B, H, L, D, device="cuda", dtype=torch.float16)
         vf = torch.randn(B, H, L, D, device="cuda", dtype=torch.float16)
         (k, ks), (v, vs) = ref.kv_quantize(kf), ref.kv_quantize(vf)
-        sdpa = do_bench(lambda: F.scaled_dot_product_attention(q, kf, vf))
-        expected = F.scaled_dot_product_attention(q.float(), kf.float(), vf.float())
-        ours = ops.attention_int8(q, k, ks, v, vs, None, L, None)
-        err = float((ours.float() - expected).norm() / expected.norm())
-        autotuned = do_bench(lambda: ops.attention_int8(q, k, ks, v, vs, None, L, None))
+        groups = torch.arange(T, device="cuda") % 3
+        grid = {"out_inv_scale": torch.tensor([40.0, 60.0, 80.0], device="cuda"),
+                "out_zero": torch.tensor([0.0, 2.0, -1.0], device="cuda"), "groups": groups}
+        expected = F.scaled_dot_product_attention(q.float(), kf.float(), vf.float()).transpose(1, 2)
+
+        def sdpa_quant():
+            out = F.scaled_dot_product_attention(q, kf, vf).transpose(1, 2).flatten(2).reshape(B * T, H * D)
+            return ops.act_quant(out, act="none", inv_scale=grid["out_inv_scale"], zero=grid["out_zero"],
+                                 groups=groups, tokens=T)
+
+        runs = {"sdpa": lambda: F.scaled_dot_product_attention(q, kf, vf), "sdpa_quant": sdpa_quant,
+                "ours": lambda: ops.attention(q, kf, vf, None, L, None),
+                "ours_codes": lambda: ops.attention(q, kf, vf, None, L, None, **grid),
+                "int8": lambda: ops.attention(q, k, v, None, L, None, k_scale=ks, v_scale=vs),
+                "int8_codes": lambda: ops.attention(q, k, v, None, L, None, k_scale=ks, v_scale=vs, **grid)}
+        row = {"shape": name, "B": B, "H": H, "T": T, "L": L}
+        for key, fn in runs.items():
+            row[f"{key}_ms"] = do_bench(fn)
+        for key in ("ours", "int8"):
+            out = runs[key]()
+            row[f"{key}_rel_error"] = float((out.float() - expected).norm() / expected.norm())
         tiles = {}
         for c in kernels._prune_attention(kernels.ATTENTION_CONFIGS, {"T_BUCKET": kernels.triton.next_power_of_2(T)}):
             label = f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
             try:
-                tiles[label] = do_bench(lambda c=c: kernels.attention_int8(q, k, ks, v, vs, None, L, D ** -0.5,
-                                                                         config=c))
+                tiles[label] = do_bench(lambda c=c: kernels.attention(q, kf, vf, None, L, D ** -0.5, **grid, config=c))
             except Exception as e:  # noqa: BLE001  (a tile that does not fit is reported, not fatal)
                 tiles[label] = f"{type(e).__name__}: {str(e)[:100]}"
+        row["ours_codes_tiles_ms"] = tiles
         index = torch.arange(L - T, L, device="cuda")
         new = torch.randn(B, T, 3, H, D, device="cuda", dtype=torch.float16).permute(2, 0, 3, 1, 4)[1]
-        write16 = do_bench(lambda: ops.kv_write(kf, index, new))
-        write8 = do_bench(lambda: ops.kv_write_int8(k, ks, index, new))
-        row = {"shape": name, "B": B, "H": H, "T": T, "L": L, "sdpa_fp16_ms": sdpa, "int8_ms": autotuned,
-               "speedup": sdpa / autotuned, "rel_error_vs_float": err, "tiles_ms": tiles,
-               "kv_write_fp16_ms": write16, "kv_write_int8_ms": write8}
+        row["kv_write_fp16_ms"] = do_bench(lambda: ops.kv_write(kf, index, new))
+        row["kv_write_int8_ms"] = do_bench(lambda: ops.kv_write_int8(k, ks, index, new))
         rows.append(row)
-        print(f"{name:36s} SDPA fp16 {sdpa * 1e3:8.1f} us  int8 {autotuned * 1e3:8.1f} us ({sdpa / autotuned:.2f}x)"
-              f"  err {err:.2e}  write {write16 * 1e3:.1f} -> {write8 * 1e3:.1f} us", flush=True)
-        print("    tiles: " + ", ".join(f"{t} {ms * 1e3:.1f}" if isinstance(ms, float) else f"{t} {ms}"
-                                    for t, ms in tiles.items()), flush=True)
+        us = {key: row[f"{key}_ms"] * 1e3 for key in runs}
+        print(f"{name:36s} " + "  ".join(f"{key} {t:7.1f} us" for key, t in us.items())
+              + f"  codes vs sdpa+quant {us['sdpa_quant'] / us['ours_codes']:.2f}x", flush=True)
+        print("    ours_codes tiles: " + ", ".join(f"{t} {ms * 1e3:.1f}" if isinstance(ms, float) else f"{t} {ms}"
+                                              for t, ms in tiles.items()), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,

@@ -44,6 +44,8 @@ part() {
       --backends $FP16_INT8 ;;  # each backend in its own block: its own clock at the power cap
     step64ab) bench var_d16_last 220 --model var-d16 --batch 64 --repeats 15 --warmup 3 --profile \
       --backends $FP16_INT8,cuda-int8-unfused-qkv ;;  # the qkv epilogue's A/B
+    step64attn) bench var_d16_last_attn 300 --model var-d16 --batch 64 --repeats 20 --warmup 5 --profile \
+      --order interleaved,blocked --backends $FP16_INT8,cuda-int8-sdpa ;;  # attention writing codes: the A/B
     step64fp8) bench var_d16_last 170 --model var-d16 --batch 64 --repeats 15 --warmup 3 --profile \
       --backends torch-fp16-graphs,cuda-int8,cuda-fp8 ;;
     step16_100) bench var_d16_last_b16_b100 240 --model var-d16 --batch 16,100 --repeats 15 --warmup 3 \
@@ -69,6 +71,7 @@ part() {
 # Earlier sessions' modes, as parts (BENCHMARKS.md cites them).
 case "$1" in
   next) set -- nvml step64blocked gen64_all ;;  # what the second session of 2026-12-07 left unrun on a GPU
+  attn) set -- attention step64attn nvml ;;  # the third session of 2026-12-07: attention writing the codes
   all) set -- smoke step64fp8 suite gemms ;;
   final) set -- suite decode gen16 ;;
   measure|step|step2|final2) set -- step64fp8 step16_100 backend_tests ;;

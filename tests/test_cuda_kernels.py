@@ -435,28 +435,75 @@ def test_kv_write_int8(T, dtype):
 
 @pytest.mark.parametrize("T,masked", [(1, False), (1, True), (7, True), (40, False)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_attention_int8(T, masked, dtype):
-    """Attention over int8 caches = SDPA over the dequantized caches (first ``n`` keys; an additive mask
-    broadcast over batch and heads), to float tolerance; queries a strided view as the traced step has them."""
+@pytest.mark.parametrize("kv8", [False, True], ids=["fp-cache", "int8-cache"])
+def test_attention(T, masked, dtype, kv8):
+    """Attention over the caches = SDPA over them (int8 ones dequantized; first ``n`` keys; an additive mask
+    broadcast over batch and heads), to float tolerance, as ``[B, T, H, D]``; queries a strided view as the
+    traced step has them."""
     gen = _gen(32)
     B, H, L, D, n = 2, 3, 50, 24, 45
-    k, ks = _int8_cache(B, H, L, D, gen)
-    v, vs = _int8_cache(B, H, L, D, gen)
+    (k, ks), (v, vs) = _int8_cache(B, H, L, D, gen), _int8_cache(B, H, L, D, gen)
+    if not kv8:
+        k, v, ks, vs = ref.kv_dequantize(k, ks, dtype), ref.kv_dequantize(v, vs, dtype), None, None
     q = (torch.randn(B, T, H, D, generator=gen)).transpose(1, 2).to(dtype)  # [B, H, T, D] view
     mask = None
     if masked:
         mask = torch.zeros(1, 1, T, L)
         mask[..., n - 3:] = float("-inf")
         mask[..., 0, 1] = -2.0  # a bias, not only -inf
-    expected = ref.attention_int8(q, k, ks, v, vs, None if mask is None else mask.expand(B, H, T, L), n, 0.3)
-    got = ops.attention_int8(*_to({"q": q, "k": k, "ks": ks, "v": v, "vs": vs}, DEV).values(),
-                             None if mask is None else mask.to(DEV), n, 0.3)
-    assert got.shape == (B, H, T, D) and got.transpose(1, 2).is_contiguous()
+    expected = ref.attention(q, k, v, None if mask is None else mask.expand(B, H, T, L), n, 0.3, k_scale=ks,
+                             v_scale=vs)
+    dev = _to({"q": q, "k": k, "v": v, "ks": ks, "vs": vs}, DEV)
+    got = ops.attention(dev["q"], dev["k"], dev["v"], None if mask is None else mask.to(DEV), n, 0.3,
+                        k_scale=dev["ks"], v_scale=dev["vs"])
+    assert got.shape == (B, T, H, D) and got.is_contiguous() and got.dtype == dtype
     # fp16 products either way; float32 ones are TF32 on a GPU's tensor cores (an H100: 1.2e-2 off at most)
     _close(got, expected, rtol=1e-5 if dtype == torch.float32 and not CUDA else 2e-3)
-    kf, vf = ref.kv_dequantize(k, ks, torch.float32), ref.kv_dequantize(v, vs, torch.float32)
+    kf = k.float() if ks is None else ref.kv_dequantize(k, ks, torch.float32)
+    vf = v.float() if vs is None else ref.kv_dequantize(v, vs, torch.float32)
     plain = torch.nn.functional.scaled_dot_product_attention(q.float(), kf[..., :n, :], vf[..., :n, :], scale=0.3)
-    assert masked == (not torch.allclose(got.float().cpu(), plain, atol=0.1))  # the mask was applied (moves >1.6)
+    assert masked == (not torch.allclose(got.float().cpu(), plain.transpose(1, 2), atol=0.1))  # the mask applied
+
+
+@pytest.mark.parametrize("kv8", [False, True], ids=["fp-cache", "int8-cache"])
+@pytest.mark.parametrize("T", [8, 13])
+def test_attention_writes_the_projection_codes(kv8, T):
+    """With the output projection's grid, the kernel writes its input codes: each row ``b, t`` on token ``t``'s
+    group (three groups, zero points; a map of ``T`` tokens), as the reference quantizes the float attention."""
+    gen = _gen(34)
+    B, H, L, D, n = 2, 2, 30, 16, 26
+    (k, ks), (v, vs) = _int8_cache(B, H, L, D, gen), _int8_cache(B, H, L, D, gen)
+    if not kv8:
+        k, v, ks, vs = ref.kv_dequantize(k, ks, torch.float16), ref.kv_dequantize(v, vs, torch.float16), None, None
+    q = torch.randn(B, T, H, D, generator=gen).transpose(1, 2).half()
+    groups = torch.randint(0, 3, (T,), generator=gen)
+    grid = {"out_inv_scale": 1 / (torch.rand(3, generator=gen) * 0.03 + 0.02),
+            "out_zero": torch.tensor([-3.0, 0.0, 5.0]), "groups": groups}
+    dev = _to({"q": q, "k": k, "v": v, "ks": ks, "vs": vs, **grid}, DEV)
+    got = ops.attention(dev["q"], dev["k"], dev["v"], None, n, None, k_scale=dev["ks"], v_scale=dev["vs"],
+                        out_inv_scale=dev["out_inv_scale"], out_zero=dev["out_zero"], groups=dev["groups"])
+    assert got.shape == (B, T, H, D) and got.dtype == torch.int8
+    # fp16 products against the reference's float32 ones: a code may tip where the value is within 1e-2 of a midpoint
+    def rows(*args, **kwargs):  # [B * T, C], as the quantizer saw them
+        return ref.attention(*args, **kwargs).reshape(B * T, H * D)
+
+    _assert_codes(got.reshape(B * T, H * D), rows, q, k, v, None, n, D ** -0.5, k_scale=ks, v_scale=vs, **grid,
+                  tol=1e-2)
+
+
+@FP8_CODES
+def test_attention_writes_fp8_codes():
+    gen = _gen(35)
+    B, H, L, D, T = 2, 2, 20, 16, 6
+    k, v = (torch.randn(B, H, L, D, generator=gen).half() for _ in range(2))
+    q = torch.randn(B, T, H, D, generator=gen).transpose(1, 2).half()
+    inv = torch.tensor([200.0, 400.0])
+    groups = torch.tensor([0, 1, 1, 0, 1, 0])
+    got = ops.attention(q.to(DEV), k.to(DEV), v.to(DEV), None, L, None, out_inv_scale=inv.to(DEV),
+                        groups=groups.to(DEV), fp8=True)
+    expected = ref.attention(q, k, v, None, L, D ** -0.5, out_inv_scale=inv, groups=groups, fp8=True)
+    assert got.dtype == torch.float8_e4m3fn
+    _close(got.float(), expected.float(), rtol=0.07)  # a code apart at most: E4M3 steps are 1/8 relative
 
 
 def test_gemm_tiles_follow_the_row_count():
@@ -507,8 +554,8 @@ def test_attention_autotuning_runs(monkeypatch):
     for T, tiles in ((1, 2), (40, 1)):
         ran.clear()
         q = torch.randn(1, 2, T, 16, generator=gen).half()
-        got = ops.attention_int8(q, k, ks, v, vs, None, 20, None)
-        _close(got, ref.attention_int8(q, k, ks, v, vs, None, 20, 16 ** -0.5), rtol=2e-3)
+        got = ops.attention(q, k, v, None, 20, None, k_scale=ks, v_scale=vs)
+        _close(got, ref.attention(q, k, v, None, 20, 16 ** -0.5, k_scale=ks, v_scale=vs), rtol=2e-3)
         if INTERPRET:  # (Triton 3.6 on a GPU times the tiles with its own benchmarker, not the stand-in)
             assert len(ran) == (tiles if tiles > 1 else 0)  # one tile left after pruning: nothing to time
 
@@ -520,7 +567,14 @@ def test_int8_cache_checks():
     with pytest.raises(ValueError, match="must be an int8"):
         ops.kv_write_int8(k.float(), ks, torch.tensor([0]), torch.zeros(1, 2, 1, 4))
     with pytest.raises(ValueError, match="n_keys must be"):
-        ops.attention_int8(torch.randn(1, 2, 3, 4), k, ks, k, ks, None, 9, None)
+        ops.attention(torch.randn(1, 2, 3, 4), k, k, None, 9, None, k_scale=ks, v_scale=ks)
+    with pytest.raises(ValueError, match="k_scale and v_scale go together"):
+        ops.attention(torch.randn(1, 2, 3, 4), k, k, None, 8, None, k_scale=ks)
+    with pytest.raises(ValueError, match="cache in q's dtype"):
+        ops.attention(torch.randn(1, 2, 3, 4), k, k, None, 8, None)
+    with pytest.raises(ValueError, match="out_zero is required"):
+        f = torch.randn(1, 2, 8, 4)
+        ops.attention(torch.randn(1, 2, 3, 4), f, f, None, 8, None, out_inv_scale=torch.ones(1))
 
 
 # ------------------------------------------------------------------------------- ops: dispatch, checks
@@ -589,7 +643,7 @@ from backends.cuda import kernels as k
 
 def build(fn, arch, const, ptrs, warps=4, stages=3):
     sig = {n: "constexpr" if n in const else ptrs.get(n, "*fp32") if n.endswith("_ptr")
-           else "fp32" if n in ("eps", "qmin", "qmax", "in_qmin", "in_qmax", "norm_eps") else "i32" for n in fn.arg_names}
+           else "fp32" if n in ("eps", "qmin", "qmax", "in_qmin", "in_qmax", "norm_eps", "qk_scale") else "i32" for n in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n.endswith("_ptr")}
     triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", arch, 32),
                    options={"num_warps": warps, "num_stages": stages})
@@ -623,9 +677,13 @@ build(k._kv_write_kernel, 80, {"BLOCK_T": 64, "BLOCK_D": 64},
       {"cache_ptr": "*fp16", "value_ptr": "*fp16", "index_ptr": "*i64"})
 build(k._kv_write_int8_kernel, 80, {"BLOCK_T": 64, "BLOCK_D": 64},
       {"cache_ptr": "*i8", "value_ptr": "*fp16", "index_ptr": "*i64"})
-for arch, c in [(90, k.ATTENTION_CONFIGS[3]), (80, k.ATTENTION_CONFIGS[0])]:
-    build(k._attention_int8_kernel, arch, {"HAS_MASK": True, "BLOCK_D": 64, **c.kwargs},
-          {"q_ptr": "*fp16", "k_ptr": "*i8", "v_ptr": "*i8", "out_ptr": "*fp16"}, c.num_warps, c.num_stages)
+attention = {"D": 64, "HAS_MASK": True, "HAS_GROUPS": True, "FP8": False, "BLOCK_D": 64}
+for arch, c, kv8, quant in [(90, k.ATTENTION_CONFIGS[3], True, False), (80, k.ATTENTION_CONFIGS[0], True, True),
+                            (90, k.ATTENTION_CONFIGS[3], False, True), (80, k.ATTENTION_CONFIGS[2], False, False)]:
+    cache = "*i8" if kv8 else "*fp16"
+    build(k._attention_kernel, arch, {**attention, "KV_INT8": kv8, "QUANT_OUT": quant, **c.kwargs},
+          {"q_ptr": "*fp16", "k_ptr": cache, "v_ptr": cache, "out_ptr": "*i8" if quant else "*fp16",
+           "groups_ptr": "*i64"}, c.num_warps, c.num_stages)
 """
 
 

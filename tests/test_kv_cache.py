@@ -6,9 +6,11 @@ import copy
 import pytest
 import torch
 
-from backends.cuda.kv_cache import (cached_attention, cached_attention_int8, in_place_caches, int8_caches, kv_write,
-                                    kv_write_int8, qkv_into_caches, qlinear_qkv, visible_keys, visible_prefix,
+from backends.cuda.kv_cache import (attention_into_codes, cached_attention, cached_attention_codes,
+                                    cached_attention_int8, in_place_caches, int8_caches, kv_write, kv_write_int8,
+                                    qkv_into_caches, qlinear_qkv, visible_keys, visible_prefix,
                                     visible_prefix_attention)
+from backends.cuda.lower import qlinear
 from backends.cuda.reference import kv_dequantize, kv_quantize
 from core.numerics import sqnr_db
 from tests.test_cuda_lower import FAMILIES, compiled, lowered, outputs
@@ -250,3 +252,74 @@ def test_a_cache_format_other_than_float_or_int8_is_refused():
     _, _, _, q = compiled("var", "ptq4arvg")
     with pytest.raises(UserError, match="kv_cache must be 'float' or 'int8', got 'fp8'"):
         CudaStep(lowered(q)[0], device="cpu", kv_cache="fp8")
+
+
+# --------------------------------------------------------------------------------- attention into codes
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kv", ["float", "int8"])
+def test_attention_writes_the_projection_codes(family, kv):
+    """Every attention writes its output projection's input codes (one a layer, in either cache format); the
+    projection reads them as codes, and the step's outputs and caches equal the step's before the rewrite (on the
+    CPU both quantize the same float32 attention on the same grid)."""
+    _, steps, _, q = compiled(family, "ptq4arvg")
+    low, _ = lowered(q)
+    state = in_place_caches(low)
+    mask = visible_prefix_attention(low)
+    scales = int8_caches(low, state) if kv == "int8" else []
+    fused = copy.deepcopy(low)
+    n = attention_into_codes(fused)
+    layers = steps[0][next(iter(state))].shape[0]
+    assert n == layers
+    assert not [t for t in fused.graph.nodes if t.target in (cached_attention, cached_attention_int8)]
+    codes = [t for t in fused.graph.nodes if t.target is cached_attention_codes]
+    assert len(codes) == layers and all(_only_qlinear(t) for t in codes)
+    for inputs in steps[:4]:
+        given = _clone(inputs)
+        extra = []
+        for i in scales:
+            given[i], s = kv_quantize(given[i])
+            extra.append(s)
+        a, b = _clone(given), _clone(given)
+        sa, sb = [s.clone() for s in extra], [s.clone() for s in extra]
+        with torch.no_grad(), visible_keys(visible_prefix(inputs[mask])):
+            expected, got = low(*a, *sa), fused(*b, *sb)
+        for x, y in zip(expected, got, strict=True):
+            torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-6)
+        for i in state:
+            torch.testing.assert_close(b[i], a[i], rtol=0, atol=0)
+
+
+def _only_qlinear(node) -> bool:
+    """Read by one qlinear, as its input codes (no float input to quantize)."""
+    (user,) = node.users
+    return user.target is qlinear and user.args[0] is node and user.kwargs.get("a_inv_scale") is None
+
+
+def test_attention_into_codes_leaves_float_projections_alone():
+    """An attention whose projection takes no quantized input (here: its grid removed, as for an excluded
+    projection) keeps its float output."""
+    _, _, _, q = compiled("var", "ptq4arvg")
+    low, _ = lowered(q)
+    in_place_caches(low)
+    visible_prefix_attention(low)
+    for t in low.graph.nodes:
+        if t.target is qlinear and t.kwargs.get("a_inv_scale") is not None:
+            t.kwargs = {k: v for k, v in t.kwargs.items() if k != "a_inv_scale"}
+    low.recompile()
+    before = low.code
+    assert attention_into_codes(low) == 0 and low.code == before
+
+
+def test_attention_codes_operator_passes_opcheck():
+    from torch.library import opcheck
+
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 5, 3, 8, generator=gen).transpose(1, 2)
+    k, v = torch.randn(2, 3, 9, 8, generator=gen), torch.randn(2, 3, 9, 8, generator=gen)
+    grid = (torch.tensor([30.0, 50.0]), torch.tensor([2.0, -1.0]), torch.tensor([0, 1, 1, 0, 1]), -128, 127, False)
+    mask = torch.zeros(5, 9)
+    opcheck(cached_attention_codes, (q, k, v, None, None, mask, None, *grid))
+    (kc, ks), (vc, vs) = kv_quantize(k), kv_quantize(v)
+    with visible_keys(4):
+        opcheck(cached_attention_codes, (q, kc, vc, ks, vs, mask, 0.5, *grid))

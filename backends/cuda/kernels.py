@@ -679,20 +679,37 @@ def kv_write_int8(cache, scale, index, value) -> None:
                                 cache.stride(2), scale.stride(0), scale.stride(1), *value.stride(), **meta)
 
 
+# ------------------------------------------------------------------------------------------ attention
+
+@triton.jit
+def _cache_tile(base, s_base, rows, n_ok, sl, offs_d, d_ok, dt, KV_INT8: tl.constexpr):
+    """Cached rows ``[BLOCK_N, BLOCK_D]`` in ``dt``: as stored, or int8 codes times their row's scale (the
+    reference's dequantization)."""
+    x = tl.load(base + rows[:, None] * sl + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0)
+    if KV_INT8:
+        x = (x.to(tl.float32) * tl.load(s_base + rows, mask=n_ok, other=0.0)[:, None]).to(dt)
+    return x
+
+
 @triton.jit(do_not_specialize=["T_BUCKET"])
-def _attention_int8_kernel(q_ptr, k_ptr, ks_ptr, v_ptr, vs_ptr, mask_ptr, out_ptr, T, H, D, N_KEYS, qk_scale,
-                           sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_l, sks_b, sks_h, sv_b, sv_h, sv_l, svs_b, svs_h,
-                           sm_b, sm_h, sm_t, sm_l, T_BUCKET, HAS_MASK: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Flash attention (online softmax in base 2) of fp16/bf16 queries over int8 keys and values with a scale
-    per cached row, dequantized tile by tile to the queries' dtype as the reference does; ``out`` is
-    ``[B, T, H, D]``."""
+def _attention_kernel(q_ptr, k_ptr, ks_ptr, v_ptr, vs_ptr, mask_ptr, out_ptr, groups_ptr, inv_scale_ptr, zero_ptr,
+                      T, H, N_KEYS, qk_scale, qmin, qmax,
+                      sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_l, sks_b, sks_h, sv_b, sv_h, sv_l, svs_b, svs_h,
+                      sm_b, sm_h, sm_t, sm_l, T_BUCKET, D: tl.constexpr, HAS_MASK: tl.constexpr,
+                      KV_INT8: tl.constexpr, QUANT_OUT: tl.constexpr, HAS_GROUPS: tl.constexpr, FP8: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Flash attention (online softmax in base 2) of fp16/bf16 queries over caches in their dtype or in int8
+    with a scale per cached row (``KV_INT8``: dequantized tile by tile to the queries' dtype, as the reference
+    does); ``out`` is ``[B, T, H, D]``: the attention in the queries' dtype, or (``QUANT_OUT``) each row
+    ``b, t`` quantized onto token ``t``'s group of the output projection's grid, so no float output is written
+    and read back by a quantize kernel."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    m_ok, d_ok = offs_m < T, offs_d < D
+    m_ok = offs_m < T
+    d_ok = offs_d < D  # all true when BLOCK_D == D (both constexpr: folded)
     q = tl.load(q_ptr + b * sq_b + h * sq_h + offs_m.to(tl.int64)[:, None] * sq_t + offs_d[None, :] * sq_d,
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     dt = q.dtype
@@ -705,10 +722,8 @@ def _attention_int8_kernel(q_ptr, k_ptr, ks_ptr, v_ptr, vs_ptr, mask_ptr, out_pt
         offs_n = start + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N_KEYS
         rows = offs_n.to(tl.int64)
-        kc = tl.load(k_base + rows[None, :] * sk_l + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0)
-        ks = tl.load(ks_base + rows, mask=n_ok, other=0.0)
-        k = (kc.to(tl.float32) * ks[None, :]).to(dt)  # [D, N], the reference's dequantized keys
-        s = tl.dot(q, k) * qk_scale  # log2 units: qk_scale = softmax scale * log2(e)
+        k = _cache_tile(k_base, ks_base, rows, n_ok, sk_l, offs_d, d_ok, dt, KV_INT8)
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # log2 units: qk_scale = softmax scale * log2(e)
         if HAS_MASK:
             am = tl.load(mask_ptr + b * sm_b + h * sm_h + offs_m.to(tl.int64)[:, None] * sm_t + rows[None, :] * sm_l,
                          mask=m_ok[:, None] & n_ok[None, :], other=0.0)
@@ -719,14 +734,15 @@ def _attention_int8_kernel(q_ptr, k_ptr, ks_ptr, v_ptr, vs_ptr, mask_ptr, out_pt
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        vc = tl.load(v_base + rows[:, None] * sv_l + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0)
-        vs = tl.load(vs_base + rows, mask=n_ok, other=0.0)
-        v = (vc.to(tl.float32) * vs[:, None]).to(dt)
+        v = _cache_tile(v_base, vs_base, rows, n_ok, sv_l, offs_d, d_ok, dt, KV_INT8)
         acc = acc * alpha[:, None] + tl.dot(p.to(dt), v)
         m_i = m_new
     out = acc / l_i[:, None]
-    # out [B, T, H, D] contiguous
+    # out [B, T, H, D] contiguous: row b * T + t of [B * T, H * D]
     o = out_ptr + ((b * T + offs_m.to(tl.int64)[:, None]) * H + h) * D + offs_d[None, :]
+    if QUANT_OUT:
+        g = _row_groups(offs_m, m_ok, groups_ptr, T, HAS_GROUPS)
+        out = _quantize(out, g, inv_scale_ptr, zero_ptr, qmin, qmax, FP8)
     tl.store(o, out.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
@@ -750,27 +766,36 @@ def _prune_attention(configs, named_args, **kwargs):
 def attention_tuner(configs, bench=functools.partial(do_bench, warmup=5, rep=20), cache_results=True):
     """The attention kernel autotuned over ``configs`` (a test passes its own ``bench`` to run the GPU's
     path of tuning under the interpreter)."""
-    return triton.autotune(configs, key=["T_BUCKET", "D", "HAS_MASK"],
+    return triton.autotune(configs, key=["T_BUCKET", "D", "HAS_MASK", "KV_INT8", "QUANT_OUT"],
                            prune_configs_by={"early_config_prune": _prune_attention}, do_bench=bench,
-                           cache_results=cache_results)(_attention_int8_kernel)
+                           cache_results=cache_results)(_attention_kernel)
 
 
 _attention_autotuned = attention_tuner([_attention_config(16, 16, 4, 1)] if INTERPRET else ATTENTION_CONFIGS)
 
 
-def attention_int8(q, k, k_scale, v, v_scale, mask, n_keys, scale, *, config=None):
-    """``reference.attention_int8`` in one kernel; the result ``[B, T, H, D]`` contiguous, returned as its
-    ``[B, H, T, D]`` view."""
+def attention(q, k, v, mask, n_keys, scale, *, k_scale=None, v_scale=None, out_inv_scale=None, out_zero=None,
+              groups=None, qmin=-128, qmax=127, fp8=False, config=None):
+    """``reference.attention`` in one kernel: ``[B, T, H, D]`` contiguous, in ``q``'s dtype or as codes."""
     B, H, T, D = q.shape
-    out = torch.empty((B, T, H, D), device=q.device, dtype=q.dtype)
+    quant = out_inv_scale is not None
+    out = torch.empty((B, T, H, D), device=q.device,
+                      dtype=(torch.float8_e4m3fn if fp8 else torch.int8) if quant else q.dtype)
     if out.numel() == 0:
-        return out.transpose(1, 2)
+        return out
+    if fp8:
+        _check_fp8(q.device)
+    kv8 = k_scale is not None
+    ks, vs = (k_scale, v_scale) if kv8 else (q, q)  # dummies, never read
     sm = (0, 0, 0, 0) if mask is None else mask.stride()
-    args = (q, k, k_scale, v, v_scale, _or(mask, k_scale), out, T, H, D, n_keys, scale * 1.4426950408889634,
-            *q.stride(), k.stride(0), k.stride(1), k.stride(2), k_scale.stride(0), k_scale.stride(1),
-            v.stride(0), v.stride(1), v.stride(2), v_scale.stride(0), v_scale.stride(1), *sm,
+    d = q
+    args = (q, k, ks, v, vs, _or(mask, d), out, _or(groups, d), _or(out_inv_scale, d), _or(out_zero, d), T, H, n_keys,
+            scale * 1.4426950408889634, float(qmin), float(qmax), *q.stride(), k.stride(0), k.stride(1), k.stride(2),
+            ks.stride(0) if kv8 else 0, ks.stride(1) if kv8 else 0, v.stride(0), v.stride(1), v.stride(2),
+            vs.stride(0) if kv8 else 0, vs.stride(1) if kv8 else 0, *sm,
             triton.next_power_of_2(T))  # T_BUCKET: positional, as the autotuner's key and its pruning read it
-    meta = {"HAS_MASK": mask is not None, "BLOCK_D": max(16, triton.next_power_of_2(D))}
+    meta = {"D": D, "HAS_MASK": mask is not None, "KV_INT8": kv8, "QUANT_OUT": quant, "HAS_GROUPS": groups is not None,
+            "FP8": fp8, "BLOCK_D": max(16, triton.next_power_of_2(D))}
 
     def grid(m):
         return (triton.cdiv(T, m["BLOCK_M"]), B * H)
@@ -778,5 +803,5 @@ def attention_int8(q, k, k_scale, v, v_scale, mask, n_keys, scale, *, config=Non
     if config is None:
         _attention_autotuned[grid](*args, **meta)
     else:
-        _attention_int8_kernel[grid](*args, **meta, **config.all_kwargs())
-    return out.transpose(1, 2)
+        _attention_kernel[grid](*args, **meta, **config.all_kwargs())
+    return out

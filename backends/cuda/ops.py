@@ -176,16 +176,30 @@ def kv_write_int8(cache, scale, index, value) -> None:
     _impl(cache).kv_write_int8(cache, scale, index.contiguous(), value)
 
 
-def attention_int8(q, k, k_scale, v, v_scale, mask, n_keys, scale):
+def attention(q, k, v, mask, n_keys, scale, *, k_scale=None, v_scale=None, out_inv_scale=None, out_zero=None,
+              groups=None, qmin=-128, qmax=127, fp8=False):
     _check(q.dim() == 4 and q.is_floating_point(), f"q must be floating [B, H, T, D], got {tuple(q.shape)} {q.dtype}")
-    _check_int8_cache(k, k_scale, "k")
-    _check_int8_cache(v, v_scale, "v")
+    _check((k_scale is None) == (v_scale is None), "k_scale and v_scale go together (int8 caches)")
+    if k_scale is None:
+        for name, c in (("k", k), ("v", v)):
+            _check(c.dim() == 4 and c.dtype == q.dtype and c.stride(3) == 1,
+                   f"{name} must be a [B, H, L, D] cache in q's dtype {q.dtype} with its last dimension contiguous, "
+                   f"got {tuple(c.shape)} {c.dtype}")
+    else:
+        _check_int8_cache(k, k_scale, "k")
+        _check_int8_cache(v, v_scale, "v")
     _check(k.shape[:2] == q.shape[:2] and k.shape[3] == q.shape[3] and v.shape[:3] == k.shape[:3],
            f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} disagree")
     _check(1 <= n_keys <= k.shape[2], f"n_keys must be in [1, {k.shape[2]}], got {n_keys}")
     _check(mask is None or mask.shape[-1] >= n_keys, f"the mask covers {mask.shape[-1] if mask is not None else 0} "
            f"keys, fewer than {n_keys}")
+    if out_inv_scale is not None:
+        _check(out_zero is not None or fp8, "out_zero is required for int8 codes")
+        _check(groups is None or groups.numel() >= q.shape[2],
+               f"groups maps {0 if groups is None else groups.numel()} tokens, fewer than the {q.shape[2]} queries")
     if mask is not None:  # broadcast to [B, H, T, n] as strides (zero where broadcast)
         mask = mask[..., :n_keys].expand(*q.shape[:3], n_keys)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _impl(q).attention_int8(q, k, k_scale, v, v_scale, mask, n_keys, scale)
+    return _impl(q).attention(q, k, v, mask, n_keys, scale, k_scale=k_scale, v_scale=v_scale,
+                              out_inv_scale=_c(out_inv_scale), out_zero=_c(out_zero), groups=_c(groups), qmin=qmin,
+                              qmax=qmax, fp8=fp8)

@@ -204,12 +204,26 @@ def kv_write_int8(cache: torch.Tensor, scale: torch.Tensor, index: torch.Tensor,
     scale.index_copy_(2, index, s)
 
 
-def attention_int8(q: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor, v: torch.Tensor,
-                   v_scale: torch.Tensor, mask: torch.Tensor | None, n_keys: int, scale: float) -> torch.Tensor:
-    """``scaled_dot_product_attention`` of ``q [B, H, T, D]`` over the first ``n_keys`` rows of int8 caches
-    ``k``, ``v [B, H, L, D]`` (scales ``[B, H, L]``) dequantized to ``q``'s dtype, with the additive ``mask``
-    (over those keys) if given; computed in float32, returned in ``q``'s dtype."""
-    kf = kv_dequantize(k[..., :n_keys, :], k_scale[..., :n_keys], q.dtype).float()
-    vf = kv_dequantize(v[..., :n_keys, :], v_scale[..., :n_keys], q.dtype).float()
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, n_keys: int,
+              scale: float, *, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+              out_inv_scale: torch.Tensor | None = None, out_zero: torch.Tensor | None = None,
+              groups: torch.Tensor | None = None, qmin: int = -128, qmax: int = 127, fp8: bool = False) -> torch.Tensor:
+    """``scaled_dot_product_attention`` of ``q [B, H, T, D]`` over the first ``n_keys`` rows of the caches
+    ``k``, ``v [B, H, L, D]``, with the additive ``mask`` (over those keys) if given, computed in float32.
+    Caches in ``q``'s dtype, or int8 codes with a scale per row (``k_scale``, ``v_scale [B, H, L]``: dequantized
+    to ``q``'s dtype first). Returns ``[B, T, H, D]`` (the layout the output projection reads as ``[B, T, C]``):
+    in ``q``'s dtype, or with ``out_inv_scale`` the codes of the output projection's input grid
+    (``quantize_codes`` of each row ``b, t`` with token ``t``'s group)."""
+    def cached(x, s):
+        x = x[..., :n_keys, :]
+        return (x if s is None else kv_dequantize(x, s[..., :n_keys], q.dtype)).float()
+
     m = None if mask is None else mask[..., :n_keys].float()
-    return F.scaled_dot_product_attention(q.float(), kf, vf, attn_mask=m, scale=scale).to(q.dtype)
+    y = F.scaled_dot_product_attention(q.float(), cached(k, k_scale), cached(v, v_scale), attn_mask=m, scale=scale)
+    y = y.transpose(1, 2).contiguous()  # [B, T, H, D]
+    if out_inv_scale is None:
+        return y.to(q.dtype)
+    B, T, H, D = y.shape
+    codes = quantize_codes(y.reshape(B * T, H * D), out_inv_scale, out_zero, row_groups(B * T, T, groups, y.device),
+                           qmin, qmax, fp8)
+    return codes.view(B, T, H, D)

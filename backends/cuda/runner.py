@@ -19,7 +19,9 @@ reads only their visible prefix when a signature's mask hides the same trailing 
 (a LlamaGen decode position) recaptures it with the mask. ``kv_cache="int8"`` keeps the caches as int8 codes
 with a scale per cached row (``kv_cache.int8_caches``): half the bytes attention reads; the returned cache is
 then those codes, to pass back as is (a float cache passed in, such as a sampler's first, is quantized into the
-buffer). Off CUDA the graph runs eagerly (in float32 unless ``dtype`` says otherwise), stays functional, and
+buffer). With ``fuse_attention_out`` an attention over the caches whose output the next linear quantizes runs our
+Triton kernel, which writes that linear's input codes (``kv_cache.attention_into_codes``); else cuDNN's SDPA (float
+caches) and a quantize kernel. Off CUDA the graph runs eagerly (in float32 unless ``dtype`` says otherwise), stays functional, and
 keeps float caches.
 ``compile=True`` (CUDA) runs the graph through torch.compile first, so the float ops between the kernels
 fuse as they do in a compiled FP16 model; the kernels stay opaque operators.
@@ -32,8 +34,8 @@ import torch
 from torch import fx
 from torch.utils._pytree import tree_map
 
-from backends.cuda.kv_cache import (in_place_caches, int8_caches, qkv_into_caches, visible_keys, visible_prefix,
-                                    visible_prefix_attention)
+from backends.cuda.kv_cache import (attention_into_codes, in_place_caches, int8_caches, qkv_into_caches, visible_keys,
+                                    visible_prefix, visible_prefix_attention)
 from backends.cuda.lower import to_device
 from backends.cuda.reference import kv_quantize
 from core.errors import UserError
@@ -60,11 +62,13 @@ class CudaStep:
     """``CudaStep(gm, device=None, dtype=None, cuda_graphs=True)``: ``gm`` is a lowered graph, which it moves
     and casts in place (``lower.to_device``); ``device`` defaults to CUDA when there is one, ``dtype`` to fp16
     on CUDA and float32 elsewhere. With CUDA graphs the KV caches are updated in place (``kv_cache``: their
-    format) and, with ``fuse_qkv``, written by the qkv projections' epilogues (``kv_cache.qkv_into_caches``)."""
+    format) and, with ``fuse_qkv``, written by the qkv projections' epilogues (``kv_cache.qkv_into_caches``);
+    ``fuse_attention_out``: attention writes the output projection's input codes."""
 
     def __init__(self, gm: fx.GraphModule, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, cuda_graphs: bool = True, compile: bool = False,
-                 float_outputs: bool = True, kv_cache: str = "float", fuse_qkv: bool = True):
+                 float_outputs: bool = True, kv_cache: str = "float", fuse_qkv: bool = True,
+                 fuse_attention_out: bool = True):
         if kv_cache not in ("float", "int8"):
             raise UserError(f"kv_cache must be 'float' or 'int8', got {kv_cache!r}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -80,6 +84,7 @@ class CudaStep:
         # the cache input behind each appended scales input, when the caches are int8
         self.kv_scales = int8_caches(self.gm, self.state) if kv_cache == "int8" and self.state else []
         self._scales: dict[tuple, torch.Tensor] = {}  # (cache input index, shape) -> its scales' buffer
+        self.attention_fused = attention_into_codes(self.gm) if fuse_attention_out and self.state else 0
         self.float_outputs = float_outputs  # False: outputs stay in the run dtype (a bench times the step alone)
         # compile: inductor fuses the float ops between the kernels (they are opaque operators to it)
         self.run = self.gm

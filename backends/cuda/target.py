@@ -11,7 +11,9 @@ graphs (``CudaStep``); off CUDA the same graph runs on the torch reference of ev
 Runners (``tools.bench``): cuda-int8 and cuda-fp8 (the lowered graph through torch.compile, which fuses
 the float ops between the kernels, then CUDA graphs), cuda-int8-kv8 (cuda-int8 with the KV caches in int8,
 a scale per cached row, attended by our Triton kernel), cuda-int8-eager (CUDA graphs only), cuda-int8-unfused-qkv
-(cuda-int8 without the qkv epilogue that writes the caches: the A/B of ``CudaStep(fuse_qkv=...)``), and the fair
+(cuda-int8 without the qkv epilogue that writes the caches: the A/B of ``CudaStep(fuse_qkv=...)``), cuda-int8-sdpa
+(cuda-int8 with cuDNN's SDPA and a quantize kernel instead of our attention kernel writing the projection's
+codes: the A/B of ``CudaStep(fuse_attention_out=...)``), and the fair
 FP16 baseline torch-fp16-graphs (the FP16 graph through the same ``CudaStep``: torch.compile, CUDA graphs,
 KV caches in place). Each passes the returned caches back, as a sampler does.
 """
@@ -109,7 +111,8 @@ class CudaFp8Target(_CudaTarget):
         return "fp8"
 
 
-def _lowered_step(name: str, fmt: str, compile_: bool = True, kv_cache: str = "float", fuse_qkv: bool = True):
+def _lowered_step(name: str, fmt: str, compile_: bool = True, kv_cache: str = "float", fuse_qkv: bool = True,
+                  fuse_attention_out: bool = True):
     def prepare(fp_gm, q_gm, workdir, bundle) -> Runner:
         from backends.cuda.runner import CudaStep, chained
         from backends.torch_target import lowered
@@ -118,12 +121,14 @@ def _lowered_step(name: str, fmt: str, compile_: bool = True, kv_cache: str = "f
             raise UserError(f"backend {name} needs CUDA")
         gm = lowered(q_gm, "fuse-attention,lower-cuda" + ("{format=fp8}" if fmt == "fp8" else ""))
         # fp16 out, as the FP16 runners
-        step = CudaStep(gm, compile=compile_, float_outputs=False, kv_cache=kv_cache, fuse_qkv=fuse_qkv)
+        step = CudaStep(gm, compile=compile_, float_outputs=False, kv_cache=kv_cache, fuse_qkv=fuse_qkv,
+                        fuse_attention_out=fuse_attention_out)
         if kv_cache == "int8" and not step.kv_scales:
             raise UserError(f"backend {name}: this step's KV caches cannot be kept in int8 (no in-place caches "
                             f"read only by the attention over their visible prefix)")
         how = "torch.compile + CUDA graphs" if compile_ else "CUDA graphs, float ops eager"
         kv = "int8 KV cache" if step.kv_scales else "KV in place" + (", qkv into caches" if step.qkv_fused else "")
+        kv += ", attention writes codes" if step.attention_fused else ""
         return Runner(name, chained(step), converter("cuda", torch.float16), module_bytes(step.gm), "cuda",
                       torch.float16, note=f"{fmt} Triton kernels, {how}, {kv}")
     return prepare
@@ -137,6 +142,8 @@ register_runner("cuda-int8-kv8", target="cuda", quantized=True, needs_cuda=True)
     _lowered_step("cuda-int8-kv8", "int8", kv_cache="int8"))
 register_runner("cuda-int8-unfused-qkv", target="cuda", quantized=True, needs_cuda=True)(
     _lowered_step("cuda-int8-unfused-qkv", "int8", fuse_qkv=False))
+register_runner("cuda-int8-sdpa", target="cuda", quantized=True, needs_cuda=True)(
+    _lowered_step("cuda-int8-sdpa", "int8", fuse_attention_out=False))
 
 
 @register_runner("torch-fp16-graphs", target="torch", quantized=False, needs_cuda=True)
