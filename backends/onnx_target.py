@@ -21,6 +21,7 @@ import torch
 from backends.registry import (
     ExportJob,
     Runner,
+    StepOptions,
     Target,
     converter,
     file_bytes,
@@ -98,11 +99,11 @@ class OnnxTarget(Target):
         """Further models beside ``model.onnx`` and their report entries (none here)."""
         return {}
 
-    def load_step(self, path: Path, bundle, device, *, mode: str = "reference"):
+    def load_step(self, path: Path, bundle, device, options: StepOptions = StepOptions()):
         from backends.ort_runner import OrtStep
 
         file = path / "model.onnx" if path.is_dir() else path
-        return OrtStep(file, mode), f"onnxruntime ({mode}) on {file}"
+        return OrtStep(file, options.ort_mode), f"onnxruntime ({options.ort_mode}) on {file}"
 
     def compiled_step(self, out: Path, gm, bundle, reduce_range: bool):
         from backends.ort_runner import OrtStep

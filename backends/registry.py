@@ -27,6 +27,16 @@ from core.errors import UserError
 BUILTIN = ("backends.onnx_target", "backends.tensorrt.target", "backends.torch_target", "backends.cuda.target")
 
 
+@dataclass(frozen=True)
+class StepOptions:
+    """How ``tools.generate`` runs an artefact's step; a target reads the fields it names in ``step_options``
+    (``ort_mode`` also reaches a compile's ``head.onnx``)."""
+
+    ort_mode: str = "reference"  # onnxruntime: the Q/DQ graph as written, or "fast" (its fused int8 kernels)
+    kv_cache: str = "float"  # the KV caches' format on the GPU: "int8" keeps codes with a scale per cached row
+    compile: bool = True  # torch.compile around the GPU kernels (False: CUDA graphs only; starts sooner)
+
+
 @dataclass
 class ExportJob:
     """What a target exports: the quantized graph (after the target's lowering), the FP graph, the
@@ -49,6 +59,8 @@ class Target(abc.ABC):
     lowering: ClassVar[str] = ""
     # where its steps run: "torch" (follows --device), "cpu" (onnxruntime) or "cuda"
     runs_on: ClassVar[str] = "torch"
+    # the ``StepOptions`` fields its ``load_step`` reads besides ``ort_mode`` (others must stay at their default)
+    step_options: ClassVar[frozenset[str]] = frozenset()
 
     def runs_on_for(self, path: Path) -> str:
         """Where the step of this artefact (a compile output directory or a file) runs."""
@@ -83,7 +95,8 @@ class Target(abc.ABC):
     def export(self, job: ExportJob) -> dict:
         """Write the artefact into ``job.out``; return the report sections it adds (``speed`` entries merge)."""
 
-    def load_step(self, path: Path, bundle, device: torch.device, *, mode: str = "reference") -> tuple[Callable, str]:
+    def load_step(self, path: Path, bundle, device: torch.device,
+                  options: StepOptions = StepOptions()) -> tuple[Callable, str]:
         """(step callable for the family drivers, description) from an artefact: a compile output
         directory of this target, or one of its files."""
         raise UserError(f"target {self.name} has no runner for generation")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from backends import torch_int8
-from backends.registry import ExportJob, Runner, Target, converter, register_runner, register_target
+from backends.registry import ExportJob, Runner, StepOptions, Target, converter, register_runner, register_target
 from core.errors import UserError
 from core.numerics import module_bytes
 
@@ -35,7 +35,7 @@ class TorchTarget(Target):
         (job.out / "graph.py").write_text(job.gm.code)
         return {}
 
-    def load_step(self, path: Path, bundle, device, *, mode: str = "reference"):
+    def load_step(self, path: Path, bundle, device, options: StepOptions = StepOptions()):
         from backends.fx_graph import load_graph
         from frontends import trace
 

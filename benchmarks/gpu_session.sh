@@ -45,7 +45,7 @@ part() {
     step64ab) bench var_d16_last 220 --model var-d16 --batch 64 --repeats 15 --warmup 3 --profile \
       --backends $FP16_INT8,cuda-int8-unfused-qkv ;;  # the qkv epilogue's A/B
     step64attn) bench var_d16_last_attn 300 --model var-d16 --batch 64 --repeats 20 --warmup 5 --profile \
-      --order interleaved,blocked --backends $FP16_INT8,cuda-int8-sdpa ;;  # attention writing codes: the A/B
+      --order interleaved,blocked --backends $FP16_INT8,cuda-int8-sdpa,cuda-int8-eager ;;  # attention writing codes: the A/B
     step64fp8) bench var_d16_last 170 --model var-d16 --batch 64 --repeats 15 --warmup 3 --profile \
       --backends torch-fp16-graphs,cuda-int8,cuda-fp8 ;;
     step16_100) bench var_d16_last_b16_b100 240 --model var-d16 --batch 16,100 --repeats 15 --warmup 3 \

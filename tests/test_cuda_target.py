@@ -81,6 +81,46 @@ def test_generate_runs_the_artefact(compiled, tmp_path):
     assert 0.8 < agree < 1.0  # quantized: close to FP, not equal to it
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--kv-cache", "int8"], "error: --kv-cache int8 applies to --quantized DIR of tools.compile --target cuda or "
+                             "cuda-fp8, not to the FP model"),
+    (["--eager"], "error: --eager applies to --quantized DIR of tools.compile --target cuda or cuda-fp8, not to the "
+                  "FP model"),
+    (["--onnx", "{onnx}", "--eager"], "error: --eager applies to --quantized DIR of tools.compile --target cuda or "
+                                      "cuda-fp8, not to onnx artefacts"),
+    (["--quantized", "{cuda}", "--kv-cache", "int8", "--device", "cpu"],
+     "error: --kv-cache int8: the caches are kept so on a GPU only (--device cuda)"),
+])
+def test_generate_gpu_options_need_a_cuda_artefact(compiled, tmp_path, argv, message):
+    """``--kv-cache`` and ``--eager`` say where they do not apply, before any image is made."""
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"")
+    argv = [a.format(onnx=onnx, cuda=compiled) for a in argv]
+    rc, err = _run(generate_main, ["builtin:mnist-var", "--classes", "0", *argv, "--out", str(tmp_path / "o")])
+    assert rc == 2 and err.strip().splitlines()[-1] == message
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # no output, no partial batches
+
+
+def test_generate_hands_the_gpu_options_to_the_step(compiled, tmp_path, monkeypatch):
+    """The artefact's step is built as ``tools.bench`` times cuda-int8 (torch.compile unless --eager) with the
+    caches' format; on the CPU the step then runs the torch reference."""
+    import backends.cuda.runner
+
+    seen = []
+    real = backends.cuda.runner.CudaStep
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backends.cuda.runner, "CudaStep", recording)
+    for i, extra in enumerate(([], ["--eager"])):
+        rc, err = _run(generate_main, ["builtin:mnist-var", "--quantized", str(compiled), "--classes", "0",
+                                       "--device", "cpu", *extra, "--out", str(tmp_path / str(i))])
+        assert rc == 0, err
+    assert [(k["compile"], k["kv_cache"]) for k in seen] == [(True, "float"), (False, "float")]
+
+
 def test_fp8_target_quantizes_weights_for_fp8(compiled, tmp_path):
     """``--target cuda-fp8``: weight-quant puts the weights on the FP8 grid itself; the lowering takes them as they
     are (none re-quantized from int8), and they are saved as E4M3."""
@@ -133,6 +173,14 @@ def test_generate_on_gpu_keeps_token_agreement(compiled, tmp_path):
 
     on_gpu, on_cpu = agreement("cuda"), agreement("cpu")
     assert on_gpu >= on_cpu - 0.01, (on_gpu, on_cpu)
+    # int8 KV caches: a scale per cached row adds its rounding to every later step's attention
+    rc, err = _run(generate_main, [*common, "--quantized", str(compiled), "--kv-cache", "int8", "--device", "cuda",
+                                   "--out", str(tmp_path / "q8_cuda")])
+    assert rc == 0 and "int8 KV caches" in err, err
+    q8 = torch.load(tmp_path / "q8_cuda" / "tokens.pt")
+    fp = torch.load(tmp_path / "fp_cuda" / "tokens.pt")
+    on_gpu8 = sum(int((x == y).sum()) for x, y in zip(q8, fp)) / sum(x.numel() for x in fp)
+    assert on_gpu8 >= on_cpu - 0.03, (on_gpu8, on_cpu)
 
 
 def test_kernels_are_opaque_operators_to_torch_compile():

@@ -67,12 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", help="override detection from the checkpoint's keys")
     step = p.add_mutually_exclusive_group()
     step.add_argument("--quantized", metavar="DIR",
-                      help="run the fake-quant torch graph of this 'tools.compile --target torch' output "
-                           "(a directory with only model.onnx runs that on onnxruntime reference mode)")
+                      help="run the step of this tools.compile output: --target torch (the fake-quant graph), "
+                           "cuda/cuda-fp8 (our kernels; --device cuda), or a directory with model.onnx (onnxruntime)")
     step.add_argument("--onnx", metavar="FILE", help="run the step from this ONNX model on onnxruntime")
     step.add_argument("--engine", metavar="FILE", help="run the step from this TensorRT engine (needs TensorRT and a GPU)")
     p.add_argument("--ort-mode", choices=("reference", "fast"), default="reference",
                    help="onnxruntime: reference = Q/DQ kept as written (equals torch fake-quant), fast = fused int8")
+    p.add_argument("--kv-cache", choices=("float", "int8"), default="float",
+                   help="--quantized DIR of --target cuda/cuda-fp8 on a GPU: int8 keeps the KV caches as codes with "
+                        "a scale per cached row (half their memory, not faster)")
+    p.add_argument("--eager", action="store_true",
+                   help="--quantized DIR of --target cuda/cuda-fp8 on a GPU: CUDA graphs without torch.compile around "
+                        "the kernels (starts sooner, steps run slower)")
     p.add_argument("--classes", help="comma-separated class labels (default: 0,1,2,3; with --task edit: the target classes)")
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                    help="text-to-image families (Infinity): a prompt, instead of --classes (repeatable)")
@@ -123,7 +129,13 @@ def make_step(args: argparse.Namespace, bundle, device: torch.device):
     if source is None:
         return None, "PyTorch FP"
     target, path = source
-    return target.load_step(path, bundle, device, mode=args.ort_mode)
+    return target.load_step(path, bundle, device, step_options(args))
+
+
+def step_options(args: argparse.Namespace):
+    from backends.registry import StepOptions
+
+    return StepOptions(ort_mode=args.ort_mode, kv_cache=args.kv_cache, compile=not args.eager)
 
 
 def head_fp_steps(quantized: Path) -> int:
@@ -163,6 +175,11 @@ def check_inputs(args: argparse.Namespace) -> None:
         if reason is not None:
             raise UserError(f"--engine needs TensorRT and a GPU: {reason}")
     source = step_source(args)
+    for flag, field, given in ((f"--kv-cache {args.kv_cache}", "kv_cache", args.kv_cache != "float"),
+                               ("--eager", "compile", args.eager)):
+        if given and (source is None or field not in source[0].step_options):
+            raise UserError(f"{flag} applies to --quantized DIR of tools.compile --target cuda or cuda-fp8, "
+                            f"not to {'the FP model' if source is None else source[0].name + ' artefacts'}")
     if source is not None and source[0].runs_on_for(source[1]) == "cuda" and not torch.cuda.is_available() \
             and not args.engine:
         raise UserError(f"{source[1]} runs on the {source[0].name} target, which needs a CUDA device")
@@ -271,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
                 "step_file": fingerprint(args.onnx or args.engine) or args.quantized, "ort_mode": args.ort_mode,
                 "labels": labels, "prompts": args.prompt, "text_encoder": args.text_encoder,
                 "aspect_ratio": args.aspect_ratio, "seed": args.seed, "batch_size": args.batch_size, "device": args.device}
+    if args.kv_cache != "float":  # other tokens; a float run's settings stay as they were, so its batches stay valid
+        settings["kv_cache"] = args.kv_cache
     if job is not None:  # plain runs keep their settings, so their partial batches stay valid
         images_file = args.images if Path(args.images).is_file() else None
         settings.update(task=job.task, box=list(job.box), images=fingerprint(images_file) or args.images,

@@ -83,6 +83,9 @@ class CudaStep:
         self.qkv_fused = qkv_into_caches(self.gm) if fuse_qkv and self.state and kv_cache == "float" else 0
         # the cache input behind each appended scales input, when the caches are int8
         self.kv_scales = int8_caches(self.gm, self.state) if kv_cache == "int8" and self.state else []
+        if kv_cache == "int8" and self.cuda_graphs and not self.kv_scales:
+            raise UserError("this step's KV caches cannot be kept in int8 (no in-place caches read only by the "
+                            "attention over their visible prefix)")
         self._scales: dict[tuple, torch.Tensor] = {}  # (cache input index, shape) -> its scales' buffer
         self.attention_fused = attention_into_codes(self.gm) if fuse_attention_out and self.state else 0
         self.float_outputs = float_outputs  # False: outputs stay in the run dtype (a bench times the step alone)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from backends.cuda import lower  # noqa: F401  (registers the lower-cuda pass)
-from backends.registry import ExportJob, Runner, Target, converter, register_runner, register_target
+from backends.registry import ExportJob, Runner, StepOptions, Target, converter, register_runner, register_target
 from core.errors import UserError
 from core.numerics import module_bytes
 
@@ -49,6 +49,7 @@ def _sidecar(fmt: str) -> dict:
 class _CudaTarget(Target):
     format = "int8"
     runs_on = "torch"  # follows --device: a GPU, or the CPU with the kernels' torch reference (a check, not fast)
+    step_options = frozenset({"kv_cache", "compile"})
 
     def precision_blocker(self, precision) -> str | None:
         if precision.group:
@@ -68,16 +69,24 @@ class _CudaTarget(Target):
                          "weights_bytes": (job.out / "weights.safetensors").stat().st_size,
                          "sidecar": {k: v for k, v in sidecar.items() if k != "autotune"}}}
 
-    def load_step(self, path: Path, bundle, device, *, mode: str = "reference"):
+    def load_step(self, path: Path, bundle, device, options: StepOptions = StepOptions()):
+        """On a GPU: the kernels with CUDA graphs, through torch.compile unless ``options.compile`` is off (what
+        ``tools.bench`` times as cuda-int8 / cuda-fp8), the KV caches in ``options.kv_cache``'s format."""
         from backends.cuda.runner import CudaStep
         from backends.fx_graph import load_graph
         from frontends import trace
 
         if not path.is_dir():
             raise UserError(f"{path}: a {self.name} artefact is a directory written by tools.compile --target {self.name}")
+        gpu = torch.device(device).type == "cuda"
+        if options.kv_cache != "float" and not gpu:
+            raise UserError(f"--kv-cache {options.kv_cache}: the caches are kept so on a GPU only (--device cuda)")
         gm = load_graph(path, copy.deepcopy(trace(bundle)))  # its kernels are operators of backends.cuda.lower
-        kernels = "Triton kernels" if torch.device(device).type == "cuda" else "torch reference of the kernels"
-        return CudaStep(gm, device), f"{self.format} {kernels} ({path})"
+        step = CudaStep(gm, device, compile=options.compile, kv_cache=options.kv_cache)
+        if not gpu:
+            return step, f"{self.format} torch reference of the kernels ({path})"
+        how = "torch.compile + CUDA graphs" if options.compile else "CUDA graphs"
+        return step, f"{self.format} Triton kernels, {how}, {options.kv_cache} KV caches ({path})"
 
     def compiled_step(self, out: Path, gm, bundle, reduce_range: bool):
         from backends.cuda.runner import CudaStep
@@ -123,9 +132,6 @@ def _lowered_step(name: str, fmt: str, compile_: bool = True, kv_cache: str = "f
         # fp16 out, as the FP16 runners
         step = CudaStep(gm, compile=compile_, float_outputs=False, kv_cache=kv_cache, fuse_qkv=fuse_qkv,
                         fuse_attention_out=fuse_attention_out)
-        if kv_cache == "int8" and not step.kv_scales:
-            raise UserError(f"backend {name}: this step's KV caches cannot be kept in int8 (no in-place caches "
-                            f"read only by the attention over their visible prefix)")
         how = "torch.compile + CUDA graphs" if compile_ else "CUDA graphs, float ops eager"
         kv = "int8 KV cache" if step.kv_scales else "KV in place" + (", qkv into caches" if step.qkv_fused else "")
         kv += ", attention writes codes" if step.attention_fused else ""

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from backends.onnx_target import OnnxTarget
-from backends.registry import ExportJob, register_target
+from backends.registry import ExportJob, StepOptions, register_target
 
 
 @register_target
@@ -56,9 +56,9 @@ class TrtTarget(OnnxTarget):
         return {"built": True, "engine": "model.engine", "sidecar": meta,
                 "inspector": inspect_engine(out / "model.engine", out / "model.onnx")}
 
-    def load_step(self, path: Path, bundle, device, *, mode: str = "reference"):
+    def load_step(self, path: Path, bundle, device, options: StepOptions = StepOptions()):
         if path.is_dir():  # a compile output directory: its ONNX model, as for --target onnx
-            return super().load_step(path, bundle, device, mode=mode)
+            return super().load_step(path, bundle, device, options)
         from backends.tensorrt.runner import TrtStep
 
         return TrtStep(path), f"TensorRT engine {path}"
