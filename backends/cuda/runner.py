@@ -21,8 +21,8 @@ with a scale per cached row (``kv_cache.int8_caches``): half the bytes attention
 then those codes, to pass back as is (a float cache passed in, such as a sampler's first, is quantized into the
 buffer). With ``fuse_attention_out`` an attention over the caches whose output the next linear quantizes runs our
 Triton kernel, which writes that linear's input codes (``kv_cache.attention_into_codes``); else cuDNN's SDPA (float
-caches) and a quantize kernel. Off CUDA the graph runs eagerly (in float32 unless ``dtype`` says otherwise), stays functional, and
-keeps float caches.
+caches) and a quantize kernel. Off CUDA the graph runs eagerly (in float32 unless ``dtype`` says otherwise), stays
+functional, and keeps float caches.
 ``compile=True`` (CUDA) runs the graph through torch.compile first, so the float ops between the kernels
 fuse as they do in a compiled FP16 model; the kernels stay opaque operators.
 """
