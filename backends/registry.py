@@ -34,7 +34,6 @@ class StepOptions:
 
     ort_mode: str = "reference"  # onnxruntime: the Q/DQ graph as written, or "fast" (its fused int8 kernels)
     kv_cache: str = "float"  # the KV caches' format on the GPU: "int8" keeps codes with a scale per cached row
-    compile: bool = True  # torch.compile around the GPU kernels (False: CUDA graphs only; starts sooner)
 
 
 @dataclass

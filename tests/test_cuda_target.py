@@ -84,15 +84,13 @@ def test_generate_runs_the_artefact(compiled, tmp_path):
 @pytest.mark.parametrize("argv,message", [
     (["--kv-cache", "int8"], "error: --kv-cache int8 applies to --quantized DIR of tools.compile --target cuda or "
                              "cuda-fp8, not to the FP model"),
-    (["--eager"], "error: --eager applies to --quantized DIR of tools.compile --target cuda or cuda-fp8, not to the "
-                  "FP model"),
-    (["--onnx", "{onnx}", "--eager"], "error: --eager applies to --quantized DIR of tools.compile --target cuda or "
-                                      "cuda-fp8, not to onnx artefacts"),
+    (["--onnx", "{onnx}", "--kv-cache", "int8"], "error: --kv-cache int8 applies to --quantized DIR of tools.compile "
+                                                 "--target cuda or cuda-fp8, not to onnx artefacts"),
     (["--quantized", "{cuda}", "--kv-cache", "int8", "--device", "cpu"],
      "error: --kv-cache int8: the caches are kept so on a GPU only (--device cuda)"),
 ])
 def test_generate_gpu_options_need_a_cuda_artefact(compiled, tmp_path, argv, message):
-    """``--kv-cache`` and ``--eager`` say where they do not apply, before any image is made."""
+    """``--kv-cache`` says where it does not apply, before any image is made."""
     onnx = tmp_path / "model.onnx"
     onnx.write_bytes(b"")
     argv = [a.format(onnx=onnx, cuda=compiled) for a in argv]
@@ -102,8 +100,8 @@ def test_generate_gpu_options_need_a_cuda_artefact(compiled, tmp_path, argv, mes
 
 
 def test_generate_hands_the_gpu_options_to_the_step(compiled, tmp_path, monkeypatch):
-    """The artefact's step is built as ``tools.bench`` times cuda-int8 (torch.compile unless --eager) with the
-    caches' format; on the CPU the step then runs the torch reference."""
+    """The artefact's step is built with the caches' format (on the CPU the step then runs the torch reference,
+    with float caches: int8 ones are refused there)."""
     import backends.cuda.runner
 
     seen = []
@@ -114,11 +112,10 @@ def test_generate_hands_the_gpu_options_to_the_step(compiled, tmp_path, monkeypa
         return real(*args, **kwargs)
 
     monkeypatch.setattr(backends.cuda.runner, "CudaStep", recording)
-    for i, extra in enumerate(([], ["--eager"])):
-        rc, err = _run(generate_main, ["builtin:mnist-var", "--quantized", str(compiled), "--classes", "0",
-                                       "--device", "cpu", *extra, "--out", str(tmp_path / str(i))])
-        assert rc == 0, err
-    assert [(k["compile"], k["kv_cache"]) for k in seen] == [(True, "float"), (False, "float")]
+    rc, err = _run(generate_main, ["builtin:mnist-var", "--quantized", str(compiled), "--classes", "0",
+                                   "--device", "cpu", "--out", str(tmp_path / "o")])
+    assert rc == 0, err
+    assert [k["kv_cache"] for k in seen] == ["float"] and "compile" not in seen[0]
 
 
 def test_fp8_target_quantizes_weights_for_fp8(compiled, tmp_path):
@@ -180,6 +177,7 @@ def test_generate_on_gpu_keeps_token_agreement(compiled, tmp_path):
     q8 = torch.load(tmp_path / "q8_cuda" / "tokens.pt")
     fp = torch.load(tmp_path / "fp_cuda" / "tokens.pt")
     on_gpu8 = sum(int((x == y).sum()) for x, y in zip(q8, fp)) / sum(x.numel() for x in fp)
+    print(f"token agreement with FP: GPU {on_gpu:.2%}, with int8 KV caches {on_gpu8:.2%}; CPU {on_cpu:.2%}")
     assert on_gpu8 >= on_cpu - 0.03, (on_gpu8, on_cpu)
 
 

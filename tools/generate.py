@@ -76,9 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache", choices=("float", "int8"), default="float",
                    help="--quantized DIR of --target cuda/cuda-fp8 on a GPU: int8 keeps the KV caches as codes with "
                         "a scale per cached row (half their memory, not faster)")
-    p.add_argument("--eager", action="store_true",
-                   help="--quantized DIR of --target cuda/cuda-fp8 on a GPU: CUDA graphs without torch.compile around "
-                        "the kernels (starts sooner, steps run slower)")
     p.add_argument("--classes", help="comma-separated class labels (default: 0,1,2,3; with --task edit: the target classes)")
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                    help="text-to-image families (Infinity): a prompt, instead of --classes (repeatable)")
@@ -135,7 +132,7 @@ def make_step(args: argparse.Namespace, bundle, device: torch.device):
 def step_options(args: argparse.Namespace):
     from backends.registry import StepOptions
 
-    return StepOptions(ort_mode=args.ort_mode, kv_cache=args.kv_cache, compile=not args.eager)
+    return StepOptions(ort_mode=args.ort_mode, kv_cache=args.kv_cache)
 
 
 def head_fp_steps(quantized: Path) -> int:
@@ -175,11 +172,9 @@ def check_inputs(args: argparse.Namespace) -> None:
         if reason is not None:
             raise UserError(f"--engine needs TensorRT and a GPU: {reason}")
     source = step_source(args)
-    for flag, field, given in ((f"--kv-cache {args.kv_cache}", "kv_cache", args.kv_cache != "float"),
-                               ("--eager", "compile", args.eager)):
-        if given and (source is None or field not in source[0].step_options):
-            raise UserError(f"{flag} applies to --quantized DIR of tools.compile --target cuda or cuda-fp8, "
-                            f"not to {'the FP model' if source is None else source[0].name + ' artefacts'}")
+    if args.kv_cache != "float" and (source is None or "kv_cache" not in source[0].step_options):
+        raise UserError(f"--kv-cache {args.kv_cache} applies to --quantized DIR of tools.compile --target cuda or "
+                        f"cuda-fp8, not to {'the FP model' if source is None else source[0].name + ' artefacts'}")
     if source is not None and source[0].runs_on_for(source[1]) == "cuda" and not torch.cuda.is_available() \
             and not args.engine:
         raise UserError(f"{source[1]} runs on the {source[0].name} target, which needs a CUDA device")

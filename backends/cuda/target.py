@@ -49,7 +49,7 @@ def _sidecar(fmt: str) -> dict:
 class _CudaTarget(Target):
     format = "int8"
     runs_on = "torch"  # follows --device: a GPU, or the CPU with the kernels' torch reference (a check, not fast)
-    step_options = frozenset({"kv_cache", "compile"})
+    step_options = frozenset({"kv_cache"})
 
     def precision_blocker(self, precision) -> str | None:
         if precision.group:
@@ -70,8 +70,9 @@ class _CudaTarget(Target):
                          "sidecar": {k: v for k, v in sidecar.items() if k != "autotune"}}}
 
     def load_step(self, path: Path, bundle, device, options: StepOptions = StepOptions()):
-        """On a GPU: the kernels with CUDA graphs, through torch.compile unless ``options.compile`` is off (what
-        ``tools.bench`` times as cuda-int8 / cuda-fp8), the KV caches in ``options.kv_cache``'s format."""
+        """On a GPU: the kernels with CUDA graphs (``tools.bench``'s cuda-int8-eager; not through torch.compile,
+        which took 2.4 points of the MNIST VAR's token agreement for 0.5 % of speed:
+        ``benchmarks/step_agreement.py``), the KV caches in ``options.kv_cache``'s format."""
         from backends.cuda.runner import CudaStep
         from backends.fx_graph import load_graph
         from frontends import trace
@@ -82,11 +83,10 @@ class _CudaTarget(Target):
         if options.kv_cache != "float" and not gpu:
             raise UserError(f"--kv-cache {options.kv_cache}: the caches are kept so on a GPU only (--device cuda)")
         gm = load_graph(path, copy.deepcopy(trace(bundle)))  # its kernels are operators of backends.cuda.lower
-        step = CudaStep(gm, device, compile=options.compile, kv_cache=options.kv_cache)
+        step = CudaStep(gm, device, kv_cache=options.kv_cache)
         if not gpu:
             return step, f"{self.format} torch reference of the kernels ({path})"
-        how = "torch.compile + CUDA graphs" if options.compile else "CUDA graphs"
-        return step, f"{self.format} Triton kernels, {how}, {options.kv_cache} KV caches ({path})"
+        return step, f"{self.format} Triton kernels, CUDA graphs, {options.kv_cache} KV caches ({path})"
 
     def compiled_step(self, out: Path, gm, bundle, reduce_range: bool):
         from backends.cuda.runner import CudaStep
