@@ -71,7 +71,7 @@ def main() -> None:
             out = runs[key]()
             row[f"{key}_rel_error"] = float((out.float() - expected).norm() / expected.norm())
         tiles = {}
-        for c in kernels._prune_attention(kernels.ATTENTION_CONFIGS, {"T_BUCKET": kernels.triton.next_power_of_2(T)}):
+        for c in kernels._prune_attention(kernels.ATTENTION_CONFIGS, {"T": T}):
             label = f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
             try:
                 tiles[label] = do_bench(lambda c=c: kernels.attention(q, kf, vf, None, L, D ** -0.5, **grid, config=c))

@@ -529,15 +529,16 @@ def test_gemm_tiles_follow_the_row_count():
 def test_attention_tiles_follow_the_query_count():
     """The autotuner's pruning (on a GPU; the interpreter runs one tile): 16-row tiles for decode, larger ones
     for many queries, whichever way Triton hands it the bucket."""
-    tiles = kernels._prune_attention(kernels.ATTENTION_CONFIGS, {"T_BUCKET": 1})
+    tiles = kernels._prune_attention(kernels.ATTENTION_CONFIGS, {"T": 1})
     assert tiles and {c.kwargs["BLOCK_M"] for c in tiles} == {16}
-    tiles = kernels._prune_attention(kernels.ATTENTION_CONFIGS, {}, T_BUCKET=256)
+    tiles = kernels._prune_attention(kernels.ATTENTION_CONFIGS, {}, T=169)
     assert tiles and 16 not in {c.kwargs["BLOCK_M"] for c in tiles}
 
 
 def test_attention_autotuning_runs(monkeypatch):
     """The GPU's tuning path (several tiles, pruned, each timed) end to end; under the interpreter each tile
-    runs once and is "timed" by a stand-in. The tile chosen gives the reference's result."""
+    runs once and is "timed" by a stand-in. The tile chosen gives the reference's result. Each query count is
+    tuned once: 9 and 12 queries each (one power-of-two bucket), 9 again not."""
     ran = []
 
     def bench(fn, quantiles=None, **kwargs):
@@ -551,13 +552,13 @@ def test_attention_autotuning_runs(monkeypatch):
     gen = _gen(33)
     k, ks = _int8_cache(1, 2, 20, 16, gen)
     v, vs = _int8_cache(1, 2, 20, 16, gen)
-    for T, tiles in ((1, 2), (40, 1)):
+    for T, timed in ((1, 2), (40, 0), (9, 2), (12, 2), (9, 0)):  # 40: one tile left after pruning, nothing to time
         ran.clear()
         q = torch.randn(1, 2, T, 16, generator=gen).half()
         got = ops.attention(q, k, v, None, 20, None, k_scale=ks, v_scale=vs)
         _close(got, ref.attention(q, k, v, None, 20, 16 ** -0.5, k_scale=ks, v_scale=vs), rtol=2e-3)
         if INTERPRET:  # (Triton 3.6 on a GPU times the tiles with its own benchmarker, not the stand-in)
-            assert len(ran) == (tiles if tiles > 1 else 0)  # one tile left after pruning: nothing to time
+            assert len(ran) == timed, T
 
 
 def test_int8_cache_checks():

@@ -691,11 +691,11 @@ def _cache_tile(base, s_base, rows, n_ok, sl, offs_d, d_ok, dt, KV_INT8: tl.cons
     return x
 
 
-@triton.jit(do_not_specialize=["T_BUCKET"])
+@triton.jit
 def _attention_kernel(q_ptr, k_ptr, ks_ptr, v_ptr, vs_ptr, mask_ptr, out_ptr, groups_ptr, inv_scale_ptr, zero_ptr,
                       T, H, N_KEYS, qk_scale, qmin, qmax,
                       sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_l, sks_b, sks_h, sv_b, sv_h, sv_l, svs_b, svs_h,
-                      sm_b, sm_h, sm_t, sm_l, T_BUCKET, D: tl.constexpr, HAS_MASK: tl.constexpr,
+                      sm_b, sm_h, sm_t, sm_l, D: tl.constexpr, HAS_MASK: tl.constexpr,
                       KV_INT8: tl.constexpr, QUANT_OUT: tl.constexpr, HAS_GROUPS: tl.constexpr, FP8: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Flash attention (online softmax in base 2) of fp16/bf16 queries over caches in their dtype or in int8
@@ -759,14 +759,16 @@ ATTENTION_CONFIGS = [_attention_config(16, 64, 4, 3), _attention_config(16, 128,
 def _prune_attention(configs, named_args, **kwargs):
     """16-row tiles for at most 16 queries, larger ones else. (Triton passes the positional arguments as
     ``named_args``, the keyword ones as ``kwargs``.)"""
-    few = {**named_args, **kwargs}["T_BUCKET"] <= 16
+    few = {**named_args, **kwargs}["T"] <= 16
     return [c for c in configs if (c.kwargs["BLOCK_M"] == 16) == few]
 
 
 def attention_tuner(configs, bench=functools.partial(do_bench, warmup=5, rep=20), cache_results=True):
     """The attention kernel autotuned over ``configs`` (a test passes its own ``bench`` to run the GPU's
     path of tuning under the interpreter)."""
-    return triton.autotune(configs, key=["T_BUCKET", "D", "HAS_MASK", "KV_INT8", "QUANT_OUT"],
+    # keyed by the query count itself: VAR's scale 9 (169 queries) and 10 (256) want other tiles (64 x 64 and 128 x 64
+    # on an H100, 12-14 % apart: benchmarks/h100_s13a_attention.json), and a generation tunes scale 9 first
+    return triton.autotune(configs, key=["T", "D", "HAS_MASK", "KV_INT8", "QUANT_OUT"],
                            prune_configs_by={"early_config_prune": _prune_attention}, do_bench=bench,
                            cache_results=cache_results)(_attention_kernel)
 
@@ -792,8 +794,7 @@ def attention(q, k, v, mask, n_keys, scale, *, k_scale=None, v_scale=None, out_i
     args = (q, k, ks, v, vs, _or(mask, d), out, _or(groups, d), _or(out_inv_scale, d), _or(out_zero, d), T, H, n_keys,
             scale * 1.4426950408889634, float(qmin), float(qmax), *q.stride(), k.stride(0), k.stride(1), k.stride(2),
             ks.stride(0) if kv8 else 0, ks.stride(1) if kv8 else 0, v.stride(0), v.stride(1), v.stride(2),
-            vs.stride(0) if kv8 else 0, vs.stride(1) if kv8 else 0, *sm,
-            triton.next_power_of_2(T))  # T_BUCKET: positional, as the autotuner's key and its pruning read it
+            vs.stride(0) if kv8 else 0, vs.stride(1) if kv8 else 0, *sm)
     meta = {"D": D, "HAS_MASK": mask is not None, "KV_INT8": kv8, "QUANT_OUT": quant, "HAS_GROUPS": groups is not None,
             "FP8": fp8, "BLOCK_D": max(16, triton.next_power_of_2(D))}
 
