@@ -2,17 +2,20 @@
 attention, qkv into the caches, attention writing codes), eager against torch.compile (aot_eager, inductor): whether
 compiling changes what the rewritten step computes, apart from the GPU's fp16 numerics.
 
-    PYTHONPATH=. python benchmarks/compile_tokens_cpu.py [--images 48]
+    python benchmarks/compile_tokens_cpu.py [--images 48]
 
 ``CudaStep`` applies these rewrites only with CUDA graphs; here a small stand-in keeps each cache in one buffer and
 sets the visible keys per call, as it does.
 """
 import argparse
 import copy
+import os
+import sys
 import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from backends.cuda.kv_cache import (attention_into_codes, in_place_caches, qkv_into_caches, visible_keys,
                                     visible_prefix, visible_prefix_attention)
 from backends.cuda.lower import to_device

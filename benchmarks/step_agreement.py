@@ -11,10 +11,13 @@ Batches of 16 images seeded as ``tools.generate`` seeds them; FP runs on the sam
 import argparse
 import copy
 import json
+import os
+import sys
 import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from backends.cuda.runner import CudaStep
 from compiler.config import CalibrationConfig, CompileConfig
 from compiler.driver import Compiler
