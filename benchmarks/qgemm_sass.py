@@ -38,7 +38,7 @@ OPS = ["FFMA", "FMUL", "FADD", "IMAD", "IADD3", "LOP3", "SHF", "ISETP", "PRMT", 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def cubin(flags: dict, config: triton.Config, arch: int) -> bytes:
+def cubin(flags: dict, config: triton.Config, arch: int, aligned: bool = True) -> bytes:
     fn = kernels._qgemm_kernel
     const = {**flags, **config.kwargs}
     ptrs = {"a_ptr": "*i8", "w_ptr": "*i8", "out_ptr": "*i8" if flags["QUANT_OUT"] else "*fp16",
@@ -46,7 +46,11 @@ def cubin(flags: dict, config: triton.Config, arch: int) -> bytes:
     floats = ("qmin", "qmax", "in_qmin", "in_qmax", "norm_eps")
     sig = {n: "constexpr" if n in const else ptrs.get(n, "*fp32") if n.endswith("_ptr")
            else "fp32" if n in floats else "i32" for n in fn.arg_names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n.endswith("_ptr")}
+    # the launch's specialization: Triton marks every pointer, and every integer argument whose value is a
+    # multiple of 16 (VAR-d16's M, N, K and tokens all are), as divisible by 16; without it the compiler cannot
+    # vectorize the per-element addresses, and the binary spills where the launched one does not
+    divisible = ("M", "N", "K", "tokens") if aligned else ()
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n.endswith("_ptr") or n in divisible}
     compiled = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": config.num_warps, "num_stages": config.num_stages})
     return compiled.asm["cubin"]
@@ -69,6 +73,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json")
     p.add_argument("--arch", type=int, default=90)
+    p.add_argument("--unaligned", action="store_true",
+                   help="no divisibility for M, N, K, tokens (how this script compiled before 2026-12-07's third session)")
     args = p.parse_args()
     os.environ.pop("TRITON_INTERPRET", None)
     rows = []
@@ -78,7 +84,7 @@ def main():
                 c = triton.Config({**config.kwargs, "TMA_STORE": store}, num_warps=config.num_warps,
                                   num_stages=config.num_stages)
                 r = {"epilogue": epilogue, "tile": tile, "store": "TMA" if store else "plain",
-                     **inspect(cubin(flags, c, args.arch))}
+                     "aligned": not args.unaligned, **inspect(cubin(flags, c, args.arch, not args.unaligned))}
                 rows.append(r)
                 print(f"{epilogue:28s} {tile:18s} {r['store']:5s} regs {r['registers']:3d}"
                       f" stack {r['stack_bytes']:5d} B  instructions {r['instructions']:6d}  "

