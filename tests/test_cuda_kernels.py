@@ -678,13 +678,15 @@ build(k._kv_write_kernel, 80, {"BLOCK_T": 64, "BLOCK_D": 64},
       {"cache_ptr": "*fp16", "value_ptr": "*fp16", "index_ptr": "*i64"})
 build(k._kv_write_int8_kernel, 80, {"BLOCK_T": 64, "BLOCK_D": 64},
       {"cache_ptr": "*i8", "value_ptr": "*fp16", "index_ptr": "*i64"})
-attention = {"D": 64, "HAS_MASK": True, "HAS_GROUPS": True, "FP8": False, "BLOCK_D": 64}
-for arch, c, kv8, quant in [(90, k.ATTENTION_CONFIGS[3], True, False), (80, k.ATTENTION_CONFIGS[0], True, True),
-                            (90, k.ATTENTION_CONFIGS[3], False, True), (80, k.ATTENTION_CONFIGS[2], False, False)]:
+attention = {"D": 64, "HAS_MASK": True, "HAS_GROUPS": True, "BLOCK_D": 64}
+for arch, c, kv8, out in [(90, k.ATTENTION_CONFIGS[3], True, "fp16"), (80, k.ATTENTION_CONFIGS[0], True, "i8"),
+                          (90, k.ATTENTION_CONFIGS[3], False, "i8"), (80, k.ATTENTION_CONFIGS[2], False, "fp16"),
+                          (89, k.ATTENTION_CONFIGS[3], False, "fp8e4nv")]:
     cache = "*i8" if kv8 else "*fp16"
-    build(k._attention_kernel, arch, {**attention, "KV_INT8": kv8, "QUANT_OUT": quant, **c.kwargs},
-          {"q_ptr": "*fp16", "k_ptr": cache, "v_ptr": cache, "out_ptr": "*i8" if quant else "*fp16",
-           "groups_ptr": "*i64"}, c.num_warps, c.num_stages)
+    build(k._attention_kernel, arch, {**attention, "KV_INT8": kv8, "QUANT_OUT": out != "fp16", "FP8": out == "fp8e4nv",
+                                      **c.kwargs},
+          {"q_ptr": "*fp16", "k_ptr": cache, "v_ptr": cache, "out_ptr": "*" + out, "groups_ptr": "*i64"}, c.num_warps,
+          c.num_stages)
 """
 
 
