@@ -1,12 +1,14 @@
 """Every candidate ``qgemm`` tile on the VAR-d16 block GEMMs, to choose ``kernels.QGEMM_CONFIGS``.
 
-    python benchmarks/qgemm_sweep.py [--json FILE] [--dtypes int8,fp8]
+    python benchmarks/qgemm_sweep.py [--json FILE] [--dtypes int8,fp8] [--tiles all|in-flight]
 
 Per GEMM (last VAR-d16 scale, batch 64 with CFG: M = 32768) and dtype: cuBLAS FP16 (the 1.0x baseline), every
 tile of ``CANDIDATES`` with the epilogue as lowered (``gemm_bench.operands``), the best tile again without
 the epilogue (no groups, zero point, bias: what the epilogue costs), and FP8 ``torch._scaled_mm`` row-wise
 with and without bias. Candidates that fail to compile or run (shared memory, an unsupported warp
-specialization) are reported with their error. Times: ``triton.testing.do_bench`` medians.
+specialization) are reported with their error. Times: ``triton.testing.do_bench`` medians. ``--tiles in-flight``
+times Hopper's int8 MMAs kept in flight (``backends/cuda/wgmma.py``) against the same tiles without; every tile's
+output is compared with the first tile's (``max_abs_diff``: the rewrite must not change a number).
 """
 from __future__ import annotations
 
@@ -41,6 +43,21 @@ CANDIDATES = [
     T(128, 128, 128, 8, 4, persistent=True, tma=True, tma_store=True),
     T(256, 128, 128, 8, 3, persistent=True, tma=True, tma_store=True),
 ]
+# Each tile with its MMAs kept in flight, after its synchronous twin (not flattened: a flattened loop stays
+# synchronous), and the current winner (flattened) first.
+IN_FLIGHT = [T(128, 128, 128, 4, 3, persistent=True, tma=True, occupancy=2)]
+for kw in ({"bm": 128, "bn": 128, "bk": 128, "warps": 4, "stages": 3, "persistent": True, "tma": True, "occupancy": 2},
+           {"bm": 128, "bn": 128, "bk": 128, "warps": 4, "stages": 3, "persistent": True, "tma": True, "occupancy": 2,
+            "tma_store": True},
+           {"bm": 128, "bn": 128, "bk": 128, "warps": 4, "stages": 3},
+           {"bm": 128, "bn": 128, "bk": 128, "warps": 4, "stages": 4},
+           {"bm": 128, "bn": 128, "bk": 64, "warps": 4, "stages": 5},
+           {"bm": 128, "bn": 256, "bk": 128, "warps": 8, "stages": 3, "persistent": True, "tma": True},
+           {"bm": 256, "bn": 128, "bk": 128, "warps": 8, "stages": 3, "persistent": True, "tma": True},
+           {"bm": 128, "bn": 256, "bk": 64, "warps": 8, "stages": 4, "persistent": True, "tma": True},
+           {"bm": 128, "bn": 256, "bk": 128, "warps": 8, "stages": 3},
+           {"bm": 256, "bn": 128, "bk": 128, "warps": 8, "stages": 3}):
+    IN_FLIGHT += [T(**kw, flatten=False), T(**kw, async_mma=True)]
 WIDTH = 1024
 SHAPES = [(32768, WIDTH, 3 * WIDTH, "bias", "qkv"), (32768, WIDTH, WIDTH, "bias", "proj"),
           (32768, WIDTH, 4 * WIDTH, "bias+gelu+quant", "fc1"), (32768, 4 * WIDTH, WIDTH, "bias", "fc2")]
@@ -53,7 +70,7 @@ def bench(fn):
 def describe(c) -> str:
     kw = c.kwargs
     flags = "".join(f for f, on in (("P", kw["PERSISTENT"]), ("T", kw["TMA"]), ("W", kw["WS_TILES"] or kw["WS_K"]),
-                                    ("F", kw["FLATTEN"]), ("S", kw["TMA_STORE"])) if on)
+                                    ("F", kw["FLATTEN"]), ("S", kw["TMA_STORE"]), ("A", kw["ASYNC_MMA"])) if on)
     return (f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{c.num_warps} s{c.num_stages} g{kw['GROUP_M']}"
             f" o{kw['OCCUPANCY']} {flags or '-'}")
 
@@ -69,9 +86,11 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json")
     p.add_argument("--dtypes", default="int8,fp8")
+    p.add_argument("--tiles", choices=("all", "in-flight"), default="all")
     args = p.parse_args()
     dtypes = args.dtypes.split(",")
-    precompile([s[:4] for s in SHAPES], CANDIDATES)
+    candidates = CANDIDATES if args.tiles == "all" else IN_FLIGHT
+    precompile([s[:4] for s in SHAPES], candidates)
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": []}
     totals = {}
     for M, K, N, epilogue, name in SHAPES:
@@ -88,14 +107,18 @@ def main():
             row[label] = timed(lambda: torch._scaled_mm(f8["a"], f8["w"].t(), scale_a=sa, scale_b=sb, **kw))
         for dtype in dtypes:
             ops = operands(M, K, N, epilogue, DTYPES[dtype])
-            results = []
-            for c in CANDIDATES:
+            results, first = [], None
+            for c in candidates:
                 r = timed(lambda: kernels.qgemm(**ops, config=c))
+                if "ms" in r:
+                    out = kernels.qgemm(**ops, config=c).float()
+                    first = out if first is None else first
+                    r["max_abs_diff"] = (out - first).abs().max().item()
                 results.append({"tile": describe(c), **r})
             ok = [r for r in results if "ms" in r]
             best = min(ok, key=lambda r: r["ms"]) if ok else None
             if best:
-                c = CANDIDATES[[describe(c) for c in CANDIDATES].index(best["tile"])]
+                c = candidates[[describe(c) for c in candidates].index(best["tile"])]
                 bare = {k: v for k, v in ops.items() if k not in ("groups", "bias", "out_inv_scale", "out_zero")}
                 bare.update(a_zero=torch.zeros_like(ops["a_zero"]), gelu=False)
                 row[f"{dtype}_bare_best_tile"] = timed(lambda: kernels.qgemm(**bare, config=c))
@@ -104,7 +127,8 @@ def main():
             row[dtype] = results
             print(f"{name} {dtype}: cuBLAS fp16+bias {base:.4f} ms", flush=True)
             for r in sorted(ok, key=lambda r: r["ms"])[:6]:
-                print(f"   {r['tile']:40s} {r['ms']:.4f} ms  {base / r['ms']:.2f}x", flush=True)
+                print(f"   {r['tile']:40s} {r['ms']:.4f} ms  {base / r['ms']:.2f}x  diff {r['max_abs_diff']:.3g}",
+                      flush=True)
             for r in results:
                 if "error" in r:
                     print(f"   {r['tile']:40s} {r['error'][:120]}", flush=True)

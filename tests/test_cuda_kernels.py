@@ -733,6 +733,26 @@ def test_gpu_qgemm_quantized(dtype):
     _assert_codes(out, ref.qgemm, **args, gelu=True, **q, tol=GELU_RTOL if dtype == torch.int8 else 100 * FP8_RTOL)
 
 
+IN_FLIGHT = [c for c in kernels.QGEMM_CONFIGS if c.kwargs["ASYNC_MMA"]]
+
+
+@gpu
+@pytest.mark.skipif(CUDA and torch.cuda.get_device_capability()[0] != 9,
+                    reason="int8 MMAs kept in flight are Hopper's (sm90) only")
+@pytest.mark.parametrize("config", IN_FLIGHT, ids=lambda c: f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}"
+                         f"w{c.num_warps}P{int(c.kwargs['PERSISTENT'])}S{int(c.kwargs['TMA_STORE'])}")
+def test_gpu_qgemm_in_flight_mmas_exact(config):
+    """backends/cuda/wgmma.py's rewrite, as the GPU runs it: several tiles a program, 16 K steps, exact."""
+    gen = _gen(23)
+    M, K, N = 2048, 2048, 768
+    a, w = _codes((M, K), gen) // 2, _codes((N, K), gen) // 2  # |sums| < 2**24: exact in the float32 output
+    ones = torch.ones(N, device="cuda")
+    out = kernels.qgemm(a.cuda(), w.cuda(), ones, w.float().sum(1).cuda(), torch.ones(1, device="cuda"),
+                        torch.tensor([5.0], device="cuda"), out_dtype=torch.float32, config=config)
+    exact = a.long() @ w.long().t() - 5 * w.long().sum(1)
+    assert torch.equal(out.cpu().double(), exact.double())
+
+
 @gpu
 @pytest.mark.parametrize("fp8", [False, pytest.param(True, marks=FP8_CODES)])
 def test_gpu_norms(fp8):

@@ -31,6 +31,8 @@ import triton.language as tl
 from triton import knobs
 from triton.testing import do_bench
 
+from backends.cuda import wgmma
+
 try:
     from triton.language.extra import libdevice
 except ImportError:  # older layouts
@@ -38,6 +40,8 @@ except ImportError:  # older layouts
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read by triton.jit when this module is imported
 _COMPILED = tl.constexpr(not INTERPRET)  # libdevice and inline PTX exist only compiled
+# Hopper's int8 MMAs in flight across K steps (tiles with ASYNC_MMA): Triton keeps them synchronous by itself.
+ASYNC_MMA = wgmma.install()
 
 
 def _or(t, dummy):
@@ -131,7 +135,7 @@ def _qgemm_kernel(a_ptr, w_ptr, out_ptr, w_scale_ptr, colsum_ptr, a_scale_ptr, a
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                   PERSISTENT: tl.constexpr, TMA: tl.constexpr, EVEN_K: tl.constexpr, FLATTEN: tl.constexpr,
                   WS_TILES: tl.constexpr, WS_K: tl.constexpr, OCCUPANCY: tl.constexpr,
-                  TMA_STORE: tl.constexpr, OFFS64: tl.constexpr):
+                  TMA_STORE: tl.constexpr, OFFS64: tl.constexpr, ASYNC_MMA: tl.constexpr):
     FP8: tl.constexpr = w_ptr.dtype.element_ty == tl.float8e4nv
     # QUANT_IN: ``a`` is float and its grid's quantizer runs here, tile by tile, instead of as a kernel of its
     # own (a launch saved: what matters at decode's few rows). SWIGLU: w's rows are gate and up interleaved.
@@ -171,7 +175,8 @@ def _qgemm_kernel(a_ptr, w_ptr, out_ptr, w_scale_ptr, colsum_ptr, a_scale_ptr, a
         a_zero = tl.load(a_zero_ptr + g)
         if QUANT_IN:
             in_inv = tl.load(a_inv_scale_ptr + g).to(tl.float32)[:, None]
-        for k in tl.range(0, tl.cdiv(K, BLOCK_K), warp_specialize=WS_K):
+        # ASYNC_MMA marks the loop for backends/cuda/wgmma.py (the attribute does nothing else on Hopper)
+        for k in tl.range(0, tl.cdiv(K, BLOCK_K), warp_specialize=WS_K, disallow_acc_multi_buffer=ASYNC_MMA):
             k_ok = offs_k < K - k * BLOCK_K
             if TMA and not QUANT_IN:
                 a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
@@ -266,14 +271,17 @@ def _qkv_epilogue(y, rows, row_ok, pid_n, N, tokens, q_ptr, kc_ptr, vc_ptr, inde
 
 
 def tile_config(bm, bn, bk, warps, stages, persistent=False, tma=False, group_m=8, ws=False, flatten=None,
-                occupancy=1, tma_store=False) -> triton.Config:
+                occupancy=1, tma_store=False, async_mma=False) -> triton.Config:
     """A ``qgemm`` tile: BLOCK_M x BLOCK_N x BLOCK_K, warps, pipeline stages, persistent grid (``occupancy``
     programs per SM), TMA loads, warp specialization (of the tile loop when persistent, else of the K loop),
-    flattened tile loop (default: persistent without warp specialization), the output stored by TMA."""
-    flatten = persistent and not ws if flatten is None else flatten
+    flattened tile loop (default: persistent without warp specialization and without ``async_mma``), the
+    output stored by TMA, int8 MMAs kept in flight on Hopper (``backends/cuda/wgmma.py``; a flattened loop
+    resets its accumulator with a select the MMA would still be writing, so it stays synchronous)."""
+    flatten = persistent and not ws and not async_mma if flatten is None else flatten
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m,
                           "PERSISTENT": persistent, "TMA": tma, "FLATTEN": flatten, "WS_TILES": ws and persistent,
-                          "WS_K": ws and not persistent, "OCCUPANCY": occupancy, "TMA_STORE": tma_store},
+                          "WS_K": ws and not persistent, "OCCUPANCY": occupancy, "TMA_STORE": tma_store,
+                          "ASYNC_MMA": async_mma},
                          num_warps=warps, num_stages=stages)
 
 
@@ -298,6 +306,11 @@ QGEMM_CONFIGS = [
     # an fp16 tile to store takes the shared memory a second program needs, and loses (qkv 0.284 against
     # 0.225 ms). With TMA stores, two stages or 8 warps on 128 x 128 lost at every d16 shape.
     tile_config(128, 128, 128, 4, 3, persistent=True, tma=True, occupancy=2, tma_store=True),
+    # Hopper, int8 MMAs kept in flight across K steps (backends/cuda/wgmma.py; the tile loop not flattened)
+    tile_config(128, 128, 128, 4, 3, persistent=True, tma=True, occupancy=2, async_mma=True),
+    tile_config(128, 128, 128, 4, 3, persistent=True, tma=True, occupancy=2, tma_store=True, async_mma=True),
+    tile_config(128, 128, 128, 4, 3, async_mma=True),
+    tile_config(128, 256, 128, 8, 3, persistent=True, tma=True, async_mma=True),
 ]
 # The interpreter runs one small tile: tests need no tuning and stay fast.
 _INTERPRET_CONFIG = tile_config(32, 32, 32, 4, 1)
@@ -306,13 +319,16 @@ _INTERPRET_CONFIG = tile_config(32, 32, 32, 4, 1)
 def _prune(configs, named_args, **kwargs):
     """Small tiles up to 8192 rows, large ones from 512: both are tried in between, where a large tile can leave
     SMs without work (VAR's middle scales: 2048 rows x 1024 columns are 128 tiles of 128 x 128 for 132 SMs, two
-    programs each). TMA only on Hopper+ and with 16-byte aligned rows."""
+    programs each). TMA only on Hopper+ and with 16-byte aligned rows. MMAs kept in flight only on Hopper (sm90)
+    with the rewrite installed: elsewhere such a tile is its synchronous twin, timed twice."""
     m = named_args["M_BUCKET"]
-    hopper = INTERPRET or torch.cuda.get_device_capability(named_args["a_ptr"].device)[0] >= 9
-    tma = hopper and named_args["K"] % 16 == 0
+    major = 9 if INTERPRET else torch.cuda.get_device_capability(named_args["a_ptr"].device)[0]
+    tma = major >= 9 and named_args["K"] % 16 == 0
     store = tma and named_args["N"] % 32 == 0  # the output's rows 16-byte aligned (N / 2 int8 for SwiGLU)
+    in_flight = major == 9 and ASYNC_MMA
     return [c for c in configs if (m <= 8192 if c.kwargs["BLOCK_M"] <= 64 else m > 256)
-            and (tma or not c.kwargs["TMA"]) and (store or not c.kwargs["TMA_STORE"])]
+            and (tma or not c.kwargs["TMA"]) and (store or not c.kwargs["TMA_STORE"])
+            and (in_flight or not c.kwargs["ASYNC_MMA"])]
 
 
 def _tma_scratch(size: int, alignment: int, stream):
