@@ -64,7 +64,7 @@ part() {
       --backends $FP16_INT8,cuda-fp8,cuda-int8-kv8 ;;  # the whole generation in FP8 and with int8 KV caches too
     attention) timeout 240 python benchmarks/attention_bench.py --json "$OUT/attention.json" 2>&1 | tail -20 ;;
     gemms) timeout 90 python benchmarks/gemm_bench.py --json "$OUT/gemm.json" 2>&1 | tail -25 ;;
-    inflight) timeout 300 python benchmarks/qgemm_sweep.py --tiles in-flight --dtypes int8 \
+    inflight) timeout 300 python benchmarks/qgemm_sweep.py --tiles in-flight --dtypes int8,fp8 \
       --json "$OUT/qgemm_inflight.json" 2>&1 | grep -v "^precompiled" | tail -60 ;;  # int8 MMAs in flight: the A/B
     inflight_tests) tests pytest_inflight 150 tests/test_cuda_kernels.py tests/test_wgmma.py ;;
     *) echo "unknown part: $1" >&2; exit 2 ;;

@@ -7,7 +7,7 @@ tile of ``CANDIDATES`` with the epilogue as lowered (``gemm_bench.operands``), t
 the epilogue (no groups, zero point, bias: what the epilogue costs), and FP8 ``torch._scaled_mm`` row-wise
 with and without bias. Candidates that fail to compile or run (shared memory, an unsupported warp
 specialization) are reported with their error. Times: ``triton.testing.do_bench`` medians. ``--tiles in-flight``
-times Hopper's int8 MMAs kept in flight (``backends/cuda/wgmma.py``) against the same tiles without; every tile's
+times Hopper's MMAs kept in flight (``backends/cuda/wgmma.py``) against the same tiles without; every tile's
 output is compared with the first tile's (``max_abs_diff``: the rewrite must not change a number).
 """
 from __future__ import annotations
@@ -43,21 +43,20 @@ CANDIDATES = [
     T(128, 128, 128, 8, 4, persistent=True, tma=True, tma_store=True),
     T(256, 128, 128, 8, 3, persistent=True, tma=True, tma_store=True),
 ]
-# Each tile with its MMAs kept in flight, after its synchronous twin (not flattened: a flattened loop stays
-# synchronous), and the current winner (flattened) first.
-IN_FLIGHT = [T(128, 128, 128, 4, 3, persistent=True, tma=True, occupancy=2)]
-for kw in ({"bm": 128, "bn": 128, "bk": 128, "warps": 4, "stages": 3, "persistent": True, "tma": True, "occupancy": 2},
-           {"bm": 128, "bn": 128, "bk": 128, "warps": 4, "stages": 3, "persistent": True, "tma": True, "occupancy": 2,
-            "tma_store": True},
-           {"bm": 128, "bn": 128, "bk": 128, "warps": 4, "stages": 3},
-           {"bm": 128, "bn": 128, "bk": 128, "warps": 4, "stages": 4},
-           {"bm": 128, "bn": 128, "bk": 64, "warps": 4, "stages": 5},
-           {"bm": 128, "bn": 256, "bk": 128, "warps": 8, "stages": 3, "persistent": True, "tma": True},
-           {"bm": 256, "bn": 128, "bk": 128, "warps": 8, "stages": 3, "persistent": True, "tma": True},
-           {"bm": 128, "bn": 256, "bk": 64, "warps": 8, "stages": 4, "persistent": True, "tma": True},
+# Persistent tiles as they were (flattened, synchronous MMAs), flattened with the MMAs in flight, and in flight
+# without flattening; plain tiles without and with.
+IN_FLIGHT = []
+for kw in ({"bm": 128, "bn": 128, "bk": 128, "warps": 4, "stages": 3, "occupancy": 2},
+           {"bm": 128, "bn": 128, "bk": 128, "warps": 4, "stages": 3, "occupancy": 2, "tma_store": True},
+           {"bm": 128, "bn": 256, "bk": 128, "warps": 8, "stages": 3},
+           {"bm": 256, "bn": 128, "bk": 128, "warps": 8, "stages": 3},
+           {"bm": 128, "bn": 256, "bk": 64, "warps": 8, "stages": 4}):
+    IN_FLIGHT += [T(**kw, persistent=True, tma=True), T(**kw, persistent=True, tma=True, async_mma=True),
+                  T(**kw, persistent=True, tma=True, flatten=False, async_mma=True)]
+for kw in ({"bm": 128, "bn": 128, "bk": 128, "warps": 4, "stages": 3},
            {"bm": 128, "bn": 256, "bk": 128, "warps": 8, "stages": 3},
            {"bm": 256, "bn": 128, "bk": 128, "warps": 8, "stages": 3}):
-    IN_FLIGHT += [T(**kw, flatten=False), T(**kw, async_mma=True)]
+    IN_FLIGHT += [T(**kw), T(**kw, async_mma=True)]
 WIDTH = 1024
 SHAPES = [(32768, WIDTH, 3 * WIDTH, "bias", "qkv"), (32768, WIDTH, WIDTH, "bias", "proj"),
           (32768, WIDTH, 4 * WIDTH, "bias+gelu+quant", "fc1"), (32768, 4 * WIDTH, WIDTH, "bias", "fc2")]

@@ -17,7 +17,8 @@ ACC = "tensor<128x128xi32, #mma>"
 SMEM = "!ttg.memdesc<128x128xi8, #shared, #smem, mutable>"
 
 
-def _loop(*, use_in_loop="", load_before="", mark=True, acc=ACC, after="%y = arith.sitofp %acc_53#0 : " + ACC):
+def _loop(*, use_in_loop="", load_before="", region=(), mark=True, acc=ACC,
+          after="%y = arith.sitofp %acc_53#0 : " + ACC):
     """A K loop as Triton's pipeliner leaves an int8 one: load wait, dot, wait 0, next loads, yield."""
     return "\n".join([
         "module {",
@@ -32,6 +33,7 @@ def _loop(*, use_in_loop="", load_before="", mark=True, acc=ACC, after="%y = ari
          f"{SMEM} loc(#loc4)"),
         *([use_in_loop] if use_in_loop else []),
         "      %l = ttg.async_copy_global_to_local %ptrs, %buf : tensor<128x128x!tt.ptr<i8>> -> " + SMEM,
+        *region,
         f"      scf.yield %acc_73#0, %arg8, %l : {acc}, i32, !ttg.async.token loc(#loc5)",
         "    } {tt.disallow_acc_multi_buffer} loc(#loc6)" if mark else "    } loc(#loc6)",
         f"    {after}",
@@ -55,8 +57,34 @@ def test_rewrites_the_marked_int8_loop():
     assert text.count("pendings = 0") == 1
 
 
+def test_a_flattened_loops_epilogue_waits_for_the_mmas_first():
+    """A flattened tile loop reads the accumulator in its epilogue, an ``scf.if`` taken at a tile's last K step:
+    each of its regions that reads it waits first; the loop's other steps leave the MMAs running."""
+    epilogue = ["      scf.if %last {",
+                f"        %e = arith.sitofp %acc_73#0 : {ACC}",
+                "        tt.store %out, %e",
+                "      } else {",
+                f"        %f = arith.addi %acc_73#0, %acc_73#0 : {ACC}",
+                "      } loc(#loc7)"]
+    text, n = wgmma.make_async(_loop(region=epilogue))
+    assert n == 1
+    lines = text.splitlines()
+    start = lines.index("      scf.if %last {")
+    assert lines[start:start + 8] == [
+        "      scf.if %last {",
+        f"        %arvgq_mma0_0 = ttng.warp_group_dot_wait %acc_73#0 {{pendings = 0 : i32}} : {ACC}",
+        f"        %e = arith.sitofp %arvgq_mma0_0 : {ACC}",
+        "        tt.store %out, %e",
+        "      } else {",
+        f"        %arvgq_mma0_1 = ttng.warp_group_dot_wait %acc_73#0 {{pendings = 0 : i32}} : {ACC}",
+        f"        %f = arith.addi %arvgq_mma0_1, %arvgq_mma0_1 : {ACC}",
+        "      } loc(#loc7)"]
+    assert "%acc_73:3 = ttng.warp_group_dot_wait %acc_72, %a_70, %b_71 {pendings = 1 : i32}" in text
+    assert text.count("pendings = 0") == 3  # the two regions' and the one after the loop
+
+
 @pytest.mark.parametrize("case", ["unmarked", "fp32 accumulator", "accumulator read in the loop",
-                                  "a load before the wait"])
+                                  "a load before the wait", "read in a nested loop"])
 def test_leaves_other_loops_as_triton_wrote_them(case):
     loop = {"unmarked": lambda: _loop(mark=False),
             "fp32 accumulator": lambda: _loop(acc="tensor<128x128xf32, #mma>",
@@ -67,7 +95,12 @@ def test_leaves_other_loops_as_triton_wrote_them(case):
             # its buffer may be the one step i - 1's MMA is still reading
             "a load before the wait": lambda: _loop(
                 load_before="      %l0 = ttg.async_copy_global_to_local %p, %buf0 : tensor<128x128x!tt.ptr<i8>> -> "
-                            + SMEM)}[case]()
+                            + SMEM),
+            # only an ``scf.if`` region gets a wait: a nested loop would read the accumulator at every trip
+            "read in a nested loop": lambda: _loop(region=[
+                "      scf.for %j = %c0_i32 to %n step %c1_i32  : i32 {",
+                f"        %e = arith.sitofp %acc_73#0 : {ACC}",
+                "      }"])}[case]()
     text, n = wgmma.make_async(loop)
     assert (text, n) == (loop, 0)
 
@@ -109,7 +142,8 @@ from backends.cuda import kernels as k
 flags = {"HAS_BIAS": True, "HAS_GROUPS": True, "GELU": True, "QUANT_OUT": True, "EVEN_K": True, "QUANT_IN": False,
          "SWIGLU": False, "QKV": False, "NORM_QK": False, "HAS_GAIN": False, "HEAD_D": 1, "OFFS64": False}
 fn = k._qgemm_kernel
-for name, c in [("in flight", k.tile_config(128, 128, 128, 4, 3, persistent=True, tma=True, occupancy=2, async_mma=True)),
+for name, c in [("in flight", k.tile_config(128, 128, 128, 4, 3, persistent=True, tma=True, occupancy=2, flatten=False,
+                                            async_mma=True)),
                 ("flattened", k.tile_config(128, 128, 128, 4, 3, persistent=True, tma=True, occupancy=2, flatten=True,
                                             async_mma=True))]:
     const = {**flags, **c.kwargs}
@@ -136,5 +170,6 @@ def test_qgemm_keeps_its_int8_mmas_in_flight_on_sm90(tmp_path):
     lines = dict(line.split(" [", 1) for line in run.stdout.splitlines())
     # one wait in the loop that leaves the step's MMAs running, one after it before the epilogue reads them
     assert lines["in flight"] == "'0', '1'] 8"
-    # a flattened tile loop resets its accumulator with a select inside the loop: left synchronous
-    assert lines["flattened"] == "'0'] 8"
+    # a flattened tile loop: its accumulator reset became the MMA's flag (Triton's accumulator-init pass, run
+    # ahead of the pipeliner for marked kernels), and its epilogue, inside the loop, waits for the MMAs first
+    assert lines["flattened"] == "'0', '0', '1'] 8"

@@ -274,10 +274,9 @@ def tile_config(bm, bn, bk, warps, stages, persistent=False, tma=False, group_m=
                 occupancy=1, tma_store=False, async_mma=False) -> triton.Config:
     """A ``qgemm`` tile: BLOCK_M x BLOCK_N x BLOCK_K, warps, pipeline stages, persistent grid (``occupancy``
     programs per SM), TMA loads, warp specialization (of the tile loop when persistent, else of the K loop),
-    flattened tile loop (default: persistent without warp specialization and without ``async_mma``), the
-    output stored by TMA, int8 MMAs kept in flight on Hopper (``backends/cuda/wgmma.py``; a flattened loop
-    resets its accumulator with a select the MMA would still be writing, so it stays synchronous)."""
-    flatten = persistent and not ws and not async_mma if flatten is None else flatten
+    flattened tile loop (default: persistent without warp specialization), the output stored by TMA, int8 MMAs
+    kept in flight across K steps on Hopper (``backends/cuda/wgmma.py``)."""
+    flatten = persistent and not ws if flatten is None else flatten
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m,
                           "PERSISTENT": persistent, "TMA": tma, "FLATTEN": flatten, "WS_TILES": ws and persistent,
                           "WS_K": ws and not persistent, "OCCUPANCY": occupancy, "TMA_STORE": tma_store,
@@ -306,10 +305,11 @@ QGEMM_CONFIGS = [
     # an fp16 tile to store takes the shared memory a second program needs, and loses (qkv 0.284 against
     # 0.225 ms). With TMA stores, two stages or 8 warps on 128 x 128 lost at every d16 shape.
     tile_config(128, 128, 128, 4, 3, persistent=True, tma=True, occupancy=2, tma_store=True),
-    # Hopper, int8 MMAs kept in flight across K steps (backends/cuda/wgmma.py; the tile loop not flattened)
+    # Hopper, int8 MMAs kept in flight across K steps (backends/cuda/wgmma.py)
     tile_config(128, 128, 128, 4, 3, persistent=True, tma=True, occupancy=2, async_mma=True),
+    tile_config(128, 128, 128, 4, 3, persistent=True, tma=True, occupancy=2, flatten=False, async_mma=True),
     tile_config(128, 128, 128, 4, 3, persistent=True, tma=True, occupancy=2, tma_store=True, async_mma=True),
-    tile_config(128, 128, 128, 4, 3, async_mma=True),
+    tile_config(128, 256, 128, 8, 3, async_mma=True),
     tile_config(128, 256, 128, 8, 3, persistent=True, tma=True, async_mma=True),
 ]
 # The interpreter runs one small tile: tests need no tuning and stay fast.
@@ -370,7 +370,8 @@ def _check_fp8(device: torch.device) -> None:
 def qkv_tiles(head_dim: int, width: int = 128) -> dict:
     """``width``: the Hopper tile's columns, a multiple of ``head_dim`` dividing C (``qkv_config`` checks)."""
     # not flattened: Triton 3.6 fails to compile the epilogue's branches inside a flattened tile loop
-    return {"hopper": tile_config(128, width, 128, 4, 3, persistent=True, tma=True, occupancy=2, flatten=False),
+    return {"hopper": tile_config(128, width, 128, 4, 3, persistent=True, tma=True, occupancy=2, flatten=False,
+                                  async_mma=ASYNC_MMA),
             "ampere": tile_config(128, head_dim, 64, 4, 4), "small": tile_config(64, head_dim, 128, 4, 4),
             "interpret": tile_config(32, head_dim, 32, 4, 1)}
 
@@ -379,10 +380,13 @@ def qkv_config(m: int, n: int, head_dim: int, device):
     """The tile of a qkv epilogue, or None: the head size must be a power of two in [16, 128] dividing N / 3."""
     if n % 3 or head_dim not in (16, 32, 64, 128) or (n // 3) % head_dim:
         return None
-    kind = ("interpret" if INTERPRET else "small" if m <= 256 else
-            "hopper" if torch.cuda.get_device_capability(device)[0] >= 9 else "ampere")
+    major = 9 if INTERPRET else torch.cuda.get_device_capability(device)[0]
+    kind = "interpret" if INTERPRET else "small" if m <= 256 else "hopper" if major >= 9 else "ampere"
     width = 128 if (n // 3) % 128 == 0 else head_dim  # head_dim divides 128 (checked above)
-    return qkv_tiles(head_dim, width)[kind]
+    tile = qkv_tiles(head_dim, width)[kind]
+    if major != 9:  # MMAs kept in flight are Hopper's
+        tile = triton.Config({**tile.kwargs, "ASYNC_MMA": False}, num_warps=tile.num_warps, num_stages=tile.num_stages)
+    return tile
 
 
 def qgemm(a, w, w_scale, colsum, a_scale, a_zero, bias=None, *, groups=None, tokens=1, gelu=False,
