@@ -43,16 +43,16 @@ CANDIDATES = [
     T(128, 128, 128, 8, 4, persistent=True, tma=True, tma_store=True),
     T(256, 128, 128, 8, 3, persistent=True, tma=True, tma_store=True),
 ]
-# Persistent tiles as they were (flattened, synchronous MMAs), flattened with the MMAs in flight, and in flight
-# without flattening; plain tiles without and with.
+# Persistent tiles flattened (their MMAs synchronous: the reset of a flattened loop's accumulator keeps them
+# so), not flattened, and not flattened with the MMAs in flight; plain tiles without and with.
 IN_FLIGHT = []
 for kw in ({"bm": 128, "bn": 128, "bk": 128, "warps": 4, "stages": 3, "occupancy": 2},
            {"bm": 128, "bn": 128, "bk": 128, "warps": 4, "stages": 3, "occupancy": 2, "tma_store": True},
            {"bm": 128, "bn": 256, "bk": 128, "warps": 8, "stages": 3},
            {"bm": 256, "bn": 128, "bk": 128, "warps": 8, "stages": 3},
            {"bm": 128, "bn": 256, "bk": 64, "warps": 8, "stages": 4}):
-    IN_FLIGHT += [T(**kw, persistent=True, tma=True), T(**kw, persistent=True, tma=True, async_mma=True),
-                  T(**kw, persistent=True, tma=True, flatten=False, async_mma=True)]
+    IN_FLIGHT += [T(**kw, persistent=True, tma=True), T(**kw, persistent=True, tma=True, flatten=False),
+                  T(**kw, persistent=True, tma=True, async_mma=True)]
 for kw in ({"bm": 128, "bn": 128, "bk": 128, "warps": 4, "stages": 3},
            {"bm": 128, "bn": 256, "bk": 128, "warps": 8, "stages": 3},
            {"bm": 256, "bn": 128, "bk": 128, "warps": 8, "stages": 3}):

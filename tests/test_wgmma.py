@@ -57,34 +57,8 @@ def test_rewrites_the_marked_int8_loop():
     assert text.count("pendings = 0") == 1
 
 
-def test_a_flattened_loops_epilogue_waits_for_the_mmas_first():
-    """A flattened tile loop reads the accumulator in its epilogue, an ``scf.if`` taken at a tile's last K step:
-    each of its regions that reads it waits first; the loop's other steps leave the MMAs running."""
-    epilogue = ["      scf.if %last {",
-                f"        %e = arith.sitofp %acc_73#0 : {ACC}",
-                "        tt.store %out, %e",
-                "      } else {",
-                f"        %f = arith.addi %acc_73#0, %acc_73#0 : {ACC}",
-                "      } loc(#loc7)"]
-    text, n = wgmma.make_async(_loop(region=epilogue))
-    assert n == 1
-    lines = text.splitlines()
-    start = lines.index("      scf.if %last {")
-    assert lines[start:start + 8] == [
-        "      scf.if %last {",
-        f"        %arvgq_mma0_0 = ttng.warp_group_dot_wait %acc_73#0 {{pendings = 0 : i32}} : {ACC}",
-        f"        %e = arith.sitofp %arvgq_mma0_0 : {ACC}",
-        "        tt.store %out, %e",
-        "      } else {",
-        f"        %arvgq_mma0_1 = ttng.warp_group_dot_wait %acc_73#0 {{pendings = 0 : i32}} : {ACC}",
-        f"        %f = arith.addi %arvgq_mma0_1, %arvgq_mma0_1 : {ACC}",
-        "      } loc(#loc7)"]
-    assert "%acc_73:3 = ttng.warp_group_dot_wait %acc_72, %a_70, %b_71 {pendings = 1 : i32}" in text
-    assert text.count("pendings = 0") == 3  # the two regions' and the one after the loop
-
-
 @pytest.mark.parametrize("case", ["unmarked", "fp32 accumulator", "accumulator read in the loop",
-                                  "a load before the wait", "read in a nested loop"])
+                                  "a load before the wait", "read in an epilogue in the loop"])
 def test_leaves_other_loops_as_triton_wrote_them(case):
     loop = {"unmarked": lambda: _loop(mark=False),
             "fp32 accumulator": lambda: _loop(acc="tensor<128x128xf32, #mma>",
@@ -96,9 +70,9 @@ def test_leaves_other_loops_as_triton_wrote_them(case):
             "a load before the wait": lambda: _loop(
                 load_before="      %l0 = ttg.async_copy_global_to_local %p, %buf0 : tensor<128x128x!tt.ptr<i8>> -> "
                             + SMEM),
-            # only an ``scf.if`` region gets a wait: a nested loop would read the accumulator at every trip
-            "read in a nested loop": lambda: _loop(region=[
-                "      scf.for %j = %c0_i32 to %n step %c1_i32  : i32 {",
+            # a flattened tile loop's epilogue, nested in the loop
+            "read in an epilogue in the loop": lambda: _loop(region=[
+                "      scf.if %last {",
                 f"        %e = arith.sitofp %acc_73#0 : {ACC}",
                 "      }"])}[case]()
     text, n = wgmma.make_async(loop)
@@ -170,6 +144,5 @@ def test_qgemm_keeps_its_int8_mmas_in_flight_on_sm90(tmp_path):
     lines = dict(line.split(" [", 1) for line in run.stdout.splitlines())
     # one wait in the loop that leaves the step's MMAs running, one after it before the epilogue reads them
     assert lines["in flight"] == "'0', '1'] 8"
-    # a flattened tile loop: its accumulator reset became the MMA's flag (Triton's accumulator-init pass, run
-    # ahead of the pipeliner for marked kernels), and its epilogue, inside the loop, waits for the MMAs first
-    assert lines["flattened"] == "'0', '0', '1'] 8"
+    # a flattened tile loop resets its accumulator with a select inside the loop: left synchronous
+    assert lines["flattened"] == "'0'] 8"
