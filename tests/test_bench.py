@@ -155,13 +155,16 @@ def test_nvml_meter_reads_the_gpu_or_says_why_not():
         assert m is None and "NVML" in why
         return
     x, y = (torch.randn(4096, 4096, device="cuda", dtype=torch.float16) for _ in range(2))
-    # about 50 ms a call, 500 ms in all: several updates of the energy counter (about every 100 ms)
+    # about 50 ms a call, 1 s in all: several updates of the energy counter (about every 100 ms)
     run = Runner("mm", lambda _: [torch.mm(x, x, out=y) for _ in range(250)], lambda t: t, 0, "cuda", torch.float16)
-    assert measure([run], warmup=1, repeats=10, order="blocked") == ""  # H100/H200: clocks and energy
-    assert len(run.clocks_mhz) == 10 and all(300 <= c <= 3000 for c in run.clocks_mhz)
-    # GEMMs back to back: a busy GPU, under its power cap (700 W for an H100 or H200 SXM)
-    power = torch.cuda.get_device_properties(0).name, run.power_w
-    assert 100 < run.power_w < 750, power
+    assert measure([run], warmup=1, repeats=20, order="blocked") == ""  # H100/H200: clocks and energy
+    assert len(run.clocks_mhz) == 20 and all(300 <= c <= 3000 for c in run.clocks_mhz)
+    # GEMMs back to back: a busy GPU, under its power cap (700 W for an H100 or H200 SXM). The counter's moves are
+    # timed to within a call at each end of the window (an H100 read 806 W over 10 calls of 46-74 ms): the bound
+    # allows the window that much shorter than the energy's.
+    slack = 2 * max(run.times) / (sum(run.times) - 2 * max(run.times))
+    power = torch.cuda.get_device_properties(0).name, run.power_w, slack
+    assert 100 < run.power_w < 700 * (1 + slack), power
 
 
 def test_energy_is_measured_over_a_blocked_run_only(monkeypatch):

@@ -356,8 +356,8 @@ def test_cuda_graphs_equal_eager(family):
         # fused: q and k normalized from the GEMM's float32 sums, the attention quantized from float32 instead of
         # its fp16 output: codes across rounding boundaries, another draw of the quantization noise (the bound of
         # test_lowered_graph_on_cuda_equals_fake_quant)
-        fp_out = outputs(fp, inputs)
-        assert _sqnr_to(expected, fused(*inputs)) > _sqnr_to(fp_out, expected) - 5
+        fp_out, expected = outputs(fp, inputs), [t.float().cpu() for t in expected]
+        assert _sqnr_to(expected, [t.float().cpu() for t in fused(*inputs)]) > _sqnr_to(fp_out, expected) - 5
         caches |= {got[j].data_ptr() for j in graphed.state.values()}
     assert len(graphed._graphs) == len({tuple(t.shape for t in inputs) for inputs in steps})
     assert len(caches) == 2  # one buffer per cache, shared by every captured graph
