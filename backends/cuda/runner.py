@@ -157,9 +157,13 @@ class CudaStep:
         if not t.is_floating_point():
             raise UserError(f"input {i}: an int8 KV cache that is not this step's own buffer (its scales are "
                             f"unknown); pass back the cache the step returned, or a float cache")
-        codes, scales = kv_quantize(t.to(self.device))
-        buf.copy_(codes)
-        self._scales[i, tuple(t.shape)].copy_(scales)
+        scale_buf = self._scales[i, tuple(t.shape)]
+        # a layer at a time: the float32 temporaries of a whole VAR-d16 cache at batch 64 (2.9 GB in fp16) took
+        # 16 GB at a generation's first step (H100, BENCHMARKS.md)
+        for layer in range(t.shape[0]):
+            codes, scales = kv_quantize(t[layer].to(self.device))
+            buf[layer].copy_(codes)
+            scale_buf[layer].copy_(scales)
 
     def _same_mask(self, captured: _Captured, t: torch.Tensor) -> bool:
         if _identity(t) == captured.mask_id:
