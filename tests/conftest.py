@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -31,3 +33,18 @@ torch.set_num_threads(1)
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture
+def compiled_script(tmp_path):
+    """Runs a Python script in a fresh process whose Triton compiles instead of interpreting (a GPU binary needs
+    no GPU: Triton ships ptxas), with its own cache; returns what it printed, or fails with its error."""
+    def run(script: str) -> str:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env.update(TRITON_CACHE_DIR=str(tmp_path), PYTHONPATH=root)
+        done = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                              timeout=300, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+    return run

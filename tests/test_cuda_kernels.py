@@ -690,13 +690,8 @@ for arch, c, kv8, out in [(90, k.ATTENTION_CONFIGS[3], True, "fp16"), (80, k.ATT
 """
 
 
-def test_kernels_compile_for_gpus(tmp_path):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(tmp_path), PYTHONPATH=root)
-    run = subprocess.run([sys.executable, "-c", _COMPILE], cwd=root, env=env, capture_output=True, text=True,
-                         timeout=300, check=False)
-    assert run.returncode == 0, run.stderr[-3000:]
+def test_kernels_compile_for_gpus(compiled_script):
+    compiled_script(_COMPILE)
 
 
 # --------------------------------------------------------------------------------- GPU, moderate sizes

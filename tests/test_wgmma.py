@@ -4,10 +4,6 @@ The rewrite is text to text, so its rules are tested on hand-written loops; that
 kernel is tested by compiling ``qgemm`` for sm90 without a GPU (Triton ships ptxas) and reading the PTX. That the
 kernels it builds compute the same numbers is a GPU test (tests/test_cuda_kernels.py, every in-flight tile).
 """
-import os
-import subprocess
-import sys
-
 import pytest
 
 pytest.importorskip("triton", reason="triton is not installed")
@@ -134,14 +130,8 @@ for name, c in [("in flight", k.tile_config(128, 128, 128, 4, 3, persistent=True
 """
 
 
-def test_qgemm_keeps_its_int8_mmas_in_flight_on_sm90(tmp_path):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(tmp_path), PYTHONPATH=root)
-    run = subprocess.run([sys.executable, "-c", _COMPILE], cwd=root, env=env, capture_output=True, text=True,
-                         timeout=300, check=False)
-    assert run.returncode == 0, run.stderr[-3000:]
-    lines = dict(line.split(" [", 1) for line in run.stdout.splitlines())
+def test_qgemm_keeps_its_int8_mmas_in_flight_on_sm90(compiled_script):
+    lines = dict(line.split(" [", 1) for line in compiled_script(_COMPILE).splitlines())
     # one wait in the loop that leaves the step's MMAs running, one after it before the epilogue reads them
     assert lines["in flight"] == "'0', '1'] 8"
     # a flattened tile loop resets its accumulator with a select inside the loop: left synchronous
