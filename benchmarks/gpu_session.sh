@@ -76,6 +76,9 @@ case "$1" in
   next) set -- nvml step64blocked gen64_all ;;  # what the second session of 2026-12-07 left unrun on a GPU
   attn) set -- attention step64attn nvml ;;  # the third session of 2026-12-07: attention writing the codes
   mma) set -- inflight inflight_tests gemms ;;  # the fourth session of 2026-12-07: int8 MMAs kept in flight
+  issue1) set -- gemms step64both decode ;;  # issue #16's tables on a new GPU (an H200), in three calls: 1 of 3
+  issue2) set -- gen64_all step16_100 ;;  # 2 of 3 (the parts' limits sum to 570 s)
+  issue3) set -- gen16 gen100 ;;  # 3 of 3; then SUITE_S=450 ... suite
   all) set -- smoke step64fp8 suite gemms ;;
   final) set -- suite decode gen16 ;;
   measure|step|step2|final2) set -- step64fp8 step16_100 backend_tests ;;
