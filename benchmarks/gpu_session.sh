@@ -58,6 +58,8 @@ part() {
     gen16) bench var_d16_all 300 --model var-d16 --steps all --batch 16 --repeats 5 --warmup 2 --backends $FP16_INT8 ;;
     gen100) bench var_d16_all_b100 300 --model var-d16 --steps all --batch 100 --repeats 4 --warmup 2 \
       --backends $FP16_INT8 ;;
+    gen16_100) bench var_d16_all_b16_b100 330 --model var-d16 --steps all --batch 16,100 --repeats 3 --warmup 1 \
+      --backends torch-fp16-graphs,cuda-int8,cuda-fp8 ;;  # the whole generation at the issue's other batches, FP8 too
     gen64) bench var_d16_all_b64 300 --model var-d16 --steps all --batch 64 --repeats 5 --warmup 2 --profile \
       --backends $FP16_INT8 ;;
     gen64_all) bench var_d16_all_b64_all 330 --model var-d16 --steps all --batch 64 --repeats 3 --warmup 1 \
@@ -66,6 +68,8 @@ part() {
     gemms) timeout 90 python benchmarks/gemm_bench.py --json "$OUT/gemm.json" 2>&1 | tail -25 ;;
     inflight) timeout 300 python benchmarks/qgemm_sweep.py --tiles in-flight --dtypes int8,fp8 \
       --json "$OUT/qgemm_inflight.json" 2>&1 | grep -v "^precompiled" | tail -60 ;;  # int8 MMAs in flight: the A/B
+    tiles) python -c "import json; from backends.cuda import kernels; json.dump(kernels.autotune_cache(), \
+      open('$OUT/tiles.json', 'w'), indent=1)" && echo "tiles: $(grep -c '\"key\"' "$OUT/tiles.json") tuned shapes" ;;  # every tuning of this machine
     inflight_tests) tests pytest_inflight 150 tests/test_cuda_kernels.py tests/test_wgmma.py ;;
     *) echo "unknown part: $1" >&2; exit 2 ;;
   esac
@@ -76,9 +80,10 @@ case "$1" in
   next) set -- nvml step64blocked gen64_all ;;  # what the second session of 2026-12-07 left unrun on a GPU
   attn) set -- attention step64attn nvml ;;  # the third session of 2026-12-07: attention writing the codes
   mma) set -- inflight inflight_tests gemms ;;  # the fourth session of 2026-12-07: int8 MMAs kept in flight
-  issue1) set -- gemms step64both decode ;;  # issue #16's tables on a new GPU (an H200), in three calls: 1 of 3
+  issue1) set -- gemms step64both decode tiles ;;  # issue #16's tables on a new GPU (an H200), in three calls: 1 of 3
   issue2) set -- gen64_all step16_100 ;;  # 2 of 3 (the parts' limits sum to 570 s)
   issue3) set -- gen16 gen100 ;;  # 3 of 3; then SUITE_S=450 ... suite
+  issue23) set -- step16_100 gen16_100 ;;  # issue2 and issue3 less gen64_all, in one call (the fifth session of 2026-12-07)
   all) set -- smoke step64fp8 suite gemms ;;
   final) set -- suite decode gen16 ;;
   measure|step|step2|final2) set -- step64fp8 step16_100 backend_tests ;;
