@@ -50,6 +50,8 @@ part() {
       --backends torch-fp16-graphs,cuda-int8,cuda-fp8 ;;
     step16_100) bench var_d16_last_b16_b100 240 --model var-d16 --batch 16,100 --repeats 15 --warmup 3 \
       --backends torch-fp16-graphs,cuda-int8,cuda-fp8 ;;
+    step100) bench var_d16_last_b100 330 --model var-d16 --batch 100 --repeats 15 --warmup 3 --profile \
+      --backends torch-fp16-graphs,cuda-int8,cuda-fp8 ;;  # batch 100 alone: step16_100 outran its limit on a fresh machine
     decode) bench gpt_b_decode 80 --model gpt-b-decode --batch 64 --repeats 20 --warmup 3 --profile --backends $FP16_INT8 ;;
     decode_kv8) bench gpt_b_decode 80 --model gpt-b-decode --batch 64 --repeats 20 --warmup 3 --profile \
       --backends $FP16_INT8,cuda-int8-kv8 ;;
