@@ -72,6 +72,7 @@ part() {
       --json "$OUT/qgemm_inflight.json" 2>&1 | grep -v "^precompiled" | tail -60 ;;  # int8 MMAs in flight: the A/B
     tiles) python -c "import json; from backends.cuda import kernels; json.dump(kernels.autotune_cache(), \
       open('$OUT/tiles.json', 'w'), indent=1)" && echo "tiles: $(grep -c '\"key\"' "$OUT/tiles.json") tuned shapes" ;;  # every tuning of this machine
+    attention_tests) tests pytest_attention 100 tests/test_cuda_kernels.py -k attention ;;
     inflight_tests) tests pytest_inflight 150 tests/test_cuda_kernels.py tests/test_wgmma.py ;;
     *) echo "unknown part: $1" >&2; exit 2 ;;
   esac
