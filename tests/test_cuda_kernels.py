@@ -433,15 +433,16 @@ def test_kv_write_int8(T, dtype):
     assert (deq - value.float()).abs().max() <= value.float().abs().amax(-1, keepdim=True).max() / 254 * 1.01
 
 
-@pytest.mark.parametrize("T,masked", [(1, False), (1, True), (7, True), (40, False)])
+# n: whole key blocks and a partial last one (45), or whole blocks only (48, 32: the kernel's tail block skipped)
+@pytest.mark.parametrize("T,masked,n", [(1, False, 45), (1, True, 45), (7, True, 48), (40, False, 32)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("kv8", [False, True], ids=["fp-cache", "int8-cache"])
-def test_attention(T, masked, dtype, kv8):
+def test_attention(T, masked, n, dtype, kv8):
     """Attention over the caches = SDPA over them (int8 ones dequantized; first ``n`` keys; an additive mask
     broadcast over batch and heads), to float tolerance, as ``[B, T, H, D]``; queries a strided view as the
     traced step has them."""
     gen = _gen(32)
-    B, H, L, D, n = 2, 3, 50, 24, 45
+    B, H, L, D = 2, 3, 50, 24
     (k, ks), (v, vs) = _int8_cache(B, H, L, D, gen), _int8_cache(B, H, L, D, gen)
     if not kv8:
         k, v, ks, vs = ref.kv_dequantize(k, ks, dtype), ref.kv_dequantize(v, vs, dtype), None, None
@@ -748,6 +749,21 @@ def test_gpu_qgemm_in_flight_mmas_exact(config):
                         torch.tensor([5.0], device="cuda"), out_dtype=torch.float16, config=config)
     exact = a.long() @ w.long().t() - 5 * w.long().sum(1)
     assert torch.equal(out.cpu(), exact.float().half())
+
+
+@gpu
+@pytest.mark.parametrize("n", [680, 640], ids=["partial-last-block", "whole-blocks"])
+@pytest.mark.parametrize("config", kernels.ATTENTION_CONFIGS, ids=lambda c: f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}"
+                         f"w{c.num_warps}s{c.num_stages}")
+def test_gpu_attention_tiles(config, n):
+    """Every attention tile at VAR's last-scale shape (256 queries over 680 cached keys: whole key blocks and a
+    partial last one; 640: whole blocks only), against the float32 reference."""
+    gen = _gen(37)
+    B, H, T, L, D = 2, 4, 256, 704, 64
+    q = torch.randn(B, T, H, D, generator=gen).transpose(1, 2).half()
+    k, v = (torch.randn(B, H, L, D, generator=gen).half() for _ in range(2))
+    got = kernels.attention(q.cuda(), k.cuda(), v.cuda(), None, n, D ** -0.5, config=config)
+    _close(got, ref.attention(q.float(), k.float(), v.float(), None, n, D ** -0.5), rtol=2e-3)
 
 
 @gpu

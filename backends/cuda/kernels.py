@@ -701,13 +701,47 @@ def kv_write_int8(cache, scale, index, value) -> None:
 # ------------------------------------------------------------------------------------------ attention
 
 @triton.jit
-def _cache_tile(base, s_base, rows, n_ok, sl, offs_d, d_ok, dt, KV_INT8: tl.constexpr):
+def _cache_tile(base, s_base, rows, n_ok, sl, offs_d, d_ok, dt, KV_INT8: tl.constexpr, TAIL: tl.constexpr):
     """Cached rows ``[BLOCK_N, BLOCK_D]`` in ``dt``: as stored, or int8 codes times their row's scale (the
-    reference's dequantization)."""
-    x = tl.load(base + rows[:, None] * sl + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0)
+    reference's dequantization). Only the ``TAIL`` block masks its rows (``d_ok`` is all true and folded away
+    when ``BLOCK_D == D``)."""
+    if TAIL:
+        mask = n_ok[:, None] & d_ok[None, :]
+    else:
+        mask = d_ok[None, :]
+    x = tl.load(base + rows[:, None] * sl + offs_d[None, :], mask=mask, other=0)
     if KV_INT8:
         x = (x.to(tl.float32) * tl.load(s_base + rows, mask=n_ok, other=0.0)[:, None]).to(dt)
     return x
+
+
+@triton.jit
+def _attend(q, start, m_i, l_i, acc, k_base, ks_base, v_base, vs_base, mask_base, offs_m, m_ok, offs_d, d_ok, N_KEYS,
+            qk_scale, sk_l, sv_l, sm_t, sm_l, dt, HAS_MASK: tl.constexpr, KV_INT8: tl.constexpr, TAIL: tl.constexpr,
+            BLOCK_N: tl.constexpr):
+    """One block of keys of the online softmax (base 2). The running maximum ``m_i`` is of the unscaled scores:
+    the scale (``qk_scale`` = softmax scale * log2(e), positive) is applied inside the exponent, one fused
+    multiply-add a score. Only the ``TAIL`` block (the last, partial one) masks keys past ``N_KEYS``: the full
+    blocks spend no selects."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N_KEYS
+    rows = offs_n.to(tl.int64)
+    k = _cache_tile(k_base, ks_base, rows, n_ok, sk_l, offs_d, d_ok, dt, KV_INT8, TAIL)
+    s = tl.dot(q, tl.trans(k))
+    if HAS_MASK:  # the additive mask in unscaled units
+        am = tl.load(mask_base + offs_m.to(tl.int64)[:, None] * sm_t + rows[None, :] * sm_l,
+                     mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        s += am.to(tl.float32) * (1.4426950408889634 / qk_scale)
+    if TAIL:
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that sees nothing yet
+    p = tl.exp2(s * qk_scale - (m_safe * qk_scale)[:, None])
+    alpha = tl.exp2((m_i - m_safe) * qk_scale)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = _cache_tile(v_base, vs_base, rows, n_ok, sv_l, offs_d, d_ok, dt, KV_INT8, TAIL)
+    acc = acc * alpha[:, None] + tl.dot(p.to(dt), v)
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -734,28 +768,19 @@ def _attention_kernel(q_ptr, k_ptr, ks_ptr, v_ptr, vs_ptr, mask_ptr, out_ptr, gr
     dt = q.dtype
     k_base, v_base = k_ptr + b * sk_b + h * sk_h, v_ptr + b * sv_b + h * sv_h
     ks_base, vs_base = ks_ptr + b * sks_b + h * sks_h, vs_ptr + b * svs_b + h * svs_h
+    mask_base = mask_ptr + b * sm_b + h * sm_h
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    for start in range(0, N_KEYS, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N_KEYS
-        rows = offs_n.to(tl.int64)
-        k = _cache_tile(k_base, ks_base, rows, n_ok, sk_l, offs_d, d_ok, dt, KV_INT8)
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # log2 units: qk_scale = softmax scale * log2(e)
-        if HAS_MASK:
-            am = tl.load(mask_ptr + b * sm_b + h * sm_h + offs_m.to(tl.int64)[:, None] * sm_t + rows[None, :] * sm_l,
-                         mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-            s += am.to(tl.float32) * 1.4426950408889634
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that sees nothing yet
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = _cache_tile(v_base, vs_base, rows, n_ok, sv_l, offs_d, d_ok, dt, KV_INT8)
-        acc = acc * alpha[:, None] + tl.dot(p.to(dt), v)
-        m_i = m_new
+    n_full = (N_KEYS // BLOCK_N) * BLOCK_N
+    for start in range(0, n_full, BLOCK_N):
+        m_i, l_i, acc = _attend(q, start, m_i, l_i, acc, k_base, ks_base, v_base, vs_base, mask_base, offs_m, m_ok,
+                                offs_d, d_ok, N_KEYS, qk_scale, sk_l, sv_l, sm_t, sm_l, dt, HAS_MASK, KV_INT8, False,
+                                BLOCK_N)
+    if n_full < N_KEYS:
+        m_i, l_i, acc = _attend(q, n_full, m_i, l_i, acc, k_base, ks_base, v_base, vs_base, mask_base, offs_m, m_ok,
+                                offs_d, d_ok, N_KEYS, qk_scale, sk_l, sv_l, sm_t, sm_l, dt, HAS_MASK, KV_INT8, True,
+                                BLOCK_N)
     out = acc / l_i[:, None]
     # out [B, T, H, D] contiguous: row b * T + t of [B * T, H * D]
     o = out_ptr + ((b * T + offs_m.to(tl.int64)[:, None]) * H + h) * D + offs_d[None, :]
