@@ -6,7 +6,9 @@ Per GEMM: cuBLAS FP16 ``x @ w.t()`` (the 1.0x baseline), FP16 + bias (``F.linear
 (autotuned over ``kernels.QGEMM_CONFIGS``) with the whole epilogue (group gather, zero-point correction, bias;
 VAR's fc1 also GELU and a quantized output, as lowered), FP8 row-wise ``torch._scaled_mm`` (bf16 out, no bias)
 and ``torch._int_mm`` (int32 out, no epilogue). Times are ``triton.testing.do_bench`` medians (L2 flushed
-before each run). The JSON also holds the autotuner's timing of every candidate tile per shape.
+before each run); decode rows (at most ``GRAPH_ROWS``), whose kernels take a few microseconds, replay each call
+from a CUDA graph (``do_bench_cudagraph``, L2 not flushed) as the decode step does, so Python's launch is not
+what they time. The JSON also holds the autotuner's timing of every candidate tile per shape.
 """
 from __future__ import annotations
 
@@ -20,12 +22,13 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 import torch.nn.functional as F
 import triton
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from backends.cuda import kernels
 
 DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+GRAPH_ROWS = 256  # decode rows and below: timed from CUDA graphs
 
 
 def blocks():
@@ -68,7 +71,10 @@ def operands(M, K, N, epilogue, dtype):
     return args
 
 
-def bench(fn):
+def bench(fn, graphs=False):
+    """``graphs``: ``do_bench_cudagraph`` warms up (the autotuner tunes and compiles) before it captures."""
+    if graphs:
+        return do_bench_cudagraph(fn, rep=40, return_mode="median")
     return do_bench(fn, warmup=10, rep=40, return_mode="median")
 
 
@@ -131,8 +137,8 @@ def run_gemm(M, K, N, epilogue):
     res = {}
     for name, fn in impls.items():
         try:
-            ms = bench(fn)
-            res[name] = {"ms": ms, "tflops": flop / ms * 1e-9}
+            ms = bench(fn, graphs=M <= GRAPH_ROWS)
+            res[name] = {"ms": ms, "tflops": flop / ms * 1e-9, "timed": "cuda graph" if M <= GRAPH_ROWS else "launches"}
         except Exception as e:  # noqa: BLE001 - e.g. a torch op missing for this shape: report it
             res[name] = {"error": error(e)}
     base = res["cublas_fp16"]["ms"]
