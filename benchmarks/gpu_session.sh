@@ -46,6 +46,8 @@ part() {
       --backends $FP16_INT8,cuda-int8-unfused-qkv ;;  # the qkv epilogue's A/B
     step64attn) bench var_d16_last_attn 300 --model var-d16 --batch 64 --repeats 20 --warmup 5 --profile \
       --order interleaved,blocked --backends $FP16_INT8,cuda-int8-sdpa,cuda-int8-eager ;;  # attention writing codes: the A/B
+    step64res) bench var_d16_last_res 300 --model var-d16 --batch 64 --repeats 20 --warmup 5 --profile \
+      --order interleaved,blocked --backends $FP16_INT8,cuda-int8-norm-residual ;;  # the residual add's A/B
     step64fp8) bench var_d16_last 170 --model var-d16 --batch 64 --repeats 15 --warmup 3 --profile \
       --backends torch-fp16-graphs,cuda-int8,cuda-fp8 ;;
     step16_100) bench var_d16_last_b16_b100 240 --model var-d16 --batch 16,100 --repeats 15 --warmup 3 \
@@ -87,6 +89,7 @@ case "$1" in
   issue2) set -- gen64_all step16_100 ;;  # 2 of 3 (the parts' limits sum to 570 s)
   issue3) set -- gen16 gen100 ;;  # 3 of 3; then SUITE_S=450 ... suite
   issue23) set -- step16_100 gen16_100 ;;  # issue2 and issue3 less gen64_all, in one call (the fifth session of 2026-12-07)
+  residual) set -- step64res gemms ;;  # the sixth session of 2026-12-07: the residual add in the GEMM epilogues
   all) set -- smoke step64fp8 suite gemms ;;
   final) set -- suite decode gen16 ;;
   measure|step|step2|final2) set -- step64fp8 step16_100 backend_tests ;;

@@ -29,9 +29,10 @@ T = kernels.tile_config
 TILES = {"128x128 w4 s3 o2": T(128, 128, 128, 4, 3, persistent=True, tma=True, occupancy=2),
          "128x128 w8 s3 o1": T(128, 128, 128, 8, 3, persistent=True, tma=True)}
 FLAGS = {"HAS_BIAS": True, "HAS_GROUPS": True, "GELU": True, "QUANT_OUT": True, "EVEN_K": True, "OFFS64": False,
-         "QUANT_IN": False, "SWIGLU": False, "QKV": False, "NORM_QK": False, "HAS_GAIN": False, "HEAD_D": 1}
+         "QUANT_IN": False, "SWIGLU": False, "QKV": False, "NORM_QK": False, "HAS_GAIN": False, "HEAD_D": 1, "RESIDUAL": False, "HAS_RES_GAIN": False}
 FP16_OUT = {**FLAGS, "GELU": False, "QUANT_OUT": False}
 EPILOGUES = {"fc1 (bias, GELU, int8 out)": FLAGS, "fc2 (bias, fp16 out)": FP16_OUT,
+             "proj/fc2 (bias, residual add with gain, fp16 out)": {**FP16_OUT, "RESIDUAL": True, "HAS_RES_GAIN": True},
              "bare (fp16 out)": {**FP16_OUT, "HAS_BIAS": False, "HAS_GROUPS": False}}
 OPS = ["FFMA", "FMUL", "FADD", "IMAD", "IADD3", "LOP3", "SHF", "ISETP", "PRMT", "MUFU", "I2FP", "STG", "STS",
        "UTMASTG", "STL", "LDL"]
@@ -42,7 +43,8 @@ def cubin(flags: dict, config: triton.Config, arch: int, aligned: bool = True) -
     fn = kernels._qgemm_kernel
     const = {**flags, **config.kwargs}
     ptrs = {"a_ptr": "*i8", "w_ptr": "*i8", "out_ptr": "*i8" if flags["QUANT_OUT"] else "*fp16",
-            "groups_ptr": "*i32", "q_ptr": "*fp16", "kc_ptr": "*fp16", "vc_ptr": "*fp16", "index_ptr": "*i64"}
+            "groups_ptr": "*i32", "q_ptr": "*fp16", "kc_ptr": "*fp16", "vc_ptr": "*fp16", "index_ptr": "*i64",
+            "res_ptr": "*fp16", "res_gain_ptr": "*fp16"}
     floats = ("qmin", "qmax", "in_qmin", "in_qmax", "norm_eps")
     sig = {n: "constexpr" if n in const else ptrs.get(n, "*fp32") if n.endswith("_ptr")
            else "fp32" if n in floats else "i32" for n in fn.arg_names}

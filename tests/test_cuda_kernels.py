@@ -281,6 +281,29 @@ def test_round_half_to_even():
     assert torch.equal(out, ref.act_quant(x, act="none", **q))
 
 
+@pytest.mark.parametrize("config", [None, kernels.tile_config(16, 32, 32, 4, 2, persistent=True)],
+                         ids=["autotuned", "persistent"])
+@pytest.mark.parametrize("gain", [True, False])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
+def test_qgemm_adds_the_residual(config, gain, out_dtype):
+    """The epilogue's residual add ``residual + y * gain[image]`` (in two column halves of each tile; 40 columns:
+    the second tile's second half lies past N): as the reference's, and not ``y`` alone. The gain table is a
+    column chunk of a wider one, as AdaLN's linear gives it (strided rows, read in place)."""
+    gen = _gen(23)
+    args = _gemm_args(24, 64, 40, gen)
+    tables = torch.randn(3, 80, generator=gen)
+    res = {"residual": (torch.randn(24, 40, generator=gen) * 4).to(out_dtype), "gain": tables[:, :40] if gain else None}
+    out = kernels.qgemm(**_to(args, DEV), **_to(res, DEV), out_dtype=out_dtype, config=config)
+    expected = ref.qgemm(**args, **res, out_dtype=out_dtype)
+    plain = ref.qgemm(**args, out_dtype=torch.float32)
+    assert out.dtype == out_dtype and (expected.float() - plain).abs().max() > 1
+    _close(out, expected, rtol=1e-5 if out_dtype == torch.float32 else 1e-3)
+    with pytest.raises(ValueError, match="residual takes the projection's float output only"):
+        ops.qgemm(**args, **res, out_dtype=out_dtype, gelu=True)
+    with pytest.raises(ValueError, match="residual must be"):
+        ops.qgemm(**args, **{**res, "residual": res["residual"][:, :5]}, out_dtype=out_dtype)
+
+
 @FP8_GEMM
 def test_qgemm_fp8():
     args = _gemm_args(24, 64, 40, _gen(4), dtype=torch.float8_e4m3fn)
@@ -651,9 +674,10 @@ def build(fn, arch, const, ptrs, warps=4, stages=3):
                    options={"num_warps": warps, "num_stages": stages})
 
 flags = {"HAS_BIAS": True, "HAS_GROUPS": True, "GELU": True, "QUANT_OUT": True, "EVEN_K": False, "QUANT_IN": False,
-         "SWIGLU": False, "QKV": False, "NORM_QK": False, "HAS_GAIN": False, "HEAD_D": 1, "OFFS64": False}
+         "SWIGLU": False, "QKV": False, "NORM_QK": False, "HAS_GAIN": False, "HEAD_D": 1, "RESIDUAL": False, "HAS_RES_GAIN": False, "OFFS64": False}
 swiglu = {**flags, "GELU": False, "QUANT_IN": True, "SWIGLU": True}
 qkv = {**flags, "GELU": False, "QUANT_OUT": False, "QKV": True, "NORM_QK": True, "HAS_GAIN": True}
+residual = {**flags, "GELU": False, "QUANT_OUT": False, "RESIDUAL": True, "HAS_RES_GAIN": True}
 for arch, code, tile, f in [(90, "i8", (64, 64, 64, 4, 3), flags), (80, "i8", (64, 64, 64, 4, 3), {**flags, "OFFS64": True}),
                             (90, "fp8e4nv", (64, 64, 64, 4, 3, True, True), flags),
                             (89, "fp8e4nv", (64, 64, 64, 4, 3), flags), (80, "i8", (64, 64, 64, 4, 3), flags),
@@ -661,11 +685,16 @@ for arch, code, tile, f in [(90, "i8", (64, 64, 64, 4, 3), flags), (80, "i8", (6
                             (90, "i8", k.tile_config(128, 128, 128, 4, 3, True, True, occupancy=2, tma_store=True),
                              flags),
                             (90, "i8", k.tile_config(128, 128, 128, 8, 3, True, True, tma_store=True), swiglu),
+                            (90, "i8", k.tile_config(128, 256, 128, 8, 3, True, True, async_mma=True), residual),
+                            (90, "fp8e4nv", k.tile_config(128, 128, 128, 4, 3, True, True, occupancy=2,
+                                                          tma_store=True), {**residual, "OFFS64": True}),
+                            (80, "i8", (128, 128, 64, 4, 4), residual),
                             *[(arch, "i8", k.qkv_tiles(64)[kind], {**qkv, "HEAD_D": 64})
                               for arch, kind in [(90, "hopper"), (80, "ampere")]]]:
     c = tile if isinstance(tile, triton.Config) else k.tile_config(*tile)
-    ptrs = {"a_ptr": "*fp16" if f["QUANT_IN"] else "*" + code, "w_ptr": "*" + code, "out_ptr": "*" + code,
-            "groups_ptr": "*i32", "q_ptr": "*fp16", "kc_ptr": "*fp16", "vc_ptr": "*fp16", "index_ptr": "*i64"}
+    ptrs = {"a_ptr": "*fp16" if f["QUANT_IN"] else "*" + code, "w_ptr": "*" + code,
+            "out_ptr": "*" + code if f["QUANT_OUT"] else "*fp16", "groups_ptr": "*i32", "q_ptr": "*fp16",
+            "kc_ptr": "*fp16", "vc_ptr": "*fp16", "index_ptr": "*i64", "res_ptr": "*fp16", "res_gain_ptr": "*fp16"}
     build(k._qgemm_kernel, arch, {**f, **c.kwargs}, ptrs, c.num_warps, c.num_stages)
 q = {"HAS_GROUPS": True, "BLOCK_M": 4, "BLOCK_K": 1024}
 build(k._layernorm_quant_kernel, 90, {**q, "HAS_WEIGHT": True, "HAS_BIAS": True, "HAS_MOD_SCALE": True,
@@ -749,6 +778,25 @@ def test_gpu_qgemm_in_flight_mmas_exact(config):
                         torch.tensor([5.0], device="cuda"), out_dtype=torch.float16, config=config)
     exact = a.long() @ w.long().t() - 5 * w.long().sum(1)
     assert torch.equal(out.cpu(), exact.float().half())
+
+
+LARGE_TILES = [c for c in kernels.QGEMM_CONFIGS if c.kwargs["BLOCK_M"] >= 128 and not c.kwargs["TMA_STORE"]]
+
+
+@gpu
+@pytest.mark.parametrize("config", LARGE_TILES, ids=lambda c: f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}w{c.num_warps}"
+                         f"P{int(c.kwargs['PERSISTENT'])}T{int(c.kwargs['TMA'])}A{int(c.kwargs['ASYNC_MMA'])}")
+def test_gpu_qgemm_residual_tiles(config):
+    """The residual epilogue (two column halves a tile) on every large tile the autotuner may give proj and fc2:
+    VAR's widths, rows of 16 images of 256 tokens less 40 (a partial row tile), a strided per-image gain."""
+    if (config.kwargs["TMA"] or config.kwargs["ASYNC_MMA"]) and not SM90:
+        pytest.skip("TMA and in-flight tiles need a Hopper GPU (sm90)")
+    gen = _gen(24)
+    M, K, N, tokens = 16 * 256 - 40, 1024, 1024, 256
+    args = {**_gemm_args(M, K, N, gen), "groups": torch.randint(0, 3, (tokens,), generator=gen), "tokens": tokens}
+    res = {"residual": (torch.randn(M, N, generator=gen) * 4).half(), "gain": torch.randn(16, 2 * N, generator=gen)[:, N:]}
+    out = kernels.qgemm(**_to(args, "cuda"), **_to(res, "cuda"), config=config)
+    _close(out, ref.qgemm(**args, **res), rtol=1e-3)
 
 
 @gpu

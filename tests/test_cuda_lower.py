@@ -108,15 +108,16 @@ def test_lowered_graph_equals_fake_quant(family, recipe):
     fused = stats["fused"]
     if family in ("var", "mnist-var"):
         assert fused["adaln_layernorm"] > 0 and fused["gelu_epilogue"] > 0  # tanh-GELU into fc1's epilogue
-        # every norm but the first block's (it reads the step's input) takes the residual add before it
-        assert fused["residual_add"] == fused["adaln_layernorm"] - 1
+        # every norm but the first block's (it reads the step's input) takes the residual add before it, which
+        # goes into the epilogue of the qgemm before (proj, fc2)
+        assert fused["residual_epilogue"] == fused["adaln_layernorm"] - 1 and fused["residual_add"] == 0
     elif family == "rar":
         assert fused["adaln_layernorm"] > 0 and fused["gelu"] > 0  # erf GELU: act_quant
     else:
         assert fused["swiglu_epilogue"] > 0 and fused["swiglu"] == 0  # w1 and w3 in one qgemm, SwiGLU in its epilogue
         assert fused["qgemm_prologue"] > 0  # the attention output's quantizer, in proj's GEMM
         if recipe == "minmax":
-            assert fused["rmsnorm"] > 0 and 0 < fused["residual_add"] < fused["rmsnorm"]
+            assert fused["rmsnorm"] > 0 and 0 < fused["residual_add"] + fused["residual_epilogue"] < fused["rmsnorm"]
         else:  # sym-shift gave every RMSNorm a bias, which rmsnorm_quant cannot take
             assert fused["rmsnorm"] == 0 and all("bias" in u["reason"] for u in stats["unfused"])
     rel = []
@@ -195,9 +196,11 @@ def test_pass_runs_in_a_pipeline():
     assert "blocks.0.attn.mat_qkv.input_zero_point" not in tensors  # the fake-quant graph's tables are gone
 
 
-def test_residual_add_fused_into_the_next_norm():
-    """``s = x + f(x) * g`` then a LayerNorm -> codes: one op writes ``s`` and the codes; ``s`` still reaches its
-    later reader. A broadcast add (a gain over tokens here) runs unfused inside the op: same results."""
+@pytest.mark.parametrize("epilogue", [True, False], ids=["in-fc1-epilogue", "in-norm"])
+def test_residual_add_fused_into_the_next_norm(epilogue):
+    """``s = x + f(x) * g`` then a LayerNorm -> codes: ``s`` written once, by fc1's qgemm (``residual_epilogue``)
+    or with the codes by the norm's op; ``s`` still reaches its later reader. A broadcast add (a gain over tokens
+    here) runs unfused inside the op: same results."""
     from frontends.generic import ModelBundle
 
     class Block(torch.nn.Module):
@@ -214,8 +217,10 @@ def test_residual_add_fused_into_the_next_norm():
     for g in (torch.rand(2, 1, 32) + 0.5, torch.rand(2, 8, 32) + 0.5):  # per image (fused); per token
         b = ModelBundle("block", Block().eval(), (x, g), calib_inputs=[(x, g)])
         _, q, _ = quantize(b, "minmax", [(x, g)])
-        low, stats = lowered(q, min_rows=0)
-        assert stats["fused"]["residual_add"] == 1 and stats["fused"]["layernorm"] == 1
+        low, stats = lowered(q, min_rows=0, residual_epilogue=epilogue)
+        assert stats["fused"]["residual_epilogue" if epilogue else "residual_add"] == 1
+        assert stats["fused"]["residual_add" if epilogue else "residual_epilogue"] == 0
+        assert stats["fused"]["layernorm"] == 1
         assert not [n for n in low.graph.nodes if n.target in (operator.add, torch.add) and "fc1" in str(n.args)]
         with torch.no_grad():
             torch.testing.assert_close(low(x, g), q(x, g), rtol=1e-5, atol=1e-5)

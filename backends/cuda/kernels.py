@@ -128,10 +128,11 @@ def _quantize(y, g, inv_scale_ptr, zero_ptr, qmin, qmax, FP8: tl.constexpr):
 def _qgemm_kernel(a_ptr, w_ptr, out_ptr, w_scale_ptr, colsum_ptr, a_scale_ptr, a_zero_ptr, bias_ptr,
                   groups_ptr, out_inv_scale_ptr, out_zero_ptr, M, N, K, M_BUCKET, tokens, qmin, qmax,
                   a_inv_scale_ptr, in_qmin, in_qmax, q_ptr, kc_ptr, vc_ptr, index_ptr, gain_ptr, sc_b, sc_h, sc_l,
-                  norm_eps,
+                  norm_eps, res_ptr, res_gain_ptr, res_gain_stride,
                   HAS_BIAS: tl.constexpr, HAS_GROUPS: tl.constexpr, GELU: tl.constexpr,
                   QUANT_OUT: tl.constexpr, QUANT_IN: tl.constexpr, SWIGLU: tl.constexpr,
                   QKV: tl.constexpr, NORM_QK: tl.constexpr, HAS_GAIN: tl.constexpr, HEAD_D: tl.constexpr,
+                  RESIDUAL: tl.constexpr, HAS_RES_GAIN: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                   PERSISTENT: tl.constexpr, TMA: tl.constexpr, EVEN_K: tl.constexpr, FLATTEN: tl.constexpr,
                   WS_TILES: tl.constexpr, WS_K: tl.constexpr, OCCUPANCY: tl.constexpr,
@@ -220,6 +221,13 @@ def _qgemm_kernel(a_ptr, w_ptr, out_ptr, w_scale_ptr, colsum_ptr, a_scale_ptr, a
         if QKV:
             _qkv_epilogue(y, rows, row_ok, pid_n, N, tokens, q_ptr, kc_ptr, vc_ptr, index_ptr, gain_ptr, sc_b, sc_h,
                           sc_l, norm_eps, BLOCK_N, HEAD_D, NORM_QK, HAS_GAIN)
+        elif RESIDUAL:  # in two column halves: a whole tile's residual and gain beside the accumulator spill
+            y0, y1 = tl.split(tl.permute(tl.reshape(y, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            cols0 = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
+            _residual_epilogue(y0, rows, row_ok, cols0, N, tokens, out_ptr, res_ptr, res_gain_ptr, res_gain_stride,
+                               HAS_RES_GAIN, OFFS64)
+            _residual_epilogue(y1, rows, row_ok, cols0 + BLOCK_N // 2, N, tokens, out_ptr, res_ptr, res_gain_ptr,
+                               res_gain_stride, HAS_RES_GAIN, OFFS64)
         elif TMA_STORE:  # no per-element addresses or masks (the box's out-of-range part is dropped)
             o_desc = tl.make_tensor_descriptor(out_ptr, [M, N_OUT], [N_OUT, 1], [BLOCK_M, BLOCK_OUT])
             o_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_OUT], out)
@@ -230,6 +238,23 @@ def _qgemm_kernel(a_ptr, w_ptr, out_ptr, w_scale_ptr, colsum_ptr, a_scale_ptr, a
             else:  # int32: fewer address instructions (neither spills: benchmarks/qgemm_sass.py)
                 offs = rows[:, None] * N_OUT + cols_out[None, :]
             tl.store(out_ptr + offs, out, mask=row_ok[:, None] & (cols_out < N_OUT)[None, :])
+
+
+@triton.jit
+def _residual_epilogue(y, rows, row_ok, cols, N, tokens, out_ptr, res_ptr, gain_ptr, gain_stride,
+                       HAS_GAIN: tl.constexpr, OFFS64: tl.constexpr):
+    """``residual + y * gain[image]`` stored for the tile's ``cols``: the residual stream's add, which the next
+    norm's kernel would otherwise read ``y`` back for. Row m is image m // tokens."""
+    mask = row_ok[:, None] & (cols < N)[None, :]
+    if HAS_GAIN:
+        y = y * tl.load(gain_ptr + (rows // tokens)[:, None] * gain_stride + cols[None, :], mask=mask,
+                        other=0.0).to(tl.float32)
+    if OFFS64:
+        offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    else:
+        offs = rows[:, None] * N + cols[None, :]
+    y = y + tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -327,6 +352,7 @@ def _prune(configs, named_args, **kwargs):
     tma = major >= 9 and named_args["K"] % 16 == 0
     store = tma and named_args["N"] % 32 == 0  # the output's rows 16-byte aligned (N / 2 int8 for SwiGLU)
     in_flight = major == 9 and ASYNC_MMA
+    store = store and not kwargs.get("RESIDUAL")  # that epilogue stores by itself
     return [c for c in configs if (m <= 8192 if c.kwargs["BLOCK_M"] <= 64 else m > 256)
             and (tma or not c.kwargs["TMA"]) and (store or not c.kwargs["TMA_STORE"])
             and (in_flight or not c.kwargs["ASYNC_MMA"])]
@@ -348,7 +374,7 @@ def _offs64(args) -> bool:
 _heuristic = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
                                 "OFFS64": _offs64})(_qgemm_kernel)
 _autotuned = triton.autotune([_INTERPRET_CONFIG] if INTERPRET else QGEMM_CONFIGS,
-                             key=["N", "K", "M_BUCKET", "SWIGLU"], prune_configs_by={"early_config_prune": _prune},
+                             key=["N", "K", "M_BUCKET", "SWIGLU", "RESIDUAL"], prune_configs_by={"early_config_prune": _prune},
                              do_bench=functools.partial(do_bench, warmup=5, rep=20),
                              cache_results=True)(_heuristic)
 
@@ -392,7 +418,7 @@ def qkv_config(m: int, n: int, head_dim: int, device):
 
 def qgemm(a, w, w_scale, colsum, a_scale, a_zero, bias=None, *, groups=None, tokens=1, gelu=False,
           out_inv_scale=None, out_zero=None, qmin=-128, qmax=127, out_dtype=torch.float16, swiglu=False,
-          a_inv_scale=None, in_qmin=-128, in_qmax=127, qkv=None, config=None):
+          a_inv_scale=None, in_qmin=-128, in_qmax=127, qkv=None, residual=None, gain=None, config=None):
     """``reference.qgemm`` in one kernel (``reference.qgemm_qkv`` with ``qkv``: then it returns q). ``config``
     (a ``tile_config``) forces a tile instead of the autotuned one: for benchmarks and tests."""
     fp8 = w.dtype == torch.float8_e4m3fn
@@ -417,7 +443,8 @@ def qgemm(a, w, w_scale, colsum, a_scale, a_zero, bias=None, *, groups=None, tok
             _or(out_inv_scale, a_scale), _or(out_zero, a_scale), M, N, K, triton.next_power_of_2(M), tokens,
             float(qmin), float(qmax), _or(a_inv_scale, a_scale))
     flags = {"HAS_BIAS": bias is not None, "HAS_GROUPS": groups is not None, "GELU": gelu, "QUANT_OUT": quant,
-             "QUANT_IN": a_inv_scale is not None, "SWIGLU": swiglu, "QKV": qkv is not None}
+             "QUANT_IN": a_inv_scale is not None, "SWIGLU": swiglu, "QKV": qkv is not None,
+             "RESIDUAL": residual is not None, "HAS_RES_GAIN": gain is not None}
     q = None
     if qkv is None:
         args += (float(in_qmin), float(in_qmax), *[a_scale] * 5, 0, 0, 0, 0.0)
@@ -433,6 +460,7 @@ def qgemm(a, w, w_scale, colsum, a_scale, a_zero, bias=None, *, groups=None, tok
         config = config or qkv_config(M, N, head_dim, a.device)
         if config is None:
             raise ValueError(f"no qkv tile holds whole heads of {head_dim} within {N // 3} columns")
+    args += (_or(residual, a_scale), _or(gain, a_scale), _row_stride(gain))
     if config is None:
         _autotuned[grid](*args, **flags)
     else:

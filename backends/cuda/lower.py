@@ -28,6 +28,9 @@ is a quantizer of a lowered site (otherwise the float output stays and a standal
 - ``silu(a) * b`` of two lowered linears on the same codes (LlamaGen/PAR's w1 and w3) that feeds one
   lowered linear -> one qgemm over both weights, rows interleaved (``<w1>.gate_up_weight_int8``...), whose
   epilogue writes the third's input codes (``swiglu=True``); other SwiGLUs -> ``act="swiglu"``;
+- the residual stream's add before a norm, ``s = x + branch [* gain]`` (a per-image gain: VAR's AdaLN gammas), goes
+  into the epilogue of the qgemm that makes ``branch`` when only the add reads it (``residual=``, ``gain=``);
+  else into the norm's kernel (``add_layer_norm_q``, ``add_rms_norm_q``). Either way ``s`` is written once;
 - no producer to fuse into, one site: the site's ``qlinear`` takes the float activation (``a_inv_scale``)
   and the qgemm quantizes it tile by tile (at most ``PROLOGUE_ROWS`` rows on CUDA; a quantize kernel runs
   first above that).
@@ -58,6 +61,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from backends.cuda import ops
+from backends.cuda.reference import residual_sum
 from core.errors import PassError, UserError
 from core.qmath import fp8_codes, fp8_scale
 from passes import ops as qdq
@@ -147,17 +151,22 @@ def _(x, weight, eps, inv_scale, zero, groups, qmin, qmax, fp8):
 # The residual stream's add before a norm, in the norm's kernel: ``s = x + residual [* gain]`` is read once
 # and written once instead of an add kernel's two reads and a write followed by the norm's read.
 
+def _gain_table(x: Tensor, shape, dtype: torch.dtype, gain: OptTensor) -> tuple[bool, OptTensor]:
+    """``(True, per-image gain table or None)`` when ``x + r * gain`` (``r`` of ``shape`` and ``dtype``) is the add
+    the kernels fuse: equal 3-d shapes, x's dtype throughout, a gain per image or none. ``(False, None)`` for
+    another form (a broadcast add, a gain that varies over tokens): the op then adds unfused."""
+    if gain is not None:
+        dtype = torch.promote_types(dtype, gain.dtype)
+    if tuple(shape) != tuple(x.shape) or x.dim() != 3 or torch.promote_types(x.dtype, dtype) != x.dtype:
+        return False, None
+    table = None if gain is None else _per_image(gain, x)
+    return gain is None or table is not None, table
+
+
 def _residual_tables(x: Tensor, residual: Tensor, gain: OptTensor):
-    """``(rows of the residual, per-image gain table)``, or None when the add is not of that form (another
-    shape: a broadcast add; a gain that varies over tokens): the op then adds unfused."""
-    dtype = torch.promote_types(x.dtype, residual.dtype if gain is None
-                                else torch.promote_types(residual.dtype, gain.dtype))
-    if residual.shape != x.shape or x.dim() != 3 or dtype != x.dtype:
-        return None
-    if gain is None:
-        return residual.reshape(-1, x.shape[-1]), None
-    table = _per_image(gain, x)
-    return None if table is None else (residual.reshape(-1, x.shape[-1]), table)
+    """``(rows of the residual, per-image gain table)`` for a norm's kernel, or None (``_gain_table``)."""
+    ok, table = _gain_table(x, residual.shape, residual.dtype, gain)
+    return (residual.reshape(-1, x.shape[-1]), table) if ok else None
 
 
 def _unfused_sum(x: Tensor, residual: Tensor, gain: OptTensor) -> Tensor:
@@ -229,9 +238,18 @@ def gemm_input(a2: Tensor, a_inv_scale: OptTensor, a_zero: Tensor, groups: OptTe
 def qlinear(a: Tensor, w: Tensor, w_scale: Tensor, colsum: Tensor, a_scale: Tensor, a_zero: Tensor, bias: OptTensor,
             groups: OptTensor, gelu: bool = False, out_inv_scale: OptTensor = None, out_zero: OptTensor = None,
             qmin: int = -128, qmax: int = 127, min_rows: int = 0, out_dtype: torch.dtype = torch.float32,
-            swiglu: bool = False, a_inv_scale: OptTensor = None, in_qmin: int = -128, in_qmax: int = 127) -> Tensor:
+            swiglu: bool = False, a_inv_scale: OptTensor = None, in_qmin: int = -128, in_qmax: int = 127,
+            residual: OptTensor = None, gain: OptTensor = None) -> Tensor:
     """``ops.qgemm`` on the rows of ``a [..., K]`` (codes, or float with ``a_inv_scale``: its grid's quantizer
-    runs in the GEMM for few rows, as a kernel of its own else); a float GEMM for few rows on CUDA."""
+    runs in the GEMM for few rows, as a kernel of its own else); a float GEMM for few rows on CUDA. With
+    ``residual``: ``residual + out [* gain]``, the residual stream's add, in the GEMM's epilogue where it has that
+    form (``_gain_table``)."""
+    shape = (*a.shape[:-1], w.shape[0])
+    ok, table = (False, None) if residual is None else _gain_table(residual, shape, out_dtype, gain)
+    if residual is not None and not ok:
+        out = qlinear(a, w, w_scale, colsum, a_scale, a_zero, bias, groups, gelu, out_inv_scale, out_zero, qmin, qmax,
+                      min_rows, out_dtype, swiglu, a_inv_scale, in_qmin, in_qmax)
+        return _unfused_sum(residual, out, gain)
     k, tokens = a.shape[-1], _tokens(a)
     a2, a_inv_scale = gemm_input(a.reshape(-1, k), a_inv_scale, a_zero, groups, tokens, in_qmin, in_qmax, min_rows,
                                  w.dtype != torch.int8)
@@ -247,22 +265,26 @@ def qlinear(a: Tensor, w: Tensor, w_scale: Tensor, colsum: Tensor, a_scale: Tens
             out = ops.act_quant(y, act="gelu_tanh" if gelu else "none", inv_scale=out_inv_scale,
                                 zero=out_zero, groups=groups, tokens=tokens, qmin=qmin, qmax=qmax,
                                 fp8=w.dtype != torch.int8)
+        elif residual is not None:
+            out = residual_sum(residual.reshape(m, -1), y, table, tokens).to(out_dtype)
         else:
             out = (F.gelu(y, approximate="tanh") if gelu else y).to(out_dtype)
     else:
         out = ops.qgemm(a2, w, w_scale, colsum, a_scale, a_zero, bias, groups=groups, tokens=tokens,
                         gelu=gelu, out_inv_scale=out_inv_scale, out_zero=out_zero, qmin=qmin, qmax=qmax,
                         out_dtype=out_dtype, swiglu=swiglu, a_inv_scale=a_inv_scale, in_qmin=in_qmin,
-                        in_qmax=in_qmax)
+                        in_qmax=in_qmax, residual=None if residual is None else residual.reshape(m, -1),
+                        gain=table)
     return out.reshape(*a.shape[:-1], -1)
 
 
 @qlinear.register_fake
 def _(a, w, w_scale, colsum, a_scale, a_zero, bias, groups, gelu=False, out_inv_scale=None, out_zero=None,
       qmin=-128, qmax=127, min_rows=0, out_dtype=torch.float32, swiglu=False, a_inv_scale=None, in_qmin=-128,
-      in_qmax=127):
+      in_qmax=127, residual=None, gain=None):
     dtype = w.dtype if out_inv_scale is not None else out_dtype
-    return a.new_empty((*a.shape[:-1], w.shape[0] // 2 if swiglu else w.shape[0]), dtype=dtype)
+    out = a.new_empty((*a.shape[:-1], w.shape[0] // 2 if swiglu else w.shape[0]), dtype=dtype)
+    return out if residual is None else torch.empty_like(_unfused_sum(residual, out, gain))
 
 
 # the graph's call targets: the operators (plain functions would be traced into by torch.compile)
@@ -493,11 +515,13 @@ class _Lowering:
     gm: fx.GraphModule
     fp8: bool
     min_rows: int
+    residual_epilogue: bool
     sites: list[_Site] = field(default_factory=list)
     replaced: dict[fx.Node, fx.Node] = field(default_factory=dict)  # a site's old output -> its qgemm
     stats: dict = field(default_factory=lambda: {
         "qgemm": 0, "standalone_quant": 0, "weights_from_int8": 0, "unfused": [],
-        "fused": dict.fromkeys(("layernorm", "adaln_layernorm", "rmsnorm", "residual_add", "gelu_epilogue", "gelu",
+        "fused": dict.fromkeys(("layernorm", "adaln_layernorm", "rmsnorm", "residual_add", "residual_epilogue",
+                                "gelu_epilogue", "gelu",
                                 "swiglu", "swiglu_epilogue", "qgemm_prologue"), 0)})
 
     def run(self) -> None:
@@ -608,14 +632,14 @@ class _Lowering:
                     if residual is None:
                         s.codes = g.call_function(layer_norm_q, (h, weight, bias, eps, mod_scale, shift, *grid))
                     else:
-                        s.codes = self._with_residual(h, residual, add_layer_norm_q,
+                        s.codes = self._with_residual(h, residual, add_layer_norm_q, layer_norm_q,
                                                       (weight, bias, eps, mod_scale, shift, *grid))
                 elif kind == "rmsnorm":
                     h, weight, eps, _bias = match
                     if residual is None:
                         s.codes = g.call_function(rms_norm_q, (h, weight, eps, *grid))
                     else:
-                        s.codes = self._with_residual(h, residual, add_rms_norm_q, (weight, eps, *grid))
+                        s.codes = self._with_residual(h, residual, add_rms_norm_q, rms_norm_q, (weight, eps, *grid))
                 elif kind == "swiglu":
                     s.codes = g.call_function(activation_q, (match[0], "swiglu", *grid), {"gate": match[1]})
                 else:  # gelu, gelu_tanh
@@ -653,17 +677,33 @@ class _Lowering:
                 return (a, b.args[0], b.args[1]), readers
         return (stream, branch, None), readers
 
-    def _with_residual(self, h: fx.Node, residual: tuple, op, args: tuple) -> fx.Node:
-        """The norm ``op`` over ``h``'s add: emits ``(s, codes)``, points the add's later readers at ``s`` and
-        returns the codes (at the current insertion point)."""
+    def _with_residual(self, h: fx.Node, residual: tuple, add_op, norm_op, args: tuple) -> fx.Node:
+        """The norm over ``h``'s add: points the add's later readers at the sum ``s`` and returns the codes (emitted
+        at the current insertion point). The add goes into the epilogue of the qgemm that makes its branch, when
+        one does (``residual_epilogue``; then ``norm_op`` reads ``s``), else into the norm's kernel (``add_op``
+        returns ``(s, codes)``)."""
         g = self.gm.graph
         (stream, branch, gain), readers = residual
-        pair = g.call_function(op, (stream, branch, gain, *args))
-        total = g.call_function(operator.getitem, (pair, 0))
+        if self.residual_epilogue and self._adds_residual(branch, stream, gain):
+            branch.update_kwarg("residual", stream)
+            branch.update_kwarg("gain", gain)
+            total, codes = branch, None
+            self.stats["fused"]["residual_epilogue"] += 1
+        else:
+            pair = g.call_function(add_op, (stream, branch, gain, *args))
+            total, codes = g.call_function(operator.getitem, (pair, 0)), g.call_function(operator.getitem, (pair, 1))
+            self.stats["fused"]["residual_add"] += 1
         for u in readers:
             u.replace_input_with(h, total)
-        self.stats["fused"]["residual_add"] += 1
-        return g.call_function(operator.getitem, (pair, 1))
+        return codes if codes is not None else g.call_function(norm_op, (total, *args))
+
+    def _adds_residual(self, branch, stream: fx.Node, gain) -> bool:
+        """Whether ``branch`` is a float-output qgemm read only by the add, emitted after ``stream`` and ``gain``."""
+        if not (_is(branch, qlinear) and len(branch.users) == 1 and branch.kwargs.get("out_inv_scale") is None
+                and not branch.kwargs.get("swiglu") and branch.kwargs.get("residual") is None):
+            return False
+        order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+        return all(order[t] < order[branch] for t in (stream, gain) if isinstance(t, fx.Node))
 
     def _tables(self, s: _Site) -> list[fx.Node]:
         """get_attr nodes of the site's scale, inverse scale and zero point tables (named after the site)."""
@@ -739,17 +779,19 @@ _STALE = ("input_scale", "input_zero_point", "input_group_colsum", "weight_zero_
 @register
 class LowerCuda(Pass):
     """Options: ``format`` (``int8`` or ``fp8``); ``min_rows``: qgemms of at most this many rows run as
-    float GEMMs on CUDA. Stats: ``qgemm`` sites, ``fused`` producers by kind, ``standalone_quant``
+    float GEMMs on CUDA; ``residual_epilogue``: the residual stream's add before a norm in the epilogue of the
+    qgemm that makes its branch (else in the norm's kernel). Stats: ``qgemm`` sites, ``fused`` producers by kind, ``standalone_quant``
     quantizers, ``float_linears`` left, ``not_lowered`` sites and ``unfused`` producers with the reason."""
 
     name = "lower-cuda"
     format: str = "int8"
     min_rows: int = 16
+    residual_epilogue: bool = True
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if self.format not in ("int8", "fp8"):
             raise UserError(f"lower-cuda: format must be int8 or fp8, got {self.format!r}")
-        lowering = _Lowering(gm, self.format == "fp8", self.min_rows)
+        lowering = _Lowering(gm, self.format == "fp8", self.min_rows, self.residual_epilogue)
         not_lowered = []
         for node in list(gm.graph.nodes):
             if _is(node, F.linear):

@@ -59,9 +59,10 @@ def _check_vec(t, name, n):
 
 def qgemm(a, w, w_scale, colsum, a_scale, a_zero, bias=None, *, groups=None, tokens=1, gelu=False,
           out_inv_scale=None, out_zero=None, qmin=-128, qmax=127, out_dtype=torch.float16, swiglu=False,
-          a_inv_scale=None, in_qmin=-128, in_qmax=127, qkv=None):
+          a_inv_scale=None, in_qmin=-128, in_qmax=127, qkv=None, residual=None, gain=None):
     """``qkv = (k_cache, v_cache, index, gain or None, head_dim, normalize, eps)``: ``reference.qkv_heads`` as
-    the epilogue (returns q)."""
+    the epilogue (returns q). ``residual [M, N]`` (and a per-image ``gain [B, N]``): the residual stream's add
+    ``residual + y * gain`` as the epilogue of a float output."""
     _check_rows(a, "a", groups, tokens)
     _check(w.dim() == 2 and w.dtype in _CODES, f"w must be 2-d [N, K] int8 or float8_e4m3fn, got "
            f"{tuple(w.shape)} {w.dtype}")
@@ -79,7 +80,7 @@ def qgemm(a, w, w_scale, colsum, a_scale, a_zero, bias=None, *, groups=None, tok
     _check(not swiglu or (w.shape[0] % 2 == 0 and not gelu),
            f"swiglu needs gate and up rows in pairs (even N, got {w.shape[0]}) and no gelu")
     if qkv is not None:
-        k_cache, v_cache, index, gain, head_dim, _normalize, _eps = qkv
+        k_cache, v_cache, index, head_gain, head_dim, _normalize, _eps = qkv
         c = w.shape[0] // 3
         _check(not (gelu or swiglu or out_inv_scale is not None), "qkv takes the projection's float output only")
         _check(w.shape[0] % 3 == 0 and k_cache.dim() == 4 and k_cache.shape[1] * head_dim == c
@@ -89,12 +90,21 @@ def qgemm(a, w, w_scale, colsum, a_scale, a_zero, bias=None, *, groups=None, tok
                f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)} for a {tuple(a.shape)} x {tuple(w.shape)} GEMM")
         _check(index.dim() == 1 and index.numel() == tokens and not index.is_floating_point(),
                f"qkv: index must be [T={tokens}] integers, got {tuple(index.shape)} {index.dtype}")
-        _check_vec(gain, "gain", c // head_dim)
-        qkv = (k_cache, v_cache, index.contiguous(), _c(gain), head_dim, _normalize, _eps)
+        _check_vec(head_gain, "gain", c // head_dim)
+        qkv = (k_cache, v_cache, index.contiguous(), _c(head_gain), head_dim, _normalize, _eps)
+    if residual is not None:
+        _check(not (gelu or swiglu or out_inv_scale is not None or qkv is not None),
+               "residual takes the projection's float output only (no gelu, swiglu, out_inv_scale or qkv)")
+        _check(residual.shape == (a.shape[0], w.shape[0]) and residual.dtype == out_dtype,
+               f"residual must be [M, N] = {(a.shape[0], w.shape[0])} {out_dtype}, got {tuple(residual.shape)} "
+               f"{residual.dtype}")
+    _check(gain is None or residual is not None, "gain goes with a residual")
+    _check_table(gain, "gain", residual, tokens)
     return _impl(a).qgemm(_c(a), _c(w), _c(w_scale), _c(colsum), _c(a_scale), _c(a_zero), _c(bias),
                           groups=_c(groups), tokens=tokens, gelu=gelu, out_inv_scale=_c(out_inv_scale),
                           out_zero=_c(out_zero), qmin=qmin, qmax=qmax, out_dtype=out_dtype, swiglu=swiglu,
-                          a_inv_scale=_c(a_inv_scale), in_qmin=in_qmin, in_qmax=in_qmax, qkv=qkv)
+                          a_inv_scale=_c(a_inv_scale), in_qmin=in_qmin, in_qmax=in_qmax, qkv=qkv,
+                          residual=_c(residual), gain=_rows(gain))
 
 
 def _check_quant(x, zero, groups, tokens, fp8):

@@ -47,7 +47,8 @@ def qgemm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, colsum: torch
           out_inv_scale: torch.Tensor | None = None, out_zero: torch.Tensor | None = None,
           qmin: int = -128, qmax: int = 127, out_dtype: torch.dtype = torch.float16, swiglu: bool = False,
           a_inv_scale: torch.Tensor | None = None, in_qmin: int = -128, in_qmax: int = 127,
-          qkv: tuple | None = None) -> torch.Tensor:
+          qkv: tuple | None = None, residual: torch.Tensor | None = None,
+          gain: torch.Tensor | None = None) -> torch.Tensor:
     """Quantized linear with the whole STWQ lowering in its epilogue.
 
     ``a`` int8 [M, K] codes (or float8_e4m3fn), ``w`` int8 [N, K] (or float8_e4m3fn), ``w_scale`` f32 [N],
@@ -62,6 +63,8 @@ def qgemm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, colsum: torch
                                                                      N / 2 columns out)
         out       = quantize_codes(y, out_inv_scale, out_zero, g)    if out_inv_scale is given (next GEMM's input)
                   = qkv_heads(y, tokens, *qkv)                       if qkv is given (an attention's projection)
+                  = (residual + y * gain[image]).to(out_dtype)       if residual [M, N] is given (the residual
+                                                                     stream's add, in float32; gain [B, N] optional)
                   = y.to(out_dtype)                                  otherwise
     """
     g = row_groups(a.shape[0], tokens, groups, a.device)
@@ -81,6 +84,8 @@ def qgemm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, colsum: torch
         return qkv_heads(y, tokens, *qkv)
     if out_inv_scale is not None:
         return quantize_codes(y, out_inv_scale, out_zero, g, qmin, qmax, fp8=a.dtype != torch.int8)
+    if residual is not None:
+        y = residual_sum(residual, y, gain, tokens)
     return y.to(out_dtype)
 
 
@@ -113,7 +118,7 @@ def _modulate(y: torch.Tensor, tokens: int, mod_scale, mod_shift) -> torch.Tenso
     return y
 
 
-def _residual_sum(x: torch.Tensor, residual: torch.Tensor | None, gain: torch.Tensor | None, tokens: int):
+def residual_sum(x: torch.Tensor, residual: torch.Tensor | None, gain: torch.Tensor | None, tokens: int):
     """``x + residual * gain[image]`` in float32 (the residual stream's add before a norm), or ``x``."""
     xf = x.float()
     if residual is None:
@@ -133,7 +138,7 @@ def layernorm_quant(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
 
     With ``residual [M, K]`` (and optionally a per-image ``gain [B, K]``) the norm's input is the residual
     stream's sum ``s = x + residual * gain``, computed in float32: returns ``(s in x's dtype, codes)``."""
-    s = _residual_sum(x, residual, gain, tokens)
+    s = residual_sum(x, residual, gain, tokens)
     y = F.layer_norm(s, x.shape[-1:], None if weight is None else weight.float(),
                      None if bias is None else bias.float(), eps)
     y = _modulate(y, tokens, mod_scale, mod_shift)
@@ -147,7 +152,7 @@ def rmsnorm_quant(x: torch.Tensor, weight: torch.Tensor | None, eps: float, *, i
                   gain: torch.Tensor | None = None):
     """RMSNorm ``x * rsqrt(mean(x^2) + eps) * weight`` (LlamaGen/PAR), then quantize; ``residual``/``gain`` as
     ``layernorm_quant``."""
-    xf = _residual_sum(x, residual, gain, tokens)
+    xf = residual_sum(x, residual, gain, tokens)
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if weight is not None:
         y = y * weight.float()

@@ -13,7 +13,9 @@ the float ops between the kernels, then CUDA graphs), cuda-int8-kv8 (cuda-int8 w
 a scale per cached row, attended by our Triton kernel), cuda-int8-eager (CUDA graphs only), cuda-int8-unfused-qkv
 (cuda-int8 without the qkv epilogue that writes the caches: the A/B of ``CudaStep(fuse_qkv=...)``), cuda-int8-sdpa
 (cuda-int8 with cuDNN's SDPA and a quantize kernel instead of our attention kernel writing the projection's
-codes: the A/B of ``CudaStep(fuse_attention_out=...)``), and the fair
+codes: the A/B of ``CudaStep(fuse_attention_out=...)``), cuda-int8-norm-residual (cuda-int8 with the residual
+stream's add in the norms' kernels instead of the GEMM epilogues: the A/B of ``lower-cuda{residual-epilogue=...}``),
+and the fair
 FP16 baseline torch-fp16-graphs (the FP16 graph through the same ``CudaStep``: torch.compile, CUDA graphs,
 KV caches in place). Each passes the returned caches back, as a sampler does.
 """
@@ -121,14 +123,15 @@ class CudaFp8Target(_CudaTarget):
 
 
 def _lowered_step(name: str, fmt: str, compile_: bool = True, kv_cache: str = "float", fuse_qkv: bool = True,
-                  fuse_attention_out: bool = True):
+                  fuse_attention_out: bool = True, residual_epilogue: bool = True):
     def prepare(fp_gm, q_gm, workdir, bundle) -> Runner:
         from backends.cuda.runner import CudaStep, chained
         from backends.torch_target import lowered
 
         if not torch.cuda.is_available():
             raise UserError(f"backend {name} needs CUDA")
-        gm = lowered(q_gm, "fuse-attention,lower-cuda" + ("{format=fp8}" if fmt == "fp8" else ""))
+        options = ([f"format={fmt}"] if fmt == "fp8" else []) + ([] if residual_epilogue else ["residual-epilogue=false"])
+        gm = lowered(q_gm, "fuse-attention,lower-cuda" + ("{" + ",".join(options) + "}" if options else ""))
         # fp16 out, as the FP16 runners
         step = CudaStep(gm, compile=compile_, float_outputs=False, kv_cache=kv_cache, fuse_qkv=fuse_qkv,
                         fuse_attention_out=fuse_attention_out)
@@ -150,6 +153,8 @@ register_runner("cuda-int8-unfused-qkv", target="cuda", quantized=True, needs_cu
     _lowered_step("cuda-int8-unfused-qkv", "int8", fuse_qkv=False))
 register_runner("cuda-int8-sdpa", target="cuda", quantized=True, needs_cuda=True)(
     _lowered_step("cuda-int8-sdpa", "int8", fuse_attention_out=False))
+register_runner("cuda-int8-norm-residual", target="cuda", quantized=True, needs_cuda=True)(
+    _lowered_step("cuda-int8-norm-residual", "int8", residual_epilogue=False))
 
 
 @register_runner("torch-fp16-graphs", target="torch", quantized=False, needs_cuda=True)
