@@ -33,7 +33,8 @@ part() {
     gputests) tests pytest_gpu "${SUITE_S:-230}" tests/test_cuda_kernels.py tests/test_cuda_lower.py \
       tests/test_cuda_target.py tests/test_device.py tests/test_frontend_infinity.py tests/test_brecq.py \
       tests/test_generate.py tests/test_generate_edit.py tests/test_frontend_mar.py tests/test_mar_tools.py \
-      tests/test_torch_int8.py ;;  # every file with GPU-gated tests, and the generation tests that use the GPU
+      tests/test_torch_int8.py tests/test_kv_cache.py tests/test_sampling.py ;;  # every file with GPU-gated tests
+      # (test_bench.py's: part nvml) and the generation tests that use the GPU
     nvml) tests nvml_test 90 tests/test_bench.py -k "nvml or energy or power or clock" ;;  # the meter on the GPU
     smoke) python -m tools.bench --model var-tiny --batch 4 --pipeline "$P" --repeats 3 --warmup 1 \
       --backends torch-fp16-graphs,cuda-int8,cuda-int8-eager,cuda-fp8 2>&1 | tail -12 ;;  # the runners, seconds
