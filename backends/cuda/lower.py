@@ -246,7 +246,7 @@ def qlinear(a: Tensor, w: Tensor, w_scale: Tensor, colsum: Tensor, a_scale: Tens
     form (``_gain_table``)."""
     shape = (*a.shape[:-1], w.shape[0])
     ok, table = (False, None) if residual is None else _gain_table(residual, shape, out_dtype, gain)
-    if residual is not None and not ok:
+    if residual is not None and not (ok and residual.dtype == out_dtype):
         out = qlinear(a, w, w_scale, colsum, a_scale, a_zero, bias, groups, gelu, out_inv_scale, out_zero, qmin, qmax,
                       min_rows, out_dtype, swiglu, a_inv_scale, in_qmin, in_qmax)
         return _unfused_sum(residual, out, gain)
