@@ -148,8 +148,8 @@ def _(x, weight, eps, inv_scale, zero, groups, qmin, qmax, fp8):
     return _codes_like(x, fp8)
 
 
-# The residual stream's add before a norm, in the norm's kernel: ``s = x + residual [* gain]`` is read once
-# and written once instead of an add kernel's two reads and a write followed by the norm's read.
+# The residual stream's add before a norm, in the norm's kernel or in the epilogue of the GEMM that makes the
+# branch: ``s = x + residual [* gain]`` is written once, instead of by an add kernel that the norm reads back.
 
 def _gain_table(x: Tensor, shape, dtype: torch.dtype, gain: OptTensor) -> tuple[bool, OptTensor]:
     """``(True, per-image gain table or None)`` when ``x + r * gain`` (``r`` of ``shape`` and ``dtype``) is the add
