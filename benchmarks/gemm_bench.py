@@ -68,6 +68,10 @@ def operands(M, K, N, epilogue, dtype):
     if "quant" in epilogue:
         args["out_inv_scale"] = torch.tensor([20.0, 30.0, 40.0], device="cuda")
         args["out_zero"] = torch.tensor([0.0, 1.0, -1.0], device="cuda")
+    if "res" in epilogue:  # the residual stream's add (VAR's proj and fc2): fp16 stream, a per-image gain chunk
+        images = -(-M // tokens)
+        args["residual"] = torch.randn(M, N, device="cuda", generator=gen).half()
+        args["gain"] = torch.randn(images, 2 * N, device="cuda", generator=gen).half()[:, :N]
     return args
 
 

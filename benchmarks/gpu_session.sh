@@ -73,6 +73,8 @@ part() {
     gemms) timeout 90 python benchmarks/gemm_bench.py --json "$OUT/gemm.json" 2>&1 | tail -25 ;;
     inflight) timeout 300 python benchmarks/qgemm_sweep.py --tiles in-flight --dtypes int8,fp8 \
       --json "$OUT/qgemm_inflight.json" 2>&1 | grep -v "^precompiled" | tail -60 ;;  # int8 MMAs in flight: the A/B
+    sweep_res) timeout 300 python benchmarks/qgemm_sweep.py --dtypes int8 --shapes proj,fc2,proj+res,fc2+res \
+      --json "$OUT/qgemm_sweep_res.json" 2>&1 | tail -40 ;;  # what the residual add costs proj and fc2, every tile
     tiles) python -c "import json; from backends.cuda import kernels; json.dump(kernels.autotune_cache(), \
       open('$OUT/tiles.json', 'w'), indent=1)" && echo "tiles: $(grep -c '\"key\"' "$OUT/tiles.json") tuned shapes" ;;  # every tuning of this machine
     attention_tests) tests pytest_attention 100 tests/test_cuda_kernels.py -k attention ;;
@@ -91,6 +93,7 @@ case "$1" in
   issue3) set -- gen16 gen100 ;;  # 3 of 3; then SUITE_S=450 ... suite
   issue23) set -- step16_100 gen16_100 ;;  # issue2 and issue3 less gen64_all, in one call (the fifth session of 2026-12-07)
   residual) set -- step64res gemms ;;  # the sixth session of 2026-12-07: the residual add in the GEMM epilogues
+  residual2) set -- sweep_res tiles ;;  # what it left unrun: the add's cost a GEMM (after SUITE_S=450 ... suite)
   all) set -- smoke step64fp8 suite gemms ;;
   final) set -- suite decode gen16 ;;
   measure|step|step2|final2) set -- step64fp8 step16_100 backend_tests ;;

@@ -1,6 +1,7 @@
 """Every candidate ``qgemm`` tile on the VAR-d16 block GEMMs, to choose ``kernels.QGEMM_CONFIGS``.
 
     python benchmarks/qgemm_sweep.py [--json FILE] [--dtypes int8,fp8] [--tiles all|in-flight]
+                                     [--shapes qkv,proj,fc1,fc2,proj+res,fc2+res]
 
 Per GEMM (last VAR-d16 scale, batch 64 with CFG: M = 32768) and dtype: cuBLAS FP16 (the 1.0x baseline), every
 tile of ``CANDIDATES`` with the epilogue as lowered (``gemm_bench.operands``), the best tile again without
@@ -9,6 +10,8 @@ with and without bias. Candidates that fail to compile or run (shared memory, an
 specialization) are reported with their error. Times: ``triton.testing.do_bench`` medians. ``--tiles in-flight``
 times Hopper's MMAs kept in flight (``backends/cuda/wgmma.py``) against the same tiles without; every tile's
 output is compared with the first tile's (``max_abs_diff``: the rewrite must not change a number).
+``proj+res`` and ``fc2+res``: those GEMMs with the residual stream's add in their epilogue, as the step runs them
+(``lower-cuda{residual-epilogue}``); against ``proj`` and ``fc2`` they give what the add costs each GEMM.
 """
 from __future__ import annotations
 
@@ -59,7 +62,8 @@ for kw in ({"bm": 128, "bn": 128, "bk": 128, "warps": 4, "stages": 3},
     IN_FLIGHT += [T(**kw), T(**kw, async_mma=True)]
 WIDTH = 1024
 SHAPES = [(32768, WIDTH, 3 * WIDTH, "bias", "qkv"), (32768, WIDTH, WIDTH, "bias", "proj"),
-          (32768, WIDTH, 4 * WIDTH, "bias+gelu+quant", "fc1"), (32768, 4 * WIDTH, WIDTH, "bias", "fc2")]
+          (32768, WIDTH, 4 * WIDTH, "bias+gelu+quant", "fc1"), (32768, 4 * WIDTH, WIDTH, "bias", "fc2"),
+          (32768, WIDTH, WIDTH, "bias+res", "proj+res"), (32768, 4 * WIDTH, WIDTH, "bias+res", "fc2+res")]
 
 
 def bench(fn):
@@ -86,13 +90,19 @@ def main():
     p.add_argument("--json")
     p.add_argument("--dtypes", default="int8,fp8")
     p.add_argument("--tiles", choices=("all", "in-flight"), default="all")
+    p.add_argument("--shapes", default="qkv,proj,fc1,fc2", help=f"of {','.join(s[4] for s in SHAPES)}")
     args = p.parse_args()
     dtypes = args.dtypes.split(",")
     candidates = CANDIDATES if args.tiles == "all" else IN_FLIGHT
-    precompile([s[:4] for s in SHAPES], candidates)
+    names = args.shapes.split(",")
+    unknown = sorted(set(names) - {s[4] for s in SHAPES})
+    if unknown:
+        p.error(f"unknown shapes {unknown}; known: {', '.join(s[4] for s in SHAPES)}")
+    shapes = [s for s in SHAPES if s[4] in names]
+    precompile([s[:4] for s in shapes], candidates)
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": []}
     totals = {}
-    for M, K, N, epilogue, name in SHAPES:
+    for M, K, N, epilogue, name in shapes:
         x = torch.randn(M, K, device="cuda", dtype=torch.float16)
         w = torch.randn(N, K, device="cuda", dtype=torch.float16)
         bias = torch.randn(N, device="cuda", dtype=torch.float16)
@@ -118,7 +128,8 @@ def main():
             best = min(ok, key=lambda r: r["ms"]) if ok else None
             if best:
                 c = candidates[[describe(c) for c in candidates].index(best["tile"])]
-                bare = {k: v for k, v in ops.items() if k not in ("groups", "bias", "out_inv_scale", "out_zero")}
+                bare = {k: v for k, v in ops.items()
+                        if k not in ("groups", "bias", "out_inv_scale", "out_zero", "residual", "gain")}
                 bare.update(a_zero=torch.zeros_like(ops["a_zero"]), gelu=False)
                 row[f"{dtype}_bare_best_tile"] = timed(lambda: kernels.qgemm(**bare, config=c))
                 totals.setdefault(dtype, 0.0)
