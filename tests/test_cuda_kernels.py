@@ -292,7 +292,8 @@ def test_qgemm_adds_the_residual(config, gain, out_dtype):
     gen = _gen(23)
     args = _gemm_args(24, 64, 40, gen)
     tables = torch.randn(3, 80, generator=gen)
-    res = {"residual": (torch.randn(24, 40, generator=gen) * 4).to(out_dtype), "gain": tables[:, :40] if gain else None}
+    res = {"residual": (torch.randn(24, 40, generator=gen) * 4).to(out_dtype),
+           "gain": tables[:, :40] if gain else None}
     out = kernels.qgemm(**_to(args, DEV), **_to(res, DEV), out_dtype=out_dtype, config=config)
     expected = ref.qgemm(**args, **res, out_dtype=out_dtype)
     plain = ref.qgemm(**args, out_dtype=torch.float32)
@@ -674,7 +675,8 @@ def build(fn, arch, const, ptrs, warps=4, stages=3):
                    options={"num_warps": warps, "num_stages": stages})
 
 flags = {"HAS_BIAS": True, "HAS_GROUPS": True, "GELU": True, "QUANT_OUT": True, "EVEN_K": False, "QUANT_IN": False,
-         "SWIGLU": False, "QKV": False, "NORM_QK": False, "HAS_GAIN": False, "HEAD_D": 1, "RESIDUAL": False, "HAS_RES_GAIN": False, "OFFS64": False}
+         "SWIGLU": False, "QKV": False, "NORM_QK": False, "HAS_GAIN": False, "HEAD_D": 1,
+         "RESIDUAL": False, "HAS_RES_GAIN": False, "OFFS64": False}
 swiglu = {**flags, "GELU": False, "QUANT_IN": True, "SWIGLU": True}
 qkv = {**flags, "GELU": False, "QUANT_OUT": False, "QKV": True, "NORM_QK": True, "HAS_GAIN": True}
 residual = {**flags, "GELU": False, "QUANT_OUT": False, "RESIDUAL": True, "HAS_RES_GAIN": True}
@@ -784,7 +786,8 @@ LARGE_TILES = [c for c in kernels.QGEMM_CONFIGS if c.kwargs["BLOCK_M"] >= 128 an
 
 
 @gpu
-@pytest.mark.parametrize("config", LARGE_TILES, ids=lambda c: f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}w{c.num_warps}"
+@pytest.mark.parametrize("config", LARGE_TILES,
+                         ids=lambda c: f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}w{c.num_warps}"
                          f"P{int(c.kwargs['PERSISTENT'])}T{int(c.kwargs['TMA'])}A{int(c.kwargs['ASYNC_MMA'])}")
 def test_gpu_qgemm_residual_tiles(config):
     """The residual epilogue (two column halves a tile) on every large tile the autotuner may give proj and fc2:
@@ -794,7 +797,8 @@ def test_gpu_qgemm_residual_tiles(config):
     gen = _gen(24)
     M, K, N, tokens = 16 * 256 - 40, 1024, 1024, 256
     args = {**_gemm_args(M, K, N, gen), "groups": torch.randint(0, 3, (tokens,), generator=gen), "tokens": tokens}
-    res = {"residual": (torch.randn(M, N, generator=gen) * 4).half(), "gain": torch.randn(16, 2 * N, generator=gen)[:, N:]}
+    res = {"residual": (torch.randn(M, N, generator=gen) * 4).half(),
+           "gain": torch.randn(16, 2 * N, generator=gen)[:, N:]}
     out = kernels.qgemm(**_to(args, "cuda"), **_to(res, "cuda"), config=config)
     _close(out, ref.qgemm(**args, **res), rtol=1e-3)
 

@@ -350,9 +350,9 @@ def _prune(configs, named_args, **kwargs):
     m = named_args["M_BUCKET"]
     major = 9 if INTERPRET else torch.cuda.get_device_capability(named_args["a_ptr"].device)[0]
     tma = major >= 9 and named_args["K"] % 16 == 0
-    store = tma and named_args["N"] % 32 == 0  # the output's rows 16-byte aligned (N / 2 int8 for SwiGLU)
+    # the output's rows 16-byte aligned (N / 2 int8 for SwiGLU); the residual epilogue stores by itself
+    store = tma and named_args["N"] % 32 == 0 and not kwargs.get("RESIDUAL")
     in_flight = major == 9 and ASYNC_MMA
-    store = store and not kwargs.get("RESIDUAL")  # that epilogue stores by itself
     return [c for c in configs if (m <= 8192 if c.kwargs["BLOCK_M"] <= 64 else m > 256)
             and (tma or not c.kwargs["TMA"]) and (store or not c.kwargs["TMA_STORE"])
             and (in_flight or not c.kwargs["ASYNC_MMA"])]
@@ -374,7 +374,8 @@ def _offs64(args) -> bool:
 _heuristic = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
                                 "OFFS64": _offs64})(_qgemm_kernel)
 _autotuned = triton.autotune([_INTERPRET_CONFIG] if INTERPRET else QGEMM_CONFIGS,
-                             key=["N", "K", "M_BUCKET", "SWIGLU", "RESIDUAL"], prune_configs_by={"early_config_prune": _prune},
+                             key=["N", "K", "M_BUCKET", "SWIGLU", "RESIDUAL"],
+                             prune_configs_by={"early_config_prune": _prune},
                              do_bench=functools.partial(do_bench, warmup=5, rep=20),
                              cache_results=True)(_heuristic)
 

@@ -780,7 +780,8 @@ _STALE = ("input_scale", "input_zero_point", "input_group_colsum", "weight_zero_
 class LowerCuda(Pass):
     """Options: ``format`` (``int8`` or ``fp8``); ``min_rows``: qgemms of at most this many rows run as
     float GEMMs on CUDA; ``residual_epilogue``: the residual stream's add before a norm in the epilogue of the
-    qgemm that makes its branch (else in the norm's kernel). Stats: ``qgemm`` sites, ``fused`` producers by kind, ``standalone_quant``
+    qgemm that makes its branch (else in the norm's kernel). Stats: ``qgemm`` sites, ``fused`` producers by
+    kind, ``standalone_quant``
     quantizers, ``float_linears`` left, ``not_lowered`` sites and ``unfused`` producers with the reason."""
 
     name = "lower-cuda"

@@ -130,7 +130,8 @@ def _lowered_step(name: str, fmt: str, compile_: bool = True, kv_cache: str = "f
 
         if not torch.cuda.is_available():
             raise UserError(f"backend {name} needs CUDA")
-        options = ([f"format={fmt}"] if fmt == "fp8" else []) + ([] if residual_epilogue else ["residual-epilogue=false"])
+        options = [f"format={fmt}"] if fmt == "fp8" else []
+        options += [] if residual_epilogue else ["residual-epilogue=false"]
         gm = lowered(q_gm, "fuse-attention,lower-cuda" + ("{" + ",".join(options) + "}" if options else ""))
         # fp16 out, as the FP16 runners
         step = CudaStep(gm, compile=compile_, float_outputs=False, kv_cache=kv_cache, fuse_qkv=fuse_qkv,
