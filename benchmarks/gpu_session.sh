@@ -35,6 +35,8 @@ part() {
       tests/test_generate.py tests/test_generate_edit.py tests/test_frontend_mar.py tests/test_mar_tools.py \
       tests/test_torch_int8.py tests/test_kv_cache.py tests/test_sampling.py ;;  # every file with GPU-gated tests
       # (test_bench.py's: part nvml) and the generation tests that use the GPU
+    agreement) tests pytest_agreement 200 tests/test_cuda_lower.py -k gpu_generation_agrees ;;  # the suite's slowest
+      # test (55-170 s at -n 16): the one a suite call of 450 s left unfinished in the seventh session of 2026-12-07
     nvml) tests nvml_test 90 tests/test_bench.py -k "nvml or energy or power or clock" ;;  # the meter on the GPU
     smoke) python -m tools.bench --model var-tiny --batch 4 --pipeline "$P" --repeats 3 --warmup 1 \
       --backends torch-fp16-graphs,cuda-int8,cuda-int8-eager,cuda-fp8 2>&1 | tail -12 ;;  # the runners, seconds
@@ -73,7 +75,7 @@ part() {
     gemms) timeout 90 python benchmarks/gemm_bench.py --json "$OUT/gemm.json" 2>&1 | tail -25 ;;
     inflight) timeout 300 python benchmarks/qgemm_sweep.py --tiles in-flight --dtypes int8,fp8 \
       --json "$OUT/qgemm_inflight.json" 2>&1 | grep -v "^precompiled" | tail -60 ;;  # int8 MMAs in flight: the A/B
-    sweep_res) timeout 300 python benchmarks/qgemm_sweep.py --dtypes int8 --shapes proj,fc2,proj+res,fc2+res \
+    sweep_res) timeout "$((585 - SECONDS < 300 ? 585 - SECONDS : 300))" python benchmarks/qgemm_sweep.py --dtypes int8 --shapes proj,fc2,proj+res,fc2+res \
       --json "$OUT/qgemm_sweep_res.json" 2>&1 | tail -40 ;;  # what the residual add costs proj and fc2, every tile
     tiles) python -c "import json; from backends.cuda import kernels; json.dump(kernels.autotune_cache(), \
       open('$OUT/tiles.json', 'w'), indent=1)" && echo "tiles: $(grep -c '\"key\"' "$OUT/tiles.json") tuned shapes" ;;  # every tuning of this machine
@@ -94,6 +96,7 @@ case "$1" in
   issue23) set -- step16_100 gen16_100 ;;  # issue2 and issue3 less gen64_all, in one call (the fifth session of 2026-12-07)
   residual) set -- step64res gemms ;;  # the sixth session of 2026-12-07: the residual add in the GEMM epilogues
   residual2) set -- sweep_res tiles ;;  # what it left unrun: the add's cost a GEMM (after SUITE_S=450 ... suite)
+  residual3) set -- agreement decode sweep_res ;;  # the seventh session of 2026-12-07, after its suite call
   all) set -- smoke step64fp8 suite gemms ;;
   final) set -- suite decode gen16 ;;
   measure|step|step2|final2) set -- step64fp8 step16_100 backend_tests ;;
