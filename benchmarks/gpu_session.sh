@@ -35,8 +35,12 @@ part() {
       tests/test_generate.py tests/test_generate_edit.py tests/test_frontend_mar.py tests/test_mar_tools.py \
       tests/test_torch_int8.py tests/test_kv_cache.py tests/test_sampling.py ;;  # every file with GPU-gated tests
       # (test_bench.py's: part nvml) and the generation tests that use the GPU
-    agreement) tests pytest_agreement 200 tests/test_cuda_lower.py -k gpu_generation_agrees ;;  # the suite's slowest
-      # test (55-170 s at -n 16): the one a suite call of 450 s left unfinished in the seventh session of 2026-12-07
+    agreement) timeout 360 env TRITON_PRINT_AUTOTUNING=1 python -m pytest -vv -s -p no:xdist -p no:cacheprovider --durations=5 \
+      -W ignore::Warning tests/test_cuda_lower.py -k gpu_generation_agrees 2>&1 | while IFS= read -r l; do \
+      echo "$SECONDS $l"; done > "$OUT/pytest_agreement.log"; grep -cE "Triton autotuning" "$OUT/pytest_agreement.log"
+      grep -E "token agreement|passed|failed|skipped|Error" "$OUT/pytest_agreement.log" | tail -4 ;;  # the suite's slowest
+      # test alone, each line with the call's second and every autotuning printed: a suite call of 450 s and a call
+      # of 200 s for it alone left it unfinished in the seventh session of 2026-12-07
     nvml) tests nvml_test 90 tests/test_bench.py -k "nvml or energy or power or clock" ;;  # the meter on the GPU
     smoke) python -m tools.bench --model var-tiny --batch 4 --pipeline "$P" --repeats 3 --warmup 1 \
       --backends torch-fp16-graphs,cuda-int8,cuda-int8-eager,cuda-fp8 2>&1 | tail -12 ;;  # the runners, seconds
@@ -96,7 +100,8 @@ case "$1" in
   issue23) set -- step16_100 gen16_100 ;;  # issue2 and issue3 less gen64_all, in one call (the fifth session of 2026-12-07)
   residual) set -- step64res gemms ;;  # the sixth session of 2026-12-07: the residual add in the GEMM epilogues
   residual2) set -- sweep_res tiles ;;  # what it left unrun: the add's cost a GEMM (after SUITE_S=450 ... suite)
-  residual3) set -- agreement decode sweep_res ;;  # the seventh session of 2026-12-07, after its suite call
+  residual3) set -- agreement decode sweep_res ;;
+  agree) set -- agreement ;;  # the seventh session of 2026-12-07, after its suite call
   all) set -- smoke step64fp8 suite gemms ;;
   final) set -- suite decode gen16 ;;
   measure|step|step2|final2) set -- step64fp8 step16_100 backend_tests ;;
