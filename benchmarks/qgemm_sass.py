@@ -50,9 +50,10 @@ def cubin(flags: dict, config: triton.Config, arch: int, aligned: bool = True) -
     sig = {n: "constexpr" if n in const else ptrs.get(n, "*fp32") if n.endswith("_ptr")
            else "fp32" if n in floats else "i32" for n in fn.arg_names}
     # the launch's specialization: Triton marks every pointer, and every integer argument whose value is a
-    # multiple of 16 (VAR-d16's M, N, K and tokens all are), as divisible by 16; without it the compiler cannot
-    # vectorize the per-element addresses, and the binary spills where the launched one does not
-    divisible = ("M", "N", "K", "tokens", "res_gain_stride") if aligned else ()
+    # multiple of 16 (VAR-d16's M, N and K are), as divisible by 16 (but tokens: the kernel does not specialize
+    # it); without it the compiler cannot vectorize the per-element addresses, and the binary spills where the
+    # launched one does not
+    divisible = ("M", "N", "K", "res_gain_stride") if aligned else ()
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n.endswith("_ptr") or n in divisible}
     compiled = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": config.num_warps, "num_stages": config.num_stages})

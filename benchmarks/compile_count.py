@@ -1,0 +1,77 @@
+"""How many ``_qgemm_kernel`` binaries a fresh GPU compiles for a MNIST VAR generation, counted on the CPU.
+
+    TRITON_INTERPRET=1 python benchmarks/compile_count.py [--images 50] [--json FILE]
+
+The lowered MNIST VAR generates ``--images`` images under Triton's interpreter (as ``test_cuda_lower.py``'s
+GPU agreement test does on the GPU). A hook on the autotuner records what a GPU would do: the tuning keys,
+the tiles it times (``kernels._prune`` with Hopper's rules) and the distinct binaries those tiles compile
+to. A binary is one combination of constexprs, tile and integer specializations: Triton specializes an
+integer argument unless it is in ``do_not_specialize``, by whether it is 1 or a multiple of 16. Each row
+also counts what each specialized argument of the launch costs (the binaries without it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    sys.exit("error: run under Triton's interpreter: TRITON_INTERPRET=1 python benchmarks/compile_count.py")
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from backends.cuda import kernels
+from frontends.var import sample_tokens
+from tests.test_cuda_lower import compiled, lowered
+
+VARYING = ("M", "N", "K", "tokens", "res_gain_stride")  # the integer arguments whose values change between GEMMs
+
+
+def spec(value: int) -> str:
+    return "1" if value == 1 else "16" if value % 16 == 0 else "-"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=50)
+    p.add_argument("--json")
+    p.add_argument("--specialize", default="", help="comma-separated arguments to count as specialized though the "
+                   "kernel is not (tokens: the count before the seventh session of 2026-12-07)")
+    args = p.parse_args()
+    unspecialized = set(kernels._qgemm_kernel.kwargs["do_not_specialize"] or ()) - set(args.specialize.split(","))
+    specialized = [n for n in VARYING if n not in unspecialized]
+    names = kernels._qgemm_kernel.arg_names
+    keys, timed, binaries = set(), 0, set()
+    run = kernels._autotuned.run
+
+    def hook(*a, **kw):
+        nonlocal timed
+        named = dict(zip(names, a))
+        key = (named["N"], named["K"], named["M_BUCKET"], kw["SWIGLU"], kw["RESIDUAL"])
+        tiles = kernels._prune(kernels.QGEMM_CONFIGS, named, **kw)
+        if key not in keys:
+            keys.add(key)
+            timed += len(tiles)
+        flags = tuple(sorted((k, v) for k, v in kw.items() if k.isupper()))
+        ints = tuple((n, spec(named[n])) for n in specialized)
+        binaries.update((flags, str(tile), ints) for tile in tiles)
+        return run(*a, **kw)
+
+    kernels._autotuned.run = hook
+    b, _, _, q = compiled("mnist-var", "ptq4arvg")
+    labels = [i % 10 for i in range(args.images)]
+    with torch.no_grad():
+        sample_tokens(b.extra["model"], labels, quantizer=b.extra["tokenizer"].quantize, seed=0, step=lowered(q)[0])
+    without = {n: len({(f, t, tuple(i for i in ints if i[0] != n)) for f, t, ints in binaries}) for n in specialized}
+    result = {"images": args.images, "unspecialized": sorted(unspecialized), "tuning_keys": len(keys),
+              "timed_tiles": timed, "binaries": len(binaries), "binaries_without": without}
+    print(json.dumps(result, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
