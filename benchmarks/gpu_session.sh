@@ -39,8 +39,9 @@ part() {
       -W ignore::Warning tests/test_cuda_lower.py -k gpu_generation_agrees 2>&1 | while IFS= read -r l; do \
       echo "$SECONDS $l"; done > "$OUT/pytest_agreement.log"; grep -cE "Triton autotuning" "$OUT/pytest_agreement.log"
       grep -E "token agreement|passed|failed|skipped|Error" "$OUT/pytest_agreement.log" | tail -4 ;;  # the suite's slowest
-      # test alone, each line with the call's second and every autotuning printed: a suite call of 450 s and a call
-      # of 200 s for it alone left it unfinished in the seventh session of 2026-12-07
+      # tests (the MNIST VAR's token agreement, float and int8 caches) one after the other, each line with the
+      # call's second and every autotuning printed: a suite call of 450 s and a call of 200 s for them alone left
+      # them unfinished in the seventh session of 2026-12-07
     nvml) tests nvml_test 90 tests/test_bench.py -k "nvml or energy or power or clock" ;;  # the meter on the GPU
     smoke) python -m tools.bench --model var-tiny --batch 4 --pipeline "$P" --repeats 3 --warmup 1 \
       --backends torch-fp16-graphs,cuda-int8,cuda-int8-eager,cuda-fp8 2>&1 | tail -12 ;;  # the runners, seconds
