@@ -35,8 +35,8 @@ part() {
       tests/test_generate.py tests/test_generate_edit.py tests/test_frontend_mar.py tests/test_mar_tools.py \
       tests/test_torch_int8.py tests/test_kv_cache.py tests/test_sampling.py ;;  # every file with GPU-gated tests
       # (test_bench.py's: part nvml) and the generation tests that use the GPU
-    agreement) timeout 360 env TRITON_PRINT_AUTOTUNING=1 python -m pytest -vv -s -p no:xdist -p no:cacheprovider --durations=5 \
-      -W ignore::Warning tests/test_cuda_lower.py -k gpu_generation_agrees 2>&1 | while IFS= read -r l; do \
+    agreement) timeout 360 env TRITON_PRINT_AUTOTUNING=1 python -m pytest -vv -s -p no:xdist -p no:cacheprovider \
+      --durations=5 -W ignore::Warning tests/test_cuda_lower.py -k gpu_generation_agrees 2>&1 | while IFS= read -r l; do \
       echo "$SECONDS $l"; done > "$OUT/pytest_agreement.log"; grep -cE "Triton autotuning" "$OUT/pytest_agreement.log"
       grep -E "token agreement|passed|failed|skipped|Error" "$OUT/pytest_agreement.log" | tail -4 ;;  # the suite's slowest
       # tests (the MNIST VAR's token agreement, float and int8 caches) one after the other, each line with the
@@ -80,8 +80,8 @@ part() {
     gemms) timeout 90 python benchmarks/gemm_bench.py --json "$OUT/gemm.json" 2>&1 | tail -25 ;;
     inflight) timeout 300 python benchmarks/qgemm_sweep.py --tiles in-flight --dtypes int8,fp8 \
       --json "$OUT/qgemm_inflight.json" 2>&1 | grep -v "^precompiled" | tail -60 ;;  # int8 MMAs in flight: the A/B
-    sweep_res) timeout "$((585 - SECONDS < 300 ? 585 - SECONDS : 300))" python benchmarks/qgemm_sweep.py --dtypes int8 --shapes proj,fc2,proj+res,fc2+res \
-      --json "$OUT/qgemm_sweep_res.json" 2>&1 | tail -40 ;;  # what the residual add costs proj and fc2, every tile
+    sweep_res) timeout "$((585 - SECONDS < 300 ? 585 - SECONDS : 300))" python benchmarks/qgemm_sweep.py --dtypes int8 \
+      --shapes proj,fc2,proj+res,fc2+res --json "$OUT/qgemm_sweep_res.json" 2>&1 | tail -40 ;;  # what the residual add costs proj and fc2, every tile
     tiles) python -c "import json; from backends.cuda import kernels; json.dump(kernels.autotune_cache(), \
       open('$OUT/tiles.json', 'w'), indent=1)" && echo "tiles: $(grep -c '\"key\"' "$OUT/tiles.json") tuned shapes" ;;  # every tuning of this machine
     attention_tests) tests pytest_attention 100 tests/test_cuda_kernels.py -k attention ;;
@@ -101,8 +101,8 @@ case "$1" in
   issue23) set -- step16_100 gen16_100 ;;  # issue2 and issue3 less gen64_all, in one call (the fifth session of 2026-12-07)
   residual) set -- step64res gemms ;;  # the sixth session of 2026-12-07: the residual add in the GEMM epilogues
   residual2) set -- sweep_res tiles ;;  # what it left unrun: the add's cost a GEMM (after SUITE_S=450 ... suite)
-  residual3) set -- agreement decode sweep_res ;;
-  agree) set -- agreement ;;  # the seventh session of 2026-12-07, after its suite call
+  residual3) set -- agreement decode sweep_res ;;  # the seventh session of 2026-12-07, after its suite call
+  agree) set -- agreement ;;  # what it left unrun: the agreement tests alone (then SUITE_S=450 ... suite)
   all) set -- smoke step64fp8 suite gemms ;;
   final) set -- suite decode gen16 ;;
   measure|step|step2|final2) set -- step64fp8 step16_100 backend_tests ;;

@@ -125,9 +125,9 @@ def _quantize(y, g, inv_scale_ptr, zero_ptr, qmin, qmax, FP8: tl.constexpr):
 # ------------------------------------------------------------------------------------------------ GEMM
 
 # tokens is not specialized: it changes with every VAR scale, and its divisibility by 16 (or value 1) would compile
-# each tile again (the MNIST VAR's generation of 50 images: 108 compiles instead of 182). Compiled for sm90 with and
-# without (Triton 3.6), VAR-d16's epilogues give the same binaries. M is: without it, the plain store's binaries
-# grow by up to 2 % (54 compiles), not measured on a GPU yet.
+# each tile again (the MNIST VAR's generation of 50 images: 108 binaries instead of 182, benchmarks/compile_count.py).
+# Compiled for sm90 with and without (Triton 3.6), VAR-d16's epilogues give the same binaries. M is specialized:
+# without it, the plain store's binaries grow by up to 2 % (54 binaries), not measured on a GPU yet.
 @triton.jit(do_not_specialize=["M_BUCKET", "tokens"])
 def _qgemm_kernel(a_ptr, w_ptr, out_ptr, w_scale_ptr, colsum_ptr, a_scale_ptr, a_zero_ptr, bias_ptr,
                   groups_ptr, out_inv_scale_ptr, out_zero_ptr, M, N, K, M_BUCKET, tokens, qmin, qmax,
