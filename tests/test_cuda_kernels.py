@@ -804,6 +804,38 @@ def test_gpu_qgemm_residual_tiles(config):
 
 
 @gpu
+def test_gpu_kernels_compile_once_for_every_scale(monkeypatch):
+    """A VAR generation changes the tokens per image and the attention's key count at every scale. Whether
+    such a count is 1, a multiple of 16 or neither must not compile a tile again (Triton specializes integers
+    on it unless told not to); each count still gets its own result. The first call may compile (unless an
+    earlier test in this process did), the others must not."""
+    from triton import knobs
+
+    compiled = []
+    monkeypatch.setattr(knobs.runtime, "jit_cache_hook", lambda **kw: compiled.append(kw["fn"].name))
+    gen = _gen(25)
+    q = torch.randn(2, 64, 4, 64, generator=gen).transpose(1, 2).half()
+    k, v = (torch.randn(2, 4, 128, 64, generator=gen).half() for _ in range(2))
+
+    def gemm(tokens):  # 80 rows: 80, 5 or 16 images
+        args = {**_gemm_args(80, 64, 64, gen), "groups": torch.randint(0, 3, (tokens,), generator=gen),
+                "tokens": tokens}
+        got = kernels.qgemm(**_to(args, "cuda"), config=kernels.tile_config(64, 64, 128, 4, 3))
+        _close(got, ref.qgemm(**args), rtol=1e-3)
+
+    def attention(n):
+        got = kernels.attention(q.cuda(), k.cuda(), v.cuda(), None, n, 0.125, config=kernels.ATTENTION_CONFIGS[2])
+        _close(got, ref.attention(q.float(), k.float(), v.float(), None, n, 0.125), rtol=2e-3)
+
+    for run, counts in ((gemm, (1, 16, 5)), (attention, (1, 96, 70))):
+        run(counts[0])
+        compiled.clear()
+        for count in counts[1:]:
+            run(count)
+        assert compiled == [], run.__name__
+
+
+@gpu
 @pytest.mark.parametrize("n", [680, 640], ids=["partial-last-block", "whole-blocks"])
 @pytest.mark.parametrize("config", kernels.ATTENTION_CONFIGS, ids=lambda c: f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}"
                          f"w{c.num_warps}s{c.num_stages}")
