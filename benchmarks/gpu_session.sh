@@ -42,6 +42,8 @@ part() {
       # tests (the MNIST VAR's token agreement, float and int8 caches) one after the other, each line with the
       # call's second and every autotuning printed: a suite call of 450 s and a call of 200 s for them alone left
       # them unfinished in the seventh session of 2026-12-07
+    compile_once) tests pytest_compile_once 90 tests/test_cuda_kernels.py -k compile_once ;;  # no tile compiled
+      # again for a new token or key count (the seventh session of 2026-12-07's new GPU test)
     nvml) tests nvml_test 90 tests/test_bench.py -k "nvml or energy or power or clock" ;;  # the meter on the GPU
     smoke) python -m tools.bench --model var-tiny --batch 4 --pipeline "$P" --repeats 3 --warmup 1 \
       --backends torch-fp16-graphs,cuda-int8,cuda-int8-eager,cuda-fp8 2>&1 | tail -12 ;;  # the runners, seconds
@@ -102,7 +104,8 @@ case "$1" in
   residual) set -- step64res gemms ;;  # the sixth session of 2026-12-07: the residual add in the GEMM epilogues
   residual2) set -- sweep_res tiles ;;  # what it left unrun: the add's cost a GEMM (after SUITE_S=450 ... suite)
   residual3) set -- agreement decode sweep_res ;;  # the seventh session of 2026-12-07, after its suite call
-  agree) set -- agreement ;;  # what it left unrun: the agreement tests alone (then SUITE_S=450 ... suite)
+  agree) set -- compile_once agreement ;;  # what it left unrun: its new GPU test, the agreement tests alone (then
+    # SUITE_S=450 ... suite)
   all) set -- smoke step64fp8 suite gemms ;;
   final) set -- suite decode gen16 ;;
   measure|step|step2|final2) set -- step64fp8 step16_100 backend_tests ;;
