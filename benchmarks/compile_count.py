@@ -2,8 +2,9 @@
 
     TRITON_INTERPRET=1 python benchmarks/compile_count.py [--images 50] [--json FILE]
 
-The lowered MNIST VAR generates ``--images`` images under Triton's interpreter (as ``test_cuda_lower.py``'s
-GPU agreement test does on the GPU). A hook on the autotuner records what a GPU would do: the tuning keys,
+The MNIST VAR, compiled for ``--target cuda`` (recipe ptq4arvg), generates ``--images`` images in one batch
+through ``CudaStep`` under Triton's interpreter (as ``test_cuda_lower.py``'s GPU agreement test does on the
+GPU). A hook on the autotuner records what a GPU would do (the qkv GEMM's fixed tiles aside): the tuning keys,
 the tiles it times (``kernels._prune`` with Hopper's rules) and the distinct binaries those tiles compile
 to. A binary is one combination of constexprs, tile and integer specializations: Triton specializes an
 integer argument unless it is in ``do_not_specialize``, by whether it is 1 or a multiple of 16. Each row
@@ -23,8 +24,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from backends.cuda import kernels
-from frontends.var import sample_tokens
-from tests.test_cuda_lower import compiled, lowered
+from backends.cuda.runner import CudaStep
+from compiler.config import CalibrationConfig, CompileConfig
+from compiler.driver import Compiler
+from frontends import load_model
 
 VARYING = ("M", "N", "K", "tokens", "res_gain_stride")  # the integer arguments whose values change between GEMMs
 
@@ -60,10 +63,12 @@ def main():
         return run(*a, **kw)
 
     kernels._autotuned.run = hook
-    b, _, _, q = compiled("mnist-var", "ptq4arvg")
-    labels = [i % 10 for i in range(args.images)]
+    bundle = load_model("builtin:mnist-var")
+    gm = Compiler(CompileConfig(model="builtin:mnist-var", recipe="ptq4arvg", target="cuda",
+                                calibration=CalibrationConfig(samples=2)), say=lambda m: None).quantize().gm
     with torch.no_grad():
-        sample_tokens(b.extra["model"], labels, quantizer=b.extra["tokenizer"].quantize, seed=0, step=lowered(q)[0])
+        bundle.extra["generate"](torch.tensor([i % 10 for i in range(args.images)]), 0,
+                                 step=CudaStep(gm, device="cpu"))
     without = {n: len({(f, t, tuple(i for i in ints if i[0] != n)) for f, t, ints in binaries}) for n in specialized}
     result = {"images": args.images, "unspecialized": sorted(unspecialized), "tuning_keys": len(keys),
               "timed_tiles": timed, "binaries": len(binaries), "binaries_without": without}
