@@ -8,7 +8,8 @@ GPU). A hook on the autotuner records what a GPU would do (the qkv GEMM's fixed 
 the tiles it times (``kernels._prune`` with Hopper's rules) and the distinct binaries those tiles compile
 to. A binary is one combination of constexprs, tile and integer specializations: Triton specializes an
 integer argument unless it is in ``do_not_specialize``, by whether it is 1 or a multiple of 16. Each row
-also counts what each specialized argument of the launch costs (the binaries without it).
+also counts what each specialized argument of the launch costs (the binaries without it), and the binaries
+within ``kernels.untuned()`` (one fixed tile a size, nothing timed; the agreement test's mode).
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def main():
     unspecialized = set(kernels._qgemm_kernel.kwargs["do_not_specialize"] or ()) - set(args.specialize.split(","))
     specialized = [n for n in VARYING if n not in unspecialized]
     names = kernels._qgemm_kernel.arg_names
-    keys, timed, binaries = set(), 0, set()
+    keys, timed, binaries, untuned = set(), 0, set(), set()
     run = kernels._autotuned.run
 
     def hook(*a, **kw):
@@ -60,6 +61,7 @@ def main():
         flags = tuple(sorted((k, v) for k, v in kw.items() if k.isupper()))
         ints = tuple((n, spec(named[n])) for n in specialized)
         binaries.update((flags, str(tile), ints) for tile in tiles)
+        untuned.add((flags, str(kernels.UNTUNED_TILES["small" if named["M"] <= 256 else "large"]), ints))
         return run(*a, **kw)
 
     kernels._autotuned.run = hook
@@ -71,7 +73,8 @@ def main():
                                  step=CudaStep(gm, device="cpu"))
     without = {n: len({(f, t, tuple(i for i in ints if i[0] != n)) for f, t, ints in binaries}) for n in specialized}
     result = {"images": args.images, "unspecialized": sorted(unspecialized), "tuning_keys": len(keys),
-              "timed_tiles": timed, "binaries": len(binaries), "binaries_without": without}
+              "timed_tiles": timed, "binaries": len(binaries), "binaries_without": without,
+              "binaries_untuned": len(untuned)}
     print(json.dumps(result, indent=1))
     if args.json:
         with open(args.json, "w") as f:

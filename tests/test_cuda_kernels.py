@@ -586,6 +586,32 @@ def test_attention_autotuning_runs(monkeypatch):
             assert len(ran) == timed, T
 
 
+def test_untuned_launches_one_fixed_tile_a_size(monkeypatch):
+    """Within ``untuned()`` neither autotuner runs: the GEMM launches the small or large fixed tile by its row
+    count, the attention the few- or many-query tile, each with the reference's result. Outside, tuning is back."""
+    launched, tuned = [], []
+    for name in ("_heuristic", "_attention_kernel"):
+        fn = getattr(kernels, name)
+        monkeypatch.setattr(fn, "run", lambda *a, _run=fn.run, **kw: launched.append(kw["BLOCK_M"]) or _run(*a, **kw))
+    for name in ("_autotuned", "_attention_autotuned"):
+        monkeypatch.setattr(getattr(kernels, name), "run", lambda *a, **kw: tuned.append(1))
+    gen = _gen(41)
+    gemms = [{**_gemm_args(m, 48, 40, gen), "out_dtype": torch.float32} for m in (24, 300)]
+    k, v = (torch.randn(1, 2, 20, 16, generator=gen).half() for _ in range(2))
+    queries = [torch.randn(1, 2, t, 16, generator=gen).half() for t in (1, 40)]
+    with kernels.untuned():
+        for args in gemms:
+            _close(kernels.qgemm(**_to(args, DEV)), ref.qgemm(**args))
+        for q in queries:
+            got = kernels.attention(q.to(DEV), k.to(DEV), v.to(DEV), None, 20, 0.25)
+            _close(got, ref.attention(q.float(), k.float(), v.float(), None, 20, 0.25), rtol=2e-3)
+    small, large = (kernels.UNTUNED_TILES[s].kwargs["BLOCK_M"] for s in ("small", "large"))
+    few, many = (kernels.UNTUNED_ATTENTION[s].kwargs["BLOCK_M"] for s in ("few", "many"))
+    assert launched == [small, large, few, many] and small != large and few != many and tuned == []
+    kernels.qgemm(**_to(gemms[0], DEV))
+    assert tuned == [1]
+
+
 def test_int8_cache_checks():
     k, ks = ref.kv_quantize(torch.randn(1, 2, 8, 4))
     with pytest.raises(ValueError, match="scales must be float32"):

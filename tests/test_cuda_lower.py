@@ -410,8 +410,9 @@ def test_gpu_generation_agrees_with_fp_like_the_cpu_fake_quant(kv_cache):
     """Token agreement with FP over 50 MNIST VAR generations: the lowered graph on the GPU (fp16, kernels,
     CUDA graphs; KV caches in the step's float dtype or in int8) within 1 point of the CPU fake-quant graph.
     Sampling stays on the CPU so every run draws the same random streams. Measured on the CPU: fake-quant
-    91.6 %, lowered 91.5 % (float32), 91.3 % (fp16). A test a cache format: the suite's slowest test, split
-    so two workers share it."""
+    91.6 %, lowered 91.5 % (float32), 91.3 % (fp16). A test a cache format, each on fixed tiles: tuning
+    compiled about 100 binaries and outran a 200 s call; each tuned tile has its own test against the reference."""
+    from backends.cuda.kernels import untuned
     from frontends.var import sample_tokens
 
     b, _, _, q = compiled("mnist-var", "ptq4arvg")
@@ -429,6 +430,7 @@ def test_gpu_generation_agrees_with_fp_like_the_cpu_fake_quant(kv_cache):
 
     fp = tokens(None)
     cpu = float((tokens(q) == fp).float().mean()) * 100
-    gpu_agreement = float((tokens(gpu_step) == fp).float().mean()) * 100
+    with untuned():
+        gpu_agreement = float((tokens(gpu_step) == fp).float().mean()) * 100
     print(f"token agreement with FP: CPU fake-quant {cpu:.1f} %, GPU lowered ({kv_cache} caches) {gpu_agreement:.1f} %")
     assert gpu_agreement >= cpu - 1.0

@@ -17,10 +17,11 @@ Numerics:
 
 The GEMM is autotuned per (N, K, power-of-two bucket of M, dtypes); with ``cache_results`` Triton keeps each
 choice on disk under its cache directory (``TRITON_CACHE_DIR``): ``autotune_cache()`` lists those files so a
-deployable directory can carry them.
+deployable directory can carry them. Within ``untuned()`` both kernels launch one fixed tile a size instead.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -322,12 +323,14 @@ def tile_config(bm, bn, bk, warps, stages, persistent=False, tma=False, group_m=
 # specialization (Triton 3.6 on Hopper) measured slower. The plain and non-TMA tiles stay for sm80/sm89,
 # where TMA tiles are pruned and tiles needing more shared memory than the GPU has fail to load (the
 # autotuner skips them).
+# Within ``untuned()``: a plain tile for few rows and one for many, each loading on sm80 (64 kB of shared memory).
+UNTUNED_TILES = {"small": tile_config(64, 64, 128, 4, 4), "large": tile_config(128, 128, 64, 4, 4)}
 QGEMM_CONFIGS = [
-    tile_config(64, 64, 256, 4, 3), tile_config(64, 64, 128, 4, 4), tile_config(64, 128, 128, 4, 4),
+    tile_config(64, 64, 256, 4, 3), UNTUNED_TILES["small"], tile_config(64, 128, 128, 4, 4),
     tile_config(32, 64, 128, 4, 4), tile_config(32, 32, 256, 4, 3),  # decode: more programs for few rows
     tile_config(128, 128, 128, 4, 3, persistent=True, tma=True, occupancy=2),
     tile_config(128, 128, 128, 4, 3, persistent=True, occupancy=2), tile_config(128, 128, 128, 4, 3),
-    tile_config(128, 128, 64, 4, 4), tile_config(256, 128, 128, 8, 3),
+    UNTUNED_TILES["large"], tile_config(256, 128, 128, 8, 3),
     tile_config(128, 256, 128, 8, 4, persistent=True, tma=True),
     # The output stored by TMA: no per-element addresses or masks in the epilogue (compiled as launched, with
     # M, N, K divisible by 16, neither store spills: benchmarks/qgemm_sass.py). It won for fc1's int8 output
@@ -344,6 +347,21 @@ QGEMM_CONFIGS = [
 ]
 # The interpreter runs one small tile: tests need no tuning and stay fast.
 _INTERPRET_CONFIG = tile_config(32, 32, 32, 4, 1)
+_tune = True
+
+
+@contextlib.contextmanager
+def untuned():
+    """Within it, ``qgemm`` and ``attention`` launch a fixed tile (``UNTUNED_TILES``, ``UNTUNED_ATTENTION``)
+    where they would tune: a generation compiles a few binaries and times none. For whole generations in GPU
+    tests, which check the lowering, not the speed (each tuned tile has its own test against the reference):
+    tuning the MNIST VAR's 30 shapes compiles about 100 binaries."""
+    global _tune
+    saved, _tune = _tune, False
+    try:
+        yield
+    finally:
+        _tune = saved
 
 
 def _prune(configs, named_args, **kwargs):
@@ -466,9 +484,10 @@ def qgemm(a, w, w_scale, colsum, a_scale, a_zero, bias=None, *, groups=None, tok
         if config is None:
             raise ValueError(f"no qkv tile holds whole heads of {head_dim} within {N // 3} columns")
     args += (_or(residual, a_scale), _or(gain, a_scale), _row_stride(gain))
-    if config is None:
+    if config is None and _tune:
         _autotuned[grid](*args, **flags)
     else:
+        config = config or UNTUNED_TILES["small" if M <= 256 else "large"]
         _heuristic[grid](*args, **flags, **config.all_kwargs())
     return out if q is None else q
 
@@ -834,6 +853,7 @@ def _attention_config(bm, bn, warps, stages) -> triton.Config:
 ATTENTION_CONFIGS = [_attention_config(16, 64, 4, 3), _attention_config(16, 128, 4, 3),
                      _attention_config(64, 64, 4, 3), _attention_config(128, 64, 8, 3),
                      _attention_config(128, 64, 4, 2), _attention_config(128, 128, 8, 2)]
+UNTUNED_ATTENTION = {"few": ATTENTION_CONFIGS[0], "many": ATTENTION_CONFIGS[2]}  # by the pruning's rule
 
 
 def _prune_attention(configs, named_args, **kwargs):
@@ -881,8 +901,9 @@ def attention(q, k, v, mask, n_keys, scale, *, k_scale=None, v_scale=None, out_i
     def grid(m):
         return (triton.cdiv(T, m["BLOCK_M"]), B * H)
 
-    if config is None:
+    if config is None and _tune:
         _attention_autotuned[grid](*args, **meta)
     else:
+        config = config or UNTUNED_ATTENTION["few" if T <= 16 else "many"]
         _attention_kernel[grid](*args, **meta, **config.all_kwargs())
     return out
