@@ -58,7 +58,7 @@ def main():
         if key not in keys:
             keys.add(key)
             timed += len(tiles)
-        flags = tuple(sorted((k, v) for k, v in kw.items() if k.isupper()))
+        flags = tuple(sorted((k, v) for k, v in kw.items() if k.isupper())) + (("ONE_TOKEN", named["tokens"] == 1),)
         ints = tuple((n, spec(named[n])) for n in specialized)
         binaries.update((flags, str(tile), ints) for tile in tiles)
         untuned.add((flags, str(kernels.UNTUNED_TILES["small" if named["M"] <= 256 else "large"]), ints))

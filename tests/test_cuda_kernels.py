@@ -305,6 +305,21 @@ def test_qgemm_adds_the_residual(config, gain, out_dtype):
         ops.qgemm(**args, **{**res, "residual": res["residual"][:, :5]}, out_dtype=out_dtype)
 
 
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_qgemm_maps_rows_to_images_and_token_groups(monkeypatch, tokens):
+    """Row m is token m % tokens of image m // tokens: its group's activation grid and its image's residual gain.
+    One token an image (decode, VAR's first scale) takes the ONE_TOKEN binary, where both are constants."""
+    seen = set()
+    run = kernels._qgemm_kernel.run
+    monkeypatch.setattr(kernels._qgemm_kernel, "run", lambda *a, **kw: seen.add(kw["ONE_TOKEN"]) or run(*a, **kw))
+    gen = _gen(27)
+    args = {**_gemm_args(24, 64, 40, gen), "groups": torch.tensor([2, 0, 1][:tokens]), "tokens": tokens,
+            "out_dtype": torch.float32}
+    res = {"residual": torch.randn(24, 40, generator=gen), "gain": torch.randn(24 // tokens, 40, generator=gen)}
+    _close(kernels.qgemm(**_to(args, DEV), **_to(res, DEV)), ref.qgemm(**args, **res))
+    assert seen == {tokens == 1}
+
+
 @FP8_GEMM
 def test_qgemm_fp8():
     args = _gemm_args(24, 64, 40, _gen(4), dtype=torch.float8_e4m3fn)
@@ -702,21 +717,21 @@ def build(fn, arch, const, ptrs, warps=4, stages=3):
 
 flags = {"HAS_BIAS": True, "HAS_GROUPS": True, "GELU": True, "QUANT_OUT": True, "EVEN_K": False, "QUANT_IN": False,
          "SWIGLU": False, "QKV": False, "NORM_QK": False, "HAS_GAIN": False, "HEAD_D": 1,
-         "RESIDUAL": False, "HAS_RES_GAIN": False, "OFFS64": False}
+         "RESIDUAL": False, "HAS_RES_GAIN": False, "OFFS64": False, "ONE_TOKEN": False}
 swiglu = {**flags, "GELU": False, "QUANT_IN": True, "SWIGLU": True}
 qkv = {**flags, "GELU": False, "QUANT_OUT": False, "QKV": True, "NORM_QK": True, "HAS_GAIN": True}
 residual = {**flags, "GELU": False, "QUANT_OUT": False, "RESIDUAL": True, "HAS_RES_GAIN": True}
 for arch, code, tile, f in [(90, "i8", (64, 64, 64, 4, 3), flags), (80, "i8", (64, 64, 64, 4, 3), {**flags, "OFFS64": True}),
                             (90, "fp8e4nv", (64, 64, 64, 4, 3, True, True), flags),
                             (89, "fp8e4nv", (64, 64, 64, 4, 3), flags), (80, "i8", (64, 64, 64, 4, 3), flags),
-                            (90, "i8", (64, 64, 64, 4, 3, True, True), swiglu), (80, "i8", (32, 64, 128, 4, 4), swiglu),
+                            (90, "i8", (64, 64, 64, 4, 3, True, True), swiglu), (80, "i8", (32, 64, 128, 4, 4), {**swiglu, "ONE_TOKEN": True}),
                             (90, "i8", k.tile_config(128, 128, 128, 4, 3, True, True, occupancy=2, tma_store=True),
                              flags),
                             (90, "i8", k.tile_config(128, 128, 128, 8, 3, True, True, tma_store=True), swiglu),
                             (90, "i8", k.tile_config(128, 256, 128, 8, 3, True, True, async_mma=True), residual),
                             (90, "fp8e4nv", k.tile_config(128, 128, 128, 4, 3, True, True, occupancy=2,
                                                           tma_store=True), {**residual, "OFFS64": True}),
-                            (80, "i8", (128, 128, 64, 4, 4), residual),
+                            (80, "i8", (128, 128, 64, 4, 4), {**residual, "ONE_TOKEN": True}),
                             *[(arch, "i8", k.qkv_tiles(64)[kind], {**qkv, "HEAD_D": 64})
                               for arch, kind in [(90, "hopper"), (80, "ampere")]]]:
     c = tile if isinstance(tile, triton.Config) else k.tile_config(*tile)

@@ -111,7 +111,7 @@ from backends.cuda import kernels as k
 
 flags = {"HAS_BIAS": True, "HAS_GROUPS": True, "GELU": True, "QUANT_OUT": True, "EVEN_K": True, "QUANT_IN": False,
          "SWIGLU": False, "QKV": False, "NORM_QK": False, "HAS_GAIN": False, "HEAD_D": 1,
-         "RESIDUAL": False, "HAS_RES_GAIN": False, "OFFS64": False}
+         "RESIDUAL": False, "HAS_RES_GAIN": False, "OFFS64": False, "ONE_TOKEN": False}
 fn = k._qgemm_kernel
 for name, c in [("in flight", k.tile_config(128, 128, 128, 4, 3, persistent=True, tma=True, occupancy=2, flatten=False,
                                             async_mma=True)),

@@ -125,9 +125,11 @@ def _quantize(y, g, inv_scale_ptr, zero_ptr, qmin, qmax, FP8: tl.constexpr):
 
 # ------------------------------------------------------------------------------------------------ GEMM
 
-# tokens is not specialized: it changes with every VAR scale, and its divisibility by 16 (or value 1) would compile
-# each tile again (the MNIST VAR's generation of 50 images: 108 binaries instead of 182, benchmarks/compile_count.py).
-# Compiled for sm90 with and without (Triton 3.6), VAR-d16's epilogues give the same binaries. M is specialized:
+# tokens is not specialized: it changes with every VAR scale, and its divisibility by 16 would compile each tile
+# again (the MNIST VAR's generation of 50 images: 108 binaries instead of 182, benchmarks/compile_count.py);
+# compiled for sm90 with and without (Triton 3.6), VAR-d16's epilogues give the same binaries. One token an image
+# (decode, VAR's first scale) is ONE_TOKEN instead: dividing rows by a runtime count costs decode's tiles 40-64
+# instructions (4-10 %), and GPT-B decode's GEMMs measured 12 % slower without it (H100). M is specialized:
 # without it, the plain store's binaries grow by up to 2 % (54 binaries), not measured on a GPU yet.
 @triton.jit(do_not_specialize=["M_BUCKET", "tokens"])
 def _qgemm_kernel(a_ptr, w_ptr, out_ptr, w_scale_ptr, colsum_ptr, a_scale_ptr, a_zero_ptr, bias_ptr,
@@ -141,8 +143,10 @@ def _qgemm_kernel(a_ptr, w_ptr, out_ptr, w_scale_ptr, colsum_ptr, a_scale_ptr, a
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                   PERSISTENT: tl.constexpr, TMA: tl.constexpr, EVEN_K: tl.constexpr, FLATTEN: tl.constexpr,
                   WS_TILES: tl.constexpr, WS_K: tl.constexpr, OCCUPANCY: tl.constexpr,
-                  TMA_STORE: tl.constexpr, OFFS64: tl.constexpr, ASYNC_MMA: tl.constexpr):
+                  TMA_STORE: tl.constexpr, OFFS64: tl.constexpr, ASYNC_MMA: tl.constexpr, ONE_TOKEN: tl.constexpr):
     FP8: tl.constexpr = w_ptr.dtype.element_ty == tl.float8e4nv
+    if ONE_TOKEN:  # a constant: row // tokens and row % tokens fold away
+        tokens = 1
     # QUANT_IN: ``a`` is float and its grid's quantizer runs here, tile by tile, instead of as a kernel of its
     # own (a launch saved: what matters at decode's few rows). SWIGLU: w's rows are gate and up interleaved.
     if SWIGLU:
@@ -394,7 +398,7 @@ def _offs64(args) -> bool:
 
 
 _heuristic = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
-                                "OFFS64": _offs64})(_qgemm_kernel)
+                                "OFFS64": _offs64, "ONE_TOKEN": lambda args: args["tokens"] == 1})(_qgemm_kernel)
 _autotuned = triton.autotune([_INTERPRET_CONFIG] if INTERPRET else QGEMM_CONFIGS,
                              key=["N", "K", "M_BUCKET", "SWIGLU", "RESIDUAL"],
                              prune_configs_by={"early_config_prune": _prune},
