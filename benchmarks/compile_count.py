@@ -3,8 +3,8 @@
     TRITON_INTERPRET=1 python benchmarks/compile_count.py [--images 50] [--json FILE]
 
 The MNIST VAR, compiled for ``--target cuda`` (recipe ptq4arvg), generates ``--images`` images in one batch
-through ``CudaStep`` under Triton's interpreter (as ``test_cuda_lower.py``'s GPU agreement test does on the
-GPU). A hook on the autotuner records what a GPU would do (the qkv GEMM's fixed tiles aside): the tuning keys,
+through ``CudaStep`` under Triton's interpreter (as ``tools.generate`` runs it on a GPU; ``test_cuda_lower.py``'s
+GPU agreement test runs it within ``kernels.untuned()``). A hook on the autotuner records what a GPU would do (the qkv GEMM's fixed tiles aside): the tuning keys,
 the tiles it times (``kernels._prune`` with Hopper's rules) and the distinct binaries those tiles compile
 to. A binary is one combination of constexprs, tile and integer specializations: Triton specializes an
 integer argument unless it is in ``do_not_specialize``, by whether it is 1 or a multiple of 16. Each row

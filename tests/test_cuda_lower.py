@@ -411,7 +411,7 @@ def test_gpu_generation_agrees_with_fp_like_the_cpu_fake_quant(kv_cache):
     CUDA graphs; KV caches in the step's float dtype or in int8) within 1 point of the CPU fake-quant graph.
     Sampling stays on the CPU so every run draws the same random streams. Measured on the CPU: fake-quant
     91.6 %, lowered 91.5 % (float32), 91.3 % (fp16). A test a cache format, each on fixed tiles: tuning
-    compiled about 100 binaries and outran a 200 s call; each tuned tile has its own test against the reference."""
+    compiled over 100 binaries and outran a 200 s call; each tuned tile has its own test against the reference."""
     from backends.cuda.kernels import untuned
     from frontends.var import sample_tokens
 

@@ -359,7 +359,7 @@ def untuned():
     """Within it, ``qgemm`` and ``attention`` launch a fixed tile (``UNTUNED_TILES``, ``UNTUNED_ATTENTION``)
     where they would tune: a generation compiles a few binaries and times none. For whole generations in GPU
     tests, which check the lowering, not the speed (each tuned tile has its own test against the reference):
-    tuning the MNIST VAR's 30 shapes compiles about 100 binaries."""
+    tuning the MNIST VAR's 30 shapes compiles 128 GEMM binaries (benchmarks/compile_count.py)."""
     global _tune
     saved, _tune = _tune, False
     try:
