@@ -42,6 +42,8 @@ part() {
       # tests (the MNIST VAR's token agreement, float and int8 caches) one after the other, each line with the
       # call's second and every autotuning printed: a suite call of 450 s and a call of 200 s for them alone left
       # them unfinished in the seventh session of 2026-12-07
+    kernel_tests) tests pytest_kernels 170 tests/test_cuda_kernels.py tests/test_cuda_lower.py tests/test_wgmma.py \
+      tests/test_kv_cache.py ;;  # the files that test the kernels and the lowering (no whole-suite time left)
     compile_once) tests pytest_compile_once 90 tests/test_cuda_kernels.py -k compile_once ;;  # no tile compiled
       # again for a new token or key count (the seventh session of 2026-12-07's new GPU test)
     nvml) tests nvml_test 90 tests/test_bench.py -k "nvml or energy or power or clock" ;;  # the meter on the GPU
@@ -106,6 +108,8 @@ case "$1" in
   residual3) set -- agreement decode sweep_res ;;  # the seventh session of 2026-12-07, after its suite call
   agree) set -- compile_once agreement ;;  # what it left unrun: its new GPU test, the agreement tests alone (then
     # SUITE_S=450 ... suite)
+  agree2) set -- kernel_tests decode ;;  # the eighth session of 2026-12-07 after its ONE_TOKEN change, with too
+    # little GPU time left for the whole suite
   all) set -- smoke step64fp8 suite gemms ;;
   final) set -- suite decode gen16 ;;
   measure|step|step2|final2) set -- step64fp8 step16_100 backend_tests ;;
