@@ -108,7 +108,7 @@ case "$1" in
   residual3) set -- agreement decode sweep_res ;;  # the seventh session of 2026-12-07, after its suite call
   agree) set -- compile_once agreement ;;  # what it left unrun: its new GPU test, the agreement tests alone (then
     # SUITE_S=450 ... suite)
-  agree2) set -- kernel_tests decode ;;  # the eighth session of 2026-12-07 after its ONE_TOKEN change, with too
+  agree2) set -- decode kernel_tests ;;  # the eighth session of 2026-12-07 after its ONE_TOKEN change, with too
     # little GPU time left for the whole suite
   all) set -- smoke step64fp8 suite gemms ;;
   final) set -- suite decode gen16 ;;
