@@ -4,9 +4,9 @@
 
 The MNIST VAR, compiled for ``--target cuda`` (recipe ptq4arvg), generates ``--images`` images in one batch
 through ``CudaStep`` under Triton's interpreter (as ``tools.generate`` runs it on a GPU; ``test_cuda_lower.py``'s
-GPU agreement test runs it within ``kernels.untuned()``). A hook on the autotuner records what a GPU would do (the qkv GEMM's fixed tiles aside): the tuning keys,
-the tiles it times (``kernels._prune`` with Hopper's rules) and the distinct binaries those tiles compile
-to. A binary is one combination of constexprs, tile and integer specializations: Triton specializes an
+GPU agreement test runs it within ``kernels.untuned()``). A hook on the autotuner records what a GPU would do
+(the qkv GEMM's fixed tiles aside): the tuning keys, the tiles it times (``kernels._prune`` with Hopper's
+rules) and the distinct binaries those tiles compile to. A binary is one combination of constexprs, tile and integer specializations: Triton specializes an
 integer argument unless it is in ``do_not_specialize``, by whether it is 1 or a multiple of 16. Each row
 also counts what each specialized argument of the launch costs (the binaries without it), and the binaries
 within ``kernels.untuned()`` (one fixed tile a size, nothing timed; the agreement test's mode).
@@ -58,7 +58,7 @@ def main():
         if key not in keys:
             keys.add(key)
             timed += len(tiles)
-        flags = tuple(sorted((k, v) for k, v in kw.items() if k.isupper())) + (("ONE_TOKEN", named["tokens"] == 1),)
+        flags = (*sorted((k, v) for k, v in kw.items() if k.isupper()), ("ONE_TOKEN", named["tokens"] == 1))
         ints = tuple((n, spec(named[n])) for n in specialized)
         binaries.update((flags, str(tile), ints) for tile in tiles)
         untuned.add((flags, str(kernels.UNTUNED_TILES["small" if named["M"] <= 256 else "large"]), ints))

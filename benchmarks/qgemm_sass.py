@@ -28,8 +28,8 @@ from backends.cuda import kernels
 T = kernels.tile_config
 TILES = {"128x128 w4 s3 o2": T(128, 128, 128, 4, 3, persistent=True, tma=True, occupancy=2),
          "128x128 w8 s3 o1": T(128, 128, 128, 8, 3, persistent=True, tma=True)}
-FLAGS = {"HAS_BIAS": True, "HAS_GROUPS": True, "GELU": True, "QUANT_OUT": True, "EVEN_K": True, "OFFS64": False, "ONE_TOKEN": False,
-         "QUANT_IN": False, "SWIGLU": False, "QKV": False, "NORM_QK": False, "HAS_GAIN": False, "HEAD_D": 1,
+FLAGS = {"HAS_BIAS": True, "HAS_GROUPS": True, "GELU": True, "QUANT_OUT": True, "EVEN_K": True, "OFFS64": False,
+         "ONE_TOKEN": False, "QUANT_IN": False, "SWIGLU": False, "QKV": False, "NORM_QK": False, "HAS_GAIN": False, "HEAD_D": 1,
          "RESIDUAL": False, "HAS_RES_GAIN": False}
 FP16_OUT = {**FLAGS, "GELU": False, "QUANT_OUT": False}
 EPILOGUES = {"fc1 (bias, GELU, int8 out)": FLAGS, "fc2 (bias, fp16 out)": FP16_OUT,
