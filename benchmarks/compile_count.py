@@ -4,12 +4,13 @@
 
 The MNIST VAR, compiled for ``--target cuda`` (recipe ptq4arvg), generates ``--images`` images in one batch
 through ``CudaStep`` under Triton's interpreter (as ``tools.generate`` runs it on a GPU; ``test_cuda_lower.py``'s
-GPU agreement test runs it within ``kernels.untuned()``). A hook on the autotuner records what a GPU would do
-(the qkv GEMM's fixed tiles aside): the tuning keys, the tiles it times (``kernels._prune`` with Hopper's
-rules) and the distinct binaries those tiles compile to. A binary is one combination of constexprs, tile and integer specializations: Triton specializes an
-integer argument unless it is in ``do_not_specialize``, by whether it is 1 or a multiple of 16. Each row
-also counts what each specialized argument of the launch costs (the binaries without it), and the binaries
-within ``kernels.untuned()`` (one fixed tile a size, nothing timed; the agreement test's mode).
+GPU agreement test runs it within ``kernels.untuned()``). A hook on the autotuner records what a GPU would do (the
+qkv GEMM's fixed tiles aside): the tuning keys, the tiles it times (``kernels._prune`` with Hopper's rules) and
+the distinct binaries those tiles compile to. A binary is one combination of constexprs, tile and integer
+specializations: Triton specializes an integer argument unless it is in ``do_not_specialize``, by whether it is 1
+or a multiple of 16. Each row also counts what each specialized argument of the launch costs (the binaries without
+it), and the binaries within ``kernels.untuned()`` (one fixed tile a size, nothing timed; the agreement test's
+mode).
 """
 from __future__ import annotations
 
