@@ -62,7 +62,7 @@ def main():
         flags = (*sorted((k, v) for k, v in kw.items() if k.isupper()), ("ONE_TOKEN", named["tokens"] == 1))
         ints = tuple((n, spec(named[n])) for n in specialized)
         binaries.update((flags, str(tile), ints) for tile in tiles)
-        untuned.add((flags, str(kernels.UNTUNED_TILES["small" if named["M"] <= 256 else "large"]), ints))
+        untuned.add((flags, str(kernels.untuned_tile(named["M"])), ints))
         return run(*a, **kw)
 
     kernels._autotuned.run = hook

@@ -319,6 +319,15 @@ def tile_config(bm, bn, bk, warps, stages, persistent=False, tma=False, group_m=
                          num_warps=warps, num_stages=stages)
 
 
+# Within ``untuned()``: a plain tile for few rows and one for many, each loading on sm80 (64 kB of shared memory).
+UNTUNED_TILES = {"small": tile_config(64, 64, 128, 4, 4), "large": tile_config(128, 128, 64, 4, 4)}
+
+
+def untuned_tile(m: int) -> triton.Config:
+    """The GEMM's tile for ``m`` rows within ``untuned()``."""
+    return UNTUNED_TILES["small" if m <= 256 else "large"]
+
+
 # Candidates, small-M (decode) tiles first (at GPT-B decode, 128 rows x 768 columns make 24 tiles of 64 x 64 for
 # 132 SMs; 32 x 32 makes 96). Large M: benchmarks/qgemm_sweep.py timed 21 tiles on the VAR-d16
 # GEMMs (H100, benchmarks/h100_qgemm_sweep.json). The winner on all four is a 4-warp 128x128x128 tile, persistent
@@ -327,8 +336,6 @@ def tile_config(bm, bn, bk, warps, stages, persistent=False, tma=False, group_m=
 # specialization (Triton 3.6 on Hopper) measured slower. The plain and non-TMA tiles stay for sm80/sm89,
 # where TMA tiles are pruned and tiles needing more shared memory than the GPU has fail to load (the
 # autotuner skips them).
-# Within ``untuned()``: a plain tile for few rows and one for many, each loading on sm80 (64 kB of shared memory).
-UNTUNED_TILES = {"small": tile_config(64, 64, 128, 4, 4), "large": tile_config(128, 128, 64, 4, 4)}
 QGEMM_CONFIGS = [
     tile_config(64, 64, 256, 4, 3), UNTUNED_TILES["small"], tile_config(64, 128, 128, 4, 4),
     tile_config(32, 64, 128, 4, 4), tile_config(32, 32, 256, 4, 3),  # decode: more programs for few rows
@@ -491,7 +498,7 @@ def qgemm(a, w, w_scale, colsum, a_scale, a_zero, bias=None, *, groups=None, tok
     if config is None and _tune:
         _autotuned[grid](*args, **flags)
     else:
-        config = config or UNTUNED_TILES["small" if M <= 256 else "large"]
+        config = config or untuned_tile(M)
         _heuristic[grid](*args, **flags, **config.all_kwargs())
     return out if q is None else q
 
